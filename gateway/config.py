@@ -1,0 +1,896 @@
+"""routes.toml decoded into frozen msgspec Structs.
+
+`load(path)` / `parse(text)` return one immutable `Config` or raise
+`ConfigError` carrying *every* problem found, each naming its key path
+(`routes[2] ("users-api").upstream: unknown upstream "userz"`).
+
+The Structs below are the *resolved* view: `[defaults]` already folded into
+every route, targets normalised to `TargetConfig`, tuples instead of lists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import math
+import re
+import tomllib
+from typing import Any, Final, Literal, TypeVar, get_args
+
+import msgspec
+import yarl
+from msgspec import UNSET, UnsetType
+
+BalancerName = Literal["round_robin", "weighted", "least_connections", "ip_hash"]
+AccessLogFormat = Literal["json", "text", "off"]
+
+DEFAULT_CONFIG_PATH: Final = "routes.toml"
+
+
+class ConfigError(Exception):
+    """Every problem found in one config file; `errors` are `key.path: message` lines."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    listen: tuple[str, ...] = ("127.0.0.1:8080",)
+    admin: str = "127.0.0.1:9901"
+    drain_timeout: float = 30.0
+    trusted_proxies: tuple[str, ...] = ()
+    access_log: AccessLogFormat = "json"
+    client_timeout: float = 30.0
+
+
+class TargetConfig(msgspec.Struct, frozen=True, kw_only=True):
+    url: str  # exactly as written in the config: the identity of the target
+    weight: int = 1
+
+
+class HealthConfig(msgspec.Struct, frozen=True, kw_only=True):
+    path: str = "/healthz"
+    interval: float = 5.0
+    timeout: float = 2.0
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 3
+
+
+class BreakerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    failures: int = 5
+    cooldown: float = 30.0
+
+
+class UpstreamConfig(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    balancer: BalancerName = "round_robin"
+    targets: tuple[TargetConfig, ...]
+    health: HealthConfig | None = None
+    breaker: BreakerConfig = BreakerConfig()
+
+
+class RateLimitConfig(msgspec.Struct, frozen=True, kw_only=True):
+    rate: float
+    burst: int
+    key: str = "client_ip"  # "client_ip" | "route" | "header:NAME"
+
+
+class CorsConfig(msgspec.Struct, frozen=True, kw_only=True):
+    allow_origins: tuple[str, ...] = ("*",)
+    allow_methods: tuple[str, ...] = ("GET", "HEAD", "POST")
+    allow_headers: tuple[str, ...] = ()
+    expose_headers: tuple[str, ...] = ()
+    allow_credentials: bool = False
+    max_age: float | None = None
+
+
+class RouteConfig(msgspec.Struct, frozen=True, kw_only=True):
+    index: int  # position in the file, for tie-breaks and error paths
+    name: str
+    upstream: str
+    path: str | None = None
+    path_regex: str | None = None
+    host: str | None = None
+    methods: tuple[str, ...] | None = None  # upper-cased; None = all
+    headers: tuple[tuple[str, str], ...] = ()  # names lower-cased
+    strip_prefix: bool = False
+    preserve_host: bool = True
+    priority: int = 0
+    # resolved from [defaults] when the route does not set them
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    max_body_bytes: int = 0
+    retries: int = 0
+    rate_limit: RateLimitConfig | None = None
+    cors: CorsConfig | None = None
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True):
+    server: ServerConfig
+    upstreams: dict[str, UpstreamConfig]
+    routes: tuple[RouteConfig, ...]
+    path: str  # where it was read from ("<string>" for parse())
+    sha256: str  # of the file's bytes
+
+
+# --------------------------------------------------------------------------
+# Raw input: the TOML tables as written. Every field is optional here (UNSET
+# when absent) so that a key dropped after a type error never causes a second,
+# spurious "missing" error; required keys are checked by the loader instead.
+# --------------------------------------------------------------------------
+
+
+class _Raw(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class _RawServer(_Raw):
+    listen: list[str] | UnsetType = UNSET
+    admin: str | UnsetType = UNSET
+    drain_timeout: float | UnsetType = UNSET
+    trusted_proxies: list[str] | UnsetType = UNSET
+    access_log: AccessLogFormat | UnsetType = UNSET
+    client_timeout: float | UnsetType = UNSET
+
+
+class _RawDefaults(_Raw):
+    connect_timeout: float | UnsetType = UNSET
+    read_timeout: float | UnsetType = UNSET
+    max_body_bytes: int | UnsetType = UNSET
+    retries: int | UnsetType = UNSET
+
+
+class _RawTarget(_Raw):
+    url: str | UnsetType = UNSET
+    weight: int | UnsetType = UNSET
+
+
+class _RawHealth(_Raw):
+    path: str | UnsetType = UNSET
+    interval: float | UnsetType = UNSET
+    timeout: float | UnsetType = UNSET
+    healthy_threshold: int | UnsetType = UNSET
+    unhealthy_threshold: int | UnsetType = UNSET
+
+
+class _RawBreaker(_Raw):
+    failures: int | UnsetType = UNSET
+    cooldown: float | UnsetType = UNSET
+
+
+class _RawUpstream(_Raw):
+    balancer: BalancerName | UnsetType = UNSET
+    targets: list[Any] | UnsetType = UNSET  # items decoded one by one
+    health: dict[str, Any] | UnsetType = UNSET  # decoded as its own table
+    breaker: dict[str, Any] | UnsetType = UNSET
+
+
+class _RawRateLimit(_Raw):
+    rate: float | UnsetType = UNSET
+    burst: int | UnsetType = UNSET
+    key: str | UnsetType = UNSET
+
+
+class _RawCors(_Raw):
+    allow_origins: list[str] | UnsetType = UNSET
+    allow_methods: list[str] | UnsetType = UNSET
+    allow_headers: list[str] | UnsetType = UNSET
+    expose_headers: list[str] | UnsetType = UNSET
+    allow_credentials: bool | UnsetType = UNSET
+    max_age: float | UnsetType = UNSET
+
+
+class _RawRoute(_RawDefaults):
+    name: str | UnsetType = UNSET
+    path: str | UnsetType = UNSET
+    path_regex: str | UnsetType = UNSET
+    host: str | UnsetType = UNSET
+    methods: list[str] | UnsetType = UNSET
+    headers: dict[str, Any] | UnsetType = UNSET  # values checked one by one
+    upstream: str | UnsetType = UNSET
+    strip_prefix: bool | UnsetType = UNSET
+    preserve_host: bool | UnsetType = UNSET
+    priority: int | UnsetType = UNSET
+    rate_limit: dict[str, Any] | UnsetType = UNSET  # decoded as its own table
+    cors: dict[str, Any] | UnsetType = UNSET
+
+
+_TOP_LEVEL: Final = ("server", "defaults", "upstreams", "routes")
+
+# Defaults live once, on the resolved Structs above.
+_SERVER: Final = ServerConfig()
+_HEALTH: Final = HealthConfig()
+_BREAKER: Final = BreakerConfig()
+_CORS: Final = CorsConfig()
+_ROUTE: Final = RouteConfig(index=0, name="", upstream="")
+
+# Literal-typed keys: msgspec says "Invalid enum value"; we list the choices.
+_CHOICES: Final[dict[str, tuple[str, ...]]] = {
+    "balancer": get_args(BalancerName),
+    "access_log": get_args(AccessLogFormat),
+}
+
+# RFC 9110 section 5.6.2: token = 1*tchar
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
+_HOST_LABEL: Final = re.compile(r"[a-z0-9_-]+")
+_PORT: Final = re.compile(r"[0-9]{1,5}")
+_ORIGIN: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]+")
+_CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_AT: Final = re.compile(r"(?P<message>.*) - at `\$(?P<where>.*)`", re.DOTALL)
+_UNKNOWN: Final = re.compile(r"Object contains unknown field `(?P<key>.*)`", re.DOTALL)
+_FIRST_KEY: Final = re.compile(r"\.(?P<key>[A-Za-z0-9_]+)")
+
+_S = TypeVar("_S", bound=msgspec.Struct)
+_T = TypeVar("_T")
+
+
+def _key(name: str) -> str:
+    """One key path segment, quoted the TOML way when it is not a bare key."""
+    return name if _BARE_KEY.fullmatch(name) else _quote(name)
+
+
+def _quote(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _type_name(value: object) -> str:
+    if isinstance(value, dict):
+        return "table"
+    if isinstance(value, list):
+        return "array"
+    return type(value).__name__
+
+
+def _tidy(message: str) -> str:
+    # msgspec speaks JSON; a TOML user knows tables, not objects.
+    return message.replace("`object`", "`table`")
+
+
+def _or(value: _T | UnsetType, default: _T) -> _T:
+    return default if isinstance(value, UnsetType) else value
+
+
+def parse_listen_address(addr: str) -> tuple[str, int] | str:
+    """`"host:port"` / `"[::1]:port"` -> `(host, port)`; `"unix:/path"` -> the path.
+
+    Raises `ValueError` with a message fit for a config error line.
+    """
+    if addr.startswith("unix:"):
+        path = addr.removeprefix("unix:")
+        if not path:
+            raise ValueError(f"invalid address {_quote(addr)}: empty unix socket path")
+        return path
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host:
+        raise ValueError(
+            f'invalid address {_quote(addr)}: expected "host:port", "[ipv6]:port" or "unix:/path"'
+        )
+    if not _PORT.fullmatch(port) or int(port) > 65535:
+        raise ValueError(f"invalid address {_quote(addr)}: port must be 0-65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"invalid address {_quote(addr)}: bad IPv6 address") from None
+    elif ":" in host:
+        raise ValueError(
+            f"invalid address {_quote(addr)}: an IPv6 address needs brackets, as in [::1]:8080"
+        )
+    elif not all(_HOST_LABEL.fullmatch(label) for label in host.lower().split(".")):
+        raise ValueError(f"invalid address {_quote(addr)}: bad host {_quote(host)}")
+    return host, int(port)
+
+
+def _host_problem(host: str) -> str | None:
+    """Why a route's `host` pattern is unusable, or None."""
+    if not host:
+        return "must not be empty (leave host out to match every host)"
+    if host.startswith("["):
+        if not host.endswith("]"):
+            return "must not include a port (host matching ignores the port)"
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return f"bad IPv6 address {_quote(host)}"
+        return None
+    if ":" in host:
+        return "must not include a port (host matching ignores the port)"
+    if not host.isascii():
+        return "must be ASCII; write an internationalised name in its xn-- (IDNA) form"
+    labels = host.split(".")
+    if labels == ["*"]:
+        return 'a bare "*" matches every host; leave host out instead'
+    for position, label in enumerate(labels):
+        if label == "*":
+            if position:
+                return 'wildcard "*" is allowed only as the first label, as in "*.example.com"'
+        elif "*" in label:
+            return 'wildcard "*" must be a whole label, as in "*.example.com"'
+        elif not label:
+            return f"empty label in {_quote(host)}"
+        elif not _HOST_LABEL.fullmatch(label):
+            return f"invalid character in {_quote(label)}"
+    return None
+
+
+def _target_problem(url: str) -> str | None:
+    """Why a target URL is unusable, or None."""
+    try:
+        parsed = yarl.URL(url)
+    except ValueError as exc:
+        return f"invalid URL {_quote(url)}: {str(exc).removeprefix('Invalid URL: ')}"
+    if parsed.scheme not in ("http", "https"):
+        return f"scheme must be http or https, got {_quote(url)}"
+    if not parsed.host:
+        return f"URL has no host: {_quote(url)}"
+    if parsed.user is not None or parsed.password is not None:
+        return f"user info in a target URL is not supported: {_quote(url)}"
+    # yarl drops an empty "?" or "#"; the string still shows it.
+    if "?" in url or "#" in url:
+        return f"a target URL must not have a query or fragment: {_quote(url)}"
+    return None
+
+
+class _Loader:
+    """One pass over a parsed TOML document, collecting every error."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def error(self, path: str, message: str) -> None:
+        self.errors.append(f"{path}: {message}")
+
+    # -- decoding ------------------------------------------------------------
+
+    def decode(self, raw: object, cls: type[_S], path: str) -> tuple[_S | None, set[str]]:
+        """Convert one table; on each error drop the offending key and try again.
+
+        msgspec stops at the first error, so this loop is how every bad key of
+        a table gets reported. Returns the Struct (None if the value is not a
+        table at all) and the keys that were dropped, so later checks stay
+        quiet about them.
+        """
+        data = dict(raw) if isinstance(raw, dict) else raw
+        dropped: set[str] = set()
+        while True:
+            try:
+                return msgspec.convert(data, cls), dropped
+            except msgspec.ValidationError as exc:
+                text = str(exc)
+            where, message = "", text
+            if match := _AT.fullmatch(text):
+                where, message = match["where"], match["message"]
+            key: str | None = None
+            if unknown := _UNKNOWN.fullmatch(message):
+                key = unknown["key"]
+                self.error(f"{path}{where}.{_key(key)}", "unknown key")
+            else:
+                self.error(f"{path}{where}", self._message(message, where, data))
+            if first := _FIRST_KEY.match(where):
+                key = first["key"]
+            if key is None or not isinstance(data, dict) or key not in data:
+                return None, dropped
+            del data[key]
+            dropped.add(key)
+
+    @staticmethod
+    def _message(message: str, where: str, data: object) -> str:
+        field = where.removeprefix(".")
+        if message.startswith("Invalid enum value") and field in _CHOICES:
+            choices = ", ".join(_quote(choice) for choice in _CHOICES[field])
+            got = data.get(field) if isinstance(data, dict) else None
+            return f"must be one of {choices}, got {_quote(str(got))}"
+        return _tidy(message)
+
+    def table(self, raw: object, path: str) -> dict[str, Any] | None:
+        if isinstance(raw, dict):
+            return raw
+        self.error(path, f"Expected `table`, got `{_type_name(raw)}`")
+        return None
+
+    # -- number checks -------------------------------------------------------
+
+    def duration(self, path: str, value: float | UnsetType, *, zero_ok: bool = False) -> None:
+        if isinstance(value, UnsetType):
+            return
+        if not math.isfinite(value):
+            self.error(path, "must be a finite number of seconds")
+        elif value < 0 or (value == 0 and not zero_ok):
+            self.error(path, "must be >= 0" if zero_ok else "must be > 0")
+
+    def count(self, path: str, value: int | UnsetType, *, minimum: int) -> None:
+        if not isinstance(value, UnsetType) and value < minimum:
+            self.error(
+                path, f"must be > {minimum - 1}" if minimum == 1 else f"must be >= {minimum}"
+            )
+
+    def tokens(self, path: str, values: list[str], what: str, *, star: bool = False) -> None:
+        for position, value in enumerate(values):
+            if not (_TOKEN.fullmatch(value) or (star and value == "*")):
+                self.error(f"{path}[{position}]", f"{_quote(value)} is not a valid {what}")
+
+    # -- [server] ------------------------------------------------------------
+
+    def server(self, raw: object) -> ServerConfig | None:
+        server, _ = self.decode(raw, _RawServer, "server")
+        if server is None:
+            return None
+        seen: dict[tuple[str, int] | str, int] = {}
+        if not isinstance(server.listen, UnsetType):
+            if not server.listen:
+                self.error("server.listen", "must name at least one address")
+            for position, addr in enumerate(server.listen):
+                here = f"server.listen[{position}]"
+                try:
+                    parsed = parse_listen_address(addr)
+                except ValueError as exc:
+                    self.error(here, str(exc))
+                    continue
+                if parsed in seen:
+                    self.error(here, f"duplicate address {_quote(addr)}")
+                elif not (isinstance(parsed, tuple) and parsed[1] == 0):
+                    seen[parsed] = position
+        if not isinstance(server.admin, UnsetType) and server.admin:
+            try:
+                admin = parse_listen_address(server.admin)
+            except ValueError as exc:
+                self.error("server.admin", str(exc))
+            else:
+                if isinstance(admin, str):
+                    self.error("server.admin", 'must be "host:port" ("" turns it off)')
+                elif admin in seen:
+                    self.error("server.admin", f"same address as server.listen[{seen[admin]}]")
+        self.duration("server.drain_timeout", server.drain_timeout, zero_ok=True)
+        self.duration("server.client_timeout", server.client_timeout)
+        if not isinstance(server.trusted_proxies, UnsetType):
+            for position, cidr in enumerate(server.trusted_proxies):
+                try:
+                    ipaddress.ip_network(cidr, strict=False)
+                except ValueError as exc:
+                    self.error(f"server.trusted_proxies[{position}]", str(exc))
+        return ServerConfig(
+            listen=tuple(_or(server.listen, list(_SERVER.listen))),
+            admin=_or(server.admin, _SERVER.admin),
+            drain_timeout=_or(server.drain_timeout, _SERVER.drain_timeout),
+            trusted_proxies=tuple(_or(server.trusted_proxies, list(_SERVER.trusted_proxies))),
+            access_log=_or(server.access_log, _SERVER.access_log),
+            client_timeout=_or(server.client_timeout, _SERVER.client_timeout),
+        )
+
+    # -- [defaults] and the same keys on a route -----------------------------
+
+    def overridable(self, path: str, raw: _RawDefaults) -> None:
+        self.duration(f"{path}.connect_timeout", raw.connect_timeout)
+        self.duration(f"{path}.read_timeout", raw.read_timeout)
+        self.count(f"{path}.max_body_bytes", raw.max_body_bytes, minimum=0)
+        self.count(f"{path}.retries", raw.retries, minimum=0)
+
+    def defaults(self, raw: object) -> _RawDefaults:
+        defaults, _ = self.decode(raw, _RawDefaults, "defaults")
+        if defaults is None:
+            return _RawDefaults()
+        self.overridable("defaults", defaults)
+        return defaults
+
+    # -- [upstreams.NAME] ----------------------------------------------------
+
+    def upstream(self, name: str, raw: object) -> UpstreamConfig | None:
+        path = f"upstreams.{_key(name)}"
+        if not name:
+            self.error(path, "upstream name must not be empty")
+        upstream, dropped = self.decode(raw, _RawUpstream, path)
+        if upstream is None:
+            return None
+        targets: list[TargetConfig] = []
+        if isinstance(upstream.targets, UnsetType):
+            if "targets" not in dropped:
+                self.error(f"{path}.targets", "required")
+        elif not upstream.targets:
+            self.error(f"{path}.targets", "must not be empty")
+        else:
+            first_at: dict[str, int] = {}
+            for position, item in enumerate(upstream.targets):
+                here = f"{path}.targets[{position}]"
+                target = self.target(item, here)
+                if target is None:
+                    continue
+                if target.url in first_at:
+                    self.error(
+                        f"{here}.url" if isinstance(item, dict) else here,
+                        f"duplicate target {_quote(target.url)} "
+                        f"(also targets[{first_at[target.url]}])",
+                    )
+                else:
+                    first_at[target.url] = position
+                targets.append(target)
+        health: HealthConfig | None = None
+        if not isinstance(upstream.health, UnsetType):
+            health = self.health(upstream.health, f"{path}.health")
+        breaker = _BREAKER
+        if not isinstance(upstream.breaker, UnsetType):
+            breaker = self.breaker(upstream.breaker, f"{path}.breaker") or _BREAKER
+        return UpstreamConfig(
+            name=name,
+            balancer=_or(upstream.balancer, "round_robin"),
+            targets=tuple(targets),
+            health=health,
+            breaker=breaker,
+        )
+
+    def target(self, item: object, path: str) -> TargetConfig | None:
+        if isinstance(item, str):
+            url, weight, url_path = item, 1, path
+        elif isinstance(item, dict):
+            raw, dropped = self.decode(item, _RawTarget, path)
+            if raw is None:
+                return None
+            if isinstance(raw.url, UnsetType):
+                if "url" not in dropped:
+                    self.error(f"{path}.url", "required")
+                return None
+            url, url_path = raw.url, f"{path}.url"
+            weight = _or(raw.weight, 1)
+            self.count(f"{path}.weight", raw.weight, minimum=1)
+        else:
+            self.error(path, f"Expected `str` or `table`, got `{_type_name(item)}`")
+            return None
+        if problem := _target_problem(url):
+            self.error(url_path, problem)
+        return TargetConfig(url=url, weight=weight)
+
+    def health(self, raw: object, path: str) -> HealthConfig | None:
+        health, _ = self.decode(raw, _RawHealth, path)
+        if health is None:
+            return None
+        if not isinstance(health.path, UnsetType) and not health.path.startswith("/"):
+            self.error(f"{path}.path", 'must start with "/"')
+        self.duration(f"{path}.interval", health.interval)
+        self.duration(f"{path}.timeout", health.timeout)
+        self.count(f"{path}.healthy_threshold", health.healthy_threshold, minimum=1)
+        self.count(f"{path}.unhealthy_threshold", health.unhealthy_threshold, minimum=1)
+        return HealthConfig(
+            path=_or(health.path, _HEALTH.path),
+            interval=_or(health.interval, _HEALTH.interval),
+            timeout=_or(health.timeout, _HEALTH.timeout),
+            healthy_threshold=_or(health.healthy_threshold, _HEALTH.healthy_threshold),
+            unhealthy_threshold=_or(health.unhealthy_threshold, _HEALTH.unhealthy_threshold),
+        )
+
+    def breaker(self, raw: object, path: str) -> BreakerConfig | None:
+        breaker, _ = self.decode(raw, _RawBreaker, path)
+        if breaker is None:
+            return None
+        self.count(f"{path}.failures", breaker.failures, minimum=1)
+        self.duration(f"{path}.cooldown", breaker.cooldown)
+        return BreakerConfig(
+            failures=_or(breaker.failures, _BREAKER.failures),
+            cooldown=_or(breaker.cooldown, _BREAKER.cooldown),
+        )
+
+    # -- [[routes]] ----------------------------------------------------------
+
+    def route(
+        self,
+        index: int,
+        raw: object,
+        defaults: _RawDefaults,
+        upstream_names: set[str],
+        names: dict[str, int],
+    ) -> RouteConfig | None:
+        path = f"routes[{index}]"
+        if isinstance(raw, dict) and isinstance(raw.get("name"), str) and raw["name"]:
+            path = f"{path} ({_quote(raw['name'])})"
+        route, dropped = self.decode(raw, _RawRoute, path)
+        if route is None:
+            return None
+
+        name = ""
+        if isinstance(route.name, UnsetType):
+            if "name" not in dropped:
+                self.error(f"{path}.name", "required")
+        elif not route.name:
+            self.error(f"{path}.name", "must not be empty")
+        else:
+            name = route.name
+            if not name.isascii() or not name.isprintable() or '"' in name or "\\" in name:
+                # it travels in RateLimit headers as an RFC 8941 sf-string
+                self.error(f"{path}.name", "must be printable ASCII without '\"' or '\\'")
+            if name in names:
+                self.error(
+                    f"{path}.name",
+                    f"duplicate route name {_quote(name)} (also routes[{names[name]}])",
+                )
+            else:
+                names[name] = index
+
+        upstream = ""
+        if isinstance(route.upstream, UnsetType):
+            if "upstream" not in dropped:
+                self.error(f"{path}.upstream", "required")
+        elif route.upstream not in upstream_names:
+            self.error(f"{path}.upstream", f"unknown upstream {_quote(route.upstream)}")
+        else:
+            upstream = route.upstream
+
+        has_path = not isinstance(route.path, UnsetType)
+        has_regex = not isinstance(route.path_regex, UnsetType)
+        if has_path and has_regex:
+            self.error(f"{path}.path_regex", "cannot be set together with path")
+        elif not has_path and not has_regex and not dropped & {"path", "path_regex"}:
+            self.error(f"{path}.path", "required (or path_regex)")
+        if not isinstance(route.path, UnsetType):
+            if not route.path.startswith("/"):
+                self.error(f"{path}.path", 'must start with "/"')
+            elif "?" in route.path or "#" in route.path:
+                self.error(f"{path}.path", "must not contain a query or fragment")
+            elif _CONTROL.search(route.path) or " " in route.path:
+                self.error(f"{path}.path", "must not contain spaces or control characters")
+        if not isinstance(route.path_regex, UnsetType):
+            try:
+                re.compile(route.path_regex)
+            except re.error as exc:
+                self.error(f"{path}.path_regex", f"invalid regex: {exc}")
+            if route.strip_prefix is True:
+                self.error(f"{path}.strip_prefix", "needs path (a regex has no prefix to strip)")
+
+        host: str | None = None
+        if not isinstance(route.host, UnsetType):
+            host = route.host.lower()
+            if problem := _host_problem(host):
+                self.error(f"{path}.host", problem)
+
+        methods: tuple[str, ...] | None = None
+        if not isinstance(route.methods, UnsetType):
+            if not route.methods:
+                self.error(
+                    f"{path}.methods", "must not be empty (leave it out to allow every method)"
+                )
+            self.tokens(f"{path}.methods", route.methods, "HTTP method")
+            methods = tuple(dict.fromkeys(method.upper() for method in route.methods))
+
+        headers: dict[str, str] = {}
+        if not isinstance(route.headers, UnsetType):
+            for header, value in route.headers.items():
+                here = f"{path}.headers.{_key(header)}"
+                if not _TOKEN.fullmatch(header):
+                    self.error(here, f"{_quote(header)} is not a valid header name")
+                elif header.lower() in headers:
+                    self.error(here, "duplicate header name (names are case-insensitive)")
+                if not isinstance(value, str):
+                    self.error(here, f"Expected `str`, got `{_type_name(value)}`")
+                elif _CONTROL.search(value):
+                    self.error(here, "must not contain control characters")
+                else:
+                    headers.setdefault(header.lower(), value)
+
+        self.overridable(path, route)
+        rate_limit: RateLimitConfig | None = None
+        if not isinstance(route.rate_limit, UnsetType):
+            rate_limit = self.rate_limit(route.rate_limit, f"{path}.rate_limit")
+        cors: CorsConfig | None = None
+        if not isinstance(route.cors, UnsetType):
+            cors = self.cors(route.cors, f"{path}.cors")
+
+        return RouteConfig(
+            index=index,
+            name=name,
+            upstream=upstream,
+            path=_or(route.path, None),
+            path_regex=_or(route.path_regex, None),
+            host=host,
+            methods=methods,
+            headers=tuple(headers.items()),
+            strip_prefix=_or(route.strip_prefix, _ROUTE.strip_prefix),
+            preserve_host=_or(route.preserve_host, _ROUTE.preserve_host),
+            priority=_or(route.priority, _ROUTE.priority),
+            connect_timeout=_or(
+                route.connect_timeout, _or(defaults.connect_timeout, _ROUTE.connect_timeout)
+            ),
+            read_timeout=_or(route.read_timeout, _or(defaults.read_timeout, _ROUTE.read_timeout)),
+            max_body_bytes=_or(
+                route.max_body_bytes, _or(defaults.max_body_bytes, _ROUTE.max_body_bytes)
+            ),
+            retries=_or(route.retries, _or(defaults.retries, _ROUTE.retries)),
+            rate_limit=rate_limit,
+            cors=cors,
+        )
+
+    def rate_limit(self, raw: object, path: str) -> RateLimitConfig | None:
+        limit, dropped = self.decode(raw, _RawRateLimit, path)
+        if limit is None:
+            return None
+        if isinstance(limit.rate, UnsetType):
+            if "rate" not in dropped:
+                self.error(f"{path}.rate", "required")
+        elif not math.isfinite(limit.rate) or limit.rate <= 0:
+            self.error(f"{path}.rate", "must be a finite number > 0")
+        if isinstance(limit.burst, UnsetType):
+            if "burst" not in dropped:
+                self.error(f"{path}.burst", "required")
+        else:
+            self.count(f"{path}.burst", limit.burst, minimum=1)
+        key = _or(limit.key, "client_ip")
+        header = key.removeprefix("header:")
+        if key not in ("client_ip", "route") and not (
+            key.startswith("header:") and _TOKEN.fullmatch(header)
+        ):
+            self.error(
+                f"{path}.key",
+                f'must be "client_ip", "route" or "header:NAME", got {_quote(key)}',
+            )
+        return RateLimitConfig(rate=_or(limit.rate, 1.0), burst=_or(limit.burst, 1), key=key)
+
+    def cors(self, raw: object, path: str) -> CorsConfig | None:
+        cors, _ = self.decode(raw, _RawCors, path)
+        if cors is None:
+            return None
+        origins = _or(cors.allow_origins, list(_CORS.allow_origins))
+        if not origins:
+            self.error(f"{path}.allow_origins", 'must not be empty (["*"] allows every origin)')
+        for position, origin in enumerate(origins):
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                self.error(
+                    f"{path}.allow_origins[{position}]",
+                    f'{_quote(origin)} is not "*" or an origin like "https://app.example.com"',
+                )
+        if "*" in origins and cors.allow_credentials is True:
+            # Fetch standard, CORS protocol: a credentialed response may not say "*".
+            self.error(
+                f"{path}.allow_credentials",
+                'cannot be true with allow_origins = ["*"]; list the origins instead',
+            )
+        methods = _or(cors.allow_methods, list(_CORS.allow_methods))
+        self.tokens(f"{path}.allow_methods", methods, "HTTP method", star=True)
+        allow_headers = _or(cors.allow_headers, list(_CORS.allow_headers))
+        self.tokens(f"{path}.allow_headers", allow_headers, "header name", star=True)
+        expose_headers = _or(cors.expose_headers, list(_CORS.expose_headers))
+        self.tokens(f"{path}.expose_headers", expose_headers, "header name", star=True)
+        self.duration(f"{path}.max_age", cors.max_age, zero_ok=True)
+        return CorsConfig(
+            allow_origins=tuple(origins),
+            allow_methods=tuple(dict.fromkeys(method.upper() for method in methods)),
+            allow_headers=tuple(allow_headers),
+            expose_headers=tuple(expose_headers),
+            allow_credentials=_or(cors.allow_credentials, _CORS.allow_credentials),
+            max_age=_or(cors.max_age, _CORS.max_age),
+        )
+
+    # -- the document --------------------------------------------------------
+
+    def document(self, doc: dict[str, Any], path: str, sha256: str) -> Config | None:
+        for key in doc:
+            if key not in _TOP_LEVEL:
+                self.error(_key(key), "unknown key")
+        server = self.server(doc.get("server", {}))
+        defaults = self.defaults(doc.get("defaults", {}))
+
+        upstreams: dict[str, UpstreamConfig] = {}
+        raw_upstreams = self.table(doc.get("upstreams", {}), "upstreams") or {}
+        for name, raw in raw_upstreams.items():
+            if (upstream := self.upstream(name, raw)) is not None:
+                upstreams[name] = upstream
+
+        routes: list[RouteConfig] = []
+        raw_routes = doc.get("routes", [])
+        if not isinstance(raw_routes, list):
+            self.error("routes", f"Expected `array` of tables, got `{_type_name(raw_routes)}`")
+            raw_routes = []
+        names: dict[str, int] = {}
+        for index, raw in enumerate(raw_routes):
+            route = self.route(index, raw, defaults, set(raw_upstreams), names)
+            if route is not None:
+                routes.append(route)
+
+        if self.errors or server is None:
+            return None
+        return Config(
+            server=server, upstreams=upstreams, routes=tuple(routes), path=path, sha256=sha256
+        )
+
+
+def parse(text: str | bytes, path: str = "<string>") -> Config:
+    """Decode and validate one routes.toml; raise `ConfigError` listing every problem."""
+    data = text.encode() if isinstance(text, str) else text
+    sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        # utf-8-sig: tolerate the BOM some editors write.
+        doc = tomllib.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 (byte {exc.start})"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: {exc}"]) from None
+    loader = _Loader()
+    config = loader.document(doc, path, sha256)
+    if config is None:
+        raise ConfigError(loader.errors)
+    return config
+
+
+def load(path: str) -> Config:
+    """Read `path` and `parse()` it; an unreadable file is a `ConfigError` too."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    return parse(data, path)
+
+
+# --------------------------------------------------------------------------
+# `gateway check` output
+# --------------------------------------------------------------------------
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
+def _route_match(route: RouteConfig) -> str:
+    parts: list[str] = []
+    if route.host is not None:
+        parts.append(f"host {route.host}")
+    if route.path is not None:
+        parts.append(f"path {route.path}")
+    if route.path_regex is not None:
+        parts.append(f"regex {route.path_regex}")
+    if route.methods is not None:
+        parts.append(f"methods {','.join(route.methods)}")
+    if route.headers:
+        parts.append("headers " + ",".join(f"{name}={value}" for name, value in route.headers))
+    return "  ".join(parts)
+
+
+def _route_limits(route: RouteConfig) -> str:
+    body = "unlimited" if route.max_body_bytes == 0 else f"{route.max_body_bytes} bytes"
+    parts = [
+        f"connect {_seconds(route.connect_timeout)}",
+        f"read {_seconds(route.read_timeout)}",
+        f"body {body}",
+        f"retries {route.retries}",
+    ]
+    if route.priority:
+        parts.append(f"priority {route.priority}")
+    if route.strip_prefix:
+        parts.append("strip_prefix")
+    if not route.preserve_host:
+        parts.append("target Host")
+    if route.rate_limit is not None:
+        limit = route.rate_limit
+        parts.append(f"rate_limit {limit.rate:g}/s burst {limit.burst} by {limit.key}")
+    if route.cors is not None:
+        parts.append(f"cors {' '.join(route.cors.allow_origins)}")
+    return ", ".join(parts)
+
+
+def summary(config: Config) -> str:
+    """The one-screen text `gateway check` prints for a valid config."""
+    server = config.server
+    lines = [
+        f"config     {config.path} (sha256 {config.sha256[:12]})",
+        f"listen     {', '.join(server.listen)}",
+        f"admin      {server.admin or 'off'}",
+        f"access_log {server.access_log}, drain {_seconds(server.drain_timeout)}, "
+        f"client_timeout {_seconds(server.client_timeout)}, "
+        f"trusted_proxies {', '.join(server.trusted_proxies) or 'none'}",
+        f"upstreams  {len(config.upstreams)}",
+    ]
+    for name, upstream in config.upstreams.items():
+        health = "passive health only"
+        if upstream.health is not None:
+            health = f"health {upstream.health.path} every {_seconds(upstream.health.interval)}"
+        breaker = upstream.breaker
+        lines.append(
+            f"  {name}: {upstream.balancer}, {health}, "
+            f"breaker {breaker.failures} failures/{_seconds(breaker.cooldown)}"
+        )
+        for target in upstream.targets:
+            lines.append(f"    {target.url} weight {target.weight}")
+    lines.append(f"routes     {len(config.routes)}")
+    for route in config.routes:
+        lines.append(f"  {route.name}: {_route_match(route)} -> {route.upstream}")
+        lines.append(f"    {_route_limits(route)}")
+    return "\n".join(lines)

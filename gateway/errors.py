@@ -1,0 +1,73 @@
+"""Errors the gateway answers itself, as the contract's JSON.
+
+Every refusal is a `GatewayError` with a status and a stable machine code;
+`json_body()` renders `{"error", "message", "request_id"}`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import msgspec
+
+
+class GatewayError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers: dict[str, str] = headers or {}
+
+
+class NoRoute(GatewayError):
+    status = 404
+    code = "no_route"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, allowed: tuple[str, ...]) -> None:
+        super().__init__("method not allowed on this route", {"Allow": ", ".join(allowed)})
+        self.allowed = allowed
+
+
+class BodyTooLarge(GatewayError):
+    status = 413
+    code = "body_too_large"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    code = "rate_limited"
+
+
+class BadGateway(GatewayError):
+    status = 502
+    code = "bad_gateway"
+
+
+class NoHealthyTarget(GatewayError):
+    status = 503
+    code = "no_healthy_target"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class _Body(msgspec.Struct):
+    error: str
+    message: str
+    request_id: str
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def json_body(error: GatewayError, request_id: str) -> bytes:
+    return _encoder.encode(_Body(error.code, error.message, request_id))

@@ -1,0 +1,193 @@
+"""Rate limits: token buckets, a bounded store of them, and their headers.
+
+A bucket holds up to `burst` tokens and refills continuously at `rate` tokens
+per second; a request takes one token or is refused (429). Time is always
+passed in (monotonic seconds), never read here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Final
+
+from cachetools import TTLCache
+
+__all__ = ["DEFAULT_MAX_KEYS", "BucketStore", "TokenBucket", "rate_limit_headers"]
+
+DEFAULT_MAX_KEYS: Final = 100_000
+
+# Float slack when turning token counts and durations into the whole numbers
+# the headers carry: 2.9999999999 tokens is 3 after a refill of 0.1 + 0.2 ...,
+# and 1.0000000001 s until full is 1 s, not 2.
+_EPSILON: Final = 1e-9
+
+
+class TokenBucket:
+    """A token bucket, stored as the one instant at which it will be full.
+
+    This is the GCRA form of the bucket (ITU-T I.371's "virtual scheduling"):
+    tokens at `now` are `burst - rate * (full_at - now)`, capped at `burst`.
+    Keeping one float instead of (tokens, last refill) means a take is one
+    comparison and one addition, and no refill is ever computed and stored,
+    so rounding does not pile up across partial refills. The bucket starts
+    full (`full_at` = -inf).
+    """
+
+    __slots__ = ("_full_at", "burst", "rate")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        if not (rate > 0.0 and math.isfinite(rate)):
+            raise ValueError("rate must be a positive number of tokens per second")
+        if burst < 1:
+            raise ValueError("burst must be at least 1")
+        self.rate: Final = rate
+        self.burst: Final = burst
+        self._full_at = -math.inf
+
+    def take(self, now: float) -> bool:
+        """Take one token if there is one; False (and nothing taken) otherwise."""
+        full_at = self._full_at
+        if full_at < now:
+            full_at = now
+        # Tokens >= 1  <=>  burst - rate * (full_at - now) >= 1.
+        if (full_at - now) * self.rate > self.burst - 1 + _EPSILON:
+            return False
+        self._full_at = full_at + 1.0 / self.rate
+        return True
+
+    def tokens(self, now: float) -> float:
+        """Tokens in the bucket at `now`, fractional, between 0 and `burst`."""
+        debt = self._full_at - now
+        if debt <= 0.0:
+            return float(self.burst)
+        left = self.burst - debt * self.rate
+        return left if left > 0.0 else 0.0
+
+    def seconds_until_token(self, now: float) -> float:
+        """Seconds until `take()` would succeed; 0 if it would now."""
+        wait = self._full_at - now - (self.burst - 1) / self.rate
+        return wait if wait > 0.0 else 0.0
+
+    def seconds_until_full(self, now: float) -> float:
+        wait = self._full_at - now
+        return wait if wait > 0.0 else 0.0
+
+    def __repr__(self) -> str:
+        return f"<TokenBucket rate={self.rate} burst={self.burst}>"
+
+
+class BucketStore:
+    """Buckets by key (client IP, API key, route), bounded in number and age.
+
+    Backed by a `cachetools.TTLCache` on the injected clock:
+
+    - An idle bucket expires `burst / rate` seconds after its last admitted
+      request. By then it has refilled completely, so dropping it and later
+      starting that key with a new, full bucket changes nothing.
+    - At most `max_keys` buckets are kept, so a flood of distinct keys (spoofed
+      API keys, a botnet) costs bounded memory. When the cap is reached and a
+      new key arrives, the least recently used bucket is evicted, and if its
+      key comes back it starts with a full bucket. That forgives a client that
+      was rate limited only when more than `max_keys` other keys were seen
+      since its last request; size `max_keys` above the number of keys that
+      are active within one `burst / rate` window.
+    """
+
+    __slots__ = ("_buckets", "burst", "clock", "max_keys", "rate")
+
+    def __init__(
+        self,
+        rate: float,
+        burst: int,
+        max_keys: int = DEFAULT_MAX_KEYS,
+        *,
+        clock: Callable[[], float],
+    ) -> None:
+        TokenBucket(rate, burst)  # validate once, with its error messages
+        if max_keys < 1:
+            raise ValueError("max_keys must be at least 1")
+        self.rate: Final = rate
+        self.burst: Final = burst
+        self.max_keys: Final = max_keys
+        self.clock: Final = clock
+        self._buckets: TTLCache[str, TokenBucket] = TTLCache(
+            maxsize=max_keys, ttl=burst / rate, timer=clock
+        )
+
+    def take(self, key: str) -> tuple[bool, TokenBucket]:
+        """Take a token from `key`'s bucket; the bucket comes back for the headers.
+
+        Read `clock()` again, or pass the same instant, for `rate_limit_headers`.
+        """
+        now = self.clock()
+        buckets = self._buckets
+        bucket = buckets.get(key)  # also marks the key recently used
+        if bucket is None:
+            bucket = TokenBucket(self.rate, self.burst)
+        if not bucket.take(now):
+            # Nothing was taken, so the bucket is full no later than the
+            # expiry already set at its last admitted request; skipping the
+            # re-insert keeps the refusal path (the one a flood hits) cheap.
+            return False, bucket
+        # TTLCache counts the ttl from insertion, not from the last read:
+        # re-inserting restarts it, so a busy bucket never expires half empty.
+        buckets[key] = bucket
+        return True, bucket
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+def rate_limit_headers(
+    route: str, bucket: TokenBucket, now: float, allowed: bool
+) -> list[tuple[str, str]]:
+    """The CONTRACT's rate-limit response headers for one request on `route`.
+
+    `RateLimit-Policy` and `RateLimit` follow draft-ietf-httpapi-ratelimit-headers
+    (-11): the policy name is an sf-string (RFC 9651 section 3.3.3), `q` the
+    quota (burst), `w` the seconds an empty bucket takes to refill, `r` the
+    whole tokens left and `t` the seconds until the bucket is full again. The
+    X-RateLimit-* trio carries the same numbers for older clients; a refusal
+    adds Retry-After (RFC 9110 section 10.2.3), whole seconds and at least 1,
+    because "0" would invite an immediate retry that is refused again.
+    """
+    burst = bucket.burst
+    name = _sf_string(route)
+    remaining = str(math.floor(bucket.tokens(now) + _EPSILON))
+    reset = str(_ceil(bucket.seconds_until_full(now)))
+    headers = [
+        ("RateLimit-Policy", f"{name};q={burst};w={_ceil(burst / bucket.rate)}"),
+        ("RateLimit", f"{name};r={remaining};t={reset}"),
+        ("X-RateLimit-Limit", str(burst)),
+        ("X-RateLimit-Remaining", remaining),
+        ("X-RateLimit-Reset", reset),
+    ]
+    if not allowed:
+        headers.append(("Retry-After", str(max(1, _ceil(bucket.seconds_until_token(now))))))
+    return headers
+
+
+def _ceil(seconds: float) -> int:
+    return max(0, math.ceil(seconds - _EPSILON))
+
+
+def _sf_string(value: str) -> str:
+    """`value` as a structured-field string (RFC 9651 section 3.3.3).
+
+    Only `"` and `\\` need escaping. An sf-string can hold nothing but
+    printable ASCII, so anything else becomes `?` rather than producing a
+    header that strict parsers reject (config.py should not let such route
+    names through in the first place).
+    """
+    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+        return f'"{value}"'
+    out = []
+    for ch in value:
+        if ch == '"' or ch == "\\":
+            out.append("\\" + ch)
+        elif " " <= ch <= "~":
+            out.append(ch)
+        else:
+            out.append("?")
+    return '"' + "".join(out) + '"'

@@ -1,0 +1,135 @@
+"""Every metric the contract names, on a registry of the gateway's own.
+
+One `Metrics` per gateway process (tests run several in one interpreter, so
+nothing is registered on prometheus_client's global registry). Labels are
+bounded: route and upstream names and target URLs come from the config,
+never from a request.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Latency buckets from 1 ms to 5 min: the histogram runs to the last body
+# byte, so long downloads and SSE streams need the high end.
+_DURATION_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    float("inf"),
+)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests_total",
+            "Requests answered, by route, method and status code.",
+            ["route", "method", "code"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "gateway_request_duration_seconds",
+            "Time from request head to the last response body byte.",
+            ["route"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            "gateway_upstream_requests_total",
+            "Attempts sent to targets, by outcome (ok|error|timeout).",
+            ["upstream", "target", "outcome"],
+            registry=r,
+        )
+        self.upstream_in_flight = Gauge(
+            "gateway_upstream_in_flight",
+            "Requests currently held by a target.",
+            ["upstream", "target"],
+            registry=r,
+        )
+        self.request_bytes = Counter(
+            "gateway_request_bytes_total",
+            "Request body bytes received from clients.",
+            ["route"],
+            registry=r,
+        )
+        self.response_bytes = Counter(
+            "gateway_response_bytes_total",
+            "Response body bytes sent to clients.",
+            ["route"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "gateway_rate_limited_total",
+            "Requests refused with 429.",
+            ["route"],
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            "gateway_breaker_state",
+            "Circuit breaker per target: 0 closed, 1 open, 2 half-open.",
+            ["upstream", "target"],
+            registry=r,
+        )
+        self.target_healthy = Gauge(
+            "gateway_target_healthy",
+            "1 when the target is in rotation for active health checks, else 0.",
+            ["upstream", "target"],
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "gateway_config_reloads_total",
+            "Config reloads by result (success|failure).",
+            ["result"],
+            registry=r,
+        )
+        self.config_last_reload_success = Gauge(
+            "gateway_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful config load (start-up included).",
+            registry=r,
+        )
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)
+
+    def declare_route(self, route: str) -> None:
+        """Make the route's series exist at 0 from the moment it is loaded."""
+        self.request_bytes.labels(route)
+        self.response_bytes.labels(route)
+        self.rate_limited.labels(route)
+        self.duration.labels(route)
+
+    def declare_target(self, upstream: str, target: str) -> None:
+        self.upstream_in_flight.labels(upstream, target)
+        self.breaker_state.labels(upstream, target)
+        self.target_healthy.labels(upstream, target)
+        for outcome in ("ok", "error", "timeout"):
+            self.upstream_requests.labels(upstream, target, outcome)
+
+    def forget_route(self, route: str) -> None:
+        for metric in (self.request_bytes, self.response_bytes, self.rate_limited, self.duration):
+            try:
+                metric.remove(route)
+            except KeyError:
+                pass
+
+    def forget_target(self, upstream: str, target: str) -> None:
+        for metric in (self.upstream_in_flight, self.breaker_state, self.target_healthy):
+            try:
+                metric.remove(upstream, target)
+            except KeyError:
+                pass

@@ -1,0 +1,507 @@
+"""The streaming handler: one catch-all for every proxied request.
+
+aiohttp's router freezes at start-up, so routes that change on reload live in
+our own `RouteTable`, read from the current snapshot once per request; the
+request then runs on that snapshot to its end, whatever reloads happen.
+
+Bodies move chunk by chunk in both directions: the request body is an async
+generator over `request.content` handed to the client session (aiohttp's
+StreamReader pauses the client socket when its buffer fills, and the client
+writer drains before asking for more), and the response body is copied with
+`readany()` / `write()` (which drains the client socket). Nothing holds a
+whole body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Final
+
+import aiohttp
+from aiohttp import hdrs, web
+from multidict import CIMultiDict
+from prometheus_client import Counter
+
+from gateway.errors import (
+    BadGateway,
+    BodyTooLarge,
+    GatewayError,
+    NoHealthyTarget,
+    RateLimited,
+    UpstreamTimeout,
+    json_body,
+)
+from gateway.headers import (
+    client_response_headers,
+    new_request_id,
+    request_id,
+    upstream_request_headers,
+)
+from gateway.limits import rate_limit_headers
+from gateway.log import AccessLog
+from gateway.metrics import Metrics
+from gateway.retry import backoff, may_retry
+from gateway.snapshot import RouteRuntime, Snapshot
+from gateway.upstream import Target
+
+# Statuses from a target that count against its breaker and may be retried.
+GATEWAY_FAILURE_STATUSES: Final = frozenset({502, 503, 504})
+# nginx's code for "client closed the request before the response": logs only.
+CLIENT_CLOSED: Final = 499
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class SnapshotBox:
+    """The one mutable reference to the current snapshot; swapped whole."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+
+
+class ProxiedResponse(web.StreamResponse):
+    """A response that adds no Content-Type or Server the target did not send.
+
+    aiohttp fills both in by default; an intermediary forwards the origin's
+    headers rather than inventing representation metadata (RFC 9110 8.3).
+    """
+
+    async def _prepare_headers(self) -> None:
+        headers = self._headers
+        had_type = hdrs.CONTENT_TYPE in headers
+        had_server = hdrs.SERVER in headers
+        await super()._prepare_headers()
+        if not had_type:
+            headers.popall(hdrs.CONTENT_TYPE, None)
+        if not had_server:
+            headers.popall(hdrs.SERVER, None)
+
+
+class _Exchange:
+    """Per-request bookkeeping, filled in as the request moves along."""
+
+    __slots__ = ("body_error", "body_started", "bytes_in", "bytes_out", "target")
+
+    def __init__(self) -> None:
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.body_started = False
+        self.body_error: GatewayError | None = None
+        self.target: Target | None = None
+
+
+class _UpstreamFailed(Exception):
+    """A failed attempt, before any response began; carries what retry needs."""
+
+    def __init__(self, error: GatewayError, connect_failed: bool) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.connect_failed = connect_failed
+
+
+def split_target(raw: str) -> tuple[str | None, str, str | None]:
+    """(authority from absolute-form, raw path, raw query or None).
+
+    An absolute-form target (`GET http://elsewhere/x`) is routed by our own
+    table with its authority as the host (RFC 9112 3.2.2); it is never
+    forwarded to the host it names, so the gateway is no open proxy.
+    """
+    authority: str | None = None
+    if not raw.startswith("/"):
+        scheme_end = raw.find("://")
+        if scheme_end > 0:
+            rest = raw[scheme_end + 3 :]
+            slash = rest.find("/")
+            question = rest.find("?")
+            cut = min(i for i in (slash, question, len(rest)) if i >= 0)
+            authority, raw = rest[:cut], rest[cut:]
+            if not raw.startswith("/"):
+                raw = "/" + raw
+        else:  # "*" (OPTIONS) or garbage: route it as "/" would never be right
+            return None, raw, None
+    path, sep, query = raw.partition("?")
+    return authority, path, (query if sep else None)
+
+
+class ProxyHandler:
+    def __init__(
+        self,
+        box: SnapshotBox,
+        metrics: Metrics,
+        access_log: AccessLog,
+        client_timeout: Callable[[], float],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._box = box
+        self._metrics = metrics
+        self._access_log = access_log
+        self._client_timeout = client_timeout
+        self._clock = clock
+        self._unrouted: dict[tuple[str, int], Counter] = {}
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        snap = self._box.snapshot
+        started = self._clock()
+        rid = request_id(request.headers.get("X-Request-ID"), new_request_id)
+        peer = request.remote or ""
+        headers = request.headers
+        if snap.trusted.is_trusted(peer):
+            client = snap.trusted.client_ip(peer, headers.getall("X-Forwarded-For", None))
+            peer_trusted = True
+        else:
+            client, peer_trusted = peer, False
+        authority, raw_path, raw_query = split_target(request.raw_path)
+        host = authority if authority is not None else headers.get(hdrs.HOST)
+        method = request.method
+        ex = _Exchange()
+        route: RouteRuntime | None = None
+        status = CLIENT_CLOSED
+        error_code: str | None = None
+        try:
+            try:
+                route_config = snap.table.match(method, host, raw_path, headers)
+                route = snap.routes[route_config.name]
+                limit_headers = self._admit(request, route, client)
+                response = await self._forward(
+                    request,
+                    snap,
+                    route,
+                    ex,
+                    rid=rid,
+                    client=client,
+                    peer=peer,
+                    peer_trusted=peer_trusted,
+                    host=host,
+                    raw_path=raw_path,
+                    raw_query=raw_query,
+                    extra_headers=limit_headers,
+                )
+            except GatewayError as error:
+                error_code = error.code
+                response = self._error_response(request, error, rid)
+            status = response.status
+            return response
+        finally:
+            duration = self._clock() - started
+            if route is not None:
+                route.count(method, status)
+                route.duration.observe(duration)
+                if ex.bytes_in:
+                    route.bytes_in.inc(ex.bytes_in)
+                if ex.bytes_out:
+                    route.bytes_out.inc(ex.bytes_out)
+            else:
+                self._count_unrouted(method, status)
+            self._access_log.write(
+                request_id=rid,
+                client=client,
+                method=method,
+                path=request.raw_path,
+                route=route.name if route is not None else None,
+                target=ex.target.url if ex.target is not None else None,
+                status=status,
+                bytes_in=ex.bytes_in,
+                bytes_out=ex.bytes_out,
+                duration=duration,
+                error=error_code,
+            )
+
+    def _count_unrouted(self, method: str, status: int) -> None:
+        key = (method, status)
+        counter = self._unrouted.get(key)
+        if counter is None:
+            counter = self._metrics.requests.labels("", method, str(status))
+            if len(self._unrouted) < 256:
+                self._unrouted[key] = counter
+        counter.inc()
+
+    def _admit(
+        self, request: web.BaseRequest, route: RouteRuntime, client: str
+    ) -> list[tuple[str, str]]:
+        """Body-size and rate-limit checks, before any upstream work."""
+        limit = route.config.max_body_bytes
+        length = request.content_length
+        if limit and length is not None and length > limit:
+            raise BodyTooLarge(f"request body of {length} bytes is over the {limit} byte limit")
+        buckets = route.buckets
+        if buckets is None:
+            return []
+        if route.limit_by_route:
+            key = ""
+        elif route.limit_header is not None:
+            key = request.headers.get(route.limit_header) or client
+        else:
+            key = client
+        allowed, bucket = buckets.take(key)
+        headers = rate_limit_headers(route.name, bucket, self._clock(), allowed)
+        if not allowed:
+            route.rate_limited.inc()
+            raise RateLimited("rate limit exceeded", dict(headers))
+        return headers
+
+    def _error_response(
+        self, request: web.BaseRequest, error: GatewayError, rid: str
+    ) -> web.Response:
+        response = web.Response(
+            status=error.status,
+            body=json_body(error, rid),
+            content_type="application/json",
+            headers=error.headers,
+        )
+        response.headers["X-Request-ID"] = rid
+        if request.body_exists and not request.content.at_eof():
+            # The body was not read (refused before upload, or cut short): the
+            # client may still be sending, so end the connection rather than
+            # read a body nobody wants.
+            response.force_close()
+        return response
+
+    async def _forward(
+        self,
+        request: web.BaseRequest,
+        snap: Snapshot,
+        route: RouteRuntime,
+        ex: _Exchange,
+        *,
+        rid: str,
+        client: str,
+        peer: str,
+        peer_trusted: bool,
+        host: str | None,
+        raw_path: str,
+        raw_query: str | None,
+        extra_headers: list[tuple[str, str]],
+    ) -> web.StreamResponse:
+        pool = route.pool
+        config = route.config
+        method = request.method
+        has_body = request.body_exists
+        if has_body and request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
+            # The gateway owns Expect: every check passed, so invite the body
+            # now; upstream never sees Expect, so no second 100 can reach the
+            # client (aiohttp's client also skips 1xx responses).
+            transport = request.transport
+            if transport is not None and request.version >= aiohttp.HttpVersion11:
+                transport.write(_CONTINUE)
+        scheme = "https" if request.secure else "http"
+        tried: list[Target] = []
+        attempt = 0
+        pool.budget.record_attempt()
+        handle = pool.handle
+        handle.enter()
+        try:
+            while True:
+                target = pool.pick(client, tuple(tried))
+                if target is None:
+                    raise NoHealthyTarget(
+                        f"no healthy target in upstream {pool.name!r}",
+                        {"Retry-After": str(int(pool.retry_after() + 0.999))},
+                    )
+                tried.append(target)
+                ex.target = target
+                if not target.breaker.acquire():
+                    continue  # lost the half-open trial to another request
+                target.in_flight += 1
+                target_held = True
+                try:
+                    try:
+                        upstream = await self._attempt(
+                            request, route, target, ex, rid, peer, peer_trusted, scheme, host,
+                            raw_path, raw_query, has_body,
+                        )
+                    except _UpstreamFailed as failed:
+                        target.breaker.record_failure()
+                        if attempt < config.retries and may_retry(
+                            method,
+                            connect_failed=failed.connect_failed,
+                            status=None,
+                            body_started=ex.body_started,
+                        ) and pool.budget.try_spend():
+                            target.in_flight -= 1
+                            target_held = False
+                            await asyncio.sleep(backoff(attempt))
+                            attempt += 1
+                            continue
+                        raise failed.error from failed
+                    except asyncio.CancelledError:
+                        target.breaker.release()
+                        raise
+                    if upstream.status in GATEWAY_FAILURE_STATUSES:
+                        target.breaker.record_failure()
+                        if attempt < config.retries and may_retry(
+                            method, connect_failed=False, status=upstream.status,
+                            body_started=ex.body_started,
+                        ) and pool.budget.try_spend():
+                            upstream.close()
+                            target.in_flight -= 1
+                            target_held = False
+                            await asyncio.sleep(backoff(attempt))
+                            attempt += 1
+                            continue
+                    else:
+                        target.breaker.record_success()
+                    return await self._relay(request, route, upstream, ex, rid, extra_headers)
+                finally:
+                    if target_held:
+                        target.in_flight -= 1
+        finally:
+            handle.leave()
+
+    async def _attempt(
+        self,
+        request: web.BaseRequest,
+        route: RouteRuntime,
+        target: Target,
+        ex: _Exchange,
+        rid: str,
+        peer: str,
+        peer_trusted: bool,
+        scheme: str,
+        host: str | None,
+        raw_path: str,
+        raw_query: str | None,
+        has_body: bool,
+    ) -> aiohttp.ClientResponse:
+        """Send one attempt; return once the target's response head is in."""
+        from gateway.routing import forward_path
+
+        config = route.config
+        headers: CIMultiDict[str] = upstream_request_headers(
+            request.headers,
+            peer=peer,
+            peer_trusted=peer_trusted,
+            scheme=scheme,
+            host=host,
+            request_id=rid,
+            preserve_host=config.preserve_host,
+            target_host=target.host_header,
+        )
+        headers.popall(hdrs.EXPECT, None)
+        path_qs = forward_path(config, raw_path, raw_query, target.base_path)
+        body = self._body(request, config.max_body_bytes, ex) if has_body else None
+        session = route.pool.handle.session
+        try:
+            upstream = await session.request(
+                request.method,
+                target.url_for(path_qs),
+                headers=headers,
+                data=body,
+                timeout=route.timeout,
+                allow_redirects=False,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if ex.body_error is not None:
+                raise ex.body_error from exc
+            raise self._translate(exc, target) from exc
+        # A gateway-made refusal of the body (413, client silent) wins over
+        # whatever the target managed to answer meanwhile.
+        if ex.body_error is not None:
+            upstream.close()
+            raise ex.body_error
+        target.ok_counter.inc()
+        return upstream
+
+    def _translate(self, exc: BaseException, target: Target) -> _UpstreamFailed:
+        """Client-library errors mapped once to the contract's 502/504."""
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            target.timeout_counter.inc()
+            return _UpstreamFailed(
+                UpstreamTimeout(f"connect to {target.url} timed out"), connect_failed=True
+            )
+        if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+            target.timeout_counter.inc()
+            return _UpstreamFailed(
+                UpstreamTimeout(f"{target.url} did not answer in time"), connect_failed=False
+            )
+        target.error_counter.inc()
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return _UpstreamFailed(
+                BadGateway(f"cannot connect to {target.url}"), connect_failed=True
+            )
+        return _UpstreamFailed(
+            BadGateway(f"{target.url} failed before answering ({type(exc).__name__})"),
+            connect_failed=False,
+        )
+
+    async def _body(
+        self, request: web.BaseRequest, limit: int, ex: _Exchange
+    ) -> AsyncIterator[bytes]:
+        """The client's body, chunk by chunk, as it arrives.
+
+        The per-read timeout is the slow-loris guard for bodies: a client
+        silent for `client_timeout` mid-body is cut off. It only runs while we
+        actually wait on the client, so upstream backpressure never counts.
+        """
+        content = request.content
+        timeout = self._client_timeout()
+        while True:
+            try:
+                async with asyncio.timeout(timeout):
+                    chunk = await content.readany()
+            except TimeoutError:
+                ex.body_error = _ClientSilent("client sent nothing for too long")
+                raise ex.body_error from None
+            if not chunk:
+                return
+            ex.bytes_in += len(chunk)
+            if limit and ex.bytes_in > limit:
+                ex.body_error = BodyTooLarge(f"request body is over the {limit} byte limit")
+                raise ex.body_error
+            ex.body_started = True
+            yield chunk
+
+    async def _relay(
+        self,
+        request: web.BaseRequest,
+        route: RouteRuntime,
+        upstream: aiohttp.ClientResponse,
+        ex: _Exchange,
+        rid: str,
+        extra_headers: list[tuple[str, str]],
+    ) -> web.StreamResponse:
+        """Copy the target's response to the client as it arrives."""
+        headers = client_response_headers(upstream.headers, request_id=rid)
+        for name, value in extra_headers:
+            headers[name] = value
+        response = ProxiedResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        completed = False
+        try:
+            await response.prepare(request)
+            content = upstream.content
+            while True:
+                try:
+                    chunk = await content.readany()
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    # The target failed after the response began: the status
+                    # is gone, so the only honest signal is an aborted
+                    # transfer (no final chunk, short Content-Length).
+                    _abort(request)
+                    return response
+                if not chunk:
+                    break
+                ex.bytes_out += len(chunk)
+                await response.write(chunk)
+            await response.write_eof()
+            completed = True
+            return response
+        finally:
+            if completed:
+                upstream.release()
+            else:
+                # Client gone, client write failed, or target broke: this
+                # connection is in an unknown state and must not be pooled.
+                upstream.close()
+
+
+class _ClientSilent(GatewayError):
+    status = 408
+    code = "client_timeout"
+
+
+def _abort(request: web.BaseRequest) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()

@@ -1,0 +1,385 @@
+"""Route matching, compiled once per config, and the request target sent upstream.
+
+`RouteTable(routes).match(method, host, raw_path, headers)` returns the winning
+`RouteConfig` or raises `NoRoute` (404) / `MethodNotAllowed` (405 with `Allow`).
+
+Rules (CONTRACT.md, "routes.toml" and its "Details"):
+
+- **host**: exact, ignoring case and port (RFC 9110 §4.2.3: the host is
+  case-insensitive; RFC 3986 §3.2.2: an IPv6 literal is bracketed, so
+  ``[::1]:8080`` is the host ``::1``); one trailing dot is dropped (an absolute
+  DNS name, RFC 1034 §3.1, names the same host). ``*.example.com`` matches one
+  or more labels in front (``a.example.com``, ``a.b.example.com``), never
+  ``example.com`` itself. ``*`` or no host matches every host, including a
+  request without one.
+- **path**: a prefix on segment boundaries, compared with the *raw* path
+  (still percent-encoded, no query): ``/api/users`` matches ``/api/users``,
+  ``/api/users/`` and ``/api/users/7``, never ``/api/usersX`` nor
+  ``/api/users%2F7`` (``%2F`` is data, not a delimiter: RFC 3986 §2.2).
+  A configured path ending in ``/`` is a plain string prefix whose boundary is
+  already included: ``/api/`` matches ``/api/`` and ``/api/x`` but **not**
+  ``/api`` (the operator wrote the slash on purpose, as with Traefik's
+  ``PathPrefix(`/api/`)``; write ``/api`` to get both). ``/`` matches every
+  path. Paths compare case-sensitively and byte-for-byte (RFC 3986 §6.2.2.1:
+  only scheme and host are case-insensitive; ``%2f`` and ``%2F`` are not
+  folded, the raw target is what the gateway forwards).
+- **path_regex**: ``re.search`` against the raw path; patterns anchor
+  themselves with ``^``/``$``.
+- **headers**: every configured (name, value) must be present with exactly
+  that value (names case-insensitive per RFC 9110 §5.1, values compared
+  exactly); with a repeated header, any one field line matching is enough.
+- **methods**: exact, case-sensitive tokens (RFC 9110 §9.1); ``GET`` admits
+  ``HEAD`` (RFC 9110 §9.3.2: HEAD is GET without content); absent = all.
+
+Order: higher ``priority`` first; then the longer *literal prefix* first —
+a path route's is its ``path`` (``/`` counts as 0: it constrains nothing), a
+regex route's is the literal text after its leading ``^`` up to the first
+metacharacter (``^/v[0-9]+/users$`` -> ``/v``, 2; unanchored or with a ``|``:
+0); on an equal length a regex route comes before a path route (it pins the
+same prefix and constrains the rest); then file order (``RouteConfig.index``).
+So a catch-all ``path = "/"`` never shadows a regex route of equal priority,
+while ``/api/users`` still beats ``^/api/.*``.
+
+405: only when at least one route matches host, path and headers but none of
+those admits the method; ``Allow`` is the sorted union of their methods
+(RFC 9110 §15.5.6 requires the header on a 405).
+
+Speed: a trie over the whole segments each ``path`` pins down (``/api/users``
+pins ``api``, ``users``); each node holds, in global order, the routes whose
+pinned segments lead to it plus every route that pins none (``/``, regex).
+A request walks down by its own segments and scans only that node's list,
+stopping at the first full match; the full checks still run on each
+candidate, so the trie only filters and never changes the result.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Final, TypeAlias
+
+from multidict import MultiMapping
+
+from gateway.config import RouteConfig
+from gateway.errors import MethodNotAllowed, NoRoute
+
+__all__ = ["RouteTable", "forward_path", "normalize_host", "regex_literal_prefix"]
+
+# One compiled route, as a flat tuple: unpacking a tuple in the `for` header is
+# the cheapest per-route access CPython offers on the hot path.
+#   route, prefix (None = any path), prefix length, segment-boundary check
+#   needed, compiled regex (None = none), exact host (None = any), wildcard
+#   suffix ".example.com" (None = not a wildcard), required headers, admitted
+#   methods (None = all)
+_Compiled: TypeAlias = tuple[
+    RouteConfig,
+    str | None,
+    int,
+    bool,
+    re.Pattern[str] | None,
+    str | None,
+    str | None,
+    tuple[tuple[str, str], ...],
+    frozenset[str] | None,
+]
+
+_MAX_MESSAGE_PATH: Final = 200  # keep a 404 message readable for an 8 KiB target
+
+
+def normalize_host(host: str | None) -> str | None:
+    """The comparable form of a Host header value or configured host.
+
+    Lower-cased, port dropped, IPv6 brackets removed, one trailing dot
+    dropped; None or "" gives None (a request without a Host: RFC 9112 §3.2
+    makes it a 400 for HTTP/1.1, but HTTP/1.0 clients may omit it).
+    """
+    if not host:
+        return None
+    if host[0] == "[":
+        # RFC 3986 §3.2.2: IP-literal = "[" IPv6address "]", then ":port".
+        end = host.find("]")
+        return (host[1:end] if end > 0 else host).lower()
+    if ":" in host:
+        name, _, port = host.partition(":")
+        if ":" not in port:
+            host = name  # "name:port"; two or more colons = bare IPv6, keep
+    if host[-1:] == ".":
+        host = host[:-1]
+    return host.lower() or None
+
+
+def _pinned_segments(path: str | None) -> tuple[str, ...]:
+    """The leading whole segments every path matched by this prefix must have.
+
+    "/api/users" -> ("api", "users"): segment-boundary matching admits only
+    "/api/users" and "/api/users/...". "/api/" -> ("api",). Nothing is pinned
+    for no path (regex-only or catch-all routes), "/" (everything), or a
+    prefix that does not start with "/".
+    """
+    if path is None or not path.startswith("/"):
+        return ()
+    segments = path[1:].split("/")
+    if segments[-1] == "":
+        segments.pop()  # "/api/": the trailing "/" pins no further segment
+    return tuple(segments)
+
+
+_REGEX_META: Final = frozenset(".^$*+?{}[]\\|()")
+_MAY_REPEAT_ZERO: Final = frozenset("*?{")
+
+
+def regex_literal_prefix(pattern: str) -> str:
+    """The literal text every match of an anchored pattern starts with.
+
+    Used only to rank regex routes against path routes. Conservative: "" when
+    the pattern is not anchored with "^" or "\\A", or has a "|" anywhere (an
+    alternative could bypass the prefix); stops at the first metacharacter,
+    and drops the last literal when it is made optional ("^/ab?" -> "/a").
+    Escaped punctuation ("\\.") is literal; escapes like "\\d" stop the scan.
+    """
+    if "|" in pattern:
+        return ""
+    if pattern.startswith("^"):
+        i = 1
+    elif pattern.startswith("\\A"):
+        i = 2
+    else:
+        return ""
+    out: list[str] = []
+    n = len(pattern)
+    while i < n:
+        ch = pattern[i]
+        if ch == "\\":
+            if i + 1 < n and not pattern[i + 1].isalnum():
+                out.append(pattern[i + 1])
+                i += 2
+                continue
+            break
+        if ch in _REGEX_META:
+            if ch in _MAY_REPEAT_ZERO and out:
+                out.pop()
+            break
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def _compile(route: RouteConfig) -> _Compiled:
+    prefix = route.path
+    boundary = False
+    if prefix is not None:
+        if prefix == "/":
+            prefix = None  # matches every path: skip the check entirely
+        else:
+            boundary = not prefix.endswith("/")
+    regex = re.compile(route.path_regex) if route.path_regex is not None else None
+
+    host_exact: str | None = None
+    host_suffix: str | None = None
+    if route.host is not None and route.host.strip() not in ("", "*"):
+        raw = route.host.strip()
+        if raw.startswith("*."):
+            # "*.example.com" -> ".example.com": the request host must end
+            # with it and have at least one more character (label) before.
+            host_suffix = "." + (normalize_host(raw[2:]) or "")
+        else:
+            host_exact = normalize_host(raw)
+
+    methods: frozenset[str] | None = None
+    if route.methods is not None:
+        upper = {m.upper() for m in route.methods}
+        if "GET" in upper:
+            upper.add("HEAD")  # RFC 9110 §9.3.2
+        methods = frozenset(upper)
+
+    headers = tuple((name.lower(), value) for name, value in route.headers)
+    return (
+        route,
+        prefix,
+        len(prefix) if prefix is not None else 0,
+        boundary,
+        regex,
+        host_exact,
+        host_suffix,
+        headers,
+        methods,
+    )
+
+
+def _order_key(route: RouteConfig) -> tuple[int, int, int, int]:
+    """Sort key: priority, then the longer literal prefix, regex first on a tie.
+
+    A path route's literal is its path, but "/" (and no path at all) counts
+    as 0: it constrains nothing, and must not shadow regex routes of the same
+    priority. A regex route's literal is `regex_literal_prefix`. On equal
+    length a regex route comes first: it pins the same prefix and then
+    constrains the rest, so it is at least as specific. Then file order.
+    """
+    if route.path_regex is not None and route.path is None:
+        return (-route.priority, -len(regex_literal_prefix(route.path_regex)), 0, route.index)
+    length = 0 if route.path in (None, "/") else len(route.path or "")
+    return (-route.priority, -length, 1, route.index)
+
+
+def _headers_match(headers: Mapping[str, str], required: tuple[tuple[str, str], ...]) -> bool:
+    for name, value in required:
+        got = headers.get(name)
+        if got == value:
+            continue
+        if got is None or not isinstance(headers, MultiMapping):
+            return False
+        # A repeated field: any one line carrying exactly the value counts.
+        if value not in headers.getall(name, ()):
+            return False
+    return True
+
+
+class _Node:
+    """One trie level: routes pinned down to here (plus ancestors' and the
+    unpinned ones), in global order, and the next segments."""
+
+    __slots__ = ("candidates", "children")
+
+    def __init__(self, candidates: tuple[_Compiled, ...]) -> None:
+        self.candidates = candidates
+        self.children: dict[str, _Node] = {}
+
+
+class RouteTable:
+    """Every route of one config, compiled once; `match` runs per request."""
+
+    __slots__ = ("_root", "routes")
+
+    def __init__(self, routes: Sequence[RouteConfig]) -> None:
+        ordered = sorted(routes, key=_order_key)
+        #: The routes in match order (highest precedence first).
+        self.routes: tuple[RouteConfig, ...] = tuple(ordered)
+        compiled = [(_compile(r), _pinned_segments(r.path)) for r in ordered]
+
+        # A trie over the whole segments path routes pin down. The node for
+        # ("api", "users") holds every route whose pinned segments are a
+        # prefix of that, i.e. every route a request under /api/users/ could
+        # match, still in global order: walking as deep as the request's
+        # segments go yields the exact candidate list, with no merging.
+        def candidates(key: tuple[str, ...]) -> tuple[_Compiled, ...]:
+            return tuple(c for c, pinned in compiled if key[: len(pinned)] == pinned)
+
+        self._root = _Node(candidates(()))
+        for _, pinned in compiled:
+            node = self._root
+            for depth, segment in enumerate(pinned):
+                child = node.children.get(segment)
+                if child is None:
+                    child = node.children[segment] = _Node(candidates(pinned[: depth + 1]))
+                node = child
+
+    def match(
+        self,
+        method: str,
+        host: str | None,
+        raw_path: str,
+        headers: Mapping[str, str],
+    ) -> RouteConfig:
+        """The winning route for this request, or NoRoute / MethodNotAllowed.
+
+        `raw_path` is the raw, percent-encoded path without the query;
+        `headers` must be case-insensitive (a CIMultiDictProxy in practice).
+        """
+        node = self._root
+        if node.children and raw_path[:1] == "/":
+            # Descend one whole segment at a time ("/api/users/7": "api",
+            # "users", "7") while the trie has a branch for it.
+            start = 1
+            while True:
+                end = raw_path.find("/", start)
+                child = node.children.get(raw_path[start:] if end < 0 else raw_path[start:end])
+                if child is None:
+                    break
+                node = child
+                if end < 0 or not node.children:
+                    break
+                start = end + 1
+        candidates = node.candidates
+
+        host_key: str | None = None
+        host_done = False
+        allowed: set[str] | None = None
+        for (
+            route,
+            prefix,
+            plen,
+            boundary,
+            regex,
+            host_exact,
+            host_suffix,
+            required,
+            methods,
+        ) in candidates:
+            if prefix is not None:
+                if not raw_path.startswith(prefix):
+                    continue
+                if boundary and len(raw_path) > plen and raw_path[plen] != "/":
+                    continue  # "/api/usersX" against "/api/users"
+            if regex is not None and regex.search(raw_path) is None:
+                continue
+            if host_exact is not None or host_suffix is not None:
+                if not host_done:
+                    host_key = normalize_host(host)
+                    host_done = True
+                if host_key is None:
+                    continue
+                if host_exact is not None:
+                    if host_key != host_exact:
+                        continue
+                elif host_suffix is not None and not (
+                    host_key.endswith(host_suffix) and len(host_key) > len(host_suffix)
+                ):
+                    continue
+            if required and not _headers_match(headers, required):
+                continue
+            if methods is not None and method not in methods:
+                if allowed is None:
+                    allowed = set()
+                allowed |= methods
+                continue
+            return route
+
+        if allowed is not None:
+            raise MethodNotAllowed(tuple(sorted(allowed)))
+        shown = raw_path
+        if len(shown) > _MAX_MESSAGE_PATH:
+            shown = shown[:_MAX_MESSAGE_PATH] + "..."
+        raise NoRoute(f"no route matches {method} {shown}" + (f" on host {host}" if host else ""))
+
+
+def forward_path(route: RouteConfig, raw_path: str, raw_query: str | None, base_path: str) -> str:
+    """The request target sent upstream: raw bytes in, raw bytes out.
+
+    CONTRACT.md "On the wire": no re-encoding, no dot-segment removal, no %2F
+    rewriting (RFC 3986 §6.2.2.3 normalisation is for comparison, and a proxy
+    that rewrites lets a client reach paths its routes never admitted).
+
+    - `strip_prefix` with a `path`: the prefix goes ("/api/users/7" -> "/7"),
+      the path equal to the prefix gives "/", and a configured "/api/" strips
+      "/api" so the remainder keeps its leading "/".
+    - The target URL's own path `base_path` is joined without doubling or
+      dropping a "/": "/base" or "/base/" + "/7" -> "/base/7"; "" + "/7" -> "/7".
+    - `raw_query` None means the request had no "?"; "" means a bare "?",
+      which is kept (the two are different targets, RFC 3986 §6.2.3).
+    """
+    path = raw_path
+    if route.strip_prefix and route.path:
+        prefix = route.path[:-1] if route.path.endswith("/") else route.path
+        if path.startswith(prefix):
+            path = path[len(prefix) :]
+    if not path:
+        path = "/"  # RFC 9112 §3.2.1: origin-form is at least "/"
+
+    if base_path.endswith("/"):
+        base_path = base_path[:-1]
+    if base_path:
+        # A target like "*" (RFC 9112 §3.2.4) has no leading "/" to join on.
+        path = base_path + path if path.startswith("/") else base_path + "/" + path
+    if raw_query is not None:
+        return path + "?" + raw_query
+    return path

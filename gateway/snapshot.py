@@ -1,0 +1,177 @@
+"""An immutable runtime view of one Config, and the state that outlives it.
+
+`Runtime` owns what must survive a reload: targets (breaker, health,
+in-flight), rate-limit buckets, retry budgets and client sessions, keyed by
+route name and by upstream name + target URL. `Runtime.build(config)` makes a
+`Snapshot` that reuses state for everything unchanged; the proxy reads the
+current snapshot once per request, so each request runs wholly on one config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+from prometheus_client import Counter, Histogram
+
+from gateway.config import Config, RateLimitConfig, RouteConfig, UpstreamConfig
+from gateway.headers import TrustedProxies
+from gateway.limits import BucketStore
+from gateway.metrics import Metrics
+from gateway.retry import RetryBudget
+from gateway.routing import RouteTable
+from gateway.upstream import Pool, SessionHandle, Target, new_session
+
+Clock = Callable[[], float]
+
+
+class RouteRuntime:
+    """A route plus everything precomputed for its requests."""
+
+    def __init__(
+        self, config: RouteConfig, pool: Pool, buckets: BucketStore | None, metrics: Metrics
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.pool = pool
+        self.buckets = buckets
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
+        )
+        rate_limit = config.rate_limit
+        self.limit_header: str | None = None
+        if rate_limit is not None and rate_limit.key.startswith("header:"):
+            self.limit_header = rate_limit.key.removeprefix("header:")
+        self.limit_by_route = rate_limit is not None and rate_limit.key == "route"
+        self.duration: Histogram = metrics.duration.labels(config.name)
+        self.bytes_in: Counter = metrics.request_bytes.labels(config.name)
+        self.bytes_out: Counter = metrics.response_bytes.labels(config.name)
+        self.rate_limited: Counter = metrics.rate_limited.labels(config.name)
+        self._requests = metrics.requests
+        self._request_counters: dict[tuple[str, int], Counter] = {}
+
+    def count(self, method: str, status: int) -> None:
+        key = (method, status)
+        counter = self._request_counters.get(key)
+        if counter is None:
+            counter = self._requests.labels(self.name, method, str(status))
+            # methods come from clients: keep the cache bounded
+            if len(self._request_counters) < 256:
+                self._request_counters[key] = counter
+        counter.inc()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    config: Config
+    table: RouteTable
+    routes: dict[str, RouteRuntime]
+    pools: dict[str, Pool]
+    trusted: TrustedProxies
+    loaded_at: float  # unix time, for /status
+
+
+@dataclass
+class _BucketEntry:
+    config: RateLimitConfig
+    store: BucketStore
+
+
+@dataclass
+class Runtime:
+    """State kept across snapshots; `build()` is the only way to get one."""
+
+    metrics: Metrics
+    clock: Clock = time.monotonic
+    targets: dict[tuple[str, str], Target] = field(default_factory=dict)
+    sessions: dict[str, SessionHandle] = field(default_factory=dict)
+    budgets: dict[str, RetryBudget] = field(default_factory=dict)
+    buckets: dict[str, _BucketEntry] = field(default_factory=dict)
+    closing: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def build(self, config: Config) -> Snapshot:
+        """A snapshot for `config`, reusing state for what did not change.
+
+        Must run on the event loop (client sessions bind to it). Nothing here
+        awaits, so the swap the caller does afterwards is atomic.
+        """
+        pools = {name: self._pool(up) for name, up in config.upstreams.items()}
+        routes: dict[str, RouteRuntime] = {}
+        for route in config.routes:
+            self.metrics.declare_route(route.name)
+            routes[route.name] = RouteRuntime(
+                route, pools[route.upstream], self._buckets(route), self.metrics
+            )
+        self._forget_missing(config)
+        return Snapshot(
+            config=config,
+            table=RouteTable(config.routes),
+            routes=routes,
+            pools=pools,
+            trusted=TrustedProxies(config.server.trusted_proxies),
+            loaded_at=time.time(),
+        )
+
+    def _pool(self, up: UpstreamConfig) -> Pool:
+        targets = []
+        for t in up.targets:
+            key = (up.name, t.url)
+            target = self.targets.get(key)
+            if target is None or target.breaker_config != up.breaker:
+                self.metrics.declare_target(up.name, t.url)
+                target = Target(up.name, t.url, t.weight, up.breaker, self.metrics, self.clock)
+                if up.health is not None and key not in self.targets:
+                    # New targets under active checks start in rotation, as
+                    # Envoy does; the first probes take them out if needed.
+                    target.set_healthy(True)
+                self.targets[key] = target
+            target.weight = t.weight
+            if up.health is None and not target.healthy:
+                target.set_healthy(True)  # checks removed: passive only
+            targets.append(target)
+        handle = self.sessions.get(up.name)
+        if handle is None or handle.retired:
+            handle = SessionHandle(new_session())
+            self.sessions[up.name] = handle
+        budget = self.budgets.get(up.name)
+        if budget is None:
+            budget = self.budgets[up.name] = RetryBudget(clock=self.clock)
+        return Pool(up, tuple(targets), handle, budget)
+
+    def _buckets(self, route: RouteConfig) -> BucketStore | None:
+        limit = route.rate_limit
+        if limit is None:
+            self.buckets.pop(route.name, None)
+            return None
+        entry = self.buckets.get(route.name)
+        if entry is None or entry.config != limit:
+            entry = _BucketEntry(limit, BucketStore(limit.rate, limit.burst, clock=self.clock))
+            self.buckets[route.name] = entry
+        return entry.store
+
+    def _forget_missing(self, config: Config) -> None:
+        live_targets = {(u.name, t.url) for u in config.upstreams.values() for t in u.targets}
+        for key in [k for k in self.targets if k not in live_targets]:
+            del self.targets[key]
+            self.metrics.forget_target(*key)
+        for name in [n for n in self.sessions if n not in config.upstreams]:
+            handle = self.sessions.pop(name)
+            self.budgets.pop(name, None)
+            task = asyncio.get_running_loop().create_task(handle.close_when_idle())
+            self.closing.add(task)
+            task.add_done_callback(self.closing.discard)
+        route_names = {r.name for r in config.routes}
+        for name in [n for n in self.buckets if n not in route_names]:
+            del self.buckets[name]
+
+    async def close(self) -> None:
+        for handle in self.sessions.values():
+            await handle.session.close()
+        self.sessions.clear()
+        if self.closing:
+            for task in list(self.closing):
+                task.cancel()
+            await asyncio.gather(*self.closing, return_exceptions=True)

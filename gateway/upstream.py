@@ -1,0 +1,191 @@
+"""Targets and pools: the state that outlives one config snapshot.
+
+A `Target` is keyed by (upstream name, URL as written) and carries its
+breaker, health and in-flight count across reloads, behind one `available()`
+predicate (as Caddy's reverse proxy keeps host state outside its config).
+A `Pool` is one upstream of one snapshot: its balancer over those targets,
+its retry budget, and the `ClientSession` it shares with later snapshots of
+the same upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import aiohttp
+from prometheus_client import Gauge
+from yarl import URL
+
+from gateway.balancers import Balancer, make_balancer
+from gateway.breaker import CircuitBreaker
+from gateway.config import BreakerConfig, UpstreamConfig
+from gateway.metrics import Metrics
+from gateway.retry import RetryBudget
+
+Clock = Callable[[], float]
+
+# Headers aiohttp's client would otherwise invent: a proxy sends what the
+# client sent, nothing more (RFC 9110 7.6: intermediaries forward, not add).
+SKIP_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
+
+
+class Target:
+    """One target URL of one upstream; mutable state shared by every snapshot."""
+
+    def __init__(
+        self,
+        upstream: str,
+        url: str,
+        weight: int,
+        breaker_config: BreakerConfig,
+        metrics: Metrics,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        parsed = URL(url)
+        self.upstream = upstream
+        self.url = url
+        self.weight = weight
+        self.in_flight = 0
+        # Without active checks a target is always "healthy"; the breaker is
+        # the passive check.
+        self.healthy = True
+        self.scheme = parsed.scheme
+        self.host = parsed.raw_host or ""
+        self.port = parsed.port
+        self.base_path = parsed.raw_path.rstrip("/") if parsed.raw_path != "/" else ""
+        host_sub = parsed.host_subcomponent or self.host
+        default_port = 443 if self.scheme == "https" else 80
+        self.host_header = (
+            host_sub if parsed.explicit_port in (None, default_port) else f"{host_sub}:{self.port}"
+        )
+        self._build_host = f"[{self.host}]" if ":" in self.host else self.host
+        self.breaker_config = breaker_config
+        self._in_flight_gauge: Gauge = metrics.upstream_in_flight.labels(upstream, url)
+        self._breaker_gauge: Gauge = metrics.breaker_state.labels(upstream, url)
+        self._healthy_gauge: Gauge = metrics.target_healthy.labels(upstream, url)
+        self._healthy_gauge.set(1)
+        self.ok_counter = metrics.upstream_requests.labels(upstream, url, "ok")
+        self.error_counter = metrics.upstream_requests.labels(upstream, url, "error")
+        self.timeout_counter = metrics.upstream_requests.labels(upstream, url, "timeout")
+        self.breaker = CircuitBreaker(
+            breaker_config.failures, breaker_config.cooldown, clock, on_change=self._breaker_moved
+        )
+
+    def _breaker_moved(self, old: str, new: str) -> None:
+        self._breaker_gauge.set(self.breaker.numeric_state())
+
+    def set_healthy(self, healthy: bool) -> None:
+        self.healthy = healthy
+        self._healthy_gauge.set(1 if healthy else 0)
+
+    def available(self) -> bool:
+        return self.healthy and self.breaker.available()
+
+    def url_for(self, path_qs: str) -> URL:
+        # encoded=True: the raw request target goes out byte-for-byte (no
+        # re-quoting, no dot-segment removal). The query rides inside `path`
+        # so that an empty query ("?") survives; yarl would drop it otherwise.
+        return URL.build(
+            scheme=self.scheme, host=self._build_host, port=self.port, path=path_qs, encoded=True
+        )
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Count one request in flight for least-connections and the gauge."""
+        self.in_flight += 1
+        self._in_flight_gauge.inc()
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            self._in_flight_gauge.dec()
+
+
+def new_session(read_bufsize: int = 2**18) -> aiohttp.ClientSession:
+    """One pooled client per upstream: aiodns, no cookies, bodies passed raw."""
+    connector = aiohttp.TCPConnector(
+        limit=0,  # a gateway must not queue requests behind an arbitrary pool cap
+        limit_per_host=0,
+        keepalive_timeout=60.0,
+        ttl_dns_cache=10,
+        resolver=aiohttp.AsyncResolver(),
+        enable_cleanup_closed=False,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        skip_auto_headers=SKIP_AUTO_HEADERS,
+        # The session default (total=300 s) would cut every long stream; each
+        # request passes its own sock_connect / sock_read instead.
+        timeout=aiohttp.ClientTimeout(total=None),
+        read_bufsize=read_bufsize,
+        max_line_size=16384,
+        max_field_size=16384,
+        raise_for_status=False,
+        trust_env=False,
+    )
+
+
+class SessionHandle:
+    """A ClientSession shared by the snapshots that use one upstream name.
+
+    It closes once the upstream is gone from the config *and* its last
+    request has ended, so a reload never cuts a running stream.
+    """
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self.session = session
+        self.active = 0
+        self.retired = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.active += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._idle.set()
+
+    async def close_when_idle(self) -> None:
+        self.retired = True
+        await self._idle.wait()
+        await self.session.close()
+
+
+class Pool:
+    """One upstream as one snapshot sees it."""
+
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        targets: tuple[Target, ...],
+        handle: SessionHandle,
+        budget: RetryBudget,
+    ) -> None:
+        self.name = config.name
+        self.config = config
+        self.targets = targets
+        self.handle = handle
+        self.budget = budget
+        self.balancer: Balancer[Target] = make_balancer(config.balancer)
+
+    def pick(self, client: str, exclude: tuple[Target, ...] = ()) -> Target | None:
+        candidates = [t for t in self.targets if t not in exclude and t.available()]
+        if not candidates and exclude:
+            # Every untried target is out: a retry may go back to one tried
+            # before rather than fail outright.
+            candidates = [t for t in self.targets if t.available()]
+        return self.balancer.pick(candidates, client)
+
+    def retry_after(self) -> float:
+        """Seconds until the earliest breaker cooldown ends (at least 1)."""
+        waits = [t.breaker.retry_after() for t in self.targets if t.healthy]
+        positive = [w for w in waits if w > 0]
+        return max(1.0, min(positive)) if positive else 1.0
