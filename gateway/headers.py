@@ -82,7 +82,7 @@ def connection_tokens(headers: MultiMapping[str]) -> set[str]:
 
 
 def _end_to_end(headers: MultiMapping[str]) -> CIMultiDict[str]:
-    """A copy keeping order and duplicates, minus hop-by-hop fields."""
+    """A copy keeping order and duplicates, minus hop-by-hop and Connection-named fields."""
     named = connection_tokens(headers) if "Connection" in headers else None
     out = CIMultiDict(headers)  # C-level copy: order and repeated lines kept
     for name in HOP_BY_HOP:

@@ -110,14 +110,12 @@ class HealthMonitor:
 
         for key in [k for k in self._probes if k not in wanted]:
             self._stop(self._probes.pop(key))
-            target = present.get(key)
-            if target is not None and not target.healthy:
+            kept = present.get(key)
+            if kept is not None and not kept.healthy:
                 # Checks removed from the upstream: passive checks only, so
                 # the last probe verdict must not keep the target out forever.
-                target.set_healthy(True)
-                log.info(
-                    "upstream %s target %s is now healthy: health checks removed", *key
-                )
+                kept.set_healthy(True)
+                log.info("upstream %s target %s is now healthy: health checks removed", *key)
 
         for key, (target, health) in wanted.items():
             old = self._probes.get(key)

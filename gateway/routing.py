@@ -370,8 +370,11 @@ def forward_path(route: RouteConfig, raw_path: str, raw_query: str | None, base_
     path = raw_path
     if route.strip_prefix and route.path:
         prefix = route.path[:-1] if route.path.endswith("/") else route.path
-        if path.startswith(prefix):
-            path = path[len(prefix) :]
+        rest = path[len(prefix) :]
+        # Only on a segment boundary, as matched; a path the route could not
+        # have matched ("/api/usersX") is left whole rather than cut mid-segment.
+        if path.startswith(prefix) and (not rest or rest[0] == "/"):
+            path = rest
     if not path:
         path = "/"  # RFC 9112 §3.2.1: origin-form is at least "/"
 

@@ -21,7 +21,7 @@ from aiohttp import web
 from gateway.admin import admin_app
 from gateway.config import Config, parse_listen_address
 from gateway.health import HealthMonitor
-from gateway.log import AccessLog
+from gateway.log import AccessLog, journald_mode
 from gateway.metrics import Metrics
 from gateway.protocol import (
     MAX_FIELD_SIZE,
@@ -58,7 +58,9 @@ class Gateway:
         self.runtime = Runtime(self.metrics)
         self.health = HealthMonitor()
         self.notifier = Notifier.from_env(self.environ)
-        self.access_log = access_log or AccessLog(config.server.access_log)
+        self.access_log = access_log or AccessLog(
+            config.server.access_log, journald=journald_mode(self.environ)
+        )
         self.box: SnapshotBox | None = None
         self._initial_config = config
         self.ready = False

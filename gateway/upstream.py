@@ -106,12 +106,15 @@ class Target:
 
 def new_session(read_bufsize: int = 2**18) -> aiohttp.ClientSession:
     """One pooled client per upstream: aiodns, no cookies, bodies passed raw."""
+    # aiohttp picks its aiodns-backed AsyncResolver by default when aiodns is
+    # installed, and then owns (and closes) it; passing one in would leak it.
     connector = aiohttp.TCPConnector(
         limit=0,  # a gateway must not queue requests behind an arbitrary pool cap
         limit_per_host=0,
+        # Below the common upstream idle timeouts (aiohttp 75 s, nginx 75 s) so
+        # we close an idle connection before the target does.
         keepalive_timeout=60.0,
         ttl_dns_cache=10,
-        resolver=aiohttp.AsyncResolver(),
         enable_cleanup_closed=False,
     )
     return aiohttp.ClientSession(

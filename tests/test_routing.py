@@ -385,6 +385,7 @@ def reference_match(
 
 
 REGEXES = [r"^/a", r"^/a/b$", r"b$", r"^/v[0-9]+/", r"^/(a|b)/", r"^/api/\w+$", r"%2F"]
+REGEX_HITS = ["/a/b", "/b/", "/v2/x", "/api/users", "/a%2Fb", "/ab"]
 CONFIG_HOSTS = [None, "example.com", "*.example.com", "api.example.com", "[::1]", "*"]
 REQUEST_HOSTS = [
     None,
@@ -419,12 +420,18 @@ def route_list(draw: st.DrawFn) -> list[RouteConfig]:
                 i,
                 path=None if use_regex else draw(config_path()),
                 path_regex=draw(st.sampled_from(REGEXES)) if use_regex else None,
-                host=draw(st.sampled_from(CONFIG_HOSTS)),
+                host=draw(st.one_of(st.none(), st.sampled_from(CONFIG_HOSTS))),
                 methods=methods,
                 headers=tuple(
-                    draw(st.lists(st.sampled_from([("x-a", "1"), ("x-b", "2")]), unique=True))
+                    draw(
+                        st.one_of(
+                            st.just([]),
+                            st.lists(st.sampled_from([("x-a", "1"), ("x-b", "2")]), unique=True),
+                        )
+                    )
                 ),
-                priority=draw(st.integers(0, 2)),
+                # Mostly equal priorities, so the tie-breaks get exercised.
+                priority=draw(st.sampled_from([0, 0, 0, 1, 2])),
             )
         )
     return out
@@ -445,7 +452,7 @@ def test_match_equals_brute_force_reference(
     header_lines: list[tuple[str, str]],
 ) -> None:
     # Half the time, aim the request at one route's prefix so matches are common.
-    path = data.draw(request_path())
+    path = data.draw(st.one_of(request_path(), st.sampled_from(REGEX_HITS)))
     aimed = data.draw(st.sampled_from(routes))
     if aimed.path is not None and data.draw(st.booleans()):
         path = aimed.path.rstrip("/") + data.draw(st.sampled_from(["", "/", "/x", "X", "/b/"]))
@@ -490,6 +497,10 @@ def test_forward_path_strip_prefix(
     assert forward_path(STRIP, raw_path, raw_query, base) == expected
 
 
+def test_forward_path_never_cuts_mid_segment() -> None:
+    assert forward_path(STRIP, "/api/usersX", None, "") == "/api/usersX"
+
+
 def test_forward_path_strip_prefix_with_trailing_slash_prefix() -> None:
     r = route(path="/api/", strip_prefix=True)
     assert forward_path(r, "/api/x", None, "") == "/x"
@@ -528,7 +539,9 @@ def test_forward_path_is_byte_identical_without_strip_and_base(
     rest=st.one_of(st.just(""), raw_paths),
     base=st.sampled_from(["", "/", "/base", "/base/", "/a/b"]),
 )
-def test_forward_path_join_never_doubles_or_drops_a_slash(prefix: str, rest: str, base: str) -> None:
+def test_forward_path_join_never_doubles_or_drops_a_slash(
+    prefix: str, rest: str, base: str
+) -> None:
     r = route(path=prefix, strip_prefix=True)
     out = forward_path(r, prefix + rest, None, base)
     assert out == base.removesuffix("/") + (rest or "/")

@@ -1,0 +1,641 @@
+"""Shared pieces of the bench: processes, /proc readers, wrk, config files.
+
+Every child runs in its own session (process group) and is registered with a
+`Processes` registry whose `close()` (always reached through try/finally and the
+signal handlers in run.py/profile.py) sends SIGTERM to each group, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Final
+
+BENCH_DIR: Final = Path(__file__).resolve().parent
+REPO_DIR: Final = BENCH_DIR.parent
+HOST: Final = "127.0.0.1"
+CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
+PIN_CPU: Final = "0"
+MIB: Final = 1024 * 1024
+GIB: Final = 1024 * MIB
+NGINX: Final = "/usr/sbin/nginx"
+WRK: Final = shutil.which("wrk") or "/usr/bin/wrk"
+
+
+class BenchError(Exception):
+    pass
+
+
+def pin_prefix(pin: bool) -> list[str]:
+    """`taskset -c 0` for every process under test when pinned."""
+    return ["taskset", "-c", PIN_CPU] if pin else []
+
+
+def pin_self(pin: bool) -> str:
+    """Keep the orchestrator (sampling, bookkeeping) off the measured core."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if pin and len(cpus) > 1:
+        other = [cpu for cpu in cpus if str(cpu) != PIN_CPU]
+        os.sched_setaffinity(0, {other[0]})
+        return f"CPU {other[0]}"
+    return "any CPU"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# -- processes ------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def group_pids(self) -> list[int]:
+        """Every live process of this child's process group (nginx master + workers)."""
+        return group_pids(self.pid)
+
+    def log_tail(self, limit: int = 2000) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")[-limit:]
+
+    def stop(self, grace: float = 5.0) -> int | None:
+        """SIGTERM the whole group, wait `grace` seconds, then SIGKILL it."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout=grace)
+        # Whatever is left of the group (children of a dead leader, a hung leader).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout=grace)
+        return self.popen.returncode
+
+
+@dataclass
+class Processes:
+    """Registry of started children; `close()` stops all of them, newest first."""
+
+    procs: list[Proc] = field(default_factory=list)
+
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        log_path: Path | None = None,
+        stdout: int | IO[bytes] | None = subprocess.DEVNULL,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> Proc:
+        log_file: IO[bytes] | None = None
+        stderr: int | IO[bytes] = subprocess.DEVNULL
+        if log_path is not None:
+            log_file = log_path.open("wb")
+            stderr = log_file
+            if stdout is subprocess.DEVNULL:
+                stdout = log_file
+        try:
+            popen = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        finally:
+            if log_file is not None:
+                log_file.close()
+        proc = Proc(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: Proc) -> int | None:
+        code = proc.stop()
+        if proc in self.procs:
+            self.procs.remove(proc)
+        return code
+
+    def close(self) -> None:
+        while self.procs:
+            self.procs.pop().stop(grace=3.0)
+
+
+def run_bounded(
+    procs: Processes, name: str, argv: Sequence[str], timeout: float
+) -> tuple[int | None, str, str]:
+    """Run a child to completion in its own group, killed at `timeout` seconds."""
+    proc = procs.start(name, argv, stdout=subprocess.PIPE)
+    popen = proc.popen
+    try:
+        out, _ = popen.communicate(timeout=timeout)
+        return popen.returncode, out.decode(errors="replace"), ""
+    except subprocess.TimeoutExpired:
+        procs.stop(proc)
+        return None, "", f"{name}: killed after {timeout:.0f}s"
+    finally:
+        if proc in procs.procs:
+            procs.stop(proc)
+
+
+# -- /proc ----------------------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # comm may hold spaces and parentheses: split after the last ')'.
+    return text[text.rindex(")") + 2 :].split()
+
+
+def group_pids(pgid: int) -> list[int]:
+    pids: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _stat_fields(int(entry))
+        # fields[0] is state (stat field 3), fields[2] is pgrp (stat field 5).
+        if fields is not None and fields[0] != "Z" and int(fields[2]) == pgid:
+            pids.append(int(entry))
+    return sorted(pids)
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """utime + stime (stat fields 14, 15; all threads) of `pids`, in seconds."""
+    ticks = 0
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields is not None:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / CLK_TCK
+
+
+def status_kib(pid: int, key: str) -> int | None:
+    """A `kB` line of /proc/PID/status (VmRSS, VmHWM)."""
+    try:
+        with open(f"/proc/{pid}/status") as file:
+            for line in file:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def sum_status_mib(pids: Sequence[int], key: str) -> float | None:
+    values = [status_kib(pid, key) for pid in pids]
+    known = [value for value in values if value is not None]
+    return sum(known) / 1024 if known else None
+
+
+def reset_hwm(pids: Sequence[int]) -> bool:
+    """Reset VmHWM to the current RSS ("5" > clear_refs, Linux >= 4.0; needs root or owner)."""
+    ok = bool(pids)
+    for pid in pids:
+        try:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+        except OSError:
+            ok = False
+    return ok
+
+
+class RssSampler:
+    """Samples the summed VmRSS of a process group every `interval` s in a thread.
+
+    Bounded: stops at `stop()` or after `max_seconds`, whichever comes first.
+    """
+
+    def __init__(self, pgid: int, interval: float = 0.02, max_seconds: float = 300.0) -> None:
+        self.pgid = pgid
+        self.interval = interval
+        self.max_seconds = max_seconds
+        self.peak_mib = 0.0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        pids = group_pids(self.pgid)
+        refreshed = time.monotonic()
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            if time.monotonic() - refreshed > 1.0:
+                pids = group_pids(self.pgid)
+                refreshed = time.monotonic()
+            rss = sum_status_mib(pids, "VmRSS")
+            if rss is not None:
+                self.peak_mib = max(self.peak_mib, rss)
+                self.samples += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+
+
+# -- readiness --------------------------------------------------------------------
+
+
+def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """One GET with Connection: close; returns (status, body)."""
+    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+        sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n".encode()
+        )
+        chunks: list[bytes] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            data = sock.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    raw = b"".join(chunks)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    try:
+        status = int(head.split(b" ", 2)[1])
+    except (IndexError, ValueError):
+        raise BenchError(f"bad response from :{port}{path}: {raw[:200]!r}") from None
+    if b"transfer-encoding: chunked" in head.lower():
+        body = _dechunk(body)
+    return status, body
+
+
+def _dechunk(body: bytes) -> bytes:
+    out = bytearray()
+    while body:
+        size_line, _, rest = body.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        body = rest[size + 2 :]
+    return bytes(out)
+
+
+def wait_ready(proc: Proc, port: int, path: str, timeout: float) -> None:
+    """Poll GET :port{path} until 200; fail early when the process dies."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise BenchError(
+                f"{proc.name} exited with {proc.popen.returncode} before it was ready\n"
+                f"{proc.log_tail()}"
+            )
+        try:
+            status, _ = http_get(port, path, timeout=1.0)
+            if status == 200:
+                return
+            last = f"status {status}"
+        except (OSError, BenchError) as exc:
+            last = repr(exc)
+        time.sleep(0.1)
+    raise BenchError(f"{proc.name} not ready on :{port}{path} after {timeout}s ({last})")
+
+
+# -- wrk ------------------------------------------------------------------------
+
+
+@dataclass
+class WrkResult:
+    url: str
+    connections: int
+    duration: float
+    requests: int = 0
+    seconds: float = 0.0
+    rps: float = 0.0
+    p50_us: float = 0.0
+    p99_us: float = 0.0
+    non_2xx: int = 0
+    socket_errors: int = 0
+    error_detail: str = ""
+    failed: str = ""  # wrk itself did not run to the end
+    cpu_s: float | None = None  # CPU of the measured process group during the run
+
+    @property
+    def errors(self) -> int:
+        return self.non_2xx + self.socket_errors + (1 if self.failed else 0)
+
+    @property
+    def cpu_us_per_request(self) -> float | None:
+        if self.cpu_s is None or self.requests == 0:
+            return None
+        return self.cpu_s / self.requests * 1e6
+
+
+_UNITS_US: Final = {"us": 1.0, "ms": 1e3, "s": 1e6, "m": 60e6, "h": 3600e6}
+_LATENCY: Final = re.compile(r"^\s*(50|99)(?:\.0+)?%\s+([\d.]+)(us|ms|s|m|h)\s*$", re.M)
+_REQUESTS: Final = re.compile(r"(\d+) requests in ([\d.]+)(us|ms|s|m|h)")
+_RPS: Final = re.compile(r"Requests/sec:\s+([\d.]+)")
+_NON2XX: Final = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
+_SOCKET: Final = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+
+
+def parse_wrk(text: str, result: WrkResult) -> WrkResult:
+    for pct, value, unit in _LATENCY.findall(text):
+        micros = float(value) * _UNITS_US[unit]
+        if pct == "50":
+            result.p50_us = micros
+        else:
+            result.p99_us = micros
+    if match := _REQUESTS.search(text):
+        result.requests = int(match[1])
+        result.seconds = float(match[2]) * _UNITS_US[match[3]] / 1e6
+    if match := _RPS.search(text):
+        result.rps = float(match[1])
+    if match := _NON2XX.search(text):
+        result.non_2xx = int(match[1])
+    if match := _SOCKET.search(text):
+        counts = [int(group) for group in match.groups()]
+        result.socket_errors = sum(counts)
+        result.error_detail = match[0]
+    if not result.requests:
+        result.failed = result.failed or "wrk reported no requests"
+    return result
+
+
+def run_wrk(
+    procs: Processes,
+    url: str,
+    connections: int,
+    duration: float,
+    pin: bool,
+    cpu_pgid: int | None = None,
+) -> WrkResult:
+    """`wrk -t1 -cN -dS --latency URL`, bounded; CPU of `cpu_pgid`'s group around it."""
+    argv = [
+        *pin_prefix(pin),
+        WRK,
+        "-t1",
+        f"-c{connections}",
+        f"-d{duration:g}s",
+        "--timeout",
+        "5s",
+        "--latency",
+        url,
+    ]
+    result = WrkResult(url=url, connections=connections, duration=duration)
+    pids = group_pids(cpu_pgid) if cpu_pgid is not None else []
+    before = cpu_seconds(pids)
+    code, out, err = run_bounded(procs, "wrk", argv, timeout=duration + 20.0)
+    if pids:
+        result.cpu_s = cpu_seconds(pids) - before
+    if code != 0:
+        result.failed = err or f"wrk exited with {code}: {out[-300:]}"
+    return parse_wrk(out, result)
+
+
+# -- bulk transfers ----------------------------------------------------------------
+
+
+@dataclass
+class BulkResult:
+    op: str
+    size: int
+    ok: bool = False
+    mb_per_s: float = 0.0
+    seconds: float = 0.0
+    error: str | None = None
+    verified: bool | None = None
+    cpu_s: float | None = None
+
+    @property
+    def cpu_s_per_gib(self) -> float | None:
+        if self.cpu_s is None or not self.size:
+            return None
+        return self.cpu_s / (self.size / GIB)
+
+
+def bulk_argv(
+    op: str,
+    port: int,
+    size: int,
+    pin: bool,
+    prefix: str = "",
+    verify: bool = False,
+    deadline: float = 120.0,
+) -> list[str]:
+    argv = [
+        *pin_prefix(pin),
+        sys.executable,
+        str(BENCH_DIR / "bulk.py"),
+        op,
+        "--port",
+        str(port),
+        "--size",
+        str(size),
+        "--deadline",
+        f"{deadline:g}",
+    ]
+    if prefix:
+        argv += ["--path-prefix", prefix]
+    if verify:
+        argv.append("--verify")
+    return argv
+
+
+def parse_bulk(op: str, size: int, code: int | None, out: str, err: str) -> BulkResult:
+    import json
+
+    result = BulkResult(op=op, size=size)
+    line = out.strip().splitlines()[-1] if out.strip() else ""
+    try:
+        data = json.loads(line)
+    except ValueError:
+        result.error = err or f"bulk client exited with {code}: {out[-300:]!r}"
+        return result
+    result.ok = bool(data["ok"])
+    result.mb_per_s = float(data["mb_per_s"])
+    result.seconds = float(data["seconds"])
+    result.error = data.get("error")
+    result.verified = data.get("verified")
+    return result
+
+
+def run_bulk(
+    procs: Processes,
+    op: str,
+    port: int,
+    size: int,
+    pin: bool,
+    *,
+    prefix: str = "",
+    verify: bool = False,
+    deadline: float = 120.0,
+    cpu_pgid: int | None = None,
+) -> BulkResult:
+    pids = group_pids(cpu_pgid) if cpu_pgid is not None else []
+    before = cpu_seconds(pids)
+    argv = bulk_argv(op, port, size, pin, prefix, verify, deadline)
+    code, out, err = run_bounded(procs, f"bulk-{op}", argv, timeout=deadline + 10.0)
+    result = parse_bulk(op, size, code, out, err)
+    if pids:
+        result.cpu_s = cpu_seconds(pids) - before
+    return result
+
+
+def run_bulk_pair(
+    procs: Processes,
+    port: int,
+    size: int,
+    pin: bool,
+    *,
+    verify: bool = False,
+    deadline: float = 120.0,
+) -> tuple[BulkResult, BulkResult]:
+    """A download and an upload of `size` bytes at the same time."""
+    down = procs.start(
+        "bulk-download",
+        bulk_argv("download", port, size, pin, "", verify, deadline),
+        stdout=subprocess.PIPE,
+    )
+    up = procs.start(
+        "bulk-upload",
+        bulk_argv("upload", port, size, pin, "", verify, deadline),
+        stdout=subprocess.PIPE,
+    )
+    results: list[BulkResult] = []
+    for op, proc in (("download", down), ("upload", up)):
+        try:
+            out, _ = proc.popen.communicate(timeout=deadline + 10.0)
+            results.append(parse_bulk(op, size, proc.popen.returncode, out.decode(), ""))
+        except subprocess.TimeoutExpired:
+            results.append(BulkResult(op=op, size=size, error="killed at deadline"))
+        finally:
+            procs.stop(proc)
+    return results[0], results[1]
+
+
+# -- configs --------------------------------------------------------------------
+
+
+def gateway_toml(port: int, admin_port: int, upstream_port: int, access_log: str) -> str:
+    return f"""\
+# Generated by bench/run.py: the gateway under test.
+[server]
+listen = ["{HOST}:{port}"]
+admin = "{HOST}:{admin_port}"
+access_log = "{access_log}"
+drain_timeout = 2.0
+
+[upstreams.bench]
+targets = ["http://{HOST}:{upstream_port}"]
+
+[[routes]]
+name = "root"
+path = "/"
+upstream = "bench"
+
+# The policy-cost row: a token bucket that never runs dry + the default breaker.
+[[routes]]
+name = "policy"
+path = "/policy"
+upstream = "bench"
+strip_prefix = true
+
+[routes.rate_limit]
+rate = 1e9
+burst = 1000000000
+key = "client_ip"
+"""
+
+
+def nginx_conf(prefix: Path, port: int, upstream_port: int) -> str:
+    temp = {name: prefix / name for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
+    return f"""\
+# Generated by bench/run.py: nginx as a streaming reverse proxy, for comparison.
+daemon off;
+master_process on;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+
+events {{
+    worker_connections 4096;
+}}
+
+http {{
+    access_log off;
+    client_body_temp_path {temp["client_body"]};
+    proxy_temp_path {temp["proxy"]};
+    fastcgi_temp_path {temp["fastcgi"]};
+    uwsgi_temp_path {temp["uwsgi"]};
+    scgi_temp_path {temp["scgi"]};
+    # wrk keeps its 50 connections for the whole run; nginx would otherwise close
+    # each one after 1000 requests (the gateway does not).
+    keepalive_requests 1000000;
+
+    upstream bench {{
+        server {HOST}:{upstream_port};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+
+    server {{
+        listen {HOST}:{port} reuseport;
+        client_max_body_size 0;
+
+        location / {{
+            proxy_pass http://bench;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+def nginx_argv(prefix: Path, conf: Path, pin: bool) -> list[str]:
+    error_log = str(prefix / "error.log")
+    return [*pin_prefix(pin), NGINX, "-p", f"{prefix}/", "-c", str(conf), "-e", error_log]
+
+
+def prepare_nginx(root: Path, port: int, upstream_port: int) -> tuple[Path, Path]:
+    prefix = root / "nginx"
+    prefix.mkdir(parents=True, exist_ok=True)
+    for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (prefix / name).mkdir(exist_ok=True)
+        # Workers drop to "nobody" when the master runs as root.
+        (prefix / name).chmod(0o777)
+    prefix.chmod(0o755)
+    root.chmod(0o755)
+    conf = prefix / "nginx.conf"
+    conf.write_text(nginx_conf(prefix, port, upstream_port))
+    return prefix, conf
