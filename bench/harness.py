@@ -393,7 +393,7 @@ def run_wrk(
     procs: Processes,
     url: str,
     connections: int,
-    duration: float,
+    duration: int,
     pin: bool,
     cpu_pgid: int | None = None,
 ) -> WrkResult:
@@ -403,7 +403,7 @@ def run_wrk(
         WRK,
         "-t1",
         f"-c{connections}",
-        f"-d{duration:g}s",
+        f"-d{duration}s",
         "--timeout",
         "5s",
         "--latency",
@@ -639,3 +639,56 @@ def prepare_nginx(root: Path, port: int, upstream_port: int) -> tuple[Path, Path
     conf = prefix / "nginx.conf"
     conf.write_text(nginx_conf(prefix, port, upstream_port))
     return prefix, conf
+
+
+# -- the processes under test -------------------------------------------------------
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for name in (
+        "JOURNAL_STREAM", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
+        "WATCHDOG_USEC", "GATEWAY_CONFIG", "GATEWAY_LOOP",
+    ):  # fmt: skip
+        env.pop(name, None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_DIR), env.get("PYTHONPATH")]))
+    return env
+
+
+def start_upstream(procs: Processes, tmp: Path, pin: bool) -> tuple[Proc, int]:
+    port = free_port()
+    argv = [*pin_prefix(pin), sys.executable, str(BENCH_DIR / "upstream.py"), "--port", str(port)]
+    proc = procs.start("upstream", [*argv, "--max-seconds", "900"], log_path=tmp / "upstream.log")
+    wait_ready(proc, port, "/", timeout=15.0)
+    return proc, port
+
+
+@dataclass
+class GatewayRun:
+    proc: Proc
+    port: int
+    admin_port: int
+
+
+def start_gateway(
+    procs: Processes,
+    tmp: Path,
+    upstream_port: int,
+    *,
+    label: str,
+    loop: str,
+    access_log: str,
+    pin: bool,
+    quiet: bool = False,
+) -> GatewayRun:
+    port, admin_port = free_port(), free_port()
+    config = tmp / f"routes-{label}.toml"
+    config.write_text(gateway_toml(port, admin_port, upstream_port, access_log))
+    argv = [*pin_prefix(pin), sys.executable, "-m", "gateway", "run", "-c", str(config)]
+    argv += ["--loop", loop]
+    # quiet: the access-log cost run sends stderr (the log) to /dev/null.
+    log_path = None if quiet else tmp / f"gateway-{label}.log"
+    proc = procs.start(f"gateway-{label}", argv, log_path=log_path, env=child_env(), cwd=REPO_DIR)
+    wait_ready(proc, admin_port, "/readyz", timeout=30.0)
+    wait_ready(proc, port, "/", timeout=10.0)
+    return GatewayRun(proc, port, admin_port)

@@ -71,8 +71,12 @@ def run(path: str, loop_choice: str) -> int:
     try:
         config = load(path)
     except ConfigError as error:
-        log.error("cannot start: %d error(s) in %s:\n  %s", len(error.errors), path,
-                  "\n  ".join(error.errors))
+        log.error(
+            "cannot start: %d error(s) in %s:\n  %s",
+            len(error.errors),
+            path,
+            "\n  ".join(error.errors),
+        )
         return EXIT_CONFIG
     from gateway.server import Gateway
 

@@ -8,6 +8,8 @@ never from a request.
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Latency buckets from 1 ms to 5 min: the histogram runs to the last body
@@ -122,14 +124,10 @@ class Metrics:
 
     def forget_route(self, route: str) -> None:
         for metric in (self.request_bytes, self.response_bytes, self.rate_limited, self.duration):
-            try:
+            with contextlib.suppress(KeyError):
                 metric.remove(route)
-            except KeyError:
-                pass
 
     def forget_target(self, upstream: str, target: str) -> None:
         for metric in (self.upstream_in_flight, self.breaker_state, self.target_healthy):
-            try:
+            with contextlib.suppress(KeyError):
                 metric.remove(upstream, target)
-            except KeyError:
-                pass

@@ -21,9 +21,10 @@ from typing import Final
 
 import aiohttp
 from aiohttp import hdrs, web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import Counter
 
+from gateway.cors import is_preflight, merge_headers
 from gateway.errors import (
     BadGateway,
     BodyTooLarge,
@@ -43,6 +44,7 @@ from gateway.limits import rate_limit_headers
 from gateway.log import AccessLog
 from gateway.metrics import Metrics
 from gateway.retry import backoff, may_retry
+from gateway.routing import forward_path
 from gateway.snapshot import RouteRuntime, Snapshot
 from gateway.upstream import Target
 
@@ -158,10 +160,20 @@ class ProxyHandler:
         route: RouteRuntime | None = None
         status = CLIENT_CLOSED
         error_code: str | None = None
+        cors_headers: list[tuple[str, str]] = []
+        response: web.StreamResponse
         try:
             try:
+                if method == "OPTIONS" and is_preflight(method, headers):
+                    preflight = self._preflight(snap, host, raw_path, headers, rid)
+                    if preflight is not None:
+                        route, answer = preflight
+                        status = answer.status
+                        return answer
                 route_config = snap.table.match(method, host, raw_path, headers)
                 route = snap.routes[route_config.name]
+                if route.cors is not None:
+                    cors_headers = route.cors.response_headers(headers)
                 limit_headers = self._admit(request, route, client)
                 response = await self._forward(
                     request,
@@ -176,10 +188,15 @@ class ProxyHandler:
                     raw_path=raw_path,
                     raw_query=raw_query,
                     extra_headers=limit_headers,
+                    cors_headers=cors_headers,
                 )
             except GatewayError as error:
                 error_code = error.code
                 response = self._error_response(request, error, rid)
+                if cors_headers:
+                    # Without them the browser hides the error (and its
+                    # Retry-After) from the page.
+                    merge_headers(response.headers, cors_headers)
             status = response.status
             return response
         finally:
@@ -206,6 +223,34 @@ class ProxyHandler:
                 duration=duration,
                 error=error_code,
             )
+
+    def _preflight(
+        self,
+        snap: Snapshot,
+        host: str | None,
+        raw_path: str,
+        headers: CIMultiDictProxy[str],
+        rid: str,
+    ) -> tuple[RouteRuntime, web.Response] | None:
+        """Answer a CORS preflight locally, for the route of the announced request.
+
+        The route's `methods` are ignored here: OPTIONS is rarely listed, and
+        the preflight asks about the method it announces. A route without a
+        CORS policy lets the OPTIONS through to its target like any request.
+        """
+        try:
+            config = snap.table.match(None, host, raw_path, headers)
+        except GatewayError:
+            return None
+        route = snap.routes[config.name]
+        if route.cors is None:
+            return None
+        status, cors = route.cors.preflight(headers)
+        response = web.Response(status=status)
+        for name, value in cors:
+            response.headers.add(name, value)
+        response.headers["X-Request-ID"] = rid
+        return route, response
 
     def _count_unrouted(self, method: str, status: int) -> None:
         key = (method, status)
@@ -272,6 +317,7 @@ class ProxyHandler:
         raw_path: str,
         raw_query: str | None,
         extra_headers: list[tuple[str, str]],
+        cors_headers: list[tuple[str, str]],
     ) -> web.StreamResponse:
         pool = route.pool
         config = route.config
@@ -307,17 +353,31 @@ class ProxyHandler:
                 try:
                     try:
                         upstream = await self._attempt(
-                            request, route, target, ex, rid, peer, peer_trusted, scheme, host,
-                            raw_path, raw_query, has_body,
+                            request,
+                            route,
+                            target,
+                            ex,
+                            rid,
+                            peer,
+                            peer_trusted,
+                            scheme,
+                            host,
+                            raw_path,
+                            raw_query,
+                            has_body,
                         )
                     except _UpstreamFailed as failed:
                         target.breaker.record_failure()
-                        if attempt < config.retries and may_retry(
-                            method,
-                            connect_failed=failed.connect_failed,
-                            status=None,
-                            body_started=ex.body_started,
-                        ) and pool.budget.try_spend():
+                        if (
+                            attempt < config.retries
+                            and may_retry(
+                                method,
+                                connect_failed=failed.connect_failed,
+                                status=None,
+                                body_started=ex.body_started,
+                            )
+                            and pool.budget.try_spend()
+                        ):
                             target.in_flight -= 1
                             target_held = False
                             await asyncio.sleep(backoff(attempt))
@@ -329,10 +389,16 @@ class ProxyHandler:
                         raise
                     if upstream.status in GATEWAY_FAILURE_STATUSES:
                         target.breaker.record_failure()
-                        if attempt < config.retries and may_retry(
-                            method, connect_failed=False, status=upstream.status,
-                            body_started=ex.body_started,
-                        ) and pool.budget.try_spend():
+                        if (
+                            attempt < config.retries
+                            and may_retry(
+                                method,
+                                connect_failed=False,
+                                status=upstream.status,
+                                body_started=ex.body_started,
+                            )
+                            and pool.budget.try_spend()
+                        ):
                             upstream.close()
                             target.in_flight -= 1
                             target_held = False
@@ -341,7 +407,9 @@ class ProxyHandler:
                             continue
                     else:
                         target.breaker.record_success()
-                    return await self._relay(request, route, upstream, ex, rid, extra_headers)
+                    return await self._relay(
+                        request, upstream, ex, rid, extra_headers, cors_headers
+                    )
                 finally:
                     if target_held:
                         target.in_flight -= 1
@@ -364,8 +432,6 @@ class ProxyHandler:
         has_body: bool,
     ) -> aiohttp.ClientResponse:
         """Send one attempt; return once the target's response head is in."""
-        from gateway.routing import forward_path
-
         config = route.config
         headers: CIMultiDict[str] = upstream_request_headers(
             request.headers,
@@ -456,16 +522,18 @@ class ProxyHandler:
     async def _relay(
         self,
         request: web.BaseRequest,
-        route: RouteRuntime,
         upstream: aiohttp.ClientResponse,
         ex: _Exchange,
         rid: str,
         extra_headers: list[tuple[str, str]],
+        cors_headers: list[tuple[str, str]],
     ) -> web.StreamResponse:
         """Copy the target's response to the client as it arrives."""
         headers = client_response_headers(upstream.headers, request_id=rid)
         for name, value in extra_headers:
             headers[name] = value
+        if cors_headers:
+            merge_headers(headers, cors_headers)
         response = ProxiedResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         completed = False
         try:
@@ -474,7 +542,7 @@ class ProxyHandler:
             while True:
                 try:
                     chunk = await content.readany()
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     # The target failed after the response began: the status
                     # is gone, so the only honest signal is an aborted
                     # transfer (no final chunk, short Content-Length).

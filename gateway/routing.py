@@ -275,7 +275,7 @@ class RouteTable:
 
     def match(
         self,
-        method: str,
+        method: str | None,
         host: str | None,
         raw_path: str,
         headers: Mapping[str, str],
@@ -284,6 +284,8 @@ class RouteTable:
 
         `raw_path` is the raw, percent-encoded path without the query;
         `headers` must be case-insensitive (a CIMultiDictProxy in practice).
+        `method=None` ignores the routes' methods: a CORS preflight belongs to
+        the route of the request it announces, whatever that route's methods.
         """
         node = self._root
         if node.children and raw_path[:1] == "/":
@@ -337,7 +339,7 @@ class RouteTable:
                     continue
             if required and not _headers_match(headers, required):
                 continue
-            if methods is not None and method not in methods:
+            if methods is not None and method is not None and method not in methods:
                 if allowed is None:
                     allowed = set()
                 allowed |= methods

@@ -18,6 +18,7 @@ import aiohttp
 from prometheus_client import Counter, Histogram
 
 from gateway.config import Config, RateLimitConfig, RouteConfig, UpstreamConfig
+from gateway.cors import CorsPolicy
 from gateway.headers import TrustedProxies
 from gateway.limits import BucketStore
 from gateway.metrics import Metrics
@@ -38,6 +39,7 @@ class RouteRuntime:
         self.name = config.name
         self.pool = pool
         self.buckets = buckets
+        self.cors = CorsPolicy(config.cors) if config.cors is not None else None
         self.timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
         )

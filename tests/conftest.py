@@ -89,8 +89,9 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-def one_upstream_config(port: int, extra_route: str = "", extra_upstream: str = "") -> str:
+def one_upstream_config(port: int | None, extra_route: str = "", extra_upstream: str = "") -> str:
     """A config with one upstream `app` at 127.0.0.1:port and route `all` on "/"."""
+    assert port is not None
     return f"""
         [upstreams.app]
         targets = ["http://127.0.0.1:{port}"]
@@ -104,7 +105,8 @@ def one_upstream_config(port: int, extra_route: str = "", extra_upstream: str = 
     """
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
+async def wait_for(predicate: Callable[[], bool], within: float = 5.0) -> None:
+    """Poll state that has no event to wait on (counters, gauges)."""
+    async with asyncio.timeout(within):
+        while not predicate():  # noqa: ASYNC110 - plain attributes, nothing to await
             await asyncio.sleep(0.01)
