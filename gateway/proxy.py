@@ -15,6 +15,7 @@ whole body.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Final
@@ -83,9 +84,19 @@ class ProxiedResponse(web.StreamResponse):
 class _Exchange:
     """Per-request bookkeeping, filled in as the request moves along."""
 
-    __slots__ = ("body_error", "body_started", "bytes_in", "bytes_out", "target")
+    __slots__ = (
+        "aborted",
+        "body_error",
+        "body_started",
+        "bytes_in",
+        "bytes_out",
+        "method",
+        "target",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.aborted = False
         self.bytes_in = 0
         self.bytes_out = 0
         self.body_started = False
@@ -156,7 +167,7 @@ class ProxyHandler:
         authority, raw_path, raw_query = split_target(request.raw_path)
         host = authority if authority is not None else headers.get(hdrs.HOST)
         method = request.method
-        ex = _Exchange()
+        ex = _Exchange(method)
         route: RouteRuntime | None = None
         status = CLIENT_CLOSED
         error_code: str | None = None
@@ -221,7 +232,7 @@ class ProxyHandler:
                 bytes_in=ex.bytes_in,
                 bytes_out=ex.bytes_out,
                 duration=duration,
-                error=error_code,
+                error=error_code if not ex.aborted else "upstream_aborted",
             )
 
     def _preflight(
@@ -320,8 +331,6 @@ class ProxyHandler:
         cors_headers: list[tuple[str, str]],
     ) -> web.StreamResponse:
         pool = route.pool
-        config = route.config
-        method = request.method
         has_body = request.body_exists
         if has_body and request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
             # The gateway owns Expect: every check passed, so invite the body
@@ -342,15 +351,13 @@ class ProxyHandler:
                 if target is None:
                     raise NoHealthyTarget(
                         f"no healthy target in upstream {pool.name!r}",
-                        {"Retry-After": str(int(pool.retry_after() + 0.999))},
+                        {"Retry-After": str(math.ceil(pool.retry_after()))},
                     )
                 tried.append(target)
                 ex.target = target
                 if not target.breaker.acquire():
                     continue  # lost the half-open trial to another request
-                target.in_flight += 1
-                target_held = True
-                try:
+                with target.hold():
                     try:
                         upstream = await self._attempt(
                             request,
@@ -368,53 +375,49 @@ class ProxyHandler:
                         )
                     except _UpstreamFailed as failed:
                         target.breaker.record_failure()
-                        if (
-                            attempt < config.retries
-                            and may_retry(
-                                method,
-                                connect_failed=failed.connect_failed,
-                                status=None,
-                                body_started=ex.body_started,
-                            )
-                            and pool.budget.try_spend()
-                        ):
-                            target.in_flight -= 1
-                            target_held = False
+                        if self._may_retry(route, attempt, failed.connect_failed, None, ex):
                             await asyncio.sleep(backoff(attempt))
                             attempt += 1
                             continue
                         raise failed.error from failed
-                    except asyncio.CancelledError:
+                    except BaseException:
+                        # No verdict on the target (client silent or over the
+                        # body limit, or cancelled): hand back a half-open
+                        # trial so that the breaker cannot stay stuck in it.
                         target.breaker.release()
                         raise
                     if upstream.status in GATEWAY_FAILURE_STATUSES:
+                        target.error_counter.inc()
                         target.breaker.record_failure()
-                        if (
-                            attempt < config.retries
-                            and may_retry(
-                                method,
-                                connect_failed=False,
-                                status=upstream.status,
-                                body_started=ex.body_started,
-                            )
-                            and pool.budget.try_spend()
-                        ):
+                        if self._may_retry(route, attempt, False, upstream.status, ex):
                             upstream.close()
-                            target.in_flight -= 1
-                            target_held = False
                             await asyncio.sleep(backoff(attempt))
                             attempt += 1
                             continue
                     else:
+                        target.ok_counter.inc()
                         target.breaker.record_success()
                     return await self._relay(
                         request, upstream, ex, rid, extra_headers, cors_headers
                     )
-                finally:
-                    if target_held:
-                        target.in_flight -= 1
         finally:
             handle.leave()
+
+    @staticmethod
+    def _may_retry(
+        route: RouteRuntime, attempt: int, connect_failed: bool, status: int | None, ex: _Exchange
+    ) -> bool:
+        """Safe (contract "Retries"), within the route's count and the pool's budget."""
+        return (
+            attempt < route.config.retries
+            and may_retry(
+                ex.method,
+                connect_failed=connect_failed,
+                status=status,
+                body_started=ex.body_started,
+            )
+            and route.pool.budget.try_spend()
+        )
 
     async def _attempt(
         self,
@@ -467,7 +470,6 @@ class ProxyHandler:
         if ex.body_error is not None:
             upstream.close()
             raise ex.body_error
-        target.ok_counter.inc()
         return upstream
 
     def _translate(self, exc: BaseException, target: Target) -> _UpstreamFailed:
@@ -547,6 +549,7 @@ class ProxyHandler:
                     # is gone, so the only honest signal is an aborted
                     # transfer (no final chunk, short Content-Length).
                     _abort(request)
+                    ex.aborted = True
                     return response
                 if not chunk:
                     break
