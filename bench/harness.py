@@ -230,6 +230,60 @@ def reset_hwm(pids: Sequence[int]) -> bool:
     return ok
 
 
+def machine_cpu() -> tuple[float, float, float]:
+    """System-wide (busy, irq+softirq, steal) CPU seconds from /proc/stat's "cpu" line."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    # irq/softirq time is mostly charged to the interrupted process's stime as well,
+    # so it belongs to "busy" when comparing with our processes' utime+stime.
+    return (
+        (user + nice + system + irq + softirq) / CLK_TCK,
+        (irq + softirq) / CLK_TCK,
+        steal / CLK_TCK,
+    )
+
+
+def own_cpu() -> float:
+    """This process + every descendant already reaped (wrk, clients, stopped servers)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+class Interference:
+    """CPU time that processes other than ours used on the machine during a step.
+
+    busy (from /proc/stat) - (this process + reaped children + live children's groups).
+    Other sessions' test runs on this shared 2-core machine show up here; a step where
+    they took a noticeable share of a core is flagged in the report.
+    """
+
+    def __init__(self, procs: Processes) -> None:
+        self.procs = procs
+        self.others_s = 0.0
+        self.wall_s = 0.0
+        self._busy = 0.0
+        self._ours = 0.0
+        self._start = 0.0
+
+    def _our_cpu(self) -> float:
+        live = sum(cpu_seconds(p.group_pids()) for p in self.procs.procs if p.alive())
+        return own_cpu() + live
+
+    def __enter__(self) -> Interference:
+        self._busy, self._ours, self._start = machine_cpu()[0], self._our_cpu(), time.monotonic()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy, ours = machine_cpu()[0], self._our_cpu()
+        self.wall_s = time.monotonic() - self._start
+        self.others_s = max(0.0, (busy - self._busy) - (ours - self._ours))
+
+    @property
+    def share(self) -> float:
+        """Other processes' CPU as a fraction of one core over the step."""
+        return self.others_s / self.wall_s if self.wall_s else 0.0
+
+
 class RssSampler:
     """Samples the summed VmRSS of a process group every `interval` s in a thread.
 
@@ -346,6 +400,7 @@ class WrkResult:
     error_detail: str = ""
     failed: str = ""  # wrk itself did not run to the end
     cpu_s: float | None = None  # CPU of the measured process group during the run
+    others_share: float = 0.0  # other processes' CPU during the run, fraction of a core
 
     @property
     def errors(self) -> int:
@@ -412,7 +467,9 @@ def run_wrk(
     result = WrkResult(url=url, connections=connections, duration=duration)
     pids = group_pids(cpu_pgid) if cpu_pgid is not None else []
     before = cpu_seconds(pids)
-    code, out, err = run_bounded(procs, "wrk", argv, timeout=duration + 20.0)
+    with Interference(procs) as noise:
+        code, out, err = run_bounded(procs, "wrk", argv, timeout=duration + 20.0)
+    result.others_share = noise.share
     if pids:
         result.cpu_s = cpu_seconds(pids) - before
     if code != 0:
@@ -433,6 +490,8 @@ class BulkResult:
     error: str | None = None
     verified: bool | None = None
     cpu_s: float | None = None
+    others_share: float = 0.0
+    attempts: list[float] = field(default_factory=list)  # MB/s of every try (best kept)
 
     @property
     def cpu_s_per_gib(self) -> float | None:
@@ -502,11 +561,37 @@ def run_bulk(
     pids = group_pids(cpu_pgid) if cpu_pgid is not None else []
     before = cpu_seconds(pids)
     argv = bulk_argv(op, port, size, pin, prefix, verify, deadline)
-    code, out, err = run_bounded(procs, f"bulk-{op}", argv, timeout=deadline + 10.0)
+    with Interference(procs) as noise:
+        code, out, err = run_bounded(procs, f"bulk-{op}", argv, timeout=deadline + 10.0)
     result = parse_bulk(op, size, code, out, err)
+    result.others_share = noise.share
     if pids:
         result.cpu_s = cpu_seconds(pids) - before
     return result
+
+
+def run_bulk_best(
+    procs: Processes,
+    op: str,
+    port: int,
+    size: int,
+    pin: bool,
+    tries: int,
+    *,
+    deadline: float,
+    cpu_pgid: int | None = None,
+) -> BulkResult:
+    """Best of `tries` transfers (others' load on a shared machine only ever slows one
+    down); stops early after a failure. `attempts` keeps every try's MB/s."""
+    results: list[BulkResult] = []
+    for _ in range(tries):
+        result = run_bulk(procs, op, port, size, pin, deadline=deadline, cpu_pgid=cpu_pgid)
+        results.append(result)
+        if not result.ok:
+            return result
+    best = max(results, key=lambda r: r.mb_per_s)
+    best.attempts = [r.mb_per_s for r in results]
+    return best
 
 
 def run_bulk_pair(

@@ -36,6 +36,7 @@ from typing import Final
 from harness import (
     BENCH_DIR,
     HOST,
+    REPO_DIR,
     BenchError,
     Processes,
     pin_self,
@@ -69,7 +70,7 @@ def aggregate(text: str) -> tuple[int, Counter[str], Counter[str]]:
 
 def shorten(frame: str) -> str:
     """Trim site-packages / stdlib prefixes so the table stays readable."""
-    for marker in ("site-packages/", "lib/python3", "/work/main/"):
+    for marker in ("site-packages/", "lib/python3", f"{REPO_DIR}/"):
         idx = frame.find(marker)
         if idx >= 0:
             start = frame.rfind("(", 0, idx) + 1

@@ -45,11 +45,13 @@ from harness import (
     WrkResult,
     free_port,
     http_get,
+    machine_cpu,
     nginx_argv,
+    own_cpu,
     pin_self,
     prepare_nginx,
     reset_hwm,
-    run_bulk,
+    run_bulk_best,
     run_bulk_pair,
     run_wrk,
     start_gateway,
@@ -68,6 +70,7 @@ TARGET_UPLOAD_RATIO: Final = 0.5
 TARGET_PEAK_RSS_MIB: Final = 64.0
 TARGET_10MIB_DELTA_MIB: Final = 10.0
 TARGET_POLICY_COST: Final = 0.10
+NOISY: Final = 0.05  # flag steps where other processes used > 5 % of a core
 
 _START: Final = time.monotonic()
 
@@ -85,14 +88,15 @@ class Settings:
     warmup_seconds: int
     bulk_size: int
     ten_mib_rounds: int
+    bulk_tries: int  # best of N for the single download / upload
     bulk_deadline: float  # per transfer
     budget_seconds: float  # soft limit for the whole run: optional steps are skipped after
 
     @classmethod
     def make(cls, quick: bool, pin: bool) -> Settings:
         if quick:
-            return cls(quick, pin, 3, 2, 1, GIB, 2, 20.0, 100.0)
-        return cls(quick, pin, 10, 5, 1, GIB, 3, 45.0, 300.0)
+            return cls(quick, pin, 3, 2, 1, GIB, 2, 2, 20.0, 100.0)
+        return cls(quick, pin, 10, 5, 1, GIB, 3, 3, 45.0, 300.0)
 
     def left(self) -> float:
         return self.budget_seconds - (time.monotonic() - _START)
@@ -105,6 +109,7 @@ class TargetResult:
     small: WrkResult | None = None
     c1: WrkResult | None = None
     policy: WrkResult | None = None
+    small_again: WrkResult | None = None  # `/` once more after `/policy/`: drift check
     download: BulkResult | None = None
     upload: BulkResult | None = None
     pair_download: BulkResult | None = None
@@ -121,7 +126,8 @@ class TargetResult:
     warmup_errors: int = 0
 
     def wrk_runs(self) -> list[WrkResult]:
-        return [run for run in (self.small, self.c1, self.policy) if run is not None]
+        runs = (self.small, self.c1, self.policy, self.small_again)
+        return [run for run in runs if run is not None]
 
     def bulk_runs(self) -> list[BulkResult]:
         runs = [self.download, self.upload, self.pair_download, self.pair_upload]
@@ -183,8 +189,10 @@ def measure_small(
     if c1:
         res.c1 = wrk(procs, settings, target, "/", 1)
     if policy:
+        # A-B-A: `/`, `/policy/`, `/` again, so drift shows instead of posing as cost.
         warmup(procs, settings, target, "/policy/")
         res.policy = wrk(procs, settings, target, "/policy/", 50)
+        res.small_again = wrk(procs, settings, target, "/", 50)
 
 
 def measure_bulk(
@@ -208,18 +216,30 @@ def measure_bulk(
             )
             res.ten_mib += [down, up]
         res.ten_mib_hwm_mib = target.hwm_mib()
-    log(f"{target.name}: download {size / GIB:g} GiB")
-    res.download = run_bulk(
-        procs, "download", target.port, size, settings.pin,
-        deadline=settings.bulk_deadline, cpu_pgid=target.pgid,
-    )  # fmt: skip
+    log(f"{target.name}: download {size / GIB:g} GiB, best of {settings.bulk_tries}")
+    res.download = run_bulk_best(
+        procs,
+        "download",
+        target.port,
+        size,
+        settings.pin,
+        settings.bulk_tries,
+        deadline=settings.bulk_deadline,
+        cpu_pgid=target.pgid,
+    )
     log_bulk(target, res.download)
     if upload:
-        log(f"{target.name}: upload {size / GIB:g} GiB")
-        res.upload = run_bulk(
-            procs, "upload", target.port, size, settings.pin,
-            deadline=settings.bulk_deadline, cpu_pgid=target.pgid,
-        )  # fmt: skip
+        log(f"{target.name}: upload {size / GIB:g} GiB, best of {settings.bulk_tries}")
+        res.upload = run_bulk_best(
+            procs,
+            "upload",
+            target.port,
+            size,
+            settings.pin,
+            settings.bulk_tries,
+            deadline=settings.bulk_deadline,
+            cpu_pgid=target.pgid,
+        )
         log_bulk(target, res.upload)
     if extras:
         # (a) a download and an upload of bulk_size at once, RSS sampled every 20 ms.
@@ -245,7 +265,8 @@ def measure_bulk(
 def log_bulk(target: Target, result: BulkResult) -> None:
     cpu = f", {result.cpu_s_per_gib:.2f} CPU s/GiB" if result.cpu_s_per_gib is not None else ""
     state = "ok" if result.ok else f"FAILED: {result.error}"
-    log(f"{target.name}:   {result.op} {result.mb_per_s:,.0f} MB/s{cpu} ({state})")
+    tries = ", tries " + "/".join(f"{v:,.0f}" for v in result.attempts) if result.attempts else ""
+    log(f"{target.name}:   {result.op} {result.mb_per_s:,.0f} MB/s{cpu} ({state}{tries})")
 
 
 def guarded(target: Target, step: str, fn: Callable[[], T]) -> T | None:
@@ -391,6 +412,7 @@ def build_report(
     settings: Settings,
     info: dict[str, str],
     layout: str,
+    background: str,
     direct: TargetResult,
     gateway: TargetResult,
     nginx: TargetResult | None,
@@ -412,11 +434,13 @@ def build_report(
         f"{info['gateway_src']}; upstream: bench/upstream.py (raw asyncio.Protocol on uvloop)"
     )
     rep.add(f"- **machine**: {info['cpu']}, Linux {info['kernel']}")
+    rep.add(f"- **background**: {background}")
     rep.add(
         f"- **load**: wrk -t1 -c50 -d{settings.small_seconds:g}s and -c1 "
         f"-d{settings.c1_seconds:g}s (after a {settings.warmup_seconds:g}s warm-up), "
         f"bulk {settings.bulk_size / GIB:g} GiB per transfer (raw-socket client, 1 MiB "
-        f"buffers), {settings.ten_mib_rounds} rounds of 10 MiB up+down verified"
+        f"buffers; single download/upload best of {settings.bulk_tries}), "
+        f"{settings.ten_mib_rounds} rounds of 10 MiB up+down verified"
     )
     rep.add()
     for res in (direct, gateway, nginx, *variants.values()):
@@ -559,17 +583,25 @@ def build_report(
 
     vrow("`/` uvloop, access_log off (base)", base.small, base.download)
     vrow("`/policy/` (rate limit + breaker, strip_prefix)", base.policy, None)
+    vrow("`/` again, right after `/policy/`", base.small_again, None)
     for label, res in variants.items():
         vrow(label, res.small, res.download)
     rep.add("## gateway variants (50 conns; download = the same bulk size)")
     rep.add()
     rep.table(
         [
-            "variant", "req/s", "vs base", "p50 µs", "p99 µs", "CPU µs/req", "errors",
-            "download MB/s", "CPU s/GiB",
+            "variant",
+            "req/s",
+            "vs base",
+            "p50 µs",
+            "p99 µs",
+            "CPU µs/req",
+            "errors",
+            "download MB/s",
+            "CPU s/GiB",
         ],
         vrows,
-    )  # fmt: skip
+    )
 
     # Targets.
     trows: list[list[str]] = []
@@ -619,9 +651,11 @@ def build_report(
     peaks = [v for v in (gateway.pair_peak_rss_mib, gateway.pair_hwm_mib) if v is not None]
     peak = max(peaks) if peaks else None
     pair_ok = bool(
-        gateway.pair_download and gateway.pair_upload
-        and gateway.pair_download.ok and gateway.pair_upload.ok
-    )  # fmt: skip
+        gateway.pair_download
+        and gateway.pair_upload
+        and gateway.pair_download.ok
+        and gateway.pair_upload.ok
+    )
     target(
         f"peak RSS, {size} down ‖ up at once",
         peak,
@@ -641,13 +675,14 @@ def build_report(
         f"≤ {TARGET_10MIB_DELTA_MIB:g} MiB",
         delta is not None and delta <= TARGET_10MIB_DELTA_MIB,
     )
+    roots = [run.rps for run in (gateway.small, gateway.small_again) if run and not run.failed]
     cost = (
-        1 - gateway.policy.rps / gateway.small.rps
-        if gateway.policy and gateway.small and gateway.small.rps and not gateway.policy.failed
+        1 - gateway.policy.rps / (sum(roots) / len(roots))
+        if gateway.policy and roots and not gateway.policy.failed
         else None
     )
     target(
-        "policy layer throughput cost",
+        "policy layer throughput cost (vs mean of `/` before and after)",
         cost,
         fmt(cost * 100 if cost is not None else None, 1, " %"),
         f"< {TARGET_POLICY_COST * 100:g} %",
@@ -683,6 +718,24 @@ def build_report(
         for transfer in res.bulk_runs():
             if not transfer.ok or transfer.verified is False:
                 rep.add(f"- {res.name} {transfer.op} {transfer.size} bytes: {transfer.error}")
+        for single in (res.download, res.upload):
+            if single is not None and len(single.attempts) > 1:
+                tries = ", ".join(f"{v:,.0f}" for v in single.attempts)
+                rep.add(f"- {res.name} {single.op}: best of MB/s {tries}")
+        noisy = [
+            f"{run.connections}-conn `{run.url.split('/', 3)[-1] or '/'}` "
+            f"{run.others_share * 100:.0f} %"
+            for run in res.wrk_runs()
+            if run.others_share > NOISY
+        ] + [
+            f"{t.op} {t.others_share * 100:.0f} %"
+            for t in (res.download, res.upload)
+            if t is not None and t.others_share > NOISY
+        ]
+        if noisy:
+            rep.add(
+                f"- {res.name}: other processes took a share of a core during: " + ", ".join(noisy)
+            )
         if res.warmup_errors:
             rep.add(f"- {res.name}: {res.warmup_errors} errors during warm-up runs")
         if res.metrics:
@@ -738,6 +791,8 @@ def main() -> int:
         layout = "not pinned: every process free to use any CPU (scheduler decides)"
     info = versions()
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    load_at_start = Path("/proc/loadavg").read_text().split()[0]
+    machine_before, own_before, wall_before = machine_cpu(), own_cpu(), time.monotonic()
     procs = Processes()
     direct_t: Target | None = None
     gateway_t = Target("gateway", 0, None)
@@ -790,10 +845,21 @@ def main() -> int:
         procs.close()
 
     assert direct_t is not None
+    machine_after, own_after = machine_cpu(), own_cpu()
+    wall = time.monotonic() - wall_before
+    others = (machine_after[0] - machine_before[0]) - (own_after - own_before)
+    background = (
+        f"other processes on the machine used ≈{max(others, 0.0):.1f} CPU-s during the "
+        f"{wall:.0f} s run ({max(others, 0.0) / wall * 100:.0f} % of one core; "
+        f"machine-wide irq+softirq "
+        f"{machine_after[1] - machine_before[1]:.1f} s, steal "
+        f"{machine_after[2] - machine_before[2]:.1f} s); load average at start {load_at_start}"
+    )
     report = build_report(
         settings,
         info,
         layout,
+        background,
         direct_t.result,
         gateway_t.result,
         nginx_t.result if nginx_t is not None else None,
@@ -820,9 +886,14 @@ def run_gateway_main(
 ) -> Target:
     try:
         run = start_gateway(
-            procs, tmp, upstream_port, label="main", loop="uvloop", access_log="off",
+            procs,
+            tmp,
+            upstream_port,
+            label="main",
+            loop="uvloop",
+            access_log="off",
             pin=settings.pin,
-        )  # fmt: skip
+        )
     except BenchError as exc:
         target = Target("gateway", 0, None)
         target.result.error = f"start: {exc}"
@@ -855,9 +926,15 @@ def run_gateway_variant(
 ) -> TargetResult:
     try:
         run = start_gateway(
-            procs, tmp, upstream_port, label=loop + "-" + access_log, loop=loop,
-            access_log=access_log, pin=settings.pin, quiet=quiet,
-        )  # fmt: skip
+            procs,
+            tmp,
+            upstream_port,
+            label=loop + "-" + access_log,
+            loop=loop,
+            access_log=access_log,
+            pin=settings.pin,
+            quiet=quiet,
+        )
     except BenchError as exc:
         result = TargetResult(label, error=f"start: {exc}")
         log(f"{label}: {result.error}")

@@ -35,7 +35,6 @@ def status_document(snap: Snapshot) -> dict[str, Any]:
     for name, pool in snap.pools.items():
         upstreams[name] = {
             "balancer": pool.config.balancer,
-            "health_checks": pool.config.health is not None,
             "targets": [
                 {
                     "url": t.url,

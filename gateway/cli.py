@@ -1,4 +1,10 @@
-"""`gateway run` / `gateway check`: config path, event loop, exit codes."""
+"""`gateway run` / `gateway check`: config path, event loop, exit codes.
+
+Exit codes: 0 config valid (`check`) or clean drain after SIGTERM/SIGINT
+(`run`); 1 config error, or the gateway cannot start (address in use, bad
+LISTEN_FDS); 2 command-line usage error (argparse); 128+N when a second
+signal N cut the drain short (130 SIGINT, 143 SIGTERM, see server.py).
+"""
 
 from __future__ import annotations
 
@@ -78,14 +84,15 @@ def run(path: str, loop_choice: str) -> int:
             "\n  ".join(error.errors),
         )
         return EXIT_CONFIG
-    from gateway.server import Gateway
+    from gateway.server import Gateway, StartupError
 
     async def main() -> int:
         gateway = Gateway(config)
         try:
             return await gateway.serve()
-        except OSError as error:  # e.g. address in use
+        except (OSError, StartupError) as error:  # e.g. address in use
             log.error("cannot start: %s", error)
+            gateway.notifier.status(f"cannot start: {error}")
             await gateway.close()
             return EXIT_CONFIG
 

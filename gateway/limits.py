@@ -135,6 +135,16 @@ class BucketStore:
         buckets[key] = bucket
         return True, bucket
 
+    def peek(self, key: str) -> TokenBucket:
+        """`key`'s bucket as it stands (a new, full one if it has none).
+
+        Takes no token and stores nothing: for the headers of a response that
+        was refused before the bucket was asked (413), which still must show
+        the client its limit.
+        """
+        bucket = self._buckets.get(key)
+        return bucket if bucket is not None else TokenBucket(self.rate, self.burst)
+
     def __len__(self) -> int:
         return len(self._buckets)
 

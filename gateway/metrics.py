@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import contextlib
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 # Latency buckets from 1 ms to 5 min: the histogram runs to the last body
 # byte, so long downloads and SSE streams need the high end.
@@ -39,6 +47,12 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # What prometheus_client puts on its global registry, on ours: the
+        # process_* (CPU, RSS, open fds, start time), python_info and
+        # python_gc_* series every Python exporter is expected to have.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.requests = Counter(
             "gateway_requests_total",
             "Requests answered, by route, method and status code.",

@@ -172,6 +172,7 @@ class ProxyHandler:
         status = CLIENT_CLOSED
         error_code: str | None = None
         cors_headers: list[tuple[str, str]] = []
+        limit_headers: list[tuple[str, str]] = []
         response: web.StreamResponse
         try:
             try:
@@ -204,6 +205,10 @@ class ProxyHandler:
             except GatewayError as error:
                 error_code = error.code
                 response = self._error_response(request, error, rid)
+                for name, value in limit_headers:
+                    # Admitted, then failed (502/503/504, 413 mid-body): every
+                    # response on a limited route carries the limit headers.
+                    response.headers[name] = value
                 if cors_headers:
                     # Without them the browser hides the error (and its
                     # Retry-After) from the page.
@@ -276,19 +281,26 @@ class ProxyHandler:
         self, request: web.BaseRequest, route: RouteRuntime, client: str
     ) -> list[tuple[str, str]]:
         """Body-size and rate-limit checks, before any upstream work."""
+        buckets = route.buckets
+        key = ""
+        if buckets is not None and not route.limit_by_route:
+            value = request.headers.get(route.limit_header) if route.limit_header else None
+            # Header values are the client's to choose: prefixed, one spelled
+            # like an address cannot drain (or reuse) that client's bucket.
+            key = f"header {value}" if value else client
         limit = route.config.max_body_bytes
         length = request.content_length
         if limit and length is not None and length > limit:
-            raise BodyTooLarge(f"request body of {length} bytes is over the {limit} byte limit")
-        buckets = route.buckets
+            shown: dict[str, str] = {}
+            if buckets is not None:
+                # Every response on a limited route shows the limit
+                # (CONTRACT.md "Rate limits"); this refusal takes no token.
+                shown = dict(rate_limit_headers(route.name, buckets.peek(key), self._clock(), True))
+            raise BodyTooLarge(
+                f"request body of {length} bytes is over the {limit} byte limit", shown
+            )
         if buckets is None:
             return []
-        if route.limit_by_route:
-            key = ""
-        elif route.limit_header is not None:
-            key = request.headers.get(route.limit_header) or client
-        else:
-            key = client
         allowed, bucket = buckets.take(key)
         headers = rate_limit_headers(route.name, bucket, self._clock(), allowed)
         if not allowed:
@@ -345,10 +357,16 @@ class ProxyHandler:
         pool.budget.record_attempt()
         handle = pool.handle
         handle.enter()
+        last_error: GatewayError | None = None
         try:
             while True:
                 target = pool.pick(client, tuple(tried))
                 if target is None:
+                    if last_error is not None:
+                        # A retry found no target left (the failure may just
+                        # have opened the last breaker): the failed attempt's
+                        # own 502/504 says more than a 503 would.
+                        raise last_error
                     raise NoHealthyTarget(
                         f"no healthy target in upstream {pool.name!r}",
                         {"Retry-After": str(math.ceil(pool.retry_after()))},
@@ -357,6 +375,10 @@ class ProxyHandler:
                 ex.target = target
                 if not target.breaker.acquire():
                     continue  # lost the half-open trial to another request
+                # Only the trial may hand the half-open state back: a request
+                # admitted before the trip must not free another's trial
+                # (breaker.py, rule 4), or two trials would run at once.
+                trial = target.breaker.state == "half_open"
                 with target.hold():
                     try:
                         upstream = await self._attempt(
@@ -375,31 +397,35 @@ class ProxyHandler:
                         )
                     except _UpstreamFailed as failed:
                         target.breaker.record_failure()
-                        if self._may_retry(route, attempt, failed.connect_failed, None, ex):
-                            await asyncio.sleep(backoff(attempt))
-                            attempt += 1
-                            continue
-                        raise failed.error from failed
+                        if not self._may_retry(route, attempt, failed.connect_failed, None, ex):
+                            raise failed.error from failed
+                        last_error = failed.error
                     except BaseException:
                         # No verdict on the target (client silent or over the
                         # body limit, or cancelled): hand back a half-open
                         # trial so that the breaker cannot stay stuck in it.
-                        target.breaker.release()
+                        if trial:
+                            target.breaker.release()
                         raise
-                    if upstream.status in GATEWAY_FAILURE_STATUSES:
+                    else:
+                        if upstream.status not in GATEWAY_FAILURE_STATUSES:
+                            target.ok_counter.inc()
+                            target.breaker.record_success()
+                            return await self._relay(
+                                request, upstream, ex, rid, extra_headers, cors_headers
+                            )
                         target.error_counter.inc()
                         target.breaker.record_failure()
-                        if self._may_retry(route, attempt, False, upstream.status, ex):
-                            upstream.close()
-                            await asyncio.sleep(backoff(attempt))
-                            attempt += 1
-                            continue
-                    else:
-                        target.ok_counter.inc()
-                        target.breaker.record_success()
-                    return await self._relay(
-                        request, upstream, ex, rid, extra_headers, cors_headers
-                    )
+                        if not self._may_retry(route, attempt, False, upstream.status, ex):
+                            # Out of retries: the target's own 5xx is the answer.
+                            return await self._relay(
+                                request, upstream, ex, rid, extra_headers, cors_headers
+                            )
+                        upstream.close()
+                        last_error = None
+                # Back off outside `hold()`: the failed target is not in flight.
+                await asyncio.sleep(backoff(attempt))
+                attempt += 1
         finally:
             handle.leave()
 

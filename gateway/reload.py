@@ -1,9 +1,16 @@
 """SIGHUP: re-read the config off the hot path, swap the snapshot atomically.
 
 Reloads are coalesced: a SIGHUP that arrives while one runs schedules exactly
-one more, however many arrive. The file is read and validated in a worker
-thread; the snapshot is built and swapped on the loop without an `await` in
-between, so every request sees either the old config or the new one whole.
+one more, however many arrive, and that one reads the file as it is then, so
+the last signal's file is always the one served. The file is read and
+validated in a worker thread; the snapshot is built and swapped on the loop
+without an `await` in between, so every request sees either the old config or
+the new one whole.
+
+systemd sees `RELOADING=1` (with `MONOTONIC_USEC=` in the same datagram) when
+a reload starts and `READY=1` when it ends, valid or not (sd_notify(3),
+Type=notify-reload); a reload cut short by shutdown ends in `STOPPING=1`
+instead.
 """
 
 from __future__ import annotations
@@ -14,7 +21,9 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from gateway.config import Config, ConfigError, load
+from msgspec import structs
+
+from gateway.config import Config, ConfigError, RouteConfig, UpstreamConfig, load
 
 if TYPE_CHECKING:
     from gateway.server import Gateway
@@ -22,44 +31,58 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.reload")
 
 
+def _route_key(route: RouteConfig) -> RouteConfig:
+    # A route that only moved in the file is not "changed".
+    return structs.replace(route, index=0)
+
+
+def _upstream_key(upstream: UpstreamConfig) -> UpstreamConfig:
+    # Target changes are reported per target, not as a changed upstream.
+    return structs.replace(upstream, targets=())
+
+
 def describe_changes(old: Config, new: Config) -> str:
-    """One line: what a reload changed, by route name and target URL."""
+    """One line: what a reload changed, by route name, upstream name and target URL.
+
+    E.g. `routes added: b; routes changed: a; targets removed: users:http://10.0.0.2:80`.
+    """
     old_routes = {r.name: r for r in old.routes}
     new_routes = {r.name: r for r in new.routes}
-    old_targets = {(u.name, t.url) for u in old.upstreams.values() for t in u.targets}
-    new_targets = {(u.name, t.url) for u in new.upstreams.values() for t in u.targets}
-
-    def strip(route: object) -> object:
-        # A route that only moved in the file is not "changed".
-        from msgspec import structs
-
-        return structs.replace(route, index=0)  # type: ignore[type-var]
-
-    parts = []
-    added = sorted(new_routes.keys() - old_routes.keys())
-    removed = sorted(old_routes.keys() - new_routes.keys())
-    changed = sorted(
-        n
-        for n in new_routes.keys() & old_routes.keys()
-        if strip(new_routes[n]) != strip(old_routes[n])
+    old_targets = {(u.name, t.url): t for u in old.upstreams.values() for t in u.targets}
+    new_targets = {(u.name, t.url): t for u in new.upstreams.values() for t in u.targets}
+    common_routes = new_routes.keys() & old_routes.keys()
+    common_upstreams = new.upstreams.keys() & old.upstreams.keys()
+    common_targets = new_targets.keys() & old_targets.keys()
+    sections = (
+        ("routes added", sorted(new_routes.keys() - old_routes.keys())),
+        ("routes removed", sorted(old_routes.keys() - new_routes.keys())),
+        (
+            "routes changed",
+            sorted(
+                n for n in common_routes if _route_key(new_routes[n]) != _route_key(old_routes[n])
+            ),
+        ),
+        ("upstreams added", sorted(new.upstreams.keys() - old.upstreams.keys())),
+        ("upstreams removed", sorted(old.upstreams.keys() - new.upstreams.keys())),
+        (
+            "upstreams changed",
+            sorted(
+                n
+                for n in common_upstreams
+                if _upstream_key(new.upstreams[n]) != _upstream_key(old.upstreams[n])
+            ),
+        ),
+        ("targets added", sorted(f"{u}:{t}" for u, t in new_targets.keys() - old_targets.keys())),
+        (
+            "targets removed",
+            sorted(f"{u}:{t}" for u, t in old_targets.keys() - new_targets.keys()),
+        ),
+        (
+            "targets changed",
+            sorted(f"{u}:{t}" for u, t in common_targets if new_targets[u, t] != old_targets[u, t]),
+        ),
     )
-    t_added = sorted(f"{u}:{t}" for u, t in new_targets - old_targets)
-    t_removed = sorted(f"{u}:{t}" for u, t in old_targets - new_targets)
-    up_changed = sorted(
-        n
-        for n in new.upstreams.keys() & old.upstreams.keys()
-        if new.upstreams[n] != old.upstreams[n]
-    )
-    for label, items in (
-        ("routes added", added),
-        ("routes removed", removed),
-        ("routes changed", changed),
-        ("targets added", t_added),
-        ("targets removed", t_removed),
-        ("upstreams changed", up_changed),
-    ):
-        if items:
-            parts.append(f"{label}: {', '.join(items)}")
+    parts = [f"{label}: {', '.join(items)}" for label, items in sections if items]
     if old.server != new.server:
         parts.append("server settings changed")
     return "; ".join(parts) if parts else "no changes"
@@ -69,13 +92,15 @@ class Reloader:
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
         self._wanted = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="reloader")
         self.completed = 0  # reloads attempted, for tests and /status
 
     def request(self) -> None:
+        """Ask for a reload; many requests before it starts make one reload."""
         self._wanted.set()
 
     async def close(self) -> None:
+        """Stop reloading; a reload in progress is abandoned (the old config stays)."""
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
@@ -83,47 +108,55 @@ class Reloader:
     async def _run(self) -> None:
         while True:
             await self._wanted.wait()
+            # Cleared before the file is read: a SIGHUP from here on asks for
+            # one more reload, which will see whatever was written meanwhile.
             self._wanted.clear()
-            try:
-                await self.reload_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # never let one bad reload end reloading
-                log.exception("reload failed unexpectedly; old config keeps serving")
+            await self.reload_once()
             self.completed += 1
 
     async def reload_once(self) -> bool:
+        """One reload; True when the new config is serving. Raises only
+        CancelledError (shutdown), and then sends no READY=1."""
         gw = self._gateway
         assert gw.box is not None
-        notifier = gw.notifier
+        path = gw.box.snapshot.config.path
         # MONOTONIC_USEC travels with RELOADING=1 (systemd's notify-reload).
-        notifier.reloading()
-        old = gw.box.snapshot.config
-        path = old.path
+        gw.notifier.reloading(f"reloading {path}")
         try:
-            try:
-                config = await asyncio.to_thread(load, path)
-            except ConfigError as error:
-                gw.metrics.config_reloads.labels("failure").inc()
-                log.error(
-                    "reload of %s rejected, old config keeps serving:\n  %s",
-                    path,
-                    "\n  ".join(error.errors),
-                )
-                notifier.status(f"reload rejected ({len(error.errors)} errors); old config serving")
-                return False
-            # No await from here to the swap: atomic for every request.
-            snapshot = gw.runtime.build(config)
-            gw.box.snapshot = snapshot
-            gw.health.sync(snapshot)
-            gw.access_log.set_format(config.server.access_log)
-            gw.metrics.config_reloads.labels("success").inc()
-            gw.metrics.config_last_reload_success.set(time.time())
-            if config.server.listen != old.server.listen or config.server.admin != old.server.admin:
-                log.warning("listen/admin address changes take effect on restart only")
-            log.info("reloaded %s: %s", path, describe_changes(old, config))
-            notifier.status(f"serving {len(config.routes)} routes")
-            return True
-        finally:
-            # Every RELOADING=1 is followed by READY=1, success or not.
-            notifier.ready()
+            ok, status = await self._reload(gw, path)
+        except asyncio.CancelledError:
+            # Shutdown: STOPPING=1 follows and supersedes RELOADING=1.
+            raise
+        except Exception:  # never let one bad reload end reloading
+            gw.metrics.config_reloads.labels("failure").inc()
+            log.exception("reload of %s failed unexpectedly; old config keeps serving", path)
+            ok, status = False, "reload failed; old config serving"
+        # Every RELOADING=1 is followed by READY=1, success or not.
+        gw.notifier.ready(status)
+        return ok
+
+    async def _reload(self, gw: Gateway, path: str) -> tuple[bool, str]:
+        assert gw.box is not None
+        try:
+            config = await asyncio.to_thread(load, path)
+        except ConfigError as error:
+            gw.metrics.config_reloads.labels("failure").inc()
+            log.error(
+                "reload of %s rejected (%d error(s)), old config keeps serving:\n  %s",
+                path,
+                len(error.errors),
+                "\n  ".join(error.errors),
+            )
+            return False, f"reload rejected ({len(error.errors)} errors); old config serving"
+        # No await from here to the swap: atomic for every request.
+        old = gw.box.snapshot.config
+        snapshot = gw.runtime.build(config)
+        gw.box.snapshot = snapshot
+        gw.health.sync(snapshot)
+        gw.access_log.set_format(config.server.access_log)
+        gw.metrics.config_reloads.labels("success").inc()
+        gw.metrics.config_last_reload_success.set(time.time())
+        if config.server.listen != old.server.listen or config.server.admin != old.server.admin:
+            log.warning("listen/admin address changes take effect on restart only")
+        log.info("reloaded %s: %s", path, describe_changes(old, config))
+        return True, f"serving {len(config.routes)} routes"

@@ -1,8 +1,14 @@
 """Assembly: listeners, admin, signals, systemd, reload and drain.
 
 Signal handlers only set state; the loop acts (uvicorn's order): SIGHUP asks
-the reloader for a reload, the first SIGTERM/SIGINT sets `stopping`, the
-second exits at once.
+the reloader for a reload, the first SIGTERM/SIGINT sets `stopping` (and turns
+/readyz 503 at once), the second exits at once.
+
+Shutdown order (`drain()`): close the proxy listeners, send STOPPING=1, stop
+reloading, let running requests finish for `server.drain_timeout`, abort what
+is left, then close the admin listener, health probes and upstream sessions.
+The admin listener outlives the drain so that a load balancer or an operator
+can watch /readyz (503) and /metrics while requests finish.
 """
 
 from __future__ import annotations
@@ -39,8 +45,18 @@ log = logging.getLogger("gateway.server")
 
 # nginx's keepalive_timeout default: idle client connections between requests.
 KEEPALIVE_TIMEOUT: Final = 75.0
-# Exit status when a second signal cuts the drain short.
-EXIT_FORCED: Final = 1
+# A second SIGTERM/SIGINT cuts the drain short: the process exits with
+# 128 + the signal's number (143 for SIGTERM, 130 for SIGINT), the status a
+# shell reports for a process that signal killed. Non-zero on purpose: requests
+# were cut off, and systemd should record the stop as unclean.
+EXIT_FORCED_BASE: Final = 128
+# Once drain_timeout has passed and the remaining connections were aborted,
+# how long their handlers get to unwind (they are cancelled, so this is short).
+_ABORT_GRACE: Final = 5.0
+
+
+class StartupError(Exception):
+    """The gateway cannot start (bad LISTEN_FDS, unusable inherited socket)."""
 
 
 class Gateway:
@@ -73,7 +89,9 @@ class Gateway:
         self._proxy_server: GatewayServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.reloader: Reloader | None = None
+        self._reload_pending = False  # SIGHUP before the reloader existed
         self._signals = 0
+        self._closed = False
 
     @property
     def config(self) -> Config:
@@ -82,6 +100,17 @@ class Gateway:
 
     def _client_timeout(self) -> float:
         return self.config.server.client_timeout
+
+    def _inherited_sockets(self) -> list[tuple[int, str]]:
+        """Sockets passed by systemd (sd_listen_fds(3)); [] outside socket activation."""
+        if "LISTEN_FDS" not in self.environ:
+            return []
+        try:
+            return listen_fds(dict(self.environ))
+        except (ValueError, OSError) as error:
+            # Falling back to server.listen would serve on other ports than the
+            # socket units name: refuse to start instead.
+            raise StartupError(f"unusable LISTEN_FDS from the service manager: {error}") from None
 
     async def start(self) -> None:
         config = self._initial_config
@@ -103,25 +132,26 @@ class Gateway:
             self._proxy_server, shutdown_timeout=config.server.drain_timeout
         )
         await self._proxy_runner.setup()
-        inherited = listen_fds(dict(self.environ)) if "LISTEN_FDS" in self.environ else []
-        admin_socks = [fd for fd, name in inherited if name == "admin"]
-        proxy_socks = [fd for fd, name in inherited if name != "admin"]
-        if inherited:
-            for fd in proxy_socks:
-                await self._add_sock_site(self._proxy_runner, socket_from_fd(fd), self.addresses)
+        inherited = self._inherited_sockets()
+        admin_fds = [fd for fd, name in inherited if name == "admin"]
+        proxy_fds = [fd for fd, name in inherited if name != "admin"]
+        if proxy_fds:
+            for fd in proxy_fds:
+                sock = self._socket(fd)
+                await self._add_sock_site(self._proxy_runner, sock, self.addresses)
         else:
             for address in config.server.listen:
                 await self._add_site(self._proxy_runner, address, self.addresses)
-        if admin_socks or config.server.admin:
+        if admin_fds or config.server.admin:
             self._admin_runner = web.AppRunner(
                 admin_app(self.box, self.metrics, lambda: self.ready and not self.draining),
                 access_log=None,
                 shutdown_timeout=1.0,
             )
             await self._admin_runner.setup()
-            if admin_socks:
-                for fd in admin_socks:
-                    sock = socket_from_fd(fd)
+            if admin_fds:
+                for fd in admin_fds:
+                    sock = self._socket(fd)
                     await self._add_sock_site(self._admin_runner, sock, self.admin_addresses)
             else:
                 await self._add_site(self._admin_runner, config.server.admin, self.admin_addresses)
@@ -135,17 +165,32 @@ class Gateway:
             self._tasks.append(loop.create_task(self._watchdog(interval)))
         self.ready = True
         log.info(
-            "listening on %s; admin on %s; %d routes, %d upstreams from %s",
+            "listening on %s; admin on %s; %d routes, %d upstreams from %s%s",
             ", ".join(self.addresses) or "-",
             ", ".join(self.admin_addresses) or "off",
             len(config.routes),
             len(config.upstreams),
             config.path,
+            " (sockets from the service manager)" if inherited else "",
         )
         self.notifier.ready(f"serving {len(config.routes)} routes")
+        if self._reload_pending:
+            self._reload_pending = False
+            self.reloader.request()
 
     def _servers(self) -> list[web.Server]:
         return [self._proxy_server] if self._proxy_server is not None else []
+
+    @staticmethod
+    def _socket(fd: int) -> socket.socket:
+        try:
+            sock = socket_from_fd(fd)
+        except OSError as error:
+            raise StartupError(f"inherited fd {fd} is not a socket: {error}") from None
+        if sock.type != socket.SOCK_STREAM:
+            sock.detach()  # not ours to close
+            raise StartupError(f"inherited fd {fd} is not a stream socket")
+        return sock
 
     async def _add_site(self, runner: web.BaseRunner, address: str, out: list[str]) -> None:
         parsed = parse_listen_address(address)
@@ -171,6 +216,8 @@ class Gateway:
         out.append(_format_sockname(sock))
 
     async def _watchdog(self, interval: float) -> None:
+        # Pinged from the loop itself: a wedged loop stops the pings and
+        # systemd kills and restarts the service (sd_watchdog_enabled(3)).
         while True:
             self.notifier.watchdog()
             await asyncio.sleep(interval)
@@ -184,15 +231,24 @@ class Gateway:
         loop.add_signal_handler(signal.SIGINT, self._on_stop_signal, signal.SIGINT)
 
     def _on_sighup(self) -> None:
-        if self.reloader is not None and not self.draining:
+        if self.draining:
+            log.info("SIGHUP ignored: draining")
+        elif self.reloader is None:
+            self._reload_pending = True  # still starting: reload once serving
+        else:
             self.reloader.request()
 
     def _on_stop_signal(self, signum: int) -> None:
         self._signals += 1
+        name = signal.Signals(signum).name
         if self._signals > 1:
-            log.warning("second %s: exiting now", signal.Signals(signum).name)
-            os._exit(EXIT_FORCED)
-        log.info("%s: draining", signal.Signals(signum).name)
+            # stderr is line-buffered (and logging flushes each record), so
+            # nothing already logged is lost by skipping interpreter shutdown.
+            log.warning("second %s: exiting now, without finishing the drain", name)
+            os._exit(EXIT_FORCED_BASE + signum)
+        log.info("%s: draining", name)
+        # /readyz answers 503 from this moment, before the loop gets to drain().
+        self.draining = True
         self.stopping.set()
 
     # -- shutdown --------------------------------------------------------------
@@ -200,21 +256,73 @@ class Gateway:
     async def drain(self) -> None:
         """Stop accepting, let in-flight requests finish within drain_timeout."""
         self.draining = True
+        # The current config's value: a reload may have changed it.
         timeout = self.config.server.drain_timeout
-        self.notifier.stopping()
-        self.notifier.status(f"draining (up to {timeout:g}s)")
-        if self.reloader is not None:
-            await self.reloader.close()
         started = time.monotonic()
         if self._proxy_runner is not None:
-            # Closes the listeners at once, then idle keep-alive connections,
-            # then waits up to shutdown_timeout for running handlers and
-            # cancels what is left.
-            await self._proxy_runner.cleanup()
+            # Stop accepting at once: close every proxy listener first
+            # (BaseSite.stop only closes the listening socket).
+            for site in list(self._proxy_runner.sites):
+                await site.stop()
+        self.notifier.stopping(f"draining (up to {timeout:g}s)")
+        if self.reloader is not None:
+            await self.reloader.close()
+        aborted = await self._drain_connections(timeout)
+        if aborted:
+            log.warning(
+                "drain_timeout (%gs) passed: aborted %d request(s) still running", timeout, aborted
+            )
         log.info("drained in %.3fs", time.monotonic() - started)
         await self.close()
 
+    async def _drain_connections(self, grace: float) -> int:
+        """Wait up to `grace` seconds for running requests; abort the rest. Returns how many."""
+        server = self._proxy_server
+        if server is None or self._proxy_runner is None:
+            return 0
+        # As aiohttp's BaseRunner.cleanup(): let connections accepted just
+        # before the listeners closed start their request first.
+        await asyncio.sleep(0)
+        # Idle keep-alive connections close now, busy ones after their response.
+        server.pre_shutdown()
+        # Not runner.cleanup(shutdown_timeout): aiohttp waits `timeout` for a
+        # handler, then up to `timeout` again after cancelling only its
+        # request body, so a stalled response would get twice the grace.
+        waiting = asyncio.ensure_future(server.shutdown(None))
+        done, _ = await asyncio.wait({waiting}, timeout=grace)
+        aborted = 0
+        if not done:
+            for handler in list(server.connections):
+                if handler._request_in_progress:
+                    aborted += 1
+                transport = handler.transport
+                if transport is not None:
+                    # abort(), not close(): close() would wait to flush to a
+                    # client that may not be reading. connection_lost then
+                    # cancels the handler (handler_cancellation=True), which
+                    # cancels its upstream request.
+                    transport.abort()
+            try:
+                async with asyncio.timeout(_ABORT_GRACE):
+                    await waiting
+            except TimeoutError:
+                log.warning("request handlers still running %gs after abort", _ABORT_GRACE)
+        elif waiting.exception() is not None:
+            log.error("error while draining connections", exc_info=waiting.exception())
+        await self._proxy_runner.cleanup()
+        self._proxy_runner = None
+        return aborted
+
     async def close(self) -> None:
+        """Release everything; idempotent. Without drain(), running requests get
+        aiohttp's shutdown_timeout (the start-up drain_timeout)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.draining = True
+        if self.reloader is not None:
+            await self.reloader.close()
+        # The watchdog stops here: after this, only the exit tells systemd.
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -231,8 +339,10 @@ class Gateway:
 
     async def serve(self) -> int:
         """Run until SIGTERM/SIGINT, then drain; the process exit status."""
-        await self.start()
+        # Before start(): a signal during start-up must reach our handlers,
+        # not the default action (SIGHUP's would kill the process).
         self.install_signal_handlers()
+        await self.start()
         await self.stopping.wait()
         await self.drain()
         log.info("exit")

@@ -117,7 +117,7 @@ def new_session(read_bufsize: int = 2**18) -> aiohttp.ClientSession:
         ttl_dns_cache=10,
         enable_cleanup_closed=False,
     )
-    return aiohttp.ClientSession(
+    session = aiohttp.ClientSession(
         connector=connector,
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
@@ -131,6 +131,15 @@ def new_session(read_bufsize: int = 2**18) -> aiohttp.ClientSession:
         raise_for_status=False,
         trust_env=False,
     )
+    # aiohttp silently sends an idempotent request a second time, to the same
+    # target, when the connection drops before the response (aio-libs/aiohttp
+    # #7363; no public switch, see #10790; its own TestClient turns it off the
+    # same way). Retries are the proxy's decision (CONTRACT.md "Retries": only
+    # on connect failure or a 502/503/504, within the budget, to another
+    # target): a hidden one would double a request that crashes its target
+    # with `retries = 0` and escape the breaker, the budget and the metrics.
+    session._retry_connection = False
+    return session
 
 
 class SessionHandle:
