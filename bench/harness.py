@@ -230,53 +230,58 @@ def reset_hwm(pids: Sequence[int]) -> bool:
     return ok
 
 
-def machine_cpu() -> tuple[float, float, float]:
-    """System-wide (busy, irq+softirq, steal) CPU seconds from /proc/stat's "cpu" line."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-    # irq/softirq time is mostly charged to the interrupted process's stime as well,
-    # so it belongs to "busy" when comparing with our processes' utime+stime.
-    return (
-        (user + nice + system + irq + softirq) / CLK_TCK,
-        (irq + softirq) / CLK_TCK,
-        steal / CLK_TCK,
-    )
+_PF_KTHREAD: Final = 0x00200000
 
 
-def own_cpu() -> float:
-    """This process + every descendant already reaped (wrk, clients, stopped servers)."""
-    times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
+def _others_snapshot(exclude_pgids: set[int]) -> dict[tuple[int, int], float]:
+    """CPU seconds (utime+stime+cutime+cstime) of every user-space process that is not
+    ours, keyed by (pid, start time) so a reused pid is a new process."""
+    me = os.getpid()
+    snap: dict[tuple[int, int], float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        fields = _stat_fields(int(entry))
+        # fields[i] is stat field i+3: pgrp 5, flags 9, utime..cstime 14-17, starttime 22.
+        if fields is None or int(fields[2]) in exclude_pgids or int(fields[6]) & _PF_KTHREAD:
+            continue
+        ticks = sum(int(value) for value in fields[11:15])
+        snap[int(entry), int(fields[19])] = ticks / CLK_TCK
+    return snap
 
 
 class Interference:
-    """CPU time that processes other than ours used on the machine during a step.
+    """CPU time that *other* processes (other sessions' test runs on this shared 2-core
+    machine) used during a step, from their utime+stime+cutime+cstime in /proc.
 
-    busy (from /proc/stat) - (this process + reaped children + live children's groups).
-    Other sessions' test runs on this shared 2-core machine show up here; a step where
-    they took a noticeable share of a core is flagged in the report.
+    Counted: the growth of processes alive at both ends, the whole time of processes
+    that appeared, minus the time already spent by processes that went away (their
+    parent's cutime jumps by their whole life when it reaps them). Kernel threads are
+    left out (ksoftirqd does our own loopback work), and so are this process and every
+    child process group it started.
     """
 
     def __init__(self, procs: Processes) -> None:
         self.procs = procs
         self.others_s = 0.0
         self.wall_s = 0.0
-        self._busy = 0.0
-        self._ours = 0.0
+        self._before: dict[tuple[int, int], float] = {}
         self._start = 0.0
 
-    def _our_cpu(self) -> float:
-        live = sum(cpu_seconds(p.group_pids()) for p in self.procs.procs if p.alive())
-        return own_cpu() + live
+    def _ours(self) -> set[int]:
+        return {proc.pid for proc in self.procs.procs}
 
     def __enter__(self) -> Interference:
-        self._busy, self._ours, self._start = machine_cpu()[0], self._our_cpu(), time.monotonic()
+        self._before = _others_snapshot(self._ours())
+        self._start = time.monotonic()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        busy, ours = machine_cpu()[0], self._our_cpu()
+        after = _others_snapshot(self._ours())
         self.wall_s = time.monotonic() - self._start
-        self.others_s = max(0.0, (busy - self._busy) - (ours - self._ours))
+        grown = sum(value - self._before.get(key, 0.0) for key, value in after.items())
+        gone = sum(value for key, value in self._before.items() if key not in after)
+        self.others_s = max(0.0, grown - gone)
 
     @property
     def share(self) -> float:

@@ -39,15 +39,14 @@ from harness import (
     BenchError,
     BulkResult,
     GatewayRun,
+    Interference,
     Proc,
     Processes,
     RssSampler,
     WrkResult,
     free_port,
     http_get,
-    machine_cpu,
     nginx_argv,
-    own_cpu,
     pin_self,
     prepare_nginx,
     reset_hwm,
@@ -792,8 +791,8 @@ def main() -> int:
     info = versions()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     load_at_start = Path("/proc/loadavg").read_text().split()[0]
-    machine_before, own_before, wall_before = machine_cpu(), own_cpu(), time.monotonic()
     procs = Processes()
+    whole_run = Interference(procs).__enter__()
     direct_t: Target | None = None
     gateway_t = Target("gateway", 0, None)
     gateway_t.result.error = "not run"
@@ -845,15 +844,12 @@ def main() -> int:
         procs.close()
 
     assert direct_t is not None
-    machine_after, own_after = machine_cpu(), own_cpu()
-    wall = time.monotonic() - wall_before
-    others = (machine_after[0] - machine_before[0]) - (own_after - own_before)
+    whole_run.__exit__(None, None, None)
     background = (
-        f"other processes on the machine used ≈{max(others, 0.0):.1f} CPU-s during the "
-        f"{wall:.0f} s run ({max(others, 0.0) / wall * 100:.0f} % of one core; "
-        f"machine-wide irq+softirq "
-        f"{machine_after[1] - machine_before[1]:.1f} s, steal "
-        f"{machine_after[2] - machine_before[2]:.1f} s); load average at start {load_at_start}"
+        f"other processes (other sessions on this machine) used {whole_run.others_s:.1f} "
+        f"CPU-s during the {whole_run.wall_s:.0f} s run ({whole_run.share * 100:.0f} % of "
+        f"one core); load average at start {load_at_start}. Steps where they took > "
+        f"{NOISY * 100:.0f} % of a core are listed under details"
     )
     report = build_report(
         settings,

@@ -450,8 +450,8 @@ class GatewayRequestHandler(RequestHandler):
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; cannot send an error")
         error = classify_parse_error(exc, status)
-        # The head did not parse, so its X-Request-ID (if any) is unknown:
-        # every response still carries one (CONTRACT.md), so make one.
+        # Every response carries an X-Request-ID (CONTRACT.md). A head that
+        # did not parse has no trustworthy one of its own: make one.
         rid = exc.request_id if isinstance(exc, _Refused) else new_request_id()
         if error.status >= 500 and not isinstance(exc, _Refused):
             log.error("error handling request %s from %s", rid, request.remote, exc_info=exc)
