@@ -60,6 +60,45 @@ class UpstreamTimeout(GatewayError):
     code = "upstream_timeout"
 
 
+class BadRequest(GatewayError):
+    status = 400
+    code = "bad_request"
+
+
+class ClientTimeout(GatewayError):
+    """The client went silent for `client_timeout` mid-head or mid-body."""
+
+    status = 408
+    code = "client_timeout"
+
+
+class ConnectRefused(GatewayError):
+    """CONNECT is never proxied (no tunnels, no open proxy); RFC 9110 10.2.1 Allow."""
+
+    status = 405
+    code = "method_not_allowed"
+
+
+class UriTooLong(GatewayError):
+    status = 414
+    code = "uri_too_long"
+
+
+class HeadersTooLarge(GatewayError):
+    status = 431
+    code = "header_fields_too_large"
+
+
+class NotImplementedCoding(GatewayError):
+    status = 501
+    code = "not_implemented"
+
+
+class VersionNotSupported(GatewayError):
+    status = 505
+    code = "http_version_not_supported"
+
+
 class _Body(msgspec.Struct):
     error: str
     message: str

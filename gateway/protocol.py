@@ -55,7 +55,17 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
-from gateway.errors import GatewayError, json_body
+from gateway.errors import (
+    BadRequest,
+    ClientTimeout,
+    ConnectRefused,
+    GatewayError,
+    HeadersTooLarge,
+    NotImplementedCoding,
+    UriTooLong,
+    VersionNotSupported,
+    json_body,
+)
 from gateway.headers import new_request_id, request_id
 
 log = logging.getLogger("gateway.protocol")
@@ -82,41 +92,6 @@ _HOST: Final = re.compile(
 )
 
 
-class _BadRequest(GatewayError):
-    status = 400
-    code = "bad_request"
-
-
-class _ClientTimeout(GatewayError):
-    status = 408
-    code = "client_timeout"
-
-
-class _ConnectRefused(GatewayError):
-    status = 405
-    code = "method_not_allowed"
-
-
-class _UriTooLong(GatewayError):
-    status = 414
-    code = "uri_too_long"
-
-
-class _HeadersTooLarge(GatewayError):
-    status = 431
-    code = "header_fields_too_large"
-
-
-class _NotImplemented(GatewayError):
-    status = 501
-    code = "not_implemented"
-
-
-class _VersionNotSupported(GatewayError):
-    status = 505
-    code = "http_version_not_supported"
-
-
 class _Refused(Exception):
     """A head `vet_head` refused, carried through aiohttp's error path.
 
@@ -135,50 +110,50 @@ def vet_head(message: RawRequestMessage) -> GatewayError | None:
     if message.version not in (HttpVersion10, HttpVersion11):
         # llhttp accepts HTTP/0.9 (a bare "GET /") and HTTP/2.0 request lines;
         # neither can be answered in HTTP/1.x framing (RFC 9110 15.6.6).
-        return _VersionNotSupported("only HTTP/1.0 and HTTP/1.1 are served here")
+        return VersionNotSupported("only HTTP/1.0 and HTTP/1.1 are served here")
     if message.method == hdrs.METH_CONNECT:
         # The gateway is no forward proxy. aiohttp would hand the tunnel to
         # the handler, and aiohttp's client would open one to the target. An
         # empty Allow: the authority-form target names no resource of ours
         # (RFC 9110 10.2.1). nginx answers CONNECT with 405 too.
-        return _ConnectRefused(
+        return ConnectRefused(
             "CONNECT is not supported: this is a gateway, not a forward proxy", {"Allow": ""}
         )
     size = 0
     for name, value in message.raw_headers:
         size += len(name) + len(value) + 4  # ": " and CRLF
     if size > MAX_HEAD_BYTES:
-        return _HeadersTooLarge("header section too large")
+        return HeadersTooLarge("header section too large")
     host = message.headers.get(hdrs.HOST)
     if host is not None and _HOST.fullmatch(host) is None:
-        return _BadRequest("invalid Host header")
+        return BadRequest("invalid Host header")
     coding = message.headers.get(hdrs.TRANSFER_ENCODING)
     if coding is not None:
         if message.version == HttpVersion10:
             # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding MUST be
             # treated as having faulty framing (1.0 hops do not know chunked).
-            return _BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+            return BadRequest("Transfer-Encoding in an HTTP/1.0 request")
         codings = [c.strip().lower() for c in coding.split(",")]
         if [c for c in codings if c] != ["chunked"]:
             # llhttp already refuses a last coding other than chunked (RFC
             # 9112 6.3 rule 4). Codings before it ("gzip, chunked") we cannot
             # undo, and dropping the header (hop-by-hop) would hand the target
             # a coded body as if plain: RFC 9112 6.1 says 501, as nginx does.
-            return _NotImplemented(f"unsupported Transfer-Encoding {coding!r}")
+            return NotImplementedCoding(f"unsupported Transfer-Encoding {coding!r}")
     target = message.path
     if not target.startswith("/") and target != "*":
         # Absolute-form: routed by our own table, never sent to the host it
         # names (RFC 9112 3.2.2). aiohttp checked it has an authority.
         url = message.url
         if url.scheme.lower() not in ("http", "https"):
-            return _BadRequest("absolute-form target must be http or https")
+            return BadRequest("absolute-form target must be http or https")
         authority = url.raw_authority
         if "@" in authority:
             # RFC 9110 4.2.4: userinfo is to be treated as an error (it hides
             # the real authority), and it must not leak into X-Forwarded-Host.
-            return _BadRequest("userinfo in the request target")
+            return BadRequest("userinfo in the request target")
         if _HOST.fullmatch(authority) is None:
-            return _BadRequest("invalid authority in the request target")
+            return BadRequest("invalid authority in the request target")
     return None
 
 
@@ -188,16 +163,17 @@ def classify_parse_error(exc: BaseException | None, status: int) -> GatewayError
     if isinstance(exc, LineTooLong):
         limit = exc.args[1] if len(exc.args) > 1 else None
         if limit == MAX_REQUEST_LINE:
-            return _UriTooLong("request target too long")
-        return _HeadersTooLarge("header field too large")
+            return UriTooLong("request target too long")
+        return HeadersTooLarge("header field too large")
     if isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc):
-        return _HeadersTooLarge("too many header fields")
+        return HeadersTooLarge("too many header fields")
     if status == 400 or isinstance(exc, BadHttpMessage):
-        return _BadRequest("malformed request")
+        return BadRequest("malformed request")
     return GatewayError("internal error")
 
 
-def _json_response(error: GatewayError, rid: str) -> web.Response:
+def json_response(error: GatewayError, rid: str, close: bool = True) -> web.Response:
+    """The contract's JSON error body, with the request id in body and header."""
     response = web.Response(
         status=error.status,
         body=json_body(error, rid),
@@ -205,9 +181,10 @@ def _json_response(error: GatewayError, rid: str) -> web.Response:
         headers=error.headers,
     )
     response.headers["X-Request-ID"] = rid
-    # Framing of anything after a refused message cannot be trusted
-    # (RFC 9112 11.2, request smuggling): close.
-    response.force_close()
+    if close:
+        # Framing of anything after a refused message cannot be trusted
+        # (RFC 9112 11.2, request smuggling): close.
+        response.force_close()
     return response
 
 
@@ -360,7 +337,7 @@ class GatewayRequestHandler(RequestHandler):
         self._no_linger = True
         task = self._handler_task
         if task is not None:
-            self._body_error = _BadRequest("malformed request body")
+            self._body_error = BadRequest("malformed request body")
             task.cancel()
         else:
             # The handler already answered; only aiohttp's lingering read of
@@ -399,7 +376,7 @@ class GatewayRequestHandler(RequestHandler):
             task.uncancel()
             log.debug("refused malformed body from %s", request.remote)
             rid = request_id(request.headers.get("X-Request-ID"), new_request_id)
-            return _json_response(error, rid)
+            return json_response(error, rid)
         finally:
             self._handler_task = None
 
@@ -436,7 +413,7 @@ class GatewayRequestHandler(RequestHandler):
         self._refused = True
         transport = self.transport
         if transport is not None and not transport.is_closing() and self.head_bytes:
-            error = _ClientTimeout("request head not received in time")
+            error = ClientTimeout("request head not received in time")
             transport.write(_raw_response(error, new_request_id()))
         self.force_close()
 
@@ -460,7 +437,7 @@ class GatewayRequestHandler(RequestHandler):
         # The status line is HTTP/1.0 (aiohttp's placeholder request for a
         # parse error): RFC 9110 6.2 lets a server answer 1.0 to a client
         # suspected of not implementing HTTP correctly.
-        return _json_response(error, rid)
+        return json_response(error, rid)
 
 
 class GatewayServer(web.Server):

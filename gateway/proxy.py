@@ -29,11 +29,11 @@ from gateway.cors import is_preflight, merge_headers
 from gateway.errors import (
     BadGateway,
     BodyTooLarge,
+    ClientTimeout,
     GatewayError,
     NoHealthyTarget,
     RateLimited,
     UpstreamTimeout,
-    json_body,
 )
 from gateway.headers import (
     client_response_headers,
@@ -44,6 +44,7 @@ from gateway.headers import (
 from gateway.limits import rate_limit_headers
 from gateway.log import AccessLog
 from gateway.metrics import Metrics
+from gateway.protocol import json_response
 from gateway.retry import backoff, may_retry
 from gateway.routing import forward_path
 from gateway.snapshot import RouteRuntime, Snapshot
@@ -311,19 +312,10 @@ class ProxyHandler:
     def _error_response(
         self, request: web.BaseRequest, error: GatewayError, rid: str
     ) -> web.Response:
-        response = web.Response(
-            status=error.status,
-            body=json_body(error, rid),
-            content_type="application/json",
-            headers=error.headers,
-        )
-        response.headers["X-Request-ID"] = rid
-        if request.body_exists and not request.content.at_eof():
-            # The body was not read (refused before upload, or cut short): the
-            # client may still be sending, so end the connection rather than
-            # read a body nobody wants.
-            response.force_close()
-        return response
+        # A body left unread (refused before upload, or cut short) may still
+        # be on its way: end the connection rather than read what nobody wants.
+        unread = request.body_exists and not request.content.at_eof()
+        return json_response(error, rid, close=unread)
 
     async def _forward(
         self,
@@ -536,7 +528,7 @@ class ProxyHandler:
                 async with asyncio.timeout(timeout):
                     chunk = await content.readany()
             except TimeoutError:
-                ex.body_error = _ClientSilent("client sent nothing for too long")
+                ex.body_error = ClientTimeout("client sent nothing for too long")
                 raise ex.body_error from None
             if not chunk:
                 return
@@ -591,11 +583,6 @@ class ProxyHandler:
                 # Client gone, client write failed, or target broke: this
                 # connection is in an unknown state and must not be pooled.
                 upstream.close()
-
-
-class _ClientSilent(GatewayError):
-    status = 408
-    code = "client_timeout"
 
 
 def _abort(request: web.BaseRequest) -> None:
