@@ -34,7 +34,7 @@ class TokenBucket:
     full (`full_at` = -inf).
     """
 
-    __slots__ = ("_full_at", "burst", "rate")
+    __slots__ = ("_full_at", "burst", "rate", "stored_until")
 
     def __init__(self, rate: float, burst: int) -> None:
         if not (rate > 0.0 and math.isfinite(rate)):
@@ -44,6 +44,12 @@ class TokenBucket:
         self.rate: Final = rate
         self.burst: Final = burst
         self._full_at = -math.inf
+        # When the BucketStore holding it will expire it (its TTL deadline).
+        self.stored_until = -math.inf
+
+    @property
+    def full_at(self) -> float:
+        return self._full_at
 
     def take(self, now: float) -> bool:
         """Take one token if there is one; False (and nothing taken) otherwise."""
@@ -94,7 +100,7 @@ class BucketStore:
       are active within one `burst / rate` window.
     """
 
-    __slots__ = ("_buckets", "burst", "clock", "max_keys", "rate")
+    __slots__ = ("_buckets", "_ttl", "burst", "clock", "max_keys", "rate")
 
     def __init__(
         self,
@@ -111,8 +117,9 @@ class BucketStore:
         self.burst: Final = burst
         self.max_keys: Final = max_keys
         self.clock: Final = clock
+        self._ttl = burst / rate
         self._buckets: TTLCache[str, TokenBucket] = TTLCache(
-            maxsize=max_keys, ttl=burst / rate, timer=clock
+            maxsize=max_keys, ttl=self._ttl, timer=clock
         )
 
     def take(self, key: str) -> tuple[bool, TokenBucket]:
@@ -132,7 +139,11 @@ class BucketStore:
             return False, bucket
         # TTLCache counts the ttl from insertion, not from the last read:
         # re-inserting restarts it, so a busy bucket never expires half empty.
-        buckets[key] = bucket
+        # Only needed when the bucket would now outlive its deadline; most
+        # takes (a bucket far from empty) skip the costly re-insert.
+        if bucket.full_at > bucket.stored_until:
+            buckets[key] = bucket
+            bucket.stored_until = now + self._ttl
         return True, bucket
 
     def peek(self, key: str) -> TokenBucket:
