@@ -37,12 +37,17 @@ class BenchError(Exception):
     pass
 
 
-def pin_prefix(pin: bool) -> list[str]:
-    """`taskset -c 0` for every process under test when pinned."""
-    return ["taskset", "-c", PIN_CPU] if pin else []
+Pin = bool | str  # True: CPU 0 (the bench layout); False: not pinned; "1": that CPU list
 
 
-def pin_self(pin: bool) -> str:
+def pin_prefix(pin: Pin) -> list[str]:
+    """`taskset -c 0` for every process under test when pinned (or the CPUs given)."""
+    if pin is False:
+        return []
+    return ["taskset", "-c", PIN_CPU if pin is True else pin]
+
+
+def pin_self(pin: Pin) -> str:
     """Keep the orchestrator (sampling, bookkeeping) off the measured core."""
     cpus = sorted(os.sched_getaffinity(0))
     if pin and len(cpus) > 1:
@@ -230,58 +235,54 @@ def reset_hwm(pids: Sequence[int]) -> bool:
     return ok
 
 
-_PF_KTHREAD: Final = 0x00200000
-
-
-def _others_snapshot(exclude_pgids: set[int]) -> dict[tuple[int, int], float]:
-    """CPU seconds (utime+stime+cutime+cstime) of every user-space process that is not
-    ours, keyed by (pid, start time) so a reused pid is a new process."""
-    me = os.getpid()
-    snap: dict[tuple[int, int], float] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        fields = _stat_fields(int(entry))
-        # fields[i] is stat field i+3: pgrp 5, flags 9, utime..cstime 14-17, starttime 22.
-        if fields is None or int(fields[2]) in exclude_pgids or int(fields[6]) & _PF_KTHREAD:
-            continue
-        ticks = sum(int(value) for value in fields[11:15])
-        snap[int(entry), int(fields[19])] = ticks / CLK_TCK
-    return snap
+def cpu_busy(line: str) -> float:
+    """Busy seconds (user+nice+system+irq+softirq) of one /proc/stat line ("cpu", "cpu0")."""
+    for text in Path("/proc/stat").read_text().splitlines():
+        fields = text.split()
+        if fields and fields[0] == line:
+            user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[1:8])
+            return (user + nice + system + irq + softirq) / CLK_TCK
+    return 0.0
 
 
 class Interference:
-    """CPU time that *other* processes (other sessions' test runs on this shared 2-core
-    machine) used during a step, from their utime+stime+cutime+cstime in /proc.
+    """CPU time that processes other than ours (other sessions' test runs on this shared
+    2-core machine) took during a step, where it hurts.
 
-    Counted: the growth of processes alive at both ends, the whole time of processes
-    that appeared, minus the time already spent by processes that went away (their
-    parent's cutime jumps by their whole life when it reaps them). Kernel threads are
-    left out (ksoftirqd does our own loopback work), and so are this process and every
-    child process group it started.
+    Pinned: busy time of CPU 0 (/proc/stat "cpu0", irq and softirq included, which the
+    kernel also charges to the interrupted task) minus the CPU time of our children,
+    all of which run on CPU 0 (reaped ones via os.times(), live ones via /proc). This
+    orchestrator sits on the other CPU and is left out. Not pinned: the same for the
+    whole machine, this process included.
     """
 
-    def __init__(self, procs: Processes) -> None:
+    def __init__(self, procs: Processes, pin: Pin) -> None:
         self.procs = procs
+        single = PIN_CPU if pin is True else pin if isinstance(pin, str) and pin.isdigit() else ""
+        self.line = f"cpu{single}"  # "cpu" = the whole machine
+        self.include_self = not single
         self.others_s = 0.0
         self.wall_s = 0.0
-        self._before: dict[tuple[int, int], float] = {}
+        self._busy = 0.0
+        self._ours = 0.0
         self._start = 0.0
 
-    def _ours(self) -> set[int]:
-        return {proc.pid for proc in self.procs.procs}
+    def _our_cpu(self) -> float:
+        times = os.times()
+        ours = times.children_user + times.children_system
+        if self.include_self:
+            ours += times.user + times.system
+        return ours + sum(cpu_seconds(p.group_pids()) for p in self.procs.procs if p.alive())
 
     def __enter__(self) -> Interference:
-        self._before = _others_snapshot(self._ours())
+        self._busy, self._ours = cpu_busy(self.line), self._our_cpu()
         self._start = time.monotonic()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        after = _others_snapshot(self._ours())
+        busy, ours = cpu_busy(self.line), self._our_cpu()
         self.wall_s = time.monotonic() - self._start
-        grown = sum(value - self._before.get(key, 0.0) for key, value in after.items())
-        gone = sum(value for key, value in self._before.items() if key not in after)
-        self.others_s = max(0.0, grown - gone)
+        self.others_s = max(0.0, (busy - self._busy) - (ours - self._ours))
 
     @property
     def share(self) -> float:
@@ -454,7 +455,7 @@ def run_wrk(
     url: str,
     connections: int,
     duration: int,
-    pin: bool,
+    pin: Pin,
     cpu_pgid: int | None = None,
 ) -> WrkResult:
     """`wrk -t1 -cN -dS --latency URL`, bounded; CPU of `cpu_pgid`'s group around it."""
@@ -472,7 +473,7 @@ def run_wrk(
     result = WrkResult(url=url, connections=connections, duration=duration)
     pids = group_pids(cpu_pgid) if cpu_pgid is not None else []
     before = cpu_seconds(pids)
-    with Interference(procs) as noise:
+    with Interference(procs, pin) as noise:
         code, out, err = run_bounded(procs, "wrk", argv, timeout=duration + 20.0)
     result.others_share = noise.share
     if pids:
@@ -509,7 +510,7 @@ def bulk_argv(
     op: str,
     port: int,
     size: int,
-    pin: bool,
+    pin: Pin,
     prefix: str = "",
     verify: bool = False,
     deadline: float = 120.0,
@@ -556,7 +557,7 @@ def run_bulk(
     op: str,
     port: int,
     size: int,
-    pin: bool,
+    pin: Pin,
     *,
     prefix: str = "",
     verify: bool = False,
@@ -566,7 +567,7 @@ def run_bulk(
     pids = group_pids(cpu_pgid) if cpu_pgid is not None else []
     before = cpu_seconds(pids)
     argv = bulk_argv(op, port, size, pin, prefix, verify, deadline)
-    with Interference(procs) as noise:
+    with Interference(procs, pin) as noise:
         code, out, err = run_bounded(procs, f"bulk-{op}", argv, timeout=deadline + 10.0)
     result = parse_bulk(op, size, code, out, err)
     result.others_share = noise.share
@@ -580,7 +581,7 @@ def run_bulk_best(
     op: str,
     port: int,
     size: int,
-    pin: bool,
+    pin: Pin,
     tries: int,
     *,
     deadline: float,
@@ -603,7 +604,7 @@ def run_bulk_pair(
     procs: Processes,
     port: int,
     size: int,
-    pin: bool,
+    pin: Pin,
     *,
     verify: bool = False,
     deadline: float = 120.0,
@@ -712,7 +713,7 @@ http {{
 """
 
 
-def nginx_argv(prefix: Path, conf: Path, pin: bool) -> list[str]:
+def nginx_argv(prefix: Path, conf: Path, pin: Pin) -> list[str]:
     error_log = str(prefix / "error.log")
     return [*pin_prefix(pin), NGINX, "-p", f"{prefix}/", "-c", str(conf), "-e", error_log]
 
@@ -745,7 +746,7 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def start_upstream(procs: Processes, tmp: Path, pin: bool) -> tuple[Proc, int]:
+def start_upstream(procs: Processes, tmp: Path, pin: Pin) -> tuple[Proc, int]:
     port = free_port()
     argv = [*pin_prefix(pin), sys.executable, str(BENCH_DIR / "upstream.py"), "--port", str(port)]
     proc = procs.start("upstream", [*argv, "--max-seconds", "900"], log_path=tmp / "upstream.log")
@@ -768,7 +769,7 @@ def start_gateway(
     label: str,
     loop: str,
     access_log: str,
-    pin: bool,
+    pin: Pin,
     quiet: bool = False,
 ) -> GatewayRun:
     port, admin_port = free_port(), free_port()

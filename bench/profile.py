@@ -1,20 +1,21 @@
 """Where does the gateway's time go? py-spy under the 50-connection small-request load.
 
-    python bench/profile.py [--seconds 15] [--pin | --no-pin] [--native] [--top 25]
+    python bench/profile.py [--seconds 15] [--layout split|shared|none] [--native] [--top 25]
     python bench/profile.py --collapsed FILE   # only re-aggregate an earlier recording
 
-Starts the bench upstream and the gateway (same generated routes.toml and pinned layout
-as bench/run.py), warms up, then runs `py-spy record --format raw --function` on the
-gateway process while `wrk -t1 -c50` loads it, and prints:
+Starts the bench upstream and the gateway (same generated routes.toml as bench/run.py;
+by default the gateway alone on CPU 0 and everything else on CPU 1, see --layout),
+warms up, then runs `py-spy record --format raw --function` on the gateway process
+while `wrk -t1 -c50` loads it, and prints:
 
 - the top N functions by *self* samples (the frame on top of the stack),
 - the top N functions by *inclusive* samples (anywhere on the stack, once per sample),
 - self samples summed per source file.
 
 The collapsed stacks are kept in bench/results/profile-<loop>.txt; open them in
-https://www.speedscope.app or feed them to flamegraph.pl. py-spy runs on the other
-CPU when pinned, with --nonblocking (the gateway is not paused to sample), unless
---native (C frames of uvloop/aiohttp's extensions) is asked for, which needs pausing.
+https://www.speedscope.app or feed them to flamegraph.pl. py-spy runs on CPU 1 with
+--nonblocking (the gateway is not paused to sample), unless --native (C frames of
+uvloop/aiohttp's extensions) is asked for, which pauses it and slows it down ~3x.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from harness import (
     HOST,
     REPO_DIR,
     BenchError,
+    Pin,
     Processes,
     pin_self,
     run_wrk,
@@ -122,7 +124,13 @@ def main() -> int:
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument("--access-log", choices=("off", "json", "text"), default="off")
     parser.add_argument("--native", action="store_true", help="include C frames (pauses)")
-    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--layout",
+        choices=("split", "shared", "none"),
+        default="split",
+        help="split: gateway alone on CPU 0, upstream + wrk + py-spy on CPU 1 (default); "
+        "shared: everything under test on CPU 0 as in run.py --pin; none: not pinned",
+    )
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results")
     parser.add_argument("--collapsed", type=Path, help="aggregate this file, record nothing")
@@ -134,14 +142,26 @@ def main() -> int:
         parser.error("--seconds must be 1..120")
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
-    spy_cpu = pin_self(args.pin)
+    # py-spy samples wall-clock time of a thread that is not idle, and a thread that is
+    # runnable but preempted counts as busy. Sharing CPU 0 with wrk and the upstream,
+    # the gateway is preempted inside send() each time it wakes one of them, so the
+    # shared layout inflates aiohttp's StreamWriter._write several times over (perf
+    # puts the whole kernel at ~21 % of the gateway's CPU, py-spy said 36 % in _write).
+    # The split layout gives the gateway its own core, so busy ~ on-CPU.
+    layouts: dict[str, tuple[Pin, Pin]] = {
+        "split": ("0", "1"),
+        "shared": (True, True),
+        "none": (False, False),
+    }
+    gateway_pin, others_pin = layouts[args.layout]
+    spy_cpu = pin_self(args.layout != "none")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     collapsed = args.out_dir / f"profile-{args.loop}.txt"
     procs = Processes()
     try:
         with tempfile.TemporaryDirectory(prefix="gateway-profile-") as tmpdir:
             tmp = Path(tmpdir)
-            _, upstream_port = start_upstream(procs, tmp, args.pin)
+            _, upstream_port = start_upstream(procs, tmp, others_pin)
             gateway = start_gateway(
                 procs,
                 tmp,
@@ -149,11 +169,11 @@ def main() -> int:
                 label="profile",
                 loop=args.loop,
                 access_log=args.access_log,
-                pin=args.pin,
+                pin=gateway_pin,
                 quiet=args.access_log != "off",
             )
             url = f"http://{HOST}:{gateway.port}{args.path}"
-            run_wrk(procs, url, args.connections, 1, args.pin)  # warm-up
+            run_wrk(procs, url, args.connections, 1, others_pin)  # warm-up
             spy = [PY_SPY, "record", "--pid", str(gateway.proc.pid), "--rate", str(args.rate)]
             spy += ["--duration", str(args.seconds + 2), "--format", "raw", "--function"]
             spy += ["--output", str(collapsed)]
@@ -163,9 +183,10 @@ def main() -> int:
             time.sleep(1.0)  # attach before the load starts
             if not spy_proc.alive():
                 raise BenchError(f"py-spy exited early:\n{spy_proc.log_tail()}")
-            result = run_wrk(procs, url, args.connections, args.seconds, args.pin, gateway.proc.pid)
+            pid = gateway.proc.pid
+            result = run_wrk(procs, url, args.connections, args.seconds, others_pin, pid)
             print(
-                f"wrk -c{args.connections} -d{args.seconds}s {args.path}: "
+                f"layout {args.layout}: wrk -c{args.connections} -d{args.seconds}s {args.path}: "
                 f"{result.rps:,.0f} req/s under the profiler, "
                 f"{result.cpu_us_per_request or 0:.1f} CPU us/request, errors {result.errors}",
                 file=sys.stderr,

@@ -732,9 +732,8 @@ def build_report(
             if t is not None and t.others_share > NOISY
         ]
         if noisy:
-            rep.add(
-                f"- {res.name}: other processes took a share of a core during: " + ", ".join(noisy)
-            )
+            steps = ", ".join(noisy)
+            rep.add(f"- {res.name}: other processes took this share of the measured CPU: {steps}")
         if res.warmup_errors:
             rep.add(f"- {res.name}: {res.warmup_errors} errors during warm-up runs")
         if res.metrics:
@@ -792,7 +791,7 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     load_at_start = Path("/proc/loadavg").read_text().split()[0]
     procs = Processes()
-    whole_run = Interference(procs).__enter__()
+    whole_run = Interference(procs, settings.pin).__enter__()
     direct_t: Target | None = None
     gateway_t = Target("gateway", 0, None)
     gateway_t.result.error = "not run"
@@ -847,9 +846,10 @@ def main() -> int:
     whole_run.__exit__(None, None, None)
     background = (
         f"other processes (other sessions on this machine) used {whole_run.others_s:.1f} "
-        f"CPU-s during the {whole_run.wall_s:.0f} s run ({whole_run.share * 100:.0f} % of "
-        f"one core); load average at start {load_at_start}. Steps where they took > "
-        f"{NOISY * 100:.0f} % of a core are listed under details"
+        f"CPU-s {'of CPU 0 ' if settings.pin else ''}during the {whole_run.wall_s:.0f} s "
+        f"run ({whole_run.share * 100:.0f} % of one core); load average at start "
+        f"{load_at_start}. Steps where they took > {NOISY * 100:.0f} % of a core are listed "
+        "under details"
     )
     report = build_report(
         settings,

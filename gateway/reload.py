@@ -48,10 +48,21 @@ def describe_changes(old: Config, new: Config) -> str:
     """
     old_routes = {r.name: r for r in old.routes}
     new_routes = {r.name: r for r in new.routes}
-    old_targets = {(u.name, t.url): t for u in old.upstreams.values() for t in u.targets}
-    new_targets = {(u.name, t.url): t for u in new.upstreams.values() for t in u.targets}
     common_routes = new_routes.keys() & old_routes.keys()
     common_upstreams = new.upstreams.keys() & old.upstreams.keys()
+    # Targets of an added or removed upstream go without saying.
+    old_targets = {
+        (u.name, t.url): t
+        for u in old.upstreams.values()
+        if u.name in common_upstreams
+        for t in u.targets
+    }
+    new_targets = {
+        (u.name, t.url): t
+        for u in new.upstreams.values()
+        if u.name in common_upstreams
+        for t in u.targets
+    }
     common_targets = new_targets.keys() & old_targets.keys()
     sections = (
         ("routes added", sorted(new_routes.keys() - old_routes.keys())),
@@ -93,7 +104,6 @@ class Reloader:
         self._gateway = gateway
         self._wanted = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="reloader")
-        self.completed = 0  # reloads attempted, for tests and /status
 
     def request(self) -> None:
         """Ask for a reload; many requests before it starts make one reload."""
@@ -112,7 +122,6 @@ class Reloader:
             # one more reload, which will see whatever was written meanwhile.
             self._wanted.clear()
             await self.reload_once()
-            self.completed += 1
 
     async def reload_once(self) -> bool:
         """One reload; True when the new config is serving. Raises only
