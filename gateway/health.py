@@ -47,6 +47,7 @@ import random
 from typing import Final
 
 import aiohttp
+from prometheus_async import aio
 
 from gateway.config import HealthConfig
 from gateway.snapshot import Snapshot
@@ -189,7 +190,12 @@ class HealthMonitor:
         while True:
             await asyncio.sleep(delay)
             try:
-                reason = await self._check(probe.target, health)
+                # prometheus-async times the awaitable itself, timeouts and
+                # refusals included: how slow the health endpoint answers is
+                # an early sign a target is in trouble.
+                reason = await aio.time(
+                    probe.target.probe_duration, self._check(probe.target, health)
+                )
             except Exception as exc:
                 # The task's outer edge: an unexpected error must count as a
                 # failure, not end the probes of this target silently.

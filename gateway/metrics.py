@@ -108,6 +108,13 @@ class Metrics:
             ["upstream", "target"],
             registry=r,
         )
+        self.health_probe_duration = Histogram(
+            "gateway_health_probe_duration_seconds",
+            "Active health probe round trips, failures and timeouts included.",
+            ["upstream", "target"],
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, float("inf")),
+            registry=r,
+        )
         self.config_reloads = Counter(
             "gateway_config_reloads_total",
             "Config reloads by result (success|failure).",
@@ -142,6 +149,11 @@ class Metrics:
                 metric.remove(route)
 
     def forget_target(self, upstream: str, target: str) -> None:
-        for metric in (self.upstream_in_flight, self.breaker_state, self.target_healthy):
+        for metric in (
+            self.upstream_in_flight,
+            self.breaker_state,
+            self.target_healthy,
+            self.health_probe_duration,
+        ):
             with contextlib.suppress(KeyError):
                 metric.remove(upstream, target)

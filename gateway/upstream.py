@@ -67,6 +67,7 @@ class Target:
         self._breaker_gauge: Gauge = metrics.breaker_state.labels(upstream, url)
         self._healthy_gauge: Gauge = metrics.target_healthy.labels(upstream, url)
         self._healthy_gauge.set(1)
+        self.probe_duration = metrics.health_probe_duration.labels(upstream, url)
         self.ok_counter = metrics.upstream_requests.labels(upstream, url, "ok")
         self.error_counter = metrics.upstream_requests.labels(upstream, url, "error")
         self.timeout_counter = metrics.upstream_requests.labels(upstream, url, "timeout")

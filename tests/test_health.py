@@ -292,6 +292,20 @@ async def test_probes_do_not_touch_proxy_metrics_in_flight_or_breaker(
     assert target.breaker.state == "closed"
 
 
+async def test_probe_round_trips_are_timed_in_their_own_histogram(
+    gw: Gateway, upstream: UpstreamFactory
+) -> None:
+    up = await upstream()
+    target = target_of(gw.load(toml(up.url)))
+    await until(lambda: len(up.calls) >= 2)
+    await until(
+        lambda: (gw.sample("gateway_health_probe_duration_seconds_count", target) or 0) >= 2
+    )
+    total = gw.sample("gateway_health_probe_duration_seconds_sum", target)
+    assert total is not None
+    assert 0 < total < 1
+
+
 async def test_two_targets_with_same_interval_do_not_probe_together(
     upstream: UpstreamFactory,
 ) -> None:
