@@ -414,7 +414,9 @@ class GatewayRequestHandler(RequestHandler):
         transport = self.transport
         if transport is not None and not transport.is_closing() and self.head_bytes:
             error = ClientTimeout("request head not received in time")
-            transport.write(_raw_response(error, new_request_id()))
+            rid = new_request_id()
+            transport.write(_raw_response(error, rid))
+            self._report(error, rid)
         self.force_close()
 
     def handle_error(
@@ -434,13 +436,36 @@ class GatewayRequestHandler(RequestHandler):
             log.error("error handling request %s from %s", rid, request.remote, exc_info=exc)
         else:
             log.debug("refused request %s from %s: %s", rid, request.remote, exc)
+        self._report(error, rid)
         # The status line is HTTP/1.0 (aiohttp's placeholder request for a
         # parse error): RFC 9110 6.2 lets a server answer 1.0 to a client
         # suspected of not implementing HTTP correctly.
         return json_response(error, rid)
 
+    def _report(self, error: GatewayError, rid: str) -> None:
+        """Refusals the proxy handler never sees still reach the log and metrics."""
+        manager = self._manager
+        if isinstance(manager, GatewayServer) and manager.on_refusal is not None:
+            peer = self.transport.get_extra_info("peername") if self.transport else None
+            client = str(peer[0]) if isinstance(peer, tuple) else ""
+            manager.on_refusal(error, rid, client)
+
+
+RefusalHook = Callable[[GatewayError, str, str], None]
+
 
 class GatewayServer(web.Server):
+    """aiohttp's low-level server, making our connection handlers.
+
+    `on_refusal(error, request_id, client)` hears of every request refused
+    before the proxy handler ran (malformed, stalled head), for the access log
+    and `gateway_requests_total`.
+    """
+
+    def __init__(self, *args: Any, on_refusal: RefusalHook | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_refusal = on_refusal
+
     def __call__(self) -> RequestHandler:
         return GatewayRequestHandler(self, loop=self._loop, **self._kwargs)
 

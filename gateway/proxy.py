@@ -269,6 +269,23 @@ class ProxyHandler:
         response.headers["X-Request-ID"] = rid
         return route, response
 
+    def record_refusal(self, error: GatewayError, rid: str, client: str) -> None:
+        """A request refused before it reached this handler (see protocol.py)."""
+        self._count_unrouted("", error.status)
+        self._access_log.write(
+            request_id=rid,
+            client=client,
+            method="-",
+            path="-",
+            route=None,
+            target=None,
+            status=error.status,
+            bytes_in=0,
+            bytes_out=0,
+            duration=0.0,
+            error=error.code,
+        )
+
     def _count_unrouted(self, method: str, status: int) -> None:
         key = (method, status)
         counter = self._unrouted.get(key)

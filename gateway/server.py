@@ -127,6 +127,7 @@ class Gateway:
             max_headers=MAX_HEADERS,
             access_log=None,
             lingering_time=2.0,
+            on_refusal=handler.record_refusal,
         )
         self._proxy_runner = web.ServerRunner(
             self._proxy_server, shutdown_timeout=config.server.drain_timeout

@@ -807,3 +807,25 @@ async def test_a_thousand_silent_connections_do_not_starve_a_normal_client(
         for _reader, writer in connections:
             writer.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_refusals_reach_the_access_log_and_the_request_counter(env: Env) -> None:
+    malformed = await env.exchange(
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    stalled = await env.exchange(b"GET /never HTTP/1.1\r\nHo")
+    lines = [json.loads(line) for line in env.gw.log_lines()]
+    refused = [line for line in lines if line["route"] is None]
+    assert [(line["status"], line["error"]) for line in refused] == [
+        (400, "bad_request"),
+        (408, "client_timeout"),
+    ]
+    assert refused[0]["request_id"] == malformed.replies[0].headers["x-request-id"]
+    assert refused[1]["request_id"] == stalled.replies[0].headers["x-request-id"]
+    assert refused[0]["client"] == "127.0.0.1"
+    registry = env.gw.gateway.metrics.registry
+    for code in ("400", "408"):
+        sample = registry.get_sample_value(
+            "gateway_requests_total", {"route": "", "method": "", "code": code}
+        )
+        assert sample == 1.0
