@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final
 
 import aiohttp
@@ -35,6 +35,7 @@ from gateway.errors import (
     RateLimited,
     UpstreamTimeout,
 )
+from gateway.h1client import H1ConnectError, H1Error, H1ReadTimeout, H1Response
 from gateway.headers import (
     client_response_headers,
     new_request_id,
@@ -468,7 +469,7 @@ class ProxyHandler:
         raw_path: str,
         raw_query: str | None,
         has_body: bool,
-    ) -> aiohttp.ClientResponse:
+    ) -> aiohttp.ClientResponse | H1Response:
         """Send one attempt; return once the target's response head is in."""
         config = route.config
         headers: CIMultiDict[str] = upstream_request_headers(
@@ -484,16 +485,33 @@ class ProxyHandler:
         headers.popall(hdrs.EXPECT, None)
         path_qs = forward_path(config, raw_path, raw_query, target.base_path)
         body = self._body(request, config.max_body_bytes, ex) if has_body else None
-        session = route.pool.handle.session
+        handle = route.pool.handle
+        upstream: aiohttp.ClientResponse | H1Response
         try:
-            upstream = await session.request(
-                request.method,
-                target.url_for(path_qs),
-                headers=headers,
-                data=body,
-                timeout=route.timeout,
-                allow_redirects=False,
-            )
+            if handle.h1 is not None and target.scheme == "http":
+                # The lean client (GATEWAY_UPSTREAM_CLIENT=aiohttp turns it
+                # off): same head, body and timeouts, without ClientSession's
+                # per-request machinery.
+                upstream = await handle.h1.request(
+                    request.method,
+                    target.host,
+                    target.port or 80,
+                    path_qs,
+                    headers,
+                    body,
+                    request.content_length if has_body else None,
+                    config.connect_timeout,
+                    config.read_timeout,
+                )
+            else:
+                upstream = await handle.session.request(
+                    request.method,
+                    target.url_for(path_qs),
+                    headers=headers,
+                    data=body,
+                    timeout=route.timeout,
+                    allow_redirects=False,
+                )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -509,6 +527,8 @@ class ProxyHandler:
 
     def _translate(self, exc: BaseException, target: Target) -> _UpstreamFailed:
         """Client-library errors mapped once to the contract's 502/504."""
+        if isinstance(exc, H1Error):
+            return self._translate_h1(exc, target)
         if isinstance(exc, aiohttp.ConnectionTimeoutError):
             target.timeout_counter.inc()
             return _UpstreamFailed(
@@ -524,6 +544,30 @@ class ProxyHandler:
             return _UpstreamFailed(
                 BadGateway(f"cannot connect to {target.url}"), connect_failed=True
             )
+        return _UpstreamFailed(
+            BadGateway(f"{target.url} failed before answering ({type(exc).__name__})"),
+            connect_failed=False,
+        )
+
+    @staticmethod
+    def _translate_h1(exc: H1Error, target: Target) -> _UpstreamFailed:
+        """The same mapping for `gateway.h1client`'s errors."""
+        if isinstance(exc, H1ConnectError):
+            if exc.timed_out:
+                target.timeout_counter.inc()
+                return _UpstreamFailed(
+                    UpstreamTimeout(f"connect to {target.url} timed out"), connect_failed=True
+                )
+            target.error_counter.inc()
+            return _UpstreamFailed(
+                BadGateway(f"cannot connect to {target.url}"), connect_failed=True
+            )
+        if isinstance(exc, H1ReadTimeout):
+            target.timeout_counter.inc()
+            return _UpstreamFailed(
+                UpstreamTimeout(f"{target.url} did not answer in time"), connect_failed=False
+            )
+        target.error_counter.inc()
         return _UpstreamFailed(
             BadGateway(f"{target.url} failed before answering ({type(exc).__name__})"),
             connect_failed=False,
@@ -559,7 +603,7 @@ class ProxyHandler:
     async def _relay(
         self,
         request: web.BaseRequest,
-        upstream: aiohttp.ClientResponse,
+        upstream: aiohttp.ClientResponse | H1Response,
         ex: _Exchange,
         rid: str,
         extra_headers: list[tuple[str, str]],
@@ -572,14 +616,19 @@ class ProxyHandler:
         if cors_headers:
             merge_headers(headers, cors_headers)
         response = ProxiedResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        read: Callable[[], Awaitable[bytes]]
+        read_errors: tuple[type[Exception], ...]
+        if isinstance(upstream, H1Response):
+            read, read_errors = upstream.read_chunk, (H1Error,)
+        else:
+            read, read_errors = upstream.content.readany, (TimeoutError, aiohttp.ClientError)
         completed = False
         try:
             await response.prepare(request)
-            content = upstream.content
             while True:
                 try:
-                    chunk = await content.readany()
-                except (TimeoutError, aiohttp.ClientError):
+                    chunk = await read()
+                except read_errors:
                     # The target failed after the response began: the status
                     # is gone, so the only honest signal is an aborted
                     # transfer (no final chunk, short Content-Length).

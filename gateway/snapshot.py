@@ -171,7 +171,7 @@ class Runtime:
 
     async def close(self) -> None:
         for handle in self.sessions.values():
-            await handle.session.close()
+            await handle.close()
         self.sessions.clear()
         if self.closing:
             for task in list(self.closing):

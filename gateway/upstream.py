@@ -11,9 +11,12 @@ the same upstream.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Final, Literal
 
 import aiohttp
 from prometheus_client import Gauge
@@ -22,10 +25,29 @@ from yarl import URL
 from gateway.balancers import Balancer, make_balancer
 from gateway.breaker import CircuitBreaker
 from gateway.config import BreakerConfig, UpstreamConfig
+from gateway.h1client import ConnectionPool
 from gateway.metrics import Metrics
 from gateway.retry import RetryBudget
 
 Clock = Callable[[], float]
+
+log = logging.getLogger("gateway.upstream")
+
+
+def _upstream_client() -> Literal["aiohttp", "h1"]:
+    value = os.environ.get("GATEWAY_UPSTREAM_CLIENT", "h1").strip().lower() or "h1"
+    if value == "aiohttp":
+        return "aiohttp"
+    if value != "h1":
+        log.warning("GATEWAY_UPSTREAM_CLIENT=%r is unknown; using h1", value)
+    return "h1"
+
+
+# Which client carries plain-http requests to targets: the lean
+# `gateway.h1client` (the default: about half the CPU per small request), or
+# aiohttp's ClientSession with GATEWAY_UPSTREAM_CLIENT=aiohttp. https targets
+# always use the session. Read once at import: the whole process uses one.
+UPSTREAM_CLIENT: Final = _upstream_client()
 
 # Headers aiohttp's client would otherwise invent: a proxy sends what the
 # client sent, nothing more (RFC 9110 7.6: intermediaries forward, not add).
@@ -152,6 +174,9 @@ class SessionHandle:
 
     def __init__(self, session: aiohttp.ClientSession) -> None:
         self.session = session
+        # Plain-http targets go through this pool unless
+        # GATEWAY_UPSTREAM_CLIENT=aiohttp; the session serves https targets.
+        self.h1: ConnectionPool | None = ConnectionPool() if UPSTREAM_CLIENT == "h1" else None
         self.active = 0
         self.retired = False
         self._idle = asyncio.Event()
@@ -169,7 +194,12 @@ class SessionHandle:
     async def close_when_idle(self) -> None:
         self.retired = True
         await self._idle.wait()
+        await self.close()
+
+    async def close(self) -> None:
         await self.session.close()
+        if self.h1 is not None:
+            await self.h1.close()
 
 
 class Pool:
