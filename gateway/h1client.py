@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import socket
 from collections.abc import AsyncIterator, Iterable
 from typing import Final, cast
 
+import aiohttp
 import httptools
+from cachetools import TTLCache
 from multidict import CIMultiDict
 
 # Unread response bytes above which the socket stops being read; reading
@@ -555,11 +558,53 @@ class _Connection(asyncio.Protocol):
             drain.set_result(None)
 
 
+class _CachingResolver:
+    """Target host names through aiodns (aiohttp's AsyncResolver), cached.
+
+    New connections are rare with keep-alive, but a target that closes every
+    connection would otherwise cost a lookup per request; 10 s matches the
+    aiohttp session's `ttl_dns_cache`. IP literals skip the resolver.
+    """
+
+    TTL: Final = 10.0
+
+    def __init__(self) -> None:
+        self._resolver: aiohttp.AsyncResolver | None = None
+        self._cache: TTLCache[tuple[str, int], tuple[str, ...]] = TTLCache(
+            maxsize=1024, ttl=self.TTL
+        )
+
+    async def resolve(self, host: str, port: int) -> tuple[str, ...]:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            return (host,)
+        key = (host, port)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        if self._resolver is None:
+            self._resolver = aiohttp.AsyncResolver()
+        found = await self._resolver.resolve(host, port, family=socket.AF_UNSPEC)
+        addresses = tuple(dict.fromkeys(str(entry["host"]) for entry in found))
+        if addresses:
+            self._cache[key] = addresses
+        return addresses
+
+    async def close(self) -> None:
+        if self._resolver is not None:
+            await self._resolver.close()
+            self._resolver = None
+
+
 class ConnectionPool:
     """Keep-alive connections of one upstream, per (host, port), last used first."""
 
     def __init__(self, idle_timeout: float = IDLE_TIMEOUT) -> None:
         self._idle_timeout = idle_timeout
+        self._resolver = _CachingResolver()
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._all: set[_Connection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
@@ -611,12 +656,11 @@ class ConnectionPool:
         return None
 
     async def _connect(self, key: tuple[str, int], connect_timeout: float) -> _Connection:
-        loop = asyncio.get_running_loop()
         host, port = key
         conn = _Connection(self, key)
         try:
             async with asyncio.timeout(connect_timeout):
-                transport, _ = await loop.create_connection(lambda: conn, host, port)
+                transport = await self._open(conn, host, port)
         except TimeoutError as exc:
             # asyncio.timeout's, or the kernel's ETIMEDOUT: both are a timeout.
             raise H1ConnectError(f"connect to {host}:{port} timed out", timed_out=True) from exc
@@ -631,6 +675,19 @@ class ConnectionPool:
             conn.abort()
             raise H1ConnectError("connection pool is closed", timed_out=False)
         return conn
+
+    async def _open(self, conn: _Connection, host: str, port: int) -> asyncio.BaseTransport:
+        """Connect to the first address of `host` that answers."""
+        loop = asyncio.get_running_loop()
+        last: OSError | None = None
+        for address in await self._resolver.resolve(host, port):
+            try:
+                transport, _ = await loop.create_connection(lambda: conn, address, port)
+            except OSError as exc:
+                last = exc
+                continue
+            return transport
+        raise last or OSError(f"no address for {host}")
 
     def put(self, conn: _Connection) -> None:
         if self._closed:
@@ -680,6 +737,7 @@ class ConnectionPool:
         for conn in list(self._all):
             conn.abort()
         self._all.clear()
+        await self._resolver.close()
         # transport.abort() closes the socket in a callback: let it run, so
         # nothing is left for the garbage collector to warn about.
         await asyncio.sleep(0)

@@ -870,3 +870,37 @@ async def test_a_closed_pool_refuses_and_closes_what_is_left(
     busy.release()
     with pytest.raises(H1ConnectError):
         await get(pool, server.port)
+
+
+async def test_host_names_are_resolved_and_cached() -> None:
+    """`localhost` goes through aiodns once, then the cache answers."""
+    from gateway.h1client import _CachingResolver
+
+    resolver = _CachingResolver()
+    try:
+        first = await resolver.resolve("localhost", 80)
+        assert "127.0.0.1" in first or "::1" in first
+        assert await resolver.resolve("127.0.0.1", 80) == ("127.0.0.1",)
+        assert await resolver.resolve("::1", 80) == ("::1",)
+        real, resolver._resolver = resolver._resolver, None
+        # A second lookup would make a new resolver; the cache answers instead.
+        assert await resolver.resolve("localhost", 80) == first
+        assert resolver._resolver is None
+        assert real is not None
+        await real.close()
+    finally:
+        await resolver.close()
+
+
+async def test_a_target_named_by_host_name_is_reached(
+    pool: ConnectionPool, aiohttp_upstream: Callable[[web.Application], Awaitable[TestServer]]
+) -> None:
+    """`localhost` resolves (to ::1 and/or 127.0.0.1); the one that answers serves."""
+    server = await aiohttp_upstream(echo_app())
+    assert server.port is not None
+    response = await pool.request(
+        "GET", "localhost", server.port, "/x", [("Host", "upstream")], None, None, 5.0, 5.0
+    )
+    assert response.status == 200
+    assert await read_all(response) == b""
+    response.release()
