@@ -15,6 +15,7 @@ whole body.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -50,6 +51,8 @@ from gateway.retry import backoff, may_retry
 from gateway.routing import forward_path
 from gateway.snapshot import RouteRuntime, Snapshot
 from gateway.upstream import Target
+
+log = logging.getLogger("gateway.proxy")
 
 # Statuses from a target that count against its breaker and may be retried.
 GATEWAY_FAILURE_STATUSES: Final = frozenset({502, 503, 504})
@@ -92,6 +95,7 @@ class _Exchange:
         "body_started",
         "bytes_in",
         "bytes_out",
+        "expect_continue",
         "method",
         "target",
     )
@@ -99,6 +103,7 @@ class _Exchange:
     def __init__(self, method: str) -> None:
         self.method = method
         self.aborted = False
+        self.expect_continue = False  # a 100 is owed before the body is read
         self.bytes_in = 0
         self.bytes_out = 0
         self.body_started = False
@@ -137,6 +142,16 @@ def split_target(raw: str) -> tuple[str | None, str, str | None]:
             return None, raw, None
     path, sep, query = raw.partition("?")
     return authority, path, (query if sep else None)
+
+
+def _bucket_key(route: RouteRuntime, headers: CIMultiDictProxy[str], client: str) -> str:
+    """The rate-limit bucket a request draws from on `route`."""
+    if route.buckets is None or route.limit_by_route:
+        return ""
+    value = headers.get(route.limit_header) if route.limit_header else None
+    # Header values are the client's to choose: prefixed, one spelled like an
+    # address cannot drain (or reuse) that client's bucket.
+    return f"header {value}" if value else client
 
 
 class ProxyHandler:
@@ -179,7 +194,7 @@ class ProxyHandler:
         try:
             try:
                 if method == "OPTIONS" and is_preflight(method, headers):
-                    preflight = self._preflight(snap, host, raw_path, headers, rid)
+                    preflight = self._preflight(snap, host, raw_path, headers, rid, client)
                     if preflight is not None:
                         route, answer = preflight
                         status = answer.status
@@ -207,6 +222,16 @@ class ProxyHandler:
             except GatewayError as error:
                 error_code = error.code
                 response = self._error_response(request, error, rid)
+            except Exception as exc:
+                # The outer edge: a bug must still get the contract's JSON
+                # and this request's id, unless the response had begun.
+                if request.writer.output_size > 0 or isinstance(exc, ConnectionError):
+                    raise
+                log.exception("request %s failed", rid)
+                internal = GatewayError("internal error")
+                error_code = internal.code
+                response = self._error_response(request, internal, rid)
+            if error_code is not None:
                 for name, value in limit_headers:
                     # Admitted, then failed (502/503/504, 413 mid-body): every
                     # response on a limited route carries the limit headers.
@@ -249,6 +274,7 @@ class ProxyHandler:
         raw_path: str,
         headers: CIMultiDictProxy[str],
         rid: str,
+        client: str,
     ) -> tuple[RouteRuntime, web.Response] | None:
         """Answer a CORS preflight locally, for the route of the announced request.
 
@@ -267,6 +293,12 @@ class ProxyHandler:
         response = web.Response(status=status)
         for name, value in cors:
             response.headers.add(name, value)
+        if route.buckets is not None:
+            # Every response on a limited route shows the limit (CONTRACT.md
+            # "Rate limits"); a preflight is answered here and takes no token.
+            bucket = route.buckets.peek(_bucket_key(route, headers, client))
+            for name, value in rate_limit_headers(route.name, bucket, self._clock(), True):
+                response.headers[name] = value
         response.headers["X-Request-ID"] = rid
         return route, response
 
@@ -301,12 +333,7 @@ class ProxyHandler:
     ) -> list[tuple[str, str]]:
         """Body-size and rate-limit checks, before any upstream work."""
         buckets = route.buckets
-        key = ""
-        if buckets is not None and not route.limit_by_route:
-            value = request.headers.get(route.limit_header) if route.limit_header else None
-            # Header values are the client's to choose: prefixed, one spelled
-            # like an address cannot drain (or reuse) that client's bucket.
-            key = f"header {value}" if value else client
+        key = _bucket_key(route, request.headers, client)
         limit = route.config.max_body_bytes
         length = request.content_length
         if limit and length is not None and length > limit:
@@ -354,13 +381,18 @@ class ProxyHandler:
     ) -> web.StreamResponse:
         pool = route.pool
         has_body = request.body_exists
-        if has_body and request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
-            # The gateway owns Expect: every check passed, so invite the body
-            # now; upstream never sees Expect, so no second 100 can reach the
-            # client (aiohttp's client also skips 1xx responses).
-            transport = request.transport
-            if transport is not None and request.version >= aiohttp.HttpVersion11:
-                transport.write(_CONTINUE)
+        if (
+            has_body
+            and request.version >= aiohttp.HttpVersion11
+            and request.headers.get(hdrs.EXPECT, "").lower() == "100-continue"
+        ):
+            # The gateway owns Expect: it invites the body only when an
+            # attempt reads it (`_body`), i.e. once a target was picked and
+            # connected, so an upload refused for any reason (503 included)
+            # is refused before the client sends it. Upstream never sees
+            # Expect, so no second 100 can reach the client (both upstream
+            # clients skip 1xx responses).
+            ex.expect_continue = True
         scheme = "https" if request.secure else "http"
         tried: list[Target] = []
         attempt = 0
@@ -383,12 +415,16 @@ class ProxyHandler:
                     )
                 tried.append(target)
                 ex.target = target
-                if not target.breaker.acquire():
+                # One breaker for the whole attempt: a reload that changes the
+                # breaker settings replaces `target.breaker`, and a verdict of
+                # this attempt must land on the breaker that admitted it.
+                breaker = target.breaker
+                if not breaker.acquire():
                     continue  # lost the half-open trial to another request
                 # Only the trial may hand the half-open state back: a request
                 # admitted before the trip must not free another's trial
                 # (breaker.py, rule 4), or two trials would run at once.
-                trial = target.breaker.state == "half_open"
+                trial = breaker.state == "half_open"
                 with target.hold():
                     try:
                         upstream = await self._attempt(
@@ -406,7 +442,7 @@ class ProxyHandler:
                             has_body,
                         )
                     except _UpstreamFailed as failed:
-                        target.breaker.record_failure()
+                        breaker.record_failure()
                         if not self._may_retry(route, attempt, failed.connect_failed, None, ex):
                             raise failed.error from failed
                         last_error = failed.error
@@ -415,17 +451,17 @@ class ProxyHandler:
                         # body limit, or cancelled): hand back a half-open
                         # trial so that the breaker cannot stay stuck in it.
                         if trial:
-                            target.breaker.release()
+                            breaker.release()
                         raise
                     else:
                         if upstream.status not in GATEWAY_FAILURE_STATUSES:
                             target.ok_counter.inc()
-                            target.breaker.record_success()
+                            breaker.record_success()
                             return await self._relay(
                                 request, upstream, ex, rid, extra_headers, cors_headers
                             )
                         target.error_counter.inc()
-                        target.breaker.record_failure()
+                        breaker.record_failure()
                         if not self._may_retry(route, attempt, False, upstream.status, ex):
                             # Out of retries: the target's own 5xx is the answer.
                             return await self._relay(
@@ -584,6 +620,11 @@ class ProxyHandler:
         """
         content = request.content
         timeout = self._client_timeout()
+        if ex.expect_continue:
+            ex.expect_continue = False  # once, whatever the retries
+            transport = request.transport
+            if transport is not None:
+                transport.write(_CONTINUE)
         while True:
             try:
                 async with asyncio.timeout(timeout):
@@ -624,7 +665,12 @@ class ProxyHandler:
             read, read_errors = upstream.content.readany, (TimeoutError, aiohttp.ClientError)
         completed = False
         try:
-            await response.prepare(request)
+            try:
+                await response.prepare(request)
+            except ValueError as exc:
+                # A header aiohttp's parser let through but its writer refuses
+                # (control bytes): nothing was written yet, so 502 is honest.
+                raise BadGateway(f"the target's response head cannot be forwarded: {exc}") from exc
             while True:
                 try:
                     chunk = await read()

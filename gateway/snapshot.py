@@ -93,6 +93,8 @@ class Runtime:
     budgets: dict[str, RetryBudget] = field(default_factory=dict)
     buckets: dict[str, _BucketEntry] = field(default_factory=dict)
     closing: set[asyncio.Task[None]] = field(default_factory=set)
+    # Sessions of removed upstreams, waiting for their last request to end.
+    retired: set[SessionHandle] = field(default_factory=set)
 
     def build(self, config: Config) -> Snapshot:
         """A snapshot for `config`, reusing state for what did not change.
@@ -122,14 +124,14 @@ class Runtime:
         for t in up.targets:
             key = (up.name, t.url)
             target = self.targets.get(key)
-            if target is None or target.breaker_config != up.breaker:
+            if target is None:
+                # New targets start in rotation (also under active checks, as
+                # Envoy does: the first probes take them out if needed).
                 self.metrics.declare_target(up.name, t.url)
                 target = Target(up.name, t.url, t.weight, up.breaker, self.metrics, self.clock)
-                if up.health is not None and key not in self.targets:
-                    # New targets under active checks start in rotation, as
-                    # Envoy does; the first probes take them out if needed.
-                    target.set_healthy(True)
                 self.targets[key] = target
+            elif target.breaker_config != up.breaker:
+                target.replace_breaker(up.breaker)
             target.weight = t.weight
             if up.health is None and not target.healthy:
                 target.set_healthy(True)  # checks removed: passive only
@@ -162,12 +164,18 @@ class Runtime:
         for name in [n for n in self.sessions if n not in config.upstreams]:
             handle = self.sessions.pop(name)
             self.budgets.pop(name, None)
-            task = asyncio.get_running_loop().create_task(handle.close_when_idle())
+            self.retired.add(handle)
+            task = asyncio.get_running_loop().create_task(self._close_retired(handle))
             self.closing.add(task)
             task.add_done_callback(self.closing.discard)
         route_names = {r.name for r in config.routes}
         for name in [n for n in self.buckets if n not in route_names]:
             del self.buckets[name]
+
+    async def _close_retired(self, handle: SessionHandle) -> None:
+        await handle.close_when_idle()
+        # Not in a `finally`: a cancelled wait leaves it for close().
+        self.retired.discard(handle)
 
     async def close(self) -> None:
         for handle in self.sessions.values():
@@ -177,3 +185,8 @@ class Runtime:
             for task in list(self.closing):
                 task.cancel()
             await asyncio.gather(*self.closing, return_exceptions=True)
+        # Shutdown does not wait for the last request of a removed upstream
+        # (the drain already ended or aborted it): close what is left.
+        for handle in list(self.retired):
+            await handle.close()
+        self.retired.clear()

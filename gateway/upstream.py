@@ -93,9 +93,26 @@ class Target:
         self.ok_counter = metrics.upstream_requests.labels(upstream, url, "ok")
         self.error_counter = metrics.upstream_requests.labels(upstream, url, "error")
         self.timeout_counter = metrics.upstream_requests.labels(upstream, url, "timeout")
-        self.breaker = CircuitBreaker(
-            breaker_config.failures, breaker_config.cooldown, clock, on_change=self._breaker_moved
+        self._clock = clock
+        self.breaker = self._new_breaker(breaker_config)
+
+    def _new_breaker(self, config: BreakerConfig) -> CircuitBreaker:
+        breaker = CircuitBreaker(
+            config.failures, config.cooldown, self._clock, on_change=self._breaker_moved
         )
+        self._breaker_gauge.set(breaker.numeric_state())
+        return breaker
+
+    def replace_breaker(self, config: BreakerConfig) -> None:
+        """New breaker settings from a reload: a fresh, closed breaker.
+
+        The target itself (in-flight count, health, gauges) stays. The old
+        breaker stops reporting, so requests still running on it cannot
+        overwrite the gauge of the new one.
+        """
+        self.breaker.on_change = None
+        self.breaker_config = config
+        self.breaker = self._new_breaker(config)
 
     def _breaker_moved(self, old: str, new: str) -> None:
         self._breaker_gauge.set(self.breaker.numeric_state())

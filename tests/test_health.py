@@ -458,7 +458,7 @@ async def test_changed_health_config_restarts_task_keeping_state(
     assert [c.healthy for c in up.answered(True)].count(False) == 2
 
 
-async def test_new_target_object_for_same_url_inherits_health(
+async def test_breaker_change_keeps_the_target_its_health_and_its_probes(
     gw: Gateway, upstream: UpstreamFactory
 ) -> None:
     up = await upstream()
@@ -466,13 +466,17 @@ async def test_new_target_object_for_same_url_inherits_health(
     old = target_of(gw.load(toml(up.url, unhealthy=1, healthy=2)))
     await until(lambda: not old.healthy)
     [old_task] = probe_tasks()
-    # A breaker change makes Runtime build a new Target for the same URL.
-    new = up.watch = target_of(gw.load(toml(up.url, unhealthy=1, breaker_failures=9)))
-    assert new is not old
+    old_breaker = old.breaker
+    # New breaker settings: a fresh breaker on the same Target (in-flight
+    # count, health and gauges stay), and the probe task runs on.
+    new = up.watch = target_of(gw.load(toml(up.url, unhealthy=1, healthy=2, breaker_failures=9)))
+    assert new is old
+    assert new.breaker is not old_breaker
+    assert new.breaker.failures == 9
     assert not new.healthy
     assert gw.sample("gateway_target_healthy", new) == 0.0
     [new_task] = probe_tasks()
-    assert new_task is not old_task
+    assert new_task is old_task
     up.ok = True
     await until(lambda: new.healthy)
 

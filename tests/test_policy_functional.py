@@ -991,3 +991,20 @@ async def test_cors_headers_on_a_429(
     assert answer.headers["Retry-After"] == "1"
     assert answer.headers["RateLimit"] == '"limited";r=0;t=1'
     assert len(backend.hits) == 1
+
+
+async def test_preflight_on_a_limited_route_shows_the_limit_and_takes_no_token(
+    make_gateway: GatewayFactory, backends: BackendFactory, client: aiohttp.ClientSession
+) -> None:
+    backend = await backends("a")
+    gw = await make_gateway(cors_toml(backend.url))
+    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "PUT"}
+    for _ in range(3):
+        answer = await fetch(client, gw.url + "/limited", "OPTIONS", headers=preflight)
+        assert answer.status == 204
+        assert answer.headers["RateLimit-Policy"] == '"limited";q=1;w=1'
+        assert answer.headers["RateLimit"] == '"limited";r=1;t=0'
+        assert answer.headers["X-RateLimit-Remaining"] == "1"
+    # The bucket (burst 1) is still full: preflights took nothing from it.
+    assert (await fetch(client, gw.url + "/limited", headers={"Origin": ORIGIN})).status == 200
+    assert backend.hits != []

@@ -549,3 +549,50 @@ async def test_one_gib_download_and_upload_arrive_intact(
     ) as resp:
         seen = await resp.json()
     assert seen == {"size": GiB, "sha256": expected_hex}
+
+
+async def test_expect_continue_waits_for_a_target_so_a_refused_upload_is_never_invited(
+    make_gateway: GatewayFactory, start_upstream: UpstreamFactory
+) -> None:
+    refused = await start_upstream(web.Application())
+    port = refused.port
+    await refused.close()
+    gw = await make_gateway(one_upstream_config(port))
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    writer.write(
+        b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    )
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    # No target could take the body: the answer comes without a 100 first.
+    assert head.startswith(b"HTTP/1.1 502"), head
+
+
+async def test_response_head_the_client_side_cannot_write_is_a_json_502(
+    make_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiohttp's client accepts a DEL byte in a header its server refuses to write."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Weird: a\x7fb\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    monkeypatch.setattr("gateway.upstream.UPSTREAM_CLIENT", "aiohttp")
+    try:
+        gw = await make_gateway(one_upstream_config(port))
+        async with (
+            aiohttp.ClientSession() as client,
+            client.get(gw.url + "/", headers={"X-Request-ID": "mine-1"}) as resp,
+        ):
+            assert resp.status == 502
+            body = await _json_error(resp)
+        assert body["error"] == "bad_gateway"
+        assert body["request_id"] == "mine-1"
+    finally:
+        server.close()
+        await server.wait_closed()
