@@ -143,11 +143,6 @@ class Metrics:
         for outcome in ("ok", "error", "timeout"):
             self.upstream_requests.labels(upstream, target, outcome)
 
-    def forget_route(self, route: str) -> None:
-        for metric in (self.request_bytes, self.response_bytes, self.rate_limited, self.duration):
-            with contextlib.suppress(KeyError):
-                metric.remove(route)
-
     def forget_target(self, upstream: str, target: str) -> None:
         for metric in (
             self.upstream_in_flight,

@@ -137,7 +137,7 @@ class Runtime:
                 target.set_healthy(True)  # checks removed: passive only
             targets.append(target)
         handle = self.sessions.get(up.name)
-        if handle is None or handle.retired:
+        if handle is None:
             handle = SessionHandle(new_session())
             self.sessions[up.name] = handle
         budget = self.budgets.get(up.name)

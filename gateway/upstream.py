@@ -195,7 +195,6 @@ class SessionHandle:
         # GATEWAY_UPSTREAM_CLIENT=aiohttp; the session serves https targets.
         self.h1: ConnectionPool | None = ConnectionPool() if UPSTREAM_CLIENT == "h1" else None
         self.active = 0
-        self.retired = False
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -209,7 +208,6 @@ class SessionHandle:
             self._idle.set()
 
     async def close_when_idle(self) -> None:
-        self.retired = True
         await self._idle.wait()
         await self.close()
 
