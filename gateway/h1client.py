@@ -16,7 +16,13 @@ hop needs (RFC 9112):
   the response ended cleanly, both sides kept it alive and the request body
   was sent whole; anything else (cancellation included) aborts it.
 - One read-timeout timer per connection: each wait stores a deadline, and the
-  single `call_at` handle re-arms itself lazily when it fires early.
+  single `call_at` handle re-arms itself lazily when it fires early. A body
+  write the target does not take for as long fails the same way (nginx's
+  `proxy_send_timeout`).
+- A reused connection the target closed just as it was reused (its keep-alive
+  timer firing) is retried once on a fresh one, when the method is idempotent,
+  nothing of the response arrived and nothing of the body was asked for
+  (RFC 9112 9.3.1).
 
 Errors are this module's own (`H1Error` and subclasses); the proxy translates
 them in one place, as it does aiohttp's.
@@ -50,6 +56,9 @@ MAX_HEAD_BYTES: Final = 256 * 1024
 # Bodies up to this size are framed into one bytes object (one write, one
 # copy); larger ones are written as three pieces so the chunk is not copied.
 _JOIN_BELOW: Final = 64 * 1024
+
+# RFC 9110 9.2.2: the methods a client may repeat on its own (RFC 9112 9.3.1).
+_IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 _IDLE: Final = 0  # no request on the connection (pooled or fresh)
 _HEAD: Final = 1  # request sent, response head not in yet
@@ -174,6 +183,7 @@ class _Connection(asyncio.Protocol):
         self._reading_paused = False
         self._keep_alive = False
         self._body_done = True
+        self._body_pulled = False
         self._body_task: asyncio.Task[None] | None = None
         # waiting
         self._waiter: asyncio.Future[None] | None = None
@@ -183,6 +193,8 @@ class _Connection(asyncio.Protocol):
         self._timer_at = 0.0
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        self._drain_size = 0
+        self.reused = False
         self.idle_at = 0.0
 
     # -- asyncio.Protocol ---------------------------------------------------------
@@ -326,6 +338,12 @@ class _Connection(asyncio.Protocol):
         transport = self._transport
         return not self._lost and transport is not None and not transport.is_closing()
 
+    def stale(self) -> bool:
+        """Whether a failed exchange may go again on a fresh connection: this
+        one was reused, and the target closed it before any response byte and
+        before the body was asked for (RFC 9112 9.3.1; the keep-alive race)."""
+        return self.reused and self._head_bytes == 0 and not self._body_pulled
+
     async def send(
         self,
         method: str,
@@ -346,6 +364,7 @@ class _Connection(asyncio.Protocol):
         self._keep_alive = False
         transport.write(head)
         self._body_done = body is None
+        self._body_pulled = False
         if body is not None:
             self._body_task = self._loop.create_task(self._send_body(body, content_length))
         try:
@@ -363,6 +382,10 @@ class _Connection(asyncio.Protocol):
         return response
 
     async def _send_body(self, body: AsyncIterator[bytes], length: int | None) -> None:
+        # From the first ask on, the body is spent for a retry: cancelling a
+        # pending `anext` ends an async generator, and a retry would then send
+        # an empty (chunked) body.
+        self._body_pulled = True
         transport = self._transport
         assert transport is not None
         chunked = length is None
@@ -414,8 +437,13 @@ class _Connection(asyncio.Protocol):
                 await aclose()
 
     async def _drain(self) -> None:
-        if self._transport is None:
+        transport = self._transport
+        if transport is None:
             return  # closed: the body loop stops at its next check
+        if self._state == _HEAD:
+            # The target must take some of the body within the timeout (see _on_timer).
+            self._drain_size = transport.get_write_buffer_size()
+            self._deadline = self._loop.time() + self._timeout
         waiter: asyncio.Future[None] = self._loop.create_future()
         self._drain_waiter = waiter
         try:
@@ -466,17 +494,36 @@ class _Connection(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._waiter is None:
-            return  # nobody waits: the next wait arms a new one
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            # Nobody waits, or data came in this very loop iteration (I/O
+            # callbacks run before due timers) and the reader has yet to
+            # resume: the next wait arms a new timer.
+            return
         now = self._loop.time()
+        stalled = False
         if self._state == _HEAD and not self._body_done and self._error is None:
-            # As aiohttp's sock_read, the wait for a head starts once the body
-            # is sent: an upload may take any time before the target answers.
-            self._deadline = now + self._timeout
+            if self._drain_waiter is None:
+                # As aiohttp's sock_read, the wait for a head starts once the
+                # body is sent: an upload may take any time before the target
+                # answers, as long as it takes what we write.
+                self._deadline = now + self._timeout
+            else:
+                stalled = True
+                transport = self._transport
+                size = -1 if transport is None else transport.get_write_buffer_size()
+                if 0 <= size < self._drain_size:  # it took some: progress
+                    self._drain_size = size
+                    if now + 0.001 >= self._deadline:
+                        self._deadline = now + self._timeout
         deadline = self._deadline
         # The loop may run a timer up to its clock resolution early.
         if now + 0.001 >= deadline:
-            self._fail(H1ReadTimeout(f"no data from the target for {self._timeout:g} s"))
+            if stalled:
+                message = f"the target took none of the request body for {self._timeout:g} s"
+            else:
+                message = f"no data from the target for {self._timeout:g} s"
+            self._fail(H1ReadTimeout(message))
         else:
             self._timer_at = deadline
             self._timer = self._loop.call_at(deadline, self._on_timer)
@@ -642,8 +689,15 @@ class ConnectionPool:
         head = serialize_head(method, path_qs, items, body is not None and content_length is None)
         key = (host, port)
         conn = self._take(key)
-        if conn is None:
-            conn = await self._connect(key, connect_timeout)
+        if conn is not None:
+            try:
+                return await conn.send(method, head, body, content_length, read_timeout)
+            except H1ServerDisconnected:
+                if method not in _IDEMPOTENT or not conn.stale():
+                    raise
+            # The target closed the connection as we reused it: once more on
+            # a fresh one (never again: a fresh connection closed is an answer).
+        conn = await self._connect(key, connect_timeout)
         return await conn.send(method, head, body, content_length, read_timeout)
 
     def _take(self, key: tuple[str, int]) -> _Connection | None:
@@ -651,6 +705,7 @@ class ConnectionPool:
         while stack:
             conn = stack.pop()
             if conn.usable():
+                conn.reused = True
                 return conn
             conn.abort()  # closed by the target while idle
         return None

@@ -477,6 +477,110 @@ async def test_a_pooled_connection_closed_by_the_target_is_replaced(
     assert server.connections == 2
 
 
+def close_on_second_request(server_ref: list[RawServer], partial: bytes = b"") -> Handler:
+    """The first connection answers one request with keep-alive, then closes
+    (after sending `partial`) once the next request head is in; later ones answer."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        server = server_ref[0]
+        first = server.connections == 1
+        await server.read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await server.read_head(reader)
+        if first:
+            writer.write(partial)
+            writer.close()  # the keep-alive timer fired as the request came
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await reader.read()
+
+    return handler
+
+
+async def test_a_reused_connection_closed_before_any_answer_is_retried_once(
+    pool: ConnectionPool, raw: Callable[[Handler], Awaitable[RawServer]]
+) -> None:
+    ref: list[RawServer] = []
+    ref.append(await raw(close_on_second_request(ref)))
+    server = ref[0]
+    for _ in range(2):
+        response, body = await fetch(pool, server.port, path="/again")
+        assert (response.status, body) == (200, b"ok")
+    assert server.connections == 2
+    assert [head.split(b"\r\n", 1)[0] for head in server.heads] == [
+        b"GET /again HTTP/1.1"
+    ] * 3  # once, then the retried one twice
+    assert (pool.open_count, pool.idle_count) == (1, 1)
+
+
+async def test_a_fresh_connection_closed_before_any_answer_is_not_retried(
+    pool: ConnectionPool, raw: Callable[[Handler], Awaitable[RawServer]]
+) -> None:
+    server: RawServer
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_head(reader)  # then closed, unanswered
+
+    server = await raw(handler)
+    with pytest.raises(H1ServerDisconnected):
+        await get(pool, server.port)
+    assert (server.connections, len(server.heads)) == (1, 1)
+    assert pool.open_count == 0
+
+
+async def test_a_reused_connection_closed_after_response_bytes_is_not_retried(
+    pool: ConnectionPool, raw: Callable[[Handler], Awaitable[RawServer]]
+) -> None:
+    ref: list[RawServer] = []
+    ref.append(await raw(close_on_second_request(ref, partial=b"HTTP/1.1 200 O")))
+    server = ref[0]
+    await fetch(pool, server.port)
+    with pytest.raises(H1ServerDisconnected):
+        await get(pool, server.port)
+    assert (server.connections, len(server.heads)) == (1, 2)
+    assert pool.open_count == 0
+
+
+async def test_a_non_idempotent_request_is_not_retried(
+    pool: ConnectionPool, raw: Callable[[Handler], Awaitable[RawServer]]
+) -> None:
+    """The target may have acted on it before closing (RFC 9112 9.3.1)."""
+    ref: list[RawServer] = []
+    ref.append(await raw(close_on_second_request(ref)))
+    server = ref[0]
+    await fetch(pool, server.port)
+    with pytest.raises(H1ServerDisconnected):
+        await get(pool, server.port, method="POST")
+    assert (server.connections, len(server.heads)) == (1, 2)
+
+
+@pytest.mark.parametrize("yielded", [True, False])
+async def test_a_reused_connection_closed_once_the_body_was_asked_for_is_not_retried(
+    pool: ConnectionPool, raw: Callable[[Handler], Awaitable[RawServer]], yielded: bool
+) -> None:
+    """A body chunk yielded cannot be sent again; a pending ask, once
+    cancelled, ends the source (a retry would send an empty body)."""
+    ref: list[RawServer] = []
+    ref.append(await raw(close_on_second_request(ref)))
+    server = ref[0]
+    asked = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        asked.set()
+        if yielded:
+            yield b"abc"
+        await asyncio.sleep(30)
+        yield b"never"
+
+    await fetch(pool, server.port)
+    with pytest.raises(H1ServerDisconnected):
+        await get(pool, server.port, method="PUT", body=body())
+    assert asked.is_set()
+    assert (server.connections, len(server.heads)) == (1, 2)
+    assert pool.open_count == 0
+
+
 async def test_idle_connections_close_after_the_idle_timeout(
     raw: Callable[[Handler], Awaitable[RawServer]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -651,6 +755,81 @@ async def test_a_slow_upload_is_not_cut_by_the_read_timeout(
     assert pool.idle_count == 1
 
 
+async def test_a_target_that_stops_reading_the_body_is_a_read_timeout(
+    pool: ConnectionPool, raw: Callable[[Handler], Awaitable[RawServer]]
+) -> None:
+    closed = asyncio.Event()
+    sent = 0
+    size = 64 * 1024 * 1024
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(30)  # accepts, never reads, never answers
+
+    async def upload() -> AsyncIterator[bytes]:
+        nonlocal sent
+        piece = b"u" * 65536
+        try:
+            while sent < size:
+                sent += len(piece)
+                yield piece
+        finally:
+            closed.set()
+
+    server = await raw(handler)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(H1ReadTimeout, match="took none of the request body"):
+        async with asyncio.timeout(5):
+            await get(
+                pool,
+                server.port,
+                method="POST",
+                headers=[("Host", "x"), ("Content-Length", str(size))],
+                body=upload(),
+                content_length=size,
+                read_timeout=0.5,
+            )
+    assert loop.time() - started < 2.0
+    async with asyncio.timeout(5):
+        await closed.wait()
+    assert sent < size
+    assert (pool.open_count, pool.idle_count) == (0, 0)
+    assert server.connections == 1
+
+
+async def test_a_target_reading_the_body_slowly_is_not_cut(
+    pool: ConnectionPool, raw: Callable[[Handler], Awaitable[RawServer]]
+) -> None:
+    size = 32 * 1024 * 1024
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        left = size
+        while left:
+            await asyncio.sleep(0.2)  # each stall within the timeout, 0.8 s in all
+            burst = min(left, 8 * 1024 * 1024)
+            left -= burst
+            await reader.readexactly(burst)
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await reader.read()
+
+    async def upload() -> AsyncIterator[bytes]:
+        piece = b"s" * (1024 * 1024)
+        for _ in range(size // len(piece)):
+            yield piece
+
+    server = await raw(handler)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    response = await get(
+        pool, server.port, method="POST", body=upload(), content_length=size, read_timeout=0.3
+    )
+    assert response.status == 204
+    assert loop.time() - started > 0.6  # much longer than the timeout in all
+    response.release()
+    assert pool.idle_count == 1
+
+
 async def test_connect_refused(pool: ConnectionPool) -> None:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
@@ -775,6 +954,34 @@ async def test_download_backpressure_pauses_reading(
     assert total == size
     response.release()
     assert pool.idle_count == 1
+
+
+async def test_data_and_a_due_timer_in_one_iteration_do_not_time_out(
+    pool: ConnectionPool, raw: Callable[[Handler], Awaitable[RawServer]]
+) -> None:
+    """asyncio runs I/O callbacks before due timers: a body piece may complete
+    the waiter just before the timer runs, the reader not resumed yet."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n")
+        await reader.read()
+
+    server = await raw(handler)
+    response = await get(pool, server.port, read_timeout=5.0)
+    conn = response._conn
+    assert conn is not None
+    task = asyncio.create_task(response.read_chunk())
+    await wait_for(lambda: conn._waiter is not None)
+    # One loop iteration, as the loop runs it: the data, then the due timer.
+    conn.on_body(b"data")
+    conn._deadline = asyncio.get_running_loop().time() - 1.0
+    conn._on_timer()
+    assert conn._error is None
+    async with asyncio.timeout(5):
+        assert await task == b"data"
+    assert conn.usable()
+    response.close()
 
 
 # -- cancellation ------------------------------------------------------------------
