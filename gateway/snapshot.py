@@ -102,6 +102,10 @@ class Runtime:
         Must run on the event loop (client sessions bind to it). Nothing here
         awaits, so the swap the caller does afterwards is atomic.
         """
+        # What can still fail (regex compilation, CIDRs) comes before any
+        # shared state changes, so a failure leaves the old snapshot whole.
+        table = RouteTable(config.routes)
+        trusted = TrustedProxies(config.server.trusted_proxies)
         pools = {name: self._pool(up) for name, up in config.upstreams.items()}
         routes: dict[str, RouteRuntime] = {}
         for route in config.routes:
@@ -112,10 +116,10 @@ class Runtime:
         self._forget_missing(config)
         return Snapshot(
             config=config,
-            table=RouteTable(config.routes),
+            table=table,
             routes=routes,
             pools=pools,
-            trusted=TrustedProxies(config.server.trusted_proxies),
+            trusted=trusted,
             loaded_at=time.time(),
         )
 
