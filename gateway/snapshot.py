@@ -137,8 +137,6 @@ class Runtime:
             elif target.breaker_config != up.breaker:
                 target.replace_breaker(up.breaker)
             target.weight = t.weight
-            if up.health is None and not target.healthy:
-                target.set_healthy(True)  # checks removed: passive only
             targets.append(target)
         handle = self.sessions.get(up.name)
         if handle is None:
