@@ -152,3 +152,28 @@ class Metrics:
         ):
             with contextlib.suppress(KeyError):
                 metric.remove(upstream, target)
+
+
+class RequestCounter:
+    """`gateway_requests_total` for one route, its children cached.
+
+    `labels()` costs a lock and a dict lookup per call; caching the child per
+    (method, status) keeps that off the hot path. Methods come from clients,
+    so the cache is bounded (llhttp admits only registered methods anyway).
+    """
+
+    _MAX_CACHED = 256
+
+    def __init__(self, metrics: Metrics, route: str) -> None:
+        self._requests = metrics.requests
+        self._route = route
+        self._children: dict[tuple[str, int], Counter] = {}
+
+    def count(self, method: str, status: int) -> None:
+        key = (method, status)
+        counter = self._children.get(key)
+        if counter is None:
+            counter = self._requests.labels(self._route, method, str(status))
+            if len(self._children) < self._MAX_CACHED:
+                self._children[key] = counter
+        counter.inc()

@@ -24,7 +24,6 @@ from typing import Final
 import aiohttp
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
-from prometheus_client import Counter
 
 from gateway.cors import is_preflight, merge_headers
 from gateway.errors import (
@@ -45,7 +44,7 @@ from gateway.headers import (
 )
 from gateway.limits import rate_limit_headers
 from gateway.log import AccessLog
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, RequestCounter
 from gateway.protocol import json_response
 from gateway.retry import backoff, may_retry
 from gateway.routing import forward_path
@@ -168,7 +167,8 @@ class ProxyHandler:
         self._access_log = access_log
         self._client_timeout = client_timeout
         self._clock = clock
-        self._unrouted: dict[tuple[str, int], Counter] = {}
+        # Requests that matched no route (or were refused before routing).
+        self._count_unrouted = RequestCounter(metrics, "").count
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         snap = self._box.snapshot
@@ -318,15 +318,6 @@ class ProxyHandler:
             duration=0.0,
             error=error.code,
         )
-
-    def _count_unrouted(self, method: str, status: int) -> None:
-        key = (method, status)
-        counter = self._unrouted.get(key)
-        if counter is None:
-            counter = self._metrics.requests.labels("", method, str(status))
-            if len(self._unrouted) < 256:
-                self._unrouted[key] = counter
-        counter.inc()
 
     def _admit(
         self, request: web.BaseRequest, route: RouteRuntime, client: str

@@ -21,7 +21,7 @@ from gateway.config import Config, RateLimitConfig, RouteConfig, UpstreamConfig
 from gateway.cors import CorsPolicy
 from gateway.headers import TrustedProxies
 from gateway.limits import BucketStore
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, RequestCounter
 from gateway.retry import RetryBudget
 from gateway.routing import RouteTable
 from gateway.upstream import Pool, SessionHandle, Target, new_session
@@ -52,18 +52,7 @@ class RouteRuntime:
         self.bytes_in: Counter = metrics.request_bytes.labels(config.name)
         self.bytes_out: Counter = metrics.response_bytes.labels(config.name)
         self.rate_limited: Counter = metrics.rate_limited.labels(config.name)
-        self._requests = metrics.requests
-        self._request_counters: dict[tuple[str, int], Counter] = {}
-
-    def count(self, method: str, status: int) -> None:
-        key = (method, status)
-        counter = self._request_counters.get(key)
-        if counter is None:
-            counter = self._requests.labels(self.name, method, str(status))
-            # methods come from clients: keep the cache bounded
-            if len(self._request_counters) < 256:
-                self._request_counters[key] = counter
-        counter.inc()
+        self.count = RequestCounter(metrics, config.name).count
 
 
 @dataclass(frozen=True)
