@@ -553,52 +553,33 @@ class ProxyHandler:
         return upstream
 
     def _translate(self, exc: BaseException, target: Target) -> _UpstreamFailed:
-        """Client-library errors mapped once to the contract's 502/504."""
-        if isinstance(exc, H1Error):
-            return self._translate_h1(exc, target)
-        if isinstance(exc, aiohttp.ConnectionTimeoutError):
-            target.timeout_counter.inc()
-            return _UpstreamFailed(
-                UpstreamTimeout(f"connect to {target.url} timed out"), connect_failed=True
-            )
-        if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-            target.timeout_counter.inc()
-            return _UpstreamFailed(
-                UpstreamTimeout(f"{target.url} did not answer in time"), connect_failed=False
-            )
-        target.error_counter.inc()
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            return _UpstreamFailed(
-                BadGateway(f"cannot connect to {target.url}"), connect_failed=True
-            )
-        return _UpstreamFailed(
-            BadGateway(f"{target.url} failed before answering ({type(exc).__name__})"),
-            connect_failed=False,
-        )
-
-    @staticmethod
-    def _translate_h1(exc: H1Error, target: Target) -> _UpstreamFailed:
-        """The same mapping for `gateway.h1client`'s errors."""
+        """Either upstream client's errors, mapped once to the contract's 502/504."""
         if isinstance(exc, H1ConnectError):
-            if exc.timed_out:
-                target.timeout_counter.inc()
-                return _UpstreamFailed(
-                    UpstreamTimeout(f"connect to {target.url} timed out"), connect_failed=True
-                )
-            target.error_counter.inc()
-            return _UpstreamFailed(
-                BadGateway(f"cannot connect to {target.url}"), connect_failed=True
-            )
-        if isinstance(exc, H1ReadTimeout):
+            connect, timed_out = True, exc.timed_out
+        elif isinstance(exc, H1Error):
+            connect, timed_out = False, isinstance(exc, H1ReadTimeout)
+        elif isinstance(exc, aiohttp.ConnectionTimeoutError):
+            connect, timed_out = True, True
+        elif isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+            connect, timed_out = False, True
+        else:
+            connect, timed_out = isinstance(exc, aiohttp.ClientConnectorError), False
+        error: GatewayError
+        if timed_out:
             target.timeout_counter.inc()
-            return _UpstreamFailed(
-                UpstreamTimeout(f"{target.url} did not answer in time"), connect_failed=False
+            error = UpstreamTimeout(
+                f"connect to {target.url} timed out"
+                if connect
+                else f"{target.url} did not answer in time"
             )
-        target.error_counter.inc()
-        return _UpstreamFailed(
-            BadGateway(f"{target.url} failed before answering ({type(exc).__name__})"),
-            connect_failed=False,
-        )
+        else:
+            target.error_counter.inc()
+            error = BadGateway(
+                f"cannot connect to {target.url}"
+                if connect
+                else f"{target.url} failed before answering ({type(exc).__name__})"
+            )
+        return _UpstreamFailed(error, connect_failed=connect)
 
     async def _body(
         self, request: web.BaseRequest, limit: int, ex: _Exchange
