@@ -42,6 +42,8 @@ import httptools
 from cachetools import TTLCache
 from multidict import CIMultiDict
 
+from . import splice
+
 # Unread response bytes above which the socket stops being read; reading
 # resumes below half (the same hysteresis as aiohttp's StreamReader).
 MAX_BUFFERED: Final = 1 << 20
@@ -126,6 +128,21 @@ def serialize_head(
     return text.encode("utf-8", "surrogateescape")
 
 
+class DirectBody:
+    """A request body that writes itself into the connection's socket.
+
+    For a zero-copy upload (splice.py): `ConnectionPool.request` takes one in
+    place of the chunk iterator. `pour` gets the transport (empty, the head
+    flushed) and its socket's descriptor, and must write exactly the request's
+    Content-Length bytes; splice errors from the socket side are the target's
+    (SinkFailed: it closed; SinkTimeout: it took nothing for `write_timeout`),
+    any other exception is the body's own failure.
+    """
+
+    async def pour(self, transport: asyncio.WriteTransport, fd: int, write_timeout: float) -> None:
+        raise NotImplementedError
+
+
 class H1Response:
     """One response: status and head at once, the body through `read_chunk()`."""
 
@@ -145,6 +162,36 @@ class H1Response:
         if conn is None:
             return b""
         return await conn.read_chunk()
+
+    def ready(self) -> bool:
+        """Whether `read_chunk()` would return at once, with a small piece.
+
+        Small: the caller may join it with the head into one write (a copy).
+        """
+        conn = self._conn
+        return conn is None or conn.has_news()
+
+    def complete(self) -> bool:
+        """Whether the body has been read to its clean end (nothing is left)."""
+        conn = self._conn
+        return conn is None or conn.drained()
+
+    def hand_over(self, min_bytes: int) -> tuple[int, bytes, int] | None:
+        """Give the rest of a Content-Length body to a zero-copy relay.
+
+        Only when at least `min_bytes` are still to come: returns the socket's
+        descriptor, the body bytes already read (to be sent first) and how
+        many bytes remain in the socket; reading stops until `spliced()`.
+        None: keep reading with `read_chunk()`.
+        """
+        conn = self._conn
+        return None if conn is None else conn.hand_over(min_bytes)
+
+    def spliced(self) -> None:
+        """The relay moved every remaining byte: the response is complete."""
+        conn = self._conn
+        if conn is not None:
+            conn.spliced()
 
     def release(self) -> None:
         """Pool the connection if the exchange ended cleanly, else close it."""
@@ -180,6 +227,9 @@ class _Connection(asyncio.Protocol):
         self._response: H1Response | None = None
         self._chunks: list[bytes] = []
         self._buffered = 0
+        self._body_received = 0
+        self._content_length: int | None = None
+        self._head_keep_alive = False
         self._reading_paused = False
         self._keep_alive = False
         self._body_done = True
@@ -294,10 +344,20 @@ class _Connection(asyncio.Protocol):
             self._reason = b""
             self._deadline = self._loop.time() + self._timeout  # a sign of life
             return
-        self._response = H1Response(
-            self, status, _decode(self._reason), CIMultiDict(self._raw_headers)
-        )
+        headers = CIMultiDict(self._raw_headers)
+        self._response = H1Response(self, status, _decode(self._reason), headers)
         self._state = _BODY
+        self._body_received = 0
+        # For a zero-copy hand-over. llhttp already refused a bad or second
+        # Content-Length, and one with Transfer-Encoding; checked again here
+        # because a wrong count would splice the next response's bytes.
+        length = headers.get("Content-Length")
+        self._content_length = (
+            int(length)
+            if length is not None and length.isdigit() and "Transfer-Encoding" not in headers
+            else None
+        )
+        self._head_keep_alive = parser.should_keep_alive()
         if self._is_head:
             # RFC 9110 9.3.2: a response to HEAD has no body, whatever its
             # Content-Length says. httptools cannot tell llhttp so (its
@@ -315,6 +375,7 @@ class _Connection(asyncio.Protocol):
             return
         self._chunks.append(body)
         self._buffered += len(body)
+        self._body_received += len(body)
         if self._buffered > MAX_BUFFERED and not self._reading_paused:
             self._reading_paused = True
             if self._transport is not None:
@@ -348,7 +409,7 @@ class _Connection(asyncio.Protocol):
         self,
         method: str,
         head: bytes,
-        body: AsyncIterator[bytes] | None,
+        body: AsyncIterator[bytes] | DirectBody | None,
         content_length: int | None,
         read_timeout: float,
     ) -> H1Response:
@@ -365,7 +426,9 @@ class _Connection(asyncio.Protocol):
         transport.write(head)
         self._body_done = body is None
         self._body_pulled = False
-        if body is not None:
+        if isinstance(body, DirectBody):
+            self._body_task = self._loop.create_task(self._pour_body(body))
+        elif body is not None:
             self._body_task = self._loop.create_task(self._send_body(body, content_length))
         try:
             while self._state == _HEAD and self._error is None:
@@ -436,6 +499,34 @@ class _Connection(asyncio.Protocol):
             if aclose is not None:
                 await aclose()
 
+    async def _pour_body(self, body: DirectBody) -> None:
+        self._body_pulled = True  # spent for a retry from here on
+        transport = self._transport
+        fd = splice.socket_fd(transport)
+        try:
+            if transport is None or fd is None:
+                raise H1BodyError("the connection cannot take a zero-copy body")
+            await splice.wait_flushed(transport, fd, self._timeout)
+            await body.pour(transport, fd, self._timeout)
+            if self._transport is None or self._error is not None:
+                return
+            self._body_done = True
+            self._deadline = self._loop.time() + self._timeout
+        except asyncio.CancelledError:
+            raise
+        except splice.SinkFailed:
+            return  # the target closed (maybe answering early): the reader decides
+        except splice.SinkTimeout:
+            self._fail(
+                H1ReadTimeout(f"the target took none of the request body for {self._timeout:g} s")
+            )
+        except H1BodyError as exc:
+            self._fail(exc)
+        except Exception as exc:
+            error = H1BodyError(f"request body failed: {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+            self._fail(error)
+
     async def _drain(self) -> None:
         transport = self._transport
         if transport is None:
@@ -450,6 +541,39 @@ class _Connection(asyncio.Protocol):
             await waiter
         finally:
             self._drain_waiter = None
+
+    def has_news(self) -> bool:
+        if self._chunks:
+            return self._buffered < _JOIN_BELOW
+        return self._state != _BODY or self._error is not None
+
+    def drained(self) -> bool:
+        return self._state == _DONE and not self._chunks and self._error is None
+
+    def hand_over(self, min_bytes: int) -> tuple[int, bytes, int] | None:
+        length = self._content_length
+        if self._state != _BODY or self._error is not None or length is None:
+            return None
+        remaining = length - self._body_received
+        fd = splice.socket_fd(self._transport)
+        if remaining < min_bytes or fd is None or self._transport is None:
+            return None
+        if not self._reading_paused:
+            self._reading_paused = True
+            self._transport.pause_reading()
+        chunks, self._chunks, self._buffered = self._chunks, [], 0
+        return fd, b"".join(chunks), remaining
+
+    def spliced(self) -> None:
+        # llhttp still counts the body the relay moved past it: a fresh
+        # parser reads the next response (as after a HEAD's).
+        self._parser = httptools.HttpResponseParser(self)
+        self._state = _DONE
+        self._keep_alive = self._head_keep_alive
+        if self._reading_paused:
+            self._reading_paused = False
+            if self._transport is not None:
+                self._transport.resume_reading()
 
     async def read_chunk(self) -> bytes:
         while True:
@@ -672,7 +796,7 @@ class ConnectionPool:
         port: int,
         path_qs: str,
         headers: Iterable[tuple[str, str]] | CIMultiDict[str],
-        body: AsyncIterator[bytes] | None,
+        body: AsyncIterator[bytes] | DirectBody | None,
         content_length: int | None,
         connect_timeout: float,
         read_timeout: float,

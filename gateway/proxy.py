@@ -25,6 +25,7 @@ import aiohttp
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway import splice
 from gateway.cors import is_preflight, merge_headers
 from gateway.errors import (
     BadGateway,
@@ -35,7 +36,7 @@ from gateway.errors import (
     RateLimited,
     UpstreamTimeout,
 )
-from gateway.h1client import H1ConnectError, H1Error, H1ReadTimeout, H1Response
+from gateway.h1client import DirectBody, H1ConnectError, H1Error, H1ReadTimeout, H1Response
 from gateway.headers import (
     client_response_headers,
     new_request_id,
@@ -58,6 +59,9 @@ GATEWAY_FAILURE_STATUSES: Final = frozenset({502, 503, 504})
 # nginx's code for "client closed the request before the response": logs only.
 CLIENT_CLOSED: Final = 499
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+# A last body piece below this goes out in the same write as the end of the
+# response (joined: a copy); a larger one is written on its own.
+_JOIN_BELOW: Final = 64 * 1024
 
 
 class SnapshotBox:
@@ -94,6 +98,7 @@ class _Exchange:
         "body_started",
         "bytes_in",
         "bytes_out",
+        "client_spent",
         "expect_continue",
         "method",
         "target",
@@ -108,6 +113,9 @@ class _Exchange:
         self.body_started = False
         self.body_error: GatewayError | None = None
         self.target: Target | None = None
+        # The request body was spliced past aiohttp's parser, which still
+        # waits for it: the client connection ends with this response.
+        self.client_spent = False
 
 
 class _UpstreamFailed(Exception):
@@ -221,7 +229,7 @@ class ProxyHandler:
                 )
             except GatewayError as error:
                 error_code = error.code
-                response = self._error_response(request, error, rid)
+                response = self._error_response(request, error, rid, ex)
             except Exception as exc:
                 # The outer edge: a bug must still get the contract's JSON
                 # and this request's id, unless the response had begun.
@@ -230,7 +238,7 @@ class ProxyHandler:
                 log.exception("request %s failed", rid)
                 internal = GatewayError("internal error")
                 error_code = internal.code
-                response = self._error_response(request, internal, rid)
+                response = self._error_response(request, internal, rid, ex)
             if error_code is not None:
                 for name, value in limit_headers:
                     # Admitted, then failed (502/503/504, 413 mid-body): every
@@ -346,12 +354,12 @@ class ProxyHandler:
         return headers
 
     def _error_response(
-        self, request: web.BaseRequest, error: GatewayError, rid: str
+        self, request: web.BaseRequest, error: GatewayError, rid: str, ex: _Exchange
     ) -> web.Response:
         # A body left unread (refused before upload, or cut short) may still
         # be on its way: end the connection rather than read what nobody wants.
         unread = request.body_exists and not request.content.at_eof()
-        return json_response(error, rid, close=unread)
+        return json_response(error, rid, close=unread or ex.client_spent)
 
     async def _forward(
         self,
@@ -449,14 +457,14 @@ class ProxyHandler:
                             target.ok_counter.inc()
                             breaker.record_success()
                             return await self._relay(
-                                request, upstream, ex, rid, extra_headers, cors_headers
+                                request, route, upstream, ex, rid, extra_headers, cors_headers
                             )
                         target.error_counter.inc()
                         breaker.record_failure()
                         if not self._may_retry(route, attempt, False, upstream.status, ex):
                             # Out of retries: the target's own 5xx is the answer.
                             return await self._relay(
-                                request, upstream, ex, rid, extra_headers, cors_headers
+                                request, route, upstream, ex, rid, extra_headers, cors_headers
                             )
                         upstream.close()
                         last_error = None
@@ -511,11 +519,17 @@ class ProxyHandler:
         )
         headers.popall(hdrs.EXPECT, None)
         path_qs = forward_path(config, raw_path, raw_query, target.base_path)
-        body = self._body(request, config.max_body_bytes, ex) if has_body else None
         handle = route.pool.handle
+        lean = handle.h1 is not None and target.scheme == "http"
+        body: AsyncIterator[bytes] | DirectBody | None = None
+        if has_body:
+            body = (lean and self._spliced_body(request, ex)) or self._body(
+                request, config.max_body_bytes, ex
+            )
         upstream: aiohttp.ClientResponse | H1Response
         try:
-            if handle.h1 is not None and target.scheme == "http":
+            if lean:
+                assert handle.h1 is not None
                 # The lean client (GATEWAY_UPSTREAM_CLIENT=aiohttp turns it
                 # off): same head, body and timeouts, without ClientSession's
                 # per-request machinery.
@@ -531,6 +545,7 @@ class ProxyHandler:
                     config.read_timeout,
                 )
             else:
+                assert not isinstance(body, DirectBody)
                 upstream = await handle.session.request(
                     request.method,
                     target.url_for(path_qs),
@@ -613,9 +628,20 @@ class ProxyHandler:
             ex.body_started = True
             yield chunk
 
+    def _spliced_body(self, request: web.BaseRequest, ex: _Exchange) -> _SplicedUpload | None:
+        """A large Content-Length body goes up zero-copy (splice.py), if it can."""
+        length = request.content_length
+        if not splice.AVAILABLE or length is None or length < splice.MIN_BYTES:
+            return None
+        fd = splice.socket_fd(request.transport)
+        if fd is None:
+            return None
+        return _SplicedUpload(request, ex, fd, length, self._client_timeout())
+
     async def _relay(
         self,
         request: web.BaseRequest,
+        route: RouteRuntime,
         upstream: aiohttp.ClientResponse | H1Response,
         ex: _Exchange,
         rid: str,
@@ -629,13 +655,24 @@ class ProxyHandler:
         if cors_headers:
             merge_headers(headers, cors_headers)
         response = ProxiedResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        if ex.client_spent:
+            response.force_close()
         read: Callable[[], Awaitable[bytes]]
         read_errors: tuple[type[Exception], ...]
+        complete: Callable[[], bool]
         if isinstance(upstream, H1Response):
             read, read_errors = upstream.read_chunk, (H1Error,)
+            complete = upstream.complete
+            # When the body (or its first piece) is already here, the head
+            # waits for it and both leave in one write: one segment and one
+            # wake-up of the client instead of two. Otherwise the head goes
+            # at once, so that a client of a slow stream (SSE) sees it.
+            response._send_headers_immediately = not upstream.ready()
         else:
             read, read_errors = upstream.content.readany, (TimeoutError, aiohttp.ClientError)
+            complete = _never
         completed = False
+        last_chunk = b""
         try:
             try:
                 await response.prepare(request)
@@ -643,6 +680,11 @@ class ProxyHandler:
                 # A header aiohttp's parser let through but its writer refuses
                 # (control bytes): nothing was written yet, so 502 is honest.
                 raise BadGateway(f"the target's response head cannot be forwarded: {exc}") from exc
+            if isinstance(upstream, H1Response) and splice.AVAILABLE:
+                spliced = await self._splice_down(request, route, response, upstream, ex)
+                if spliced is not None:
+                    completed = spliced
+                    return response
             while True:
                 try:
                     chunk = await read()
@@ -656,8 +698,13 @@ class ProxyHandler:
                 if not chunk:
                     break
                 ex.bytes_out += len(chunk)
+                if len(chunk) < _JOIN_BELOW and complete():
+                    # The last piece: with the final chunk marker (and the
+                    # head, if still held) in the same write.
+                    last_chunk = chunk
+                    break
                 await response.write(chunk)
-            await response.write_eof()
+            await response.write_eof(last_chunk)
             completed = True
             return response
         finally:
@@ -667,6 +714,129 @@ class ProxyHandler:
                 # Client gone, client write failed, or target broke: this
                 # connection is in an unknown state and must not be pooled.
                 upstream.close()
+
+    async def _splice_down(
+        self,
+        request: web.BaseRequest,
+        route: RouteRuntime,
+        response: web.StreamResponse,
+        upstream: H1Response,
+        ex: _Exchange,
+    ) -> bool | None:
+        """Relay the rest of a large Content-Length body zero-copy.
+
+        None: not for this response (copy it as usual). True: relayed whole.
+        False: the target failed mid-body and the client connection was
+        aborted, as in the copying loop. A client gone raises ConnectionError.
+        """
+        transport = request.transport
+        client_fd = splice.socket_fd(transport)
+        if client_fd is None or transport is None:
+            return None
+        handed = upstream.hand_over(splice.MIN_BYTES)
+        if handed is None:
+            return None
+        upstream_fd, buffered, remaining = handed
+        if buffered:
+            ex.bytes_out += len(buffered)
+            await response.write(buffered)  # with the head, if it was held
+        try:
+            await splice.wait_flushed(transport, client_fd, None)
+            moved = await splice.relay(
+                upstream_fd,
+                client_fd,
+                remaining,
+                read_timeout=route.config.read_timeout,
+                write_timeout=None,
+            )
+        except splice.SinkFailed as exc:
+            ex.bytes_out += exc.moved
+            raise ConnectionResetError(f"client connection lost: {exc}") from exc
+        except splice.SpliceError as exc:
+            # The target closed, reset or went silent mid-body: as in the
+            # copying loop, the only honest signal left is an aborted transfer.
+            ex.bytes_out += exc.moved
+            _abort(request)
+            ex.aborted = True
+            return False
+        ex.bytes_out += moved
+        upstream.spliced()
+        # aiohttp's writer still counts the bytes it did not write itself;
+        # nothing is owed, write_eof of a Content-Length response sends nothing.
+        await response.write_eof()
+        return True
+
+
+class _SplicedUpload(DirectBody):
+    """The client's Content-Length body, spliced from its socket to the target's.
+
+    aiohttp has parsed the head and may hold the first body bytes: those go
+    first, then the client socket stops being read by aiohttp and the relay
+    moves the rest. aiohttp's parser is left waiting for bytes it will never
+    see, so the client connection closes after this response
+    (`_Exchange.client_spent`). The silence limit is `client_timeout` per
+    wait, as for copied bodies.
+    """
+
+    def __init__(
+        self, request: web.BaseRequest, ex: _Exchange, client_fd: int, length: int, timeout: float
+    ) -> None:
+        self._request = request
+        self._ex = ex
+        self._client_fd = client_fd
+        self._length = length
+        self._timeout = timeout
+
+    async def pour(self, transport: asyncio.WriteTransport, fd: int, write_timeout: float) -> None:
+        request, ex = self._request, self._ex
+        client = request.transport
+        if client is None or client.is_closing():
+            raise ConnectionResetError("the client is gone")
+        if ex.expect_continue:
+            ex.expect_continue = False
+            client.write(_CONTINUE)
+        content = request.content
+        received = 0
+        try:
+            prefix = content.read_nowait(-1)
+            # From here the socket's bytes belong to the relay (read_nowait
+            # may have just resumed reading: pause after it).
+            client.pause_reading()
+            ex.client_spent = True
+            received = len(prefix)
+            ex.body_started = True
+            if prefix:
+                transport.write(prefix)
+                await splice.wait_flushed(transport, fd, write_timeout)
+            try:
+                received += await splice.relay(
+                    self._client_fd,
+                    fd,
+                    self._length - received,
+                    read_timeout=self._timeout,
+                    write_timeout=write_timeout,
+                )
+            except splice.SourceTimeout as exc:
+                received += exc.moved
+                ex.body_error = ClientTimeout("client sent nothing for too long")
+                raise ex.body_error from None
+            except splice.SourceClosed as exc:
+                received += exc.moved
+                # aiohttp, no longer reading, cannot see the client go: end
+                # the connection, which cancels this request like any other.
+                _abort(request)
+                raise ConnectionResetError(f"client connection lost: {exc}") from exc
+            except splice.SpliceError as exc:
+                received += exc.moved
+                raise
+        finally:
+            ex.bytes_in += received
+            # The body is over for aiohttp too: no lingering read of it.
+            content.feed_eof()
+
+
+def _never() -> bool:
+    return False
 
 
 def _abort(request: web.BaseRequest) -> None:

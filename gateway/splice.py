@@ -1,0 +1,203 @@
+"""Zero-copy relay of a known number of body bytes from one socket to another.
+
+A body copied through Python costs two kernel copies (recv into a buffer,
+send out of it) plus the interpreter's work per chunk. Linux `splice(2)`
+moves the bytes through a pipe instead: socket -> pipe hands over references
+to the kernel's pages, pipe -> socket sends them, and no byte enters this
+process (HAProxy's `option splice-response` does the same). It only pays for
+bodies of a known, large size (`MIN_BYTES`), where setting the pipe up and
+handing the sockets over is small against the transfer.
+
+The sockets stay owned by their asyncio transports, which must not read
+(`pause_reading()`) or hold unsent bytes while the relay runs. asyncio and
+uvloop both refuse `add_reader` on a transport's descriptor, so the relay
+waits on duplicates (`os.dup`): same socket, own descriptor number, closed
+before it returns, so the socket itself closes with its transport as usual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import os
+from typing import Final
+
+#: Whether this platform has splice(2) (Linux; Python >= 3.10).
+AVAILABLE: Final = hasattr(os, "splice") and hasattr(os, "SPLICE_F_NONBLOCK")
+#: Bodies smaller than this are relayed through Python as usual.
+MIN_BYTES: Final = 256 * 1024
+# Asked for with F_SETPIPE_SZ (the default pipe holds 64 KiB); capped by
+# /proc/sys/fs/pipe-max-size, 1 MiB by default.
+PIPE_BYTES: Final = 1 << 20
+_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+
+
+class SpliceError(Exception):
+    """The relay stopped before `count` bytes; `moved` were delivered."""
+
+    def __init__(self, message: str, moved: int) -> None:
+        super().__init__(message)
+        self.moved = moved
+
+
+class SourceClosed(SpliceError):
+    """The source ended (EOF) or failed (reset) before the count was reached."""
+
+
+class SourceTimeout(SpliceError):
+    """The source sent nothing for `read_timeout` seconds."""
+
+
+class SinkFailed(SpliceError):
+    """The destination is gone (EPIPE, reset)."""
+
+
+class SinkTimeout(SpliceError):
+    """The destination took nothing for `write_timeout` seconds."""
+
+
+def socket_fd(transport: asyncio.BaseTransport | None) -> int | None:
+    """The descriptor of a plain TCP transport; None for TLS or anything else."""
+    if transport is None or transport.is_closing():
+        return None
+    if transport.get_extra_info("sslcontext") is not None:
+        return None
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        fd = sock.fileno()
+    except (OSError, AttributeError):
+        return None
+    return fd if isinstance(fd, int) and fd >= 0 else None
+
+
+async def wait_flushed(
+    transport: asyncio.WriteTransport, fd: int, write_timeout: float | None
+) -> None:
+    """Until the transport has handed every byte it holds to the kernel.
+
+    The relay writes to the socket behind the transport's back, so anything
+    the transport still buffers (a response head, body bytes read before the
+    hand-over) must leave first. The transport flushes when the socket turns
+    writable: wait for that, as it does, until nothing is left.
+    """
+    if not transport.get_write_buffer_size():
+        return
+    loop = asyncio.get_running_loop()
+    dup = os.dup(fd)
+    try:
+        while transport.get_write_buffer_size():
+            if transport.is_closing():
+                raise SinkFailed("the connection closed", 0)
+            if not await _ready(loop, dup, True, write_timeout):
+                raise SinkTimeout(f"the peer took nothing for {write_timeout:g} s", 0)
+            # Writable: the transport's own callback runs in this same loop
+            # iteration; yield once so it can flush before we look again.
+            await asyncio.sleep(0)
+    finally:
+        os.close(dup)
+
+
+async def relay(
+    src_fd: int,
+    dst_fd: int,
+    count: int,
+    *,
+    read_timeout: float | None,
+    write_timeout: float | None,
+) -> int:
+    """Move exactly `count` bytes from `src_fd` to `dst_fd`; return `count`.
+
+    Raises a `SpliceError` subclass (with the bytes delivered so far) when
+    either side fails or stalls for its timeout. Cancellation stops at once;
+    either way the bytes still in the pipe are lost, so the caller must
+    abort both connections after any exception.
+    """
+    loop = asyncio.get_running_loop()
+    src = os.dup(src_fd)
+    try:
+        dst = os.dup(dst_fd)
+    except OSError:
+        os.close(src)
+        raise
+    pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    with contextlib.suppress(OSError, AttributeError):
+        fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    left = count  # still to take from the source
+    in_pipe = 0
+    moved = 0  # delivered to the destination
+    try:
+        while left or in_pipe:
+            drained = filled = False
+            if in_pipe:
+                try:
+                    n = os.splice(pipe_r, dst, in_pipe, flags=_FLAGS)
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    raise SinkFailed(f"writing failed: {_reason(exc)}", moved) from exc
+                else:
+                    in_pipe -= n
+                    moved += n
+                    drained = n > 0
+            if left:
+                try:
+                    # Never ask for more than is left: the bytes after this
+                    # body (a next response, pipelined request) are not ours.
+                    n = os.splice(src, pipe_w, min(left, PIPE_BYTES), flags=_FLAGS)
+                except BlockingIOError:
+                    pass  # nothing to read, or the pipe is full
+                except OSError as exc:
+                    raise SourceClosed(f"reading failed: {_reason(exc)}", moved) from exc
+                else:
+                    if n == 0:
+                        raise SourceClosed(f"closed after {count - left} of {count} bytes", moved)
+                    left -= n
+                    in_pipe += n
+                    filled = True
+            if drained or filled:
+                continue
+            if in_pipe:
+                # The destination is full; the pipe must empty before more
+                # is read (what arrives meanwhile waits in the socket).
+                if not await _ready(loop, dst, True, write_timeout):
+                    raise SinkTimeout(f"the peer took nothing for {write_timeout:g} s", moved)
+            elif not await _ready(loop, src, False, read_timeout):
+                raise SourceTimeout(f"the peer sent nothing for {read_timeout:g} s", moved)
+        return moved
+    finally:
+        for fd in (pipe_r, pipe_w, src, dst):
+            os.close(fd)
+
+
+async def _ready(
+    loop: asyncio.AbstractEventLoop, fd: int, writable: bool, patience: float | None
+) -> bool:
+    """Wait until `fd` is readable (or writable); False if `patience` ran out first."""
+    waiter: asyncio.Future[bool] = loop.create_future()
+
+    def settle(result: bool) -> None:
+        if not waiter.done():
+            waiter.set_result(result)
+
+    if writable:
+        loop.add_writer(fd, settle, True)
+    else:
+        loop.add_reader(fd, settle, True)
+    timer = loop.call_later(patience, settle, False) if patience else None
+    try:
+        return await waiter
+    finally:
+        if writable:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+        if timer is not None:
+            timer.cancel()
+
+
+def _reason(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, str(exc))

@@ -1,0 +1,155 @@
+"""splice.relay on real TCP socket pairs over loopback: counts, ends, stalls."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from gateway import splice
+
+pytestmark = pytest.mark.skipif(not splice.AVAILABLE, reason="splice(2) is Linux-only")
+
+MiB = 1024 * 1024
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two ends of one loopback TCP connection (splice needs a real socket)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        accepted, _ = server.accept()
+    for sock in (client, accepted):
+        sock.setblocking(False)
+    return client, accepted
+
+
+@pytest.fixture
+def pairs() -> Iterator[list[tuple[socket.socket, socket.socket]]]:
+    made: list[tuple[socket.socket, socket.socket]] = []
+    yield made
+    for a, b in made:
+        a.close()
+        b.close()
+
+
+def new_pair(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> tuple[socket.socket, socket.socket]:
+    pair = tcp_pair()
+    pairs.append(pair)
+    return pair
+
+
+async def read_exactly(sock: socket.socket, size: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    while len(data) < size:
+        chunk = await loop.sock_recv(sock, size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+async def test_relay_moves_exactly_the_count_and_leaves_what_follows(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    src_writer, src = new_pair(pairs)
+    dst, dst_reader = new_pair(pairs)
+    body = os.urandom(5 * MiB + 3)
+    after = b"NEXT MESSAGE"
+    loop = asyncio.get_running_loop()
+    sending = asyncio.create_task(loop.sock_sendall(src_writer, body + after))
+    receiving = asyncio.create_task(read_exactly(dst_reader, len(body)))
+    moved = await splice.relay(
+        src.fileno(), dst.fileno(), len(body), read_timeout=5, write_timeout=5
+    )
+    await sending
+    assert moved == len(body)
+    assert await receiving == body
+    # The bytes after the count stay in the source socket for their owner.
+    assert await read_exactly(src, len(after)) == after
+
+
+async def test_relay_reports_an_early_end_with_the_bytes_delivered(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    src_writer, src = new_pair(pairs)
+    dst, dst_reader = new_pair(pairs)
+    src_writer.sendall(b"a" * 1000)
+    src_writer.close()
+    with pytest.raises(splice.SourceClosed) as info:
+        await splice.relay(src.fileno(), dst.fileno(), MiB, read_timeout=5, write_timeout=5)
+    assert info.value.moved == 1000
+    assert await read_exactly(dst_reader, 1000) == b"a" * 1000
+
+
+async def test_relay_gives_up_on_a_silent_source(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    src_writer, src = new_pair(pairs)
+    dst, _ = new_pair(pairs)
+    src_writer.sendall(b"b" * 10)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(splice.SourceTimeout) as info:
+        await splice.relay(src.fileno(), dst.fileno(), MiB, read_timeout=0.2, write_timeout=5)
+    assert info.value.moved == 10
+    assert 0.15 < loop.time() - started < 2
+
+
+async def test_relay_gives_up_on_a_destination_that_takes_nothing(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    src_writer, src = new_pair(pairs)
+    dst, _never_read = new_pair(pairs)
+    loop = asyncio.get_running_loop()
+    size = 256 * MiB  # more than both socket buffers hold
+    block = b"c" * MiB
+
+    async def feed() -> None:
+        for _ in range(size // MiB):
+            await loop.sock_sendall(src_writer, block)
+
+    feeding = asyncio.create_task(feed())
+    with pytest.raises(splice.SinkTimeout) as info:
+        await splice.relay(src.fileno(), dst.fileno(), size, read_timeout=5, write_timeout=0.2)
+    assert 0 < info.value.moved < size
+    feeding.cancel()
+    await asyncio.gather(feeding, return_exceptions=True)
+
+
+async def test_relay_reports_a_destination_that_is_gone(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    src_writer, src = new_pair(pairs)
+    dst, dst_reader = new_pair(pairs)
+    dst_reader.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    dst_reader.close()  # RST: writes to dst fail
+    src_writer.sendall(b"d" * (2 * MiB))
+    with pytest.raises(splice.SinkFailed):
+        await splice.relay(src.fileno(), dst.fileno(), 2 * MiB, read_timeout=5, write_timeout=5)
+
+
+async def test_relay_closes_its_descriptors_whatever_happens(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    src_writer, src = new_pair(pairs)
+    dst, _ = new_pair(pairs)
+    opened = len(os.listdir("/proc/self/fd"))
+    src_writer.sendall(b"e" * 100)
+    with pytest.raises(splice.SourceTimeout):
+        await splice.relay(src.fileno(), dst.fileno(), 200, read_timeout=0.05, write_timeout=5)
+    task = asyncio.create_task(
+        splice.relay(src.fileno(), dst.fileno(), 200, read_timeout=5, write_timeout=5)
+    )
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(os.listdir("/proc/self/fd")) == opened
+    assert opened == before + 4

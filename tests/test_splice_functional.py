@@ -1,0 +1,385 @@
+"""Zero-copy bodies (gateway/splice.py) end to end: real upstreams, real sockets.
+
+Content-Length bodies of at least `splice.MIN_BYTES` skip Python: the gateway
+splices them socket to socket. These tests pin that the path is taken (a spy
+counts the real relay's calls) and that everything the copying path
+guarantees still holds on it: bytes intact, keep-alive upstream, the client's
+connection closed after a spliced upload, aborts visible, timeouts enforced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gateway import splice
+from tests.conftest import GatewayFactory, UpstreamFactory, one_upstream_config, wait_for
+from tests.gateway_process import SERVER_HEADER, run_gateway
+
+pytestmark = pytest.mark.skipif(not splice.AVAILABLE, reason="splice(2) is Linux-only")
+
+MiB = 1024 * 1024
+SIZE = 3 * MiB + 12345  # not a multiple of any buffer size
+PATTERN = bytes(range(256)) * (SIZE // 256 + 1)
+BODY = PATTERN[:SIZE]
+
+
+@pytest.fixture
+def relays(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts of bytes asked of each real splice.relay call (a spy, not a stub)."""
+    calls: list[int] = []
+    real = splice.relay
+
+    async def spy(src: int, dst: int, count: int, **kwargs: float | None) -> int:
+        calls.append(count)
+        return await real(src, dst, count, **kwargs)
+
+    monkeypatch.setattr(splice, "relay", spy)
+    return calls
+
+
+def bytes_app(peers: list[object]) -> web.Application:
+    """GET /bytes/N: N pattern bytes with Content-Length; POST /sink: size + sha256."""
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        peers.append(request.transport.get_extra_info("peername"))
+        size = int(request.match_info["size"])
+        response = web.StreamResponse()
+        response.content_length = size
+        await response.prepare(request)
+        sent = 0
+        while sent < size:
+            piece = PATTERN[: min(256 * 1024, size - sent)]
+            await response.write(piece)
+            sent += len(piece)
+        await response.write_eof()
+        return response
+
+    async def sink(request: web.Request) -> web.Response:
+        digest = hashlib.sha256()
+        size = 0
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+            size += len(chunk)
+        return web.json_response({"size": size, "sha256": digest.hexdigest()})
+
+    app = web.Application()
+    app.router.add_get("/bytes/{size}", serve)
+    app.router.add_post("/sink", sink)
+    return app
+
+
+async def read_response(
+    reader: asyncio.StreamReader,
+) -> tuple[int, dict[str, str], bytes]:
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    lines = head.split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {
+        name.strip().lower(): value.strip()
+        for name, _, value in (line.partition(":") for line in lines[1:] if line)
+    }
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return status, headers, body
+
+
+async def test_large_download_is_spliced_intact_and_the_target_connection_reused(
+    make_gateway: GatewayFactory, start_upstream: UpstreamFactory, relays: list[int]
+) -> None:
+    peers: list[object] = []
+    upstream = await start_upstream(bytes_app(peers))
+    gw = await make_gateway(one_upstream_config(upstream.port))
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    for size in (SIZE, SIZE, 100):  # the small one: the next response parses cleanly
+        writer.write(f"GET /bytes/{size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        status, headers, body = await read_response(reader)
+        assert status == 200
+        assert headers["content-length"] == str(size)
+        assert body == PATTERN[:size]
+    writer.close()
+    assert len(relays) == 2
+    assert all(splice.MIN_BYTES <= count <= SIZE for count in relays)
+    # One upstream connection for all three: the parser was reset after each splice.
+    assert len(peers) == 3
+    assert len(set(map(str, peers))) == 1
+    log = [json.loads(line) for line in gw.log_lines()]
+    assert [entry["bytes_out"] for entry in log] == [SIZE, SIZE, 100]
+
+
+@pytest.mark.parametrize("expect", [False, True], ids=["plain", "expect-100-continue"])
+async def test_large_upload_is_spliced_intact_and_the_client_connection_then_closes(
+    make_gateway: GatewayFactory,
+    start_upstream: UpstreamFactory,
+    relays: list[int],
+    expect: bool,
+) -> None:
+    upstream = await start_upstream(bytes_app([]))
+    gw = await make_gateway(one_upstream_config(upstream.port))
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    head = f"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: {SIZE}\r\n"
+    if expect:
+        writer.write((head + "Expect: 100-continue\r\n\r\n").encode())
+        assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(BODY)
+    else:
+        writer.write((head + "\r\n").encode() + BODY)
+    status, headers, body = await read_response(reader)
+    assert status == 200
+    assert json.loads(body) == {"size": SIZE, "sha256": hashlib.sha256(BODY).hexdigest()}
+    # aiohttp's parser never saw the spliced bytes: the connection must end here.
+    assert headers["connection"].lower() == "close"
+    assert await reader.read() == b""
+    writer.close()
+    assert len(relays) == 1
+    assert json.loads(gw.log_lines()[-1])["bytes_in"] == SIZE
+
+
+async def test_small_bodies_are_not_spliced(
+    make_gateway: GatewayFactory,
+    start_upstream: UpstreamFactory,
+    client: aiohttp.ClientSession,
+    relays: list[int],
+) -> None:
+    upstream = await start_upstream(bytes_app([]))
+    gw = await make_gateway(one_upstream_config(upstream.port))
+    small = splice.MIN_BYTES - 1
+    async with client.get(f"{gw.url}/bytes/{small}") as resp:
+        assert await resp.read() == PATTERN[:small]
+    async with client.post(gw.url + "/sink", data=BODY[:small]) as resp:
+        assert (await resp.json())["size"] == small
+        assert resp.headers.get("Connection", "").lower() != "close"
+    assert relays == []
+
+
+async def test_target_reset_mid_spliced_download_aborts_the_client_transfer(
+    make_gateway: GatewayFactory,
+    start_upstream: UpstreamFactory,
+    client: aiohttp.ClientSession,
+    relays: list[int],
+) -> None:
+    async def broken(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_length = 8 * MiB
+        await response.prepare(request)
+        await response.write(b"x" * MiB)
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/broken", broken)
+    upstream = await start_upstream(app)
+    gw = await make_gateway(one_upstream_config(upstream.port))
+    async with client.get(gw.url + "/broken") as resp:
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    assert len(relays) == 1
+    assert json.loads(gw.log_lines()[-1])["error"] == "upstream_aborted"
+    async with client.get(gw.url + "/broken") as resp:  # still serving
+        assert resp.status == 200
+
+
+async def test_target_silent_mid_spliced_download_is_cut_after_read_timeout(
+    make_gateway: GatewayFactory,
+    start_upstream: UpstreamFactory,
+    client: aiohttp.ClientSession,
+    relays: list[int],
+) -> None:
+    async def stalls(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_length = 8 * MiB
+        await response.prepare(request)
+        await response.write(b"x" * MiB)
+        await asyncio.sleep(30)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/stalls", stalls)
+    upstream = await start_upstream(app)
+    gw = await make_gateway(one_upstream_config(upstream.port, "read_timeout = 0.3"))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with client.get(gw.url + "/stalls") as resp:
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    assert loop.time() - started < 5
+    assert len(relays) == 1
+
+
+async def test_client_gone_mid_spliced_download_closes_the_target_connection(
+    make_gateway: GatewayFactory, start_upstream: UpstreamFactory, relays: list[int]
+) -> None:
+    upstream_saw_close = asyncio.Event()
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_length = 1024 * MiB
+        await response.prepare(request)
+        try:
+            for _ in range(1024):
+                await response.write(b"y" * MiB)
+        except (ConnectionError, asyncio.CancelledError):
+            upstream_saw_close.set()
+            raise
+        return response
+
+    app = web.Application(handler_args={"handler_cancellation": True})
+    app.router.add_get("/big", big)
+    upstream = await start_upstream(app)
+    gw = await make_gateway(one_upstream_config(upstream.port))
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+    await reader.readexactly(2 * MiB)
+    writer.transport.abort()
+    async with asyncio.timeout(10):
+        await upstream_saw_close.wait()
+    assert len(relays) == 1
+    pool = gw.gateway.box.snapshot.pools["app"] if gw.gateway.box else None
+    assert pool is not None
+    await wait_for(lambda: pool.targets[0].in_flight == 0)
+
+
+async def test_client_silent_mid_spliced_upload_gets_408_and_the_target_an_aborted_body(
+    make_gateway: GatewayFactory, start_upstream: UpstreamFactory, relays: list[int]
+) -> None:
+    target_saw: list[str] = []
+
+    async def sink(request: web.Request) -> web.Response:
+        try:
+            async for _ in request.content.iter_any():
+                pass
+        except (aiohttp.ClientError, ConnectionError, asyncio.CancelledError) as exc:
+            target_saw.append(type(exc).__name__)
+            raise
+        target_saw.append("whole body")
+        return web.Response(text="unexpected")
+
+    app = web.Application(handler_args={"handler_cancellation": True})
+    app.router.add_post("/sink", sink)
+    upstream = await start_upstream(app)
+    gw = await make_gateway(
+        '[server]\nlisten = ["127.0.0.1:0"]\nadmin = ""\nclient_timeout = 0.5\n'
+        + one_upstream_config(upstream.port)
+    )
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    writer.write(f"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: {SIZE}\r\n\r\n".encode())
+    writer.write(BODY[: 2 * MiB])  # then silence
+    async with asyncio.timeout(10):
+        status, headers, body = await read_response(reader)
+        assert status == 408
+        assert json.loads(body)["error"] == "client_timeout"
+        assert headers["connection"].lower() == "close"
+        await wait_for(lambda: bool(target_saw))
+    assert target_saw != ["whole body"]
+    assert len(relays) == 1
+    writer.close()
+
+
+async def test_target_that_stops_reading_a_spliced_upload_gets_504(
+    make_gateway: GatewayFactory, start_upstream: UpstreamFactory, relays: list[int]
+) -> None:
+    test_over = asyncio.Event()
+
+    async def never_reads(request: web.Request) -> web.Response:
+        # Its socket is not read either (aiohttp paused it, buffer full), so
+        # this handler cannot see the gateway close: the test ends it.
+        await test_over.wait()
+        return web.Response(text="late")
+
+    app = web.Application()
+    app.router.add_post("/sink", never_reads)
+    upstream = await start_upstream(app)
+    gw = await make_gateway(one_upstream_config(upstream.port, "read_timeout = 0.5"))
+    size = 256 * MiB  # far more than the socket buffers on both hops hold
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    writer.write(f"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode())
+
+    async def send_until_refused() -> None:
+        block = b"z" * MiB
+        for _ in range(size // MiB):
+            writer.write(block)
+            await writer.drain()
+
+    sending = asyncio.create_task(send_until_refused())
+    async with asyncio.timeout(10):
+        status, _, body = await read_response(reader)
+    assert status == 504
+    assert json.loads(body)["error"] == "upstream_timeout"
+    writer.transport.abort()
+    (sent,) = await asyncio.gather(sending, return_exceptions=True)
+    assert sent is not None  # the body was never taken whole
+    assert len(relays) == 1
+    # The gateway dropped its connection to the target (never pooled).
+    pool = gw.gateway.box.snapshot.pools["app"] if gw.gateway.box else None
+    assert pool is not None
+    assert pool.handle.h1 is not None
+    assert pool.handle.h1.open_count == 0
+    test_over.set()
+
+
+async def test_target_answering_early_to_a_spliced_upload_is_relayed(
+    make_gateway: GatewayFactory, start_upstream: UpstreamFactory, relays: list[int]
+) -> None:
+    async def refuses(request: web.Request) -> web.Response:
+        return web.Response(status=413, text="too big for me")
+
+    app = web.Application()
+    app.router.add_post("/sink", refuses)
+    upstream = await start_upstream(app)
+    gw = await make_gateway(one_upstream_config(upstream.port))
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    size = 64 * MiB
+    writer.write(f"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode())
+    writer.write(b"q" * MiB)
+    async with asyncio.timeout(10):
+        status, _, body = await read_response(reader)
+    assert status == 413
+    assert body == b"too big for me"
+    writer.transport.abort()
+
+
+async def _through_subprocess(
+    tmp_path: Path, upstream_port: int | None, check: Callable[[str], Awaitable[None]]
+) -> None:
+    toml = SERVER_HEADER + one_upstream_config(upstream_port)
+    async with run_gateway(tmp_path, toml) as gw:  # --loop auto: uvloop when installed
+        await check(gw.url)
+
+
+async def test_spliced_bodies_on_the_default_event_loop_of_the_real_process(
+    tmp_path: Path, start_upstream: UpstreamFactory
+) -> None:
+    """The same paths under `gateway run` (uvloop), whose transports differ."""
+    upstream = await start_upstream(bytes_app([]))
+    size = 64 * MiB + 7
+    payload = os.urandom(MiB) * 64 + b"1234567"
+
+    async def check(url: str) -> None:
+        timeout = aiohttp.ClientTimeout(total=60)
+        async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session:
+            async with session.get(f"{url}/bytes/{size}") as resp:
+                digest = hashlib.sha256()
+                async for chunk in resp.content.iter_any():
+                    digest.update(chunk)
+            expected = hashlib.sha256()
+            for start in range(0, size, 256 * 1024):
+                expected.update(PATTERN[: min(256 * 1024, size - start)])
+            assert digest.hexdigest() == expected.hexdigest()
+            async with session.post(f"{url}/sink", data=io.BytesIO(payload)) as resp:
+                seen = await resp.json()
+            assert seen == {"size": size, "sha256": hashlib.sha256(payload).hexdigest()}
+
+    await _through_subprocess(tmp_path, upstream.port, check)
