@@ -424,7 +424,7 @@ class ProxyHandler:
                 # admitted before the trip must not free another's trial
                 # (breaker.py, rule 4), or two trials would run at once.
                 trial = breaker.state == "half_open"
-                with target.hold():
+                with target:
                     try:
                         upstream = await self._attempt(
                             request,

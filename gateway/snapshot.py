@@ -15,13 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
-from prometheus_client import Counter, Histogram
 
 from gateway.config import Config, RateLimitConfig, RouteConfig, UpstreamConfig
 from gateway.cors import CorsPolicy
 from gateway.headers import TrustedProxies
 from gateway.limits import BucketStore
-from gateway.metrics import Metrics, RequestCounter
+from gateway.metrics import CounterChild, HistogramChild, Metrics, RequestCounter
 from gateway.retry import RetryBudget
 from gateway.routing import RouteTable
 from gateway.upstream import Pool, SessionHandle, Target, new_session
@@ -48,10 +47,10 @@ class RouteRuntime:
         if rate_limit is not None and rate_limit.key.startswith("header:"):
             self.limit_header = rate_limit.key.removeprefix("header:")
         self.limit_by_route = rate_limit is not None and rate_limit.key == "route"
-        self.duration: Histogram = metrics.duration.labels(config.name)
-        self.bytes_in: Counter = metrics.request_bytes.labels(config.name)
-        self.bytes_out: Counter = metrics.response_bytes.labels(config.name)
-        self.rate_limited: Counter = metrics.rate_limited.labels(config.name)
+        self.duration: HistogramChild = metrics.duration.labels(config.name)
+        self.bytes_in: CounterChild = metrics.request_bytes.labels(config.name)
+        self.bytes_out: CounterChild = metrics.response_bytes.labels(config.name)
+        self.rate_limited: CounterChild = metrics.rate_limited.labels(config.name)
         self.count = RequestCounter(metrics, config.name).count
 
 

@@ -14,8 +14,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Final, Literal
 
 import aiohttp
@@ -85,7 +84,8 @@ class Target:
         )
         self._build_host = f"[{self.host}]" if ":" in self.host else self.host
         self.breaker_config = breaker_config
-        self._in_flight_gauge: Gauge = metrics.upstream_in_flight.labels(upstream, url)
+        # Read at scrape time: no gauge update per request.
+        metrics.upstream_in_flight.labels(upstream, url).set_function(lambda: self.in_flight)
         self._breaker_gauge: Gauge = metrics.breaker_state.labels(upstream, url)
         self._healthy_gauge: Gauge = metrics.target_healthy.labels(upstream, url)
         self._healthy_gauge.set(1)
@@ -132,16 +132,12 @@ class Target:
             scheme=self.scheme, host=self._build_host, port=self.port, path=path_qs, encoded=True
         )
 
-    @contextmanager
-    def hold(self) -> Iterator[None]:
-        """Count one request in flight for least-connections and the gauge."""
+    def __enter__(self) -> None:
+        """`with target:` holds one request in flight (least-connections, the gauge)."""
         self.in_flight += 1
-        self._in_flight_gauge.inc()
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
-            self._in_flight_gauge.dec()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.in_flight -= 1
 
 
 def new_session(read_bufsize: int = 2**18) -> aiohttp.ClientSession:
