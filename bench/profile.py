@@ -121,6 +121,9 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--path", default="/", help="request path (e.g. /policy/)")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument(
+        "--lines", action="store_true", help="one entry per source line, not per function"
+    )
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument("--access-log", choices=("off", "json", "text"), default="off")
     parser.add_argument("--native", action="store_true", help="include C frames (pauses)")
@@ -175,7 +178,8 @@ def main() -> int:
             url = f"http://{HOST}:{gateway.port}{args.path}"
             run_wrk(procs, url, args.connections, 1, others_pin)  # warm-up
             spy = [PY_SPY, "record", "--pid", str(gateway.proc.pid), "--rate", str(args.rate)]
-            spy += ["--duration", str(args.seconds + 2), "--format", "raw", "--function"]
+            spy += ["--duration", str(args.seconds + 2), "--format", "raw"]
+            spy += [] if args.lines else ["--function"]
             spy += ["--output", str(collapsed)]
             spy += ["--native"] if args.native else ["--nonblocking"]
             print(f"py-spy on {spy_cpu}: {' '.join(spy)}", file=sys.stderr)

@@ -176,6 +176,11 @@ class H1Response:
         conn = self._conn
         return conn is None or conn.drained()
 
+    def unread(self) -> int:
+        """Body bytes of a Content-Length response still in the socket (else 0)."""
+        conn = self._conn
+        return 0 if conn is None else conn.unread()
+
     def hand_over(self, min_bytes: int) -> tuple[int, bytes, int] | None:
         """Give the rest of a Content-Length body to a zero-copy relay.
 
@@ -549,6 +554,12 @@ class _Connection(asyncio.Protocol):
 
     def drained(self) -> bool:
         return self._state == _DONE and not self._chunks and self._error is None
+
+    def unread(self) -> int:
+        length = self._content_length
+        if self._state != _BODY or length is None:
+            return 0
+        return length - self._body_received
 
     def hand_over(self, min_bytes: int) -> tuple[int, bytes, int] | None:
         length = self._content_length

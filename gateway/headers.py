@@ -183,13 +183,33 @@ def request_id(incoming_value: str | None, new: Callable[[], str]) -> str:
     return new()
 
 
-def new_request_id() -> str:
-    """32 hex chars from the kernel CSPRNG.
+class _RandomIds:
+    """32 hex chars per id, from the kernel CSPRNG fetched 4 KiB at a time.
 
-    os.urandom(16).hex() measured ~0.5 µs against ~2 µs for uuid4().hex, and
-    unlike `random` it needs no reseeding after fork (each worker differs).
+    One getrandom() syscall per 256 ids instead of one per request (os.urandom
+    per id was ~1 µs of a 100 µs request). A forked child drops the inherited
+    buffer so that no two processes hand out the same ids.
     """
-    return os.urandom(16).hex()
+
+    _BATCH: Final = 4096
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._pool, self._at = b"", 0
+
+    def __call__(self) -> str:
+        at = self._at
+        if at + 16 > len(self._pool):
+            self._pool, at = os.urandom(self._BATCH), 0
+        self._at = at + 16
+        return self._pool[at : at + 16].hex()
+
+
+new_request_id: Final = _RandomIds()
 
 
 def _parse_address(text: str) -> _Address | None:

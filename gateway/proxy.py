@@ -261,19 +261,20 @@ class ProxyHandler:
                     route.bytes_out.inc(ex.bytes_out)
             else:
                 self._count_unrouted(method, status)
-            self._access_log.write(
-                request_id=rid,
-                client=client,
-                method=method,
-                path=request.raw_path,
-                route=route.name if route is not None else None,
-                target=ex.target.url if ex.target is not None else None,
-                status=status,
-                bytes_in=ex.bytes_in,
-                bytes_out=ex.bytes_out,
-                duration=duration,
-                error=error_code if not ex.aborted else "upstream_aborted",
-            )
+            if self._access_log.enabled:  # eleven keyword arguments are not free
+                self._access_log.write(
+                    request_id=rid,
+                    client=client,
+                    method=method,
+                    path=request.raw_path,
+                    route=route.name if route is not None else None,
+                    target=ex.target.url if ex.target is not None else None,
+                    status=status,
+                    bytes_in=ex.bytes_in,
+                    bytes_out=ex.bytes_out,
+                    duration=duration,
+                    error=error_code if not ex.aborted else "upstream_aborted",
+                )
 
     def _preflight(
         self,
@@ -680,7 +681,11 @@ class ProxyHandler:
                 # A header aiohttp's parser let through but its writer refuses
                 # (control bytes): nothing was written yet, so 502 is honest.
                 raise BadGateway(f"the target's response head cannot be forwarded: {exc}") from exc
-            if isinstance(upstream, H1Response) and splice.AVAILABLE:
+            if (
+                isinstance(upstream, H1Response)
+                and splice.AVAILABLE
+                and upstream.unread() >= splice.MIN_BYTES
+            ):
                 spliced = await self._splice_down(request, route, response, upstream, ex)
                 if spliced is not None:
                     completed = spliced

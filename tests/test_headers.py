@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from typing import Any
 
 import pytest
@@ -375,3 +376,20 @@ def test_xff_walk_with_garbage_only_returns_good_addresses(chain: list[str]) -> 
     if bad:
         allowed = {_addr(a) for a in [peer, *chain[bad[-1] + 1 :]] if a.strip()}
         assert _addr(got) in allowed
+
+
+def test_request_ids_are_unique_hex_across_batches_and_forks() -> None:
+    seen = {new_request_id() for _ in range(1000)}  # several 4 KiB batches
+    assert len(seen) == 1000
+    assert all(len(rid) == 32 and int(rid, 16) >= 0 for rid in seen)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id must not be the parent's next id
+        os.write(write_end, new_request_id().encode())
+        os._exit(0)
+    os.close(write_end)
+    child_id = os.read(read_end, 64).decode()
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert len(child_id) == 32
+    assert child_id != new_request_id()
