@@ -3,8 +3,8 @@
 Why not aiohttp-cors (0.8): it keys every policy by the `Resource`/`Route`
 objects of a `web.Application` router and wires itself in at setup time,
 through `resource.add_route("OPTIONS", ...)` and `app.on_response_prepare`.
-Our proxy listener is a low-level `web.Server` with no Application, router or
-signals, and even on an Application both are frozen once it starts ("Cannot
+Our proxy listener is not aiohttp at all (gateway/h1server.py), and even on
+an Application the router and signals are frozen once it starts ("Cannot
 register a resource into frozen router", "Cannot modify frozen list"), so a
 route added by a SIGHUP reload could never get a policy. A single catch-all
 resource does not help: `cors.add()` refuses a resource with a `*` method

@@ -121,7 +121,7 @@ def serialize_head(
     lines.append("\r\n")
     text = "\r\n".join(lines)
     # A CR or LF inside a field would split it into a second one (request
-    # smuggling). Fields here passed aiohttp's server parser, so this is a
+    # smuggling). Fields here passed the server's parser (llhttp), so this is a
     # cheap assertion, not a filter: count, in C, that only ours are there.
     if text.count("\n") != len(lines) or text.count("\r") != len(lines):
         raise ValueError("CR or LF inside a request header field")

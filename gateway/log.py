@@ -165,7 +165,7 @@ _encode = msgspec.json.Encoder().encode
 
 
 def _unsurrogate(value: str) -> str:
-    # aiohttp decodes the request target with "surrogateescape"; UTF-8 can't carry the
+    # The server decodes the request target with "surrogateescape"; UTF-8 can't carry the
     # resulting lone surrogates, so show the raw bytes as \xNN instead.
     return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 

@@ -1,15 +1,16 @@
 """The streaming handler: one catch-all for every proxied request.
 
-aiohttp's router freezes at start-up, so routes that change on reload live in
-our own `RouteTable`, read from the current snapshot once per request; the
-request then runs on that snapshot to its end, whatever reloads happen.
+Routes that change on reload live in our own `RouteTable`, read from the
+current snapshot once per request; the request then runs on that snapshot to
+its end, whatever reloads happen.
 
 Bodies move chunk by chunk in both directions: the request body is an async
-generator over `request.content` handed to the client session (aiohttp's
-StreamReader pauses the client socket when its buffer fills, and the client
-writer drains before asking for more), and the response body is copied with
-`readany()` / `write()` (which drains the client socket). Nothing holds a
-whole body.
+generator over `request.content` handed to the upstream client (the server's
+body buffer pauses the client socket when it fills, and the upstream client
+drains before asking for more), and the response body is copied with
+`read_chunk()` / `write()` (which drains the client socket). Content-Length
+bodies of 256 KiB or more skip Python altogether (splice.py). Nothing holds
+a whole body.
 """
 
 from __future__ import annotations
@@ -17,18 +18,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final
 
 import aiohttp
-from aiohttp import hdrs, web
+from aiohttp import hdrs
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import splice
 from gateway.cors import is_preflight, merge_headers
 from gateway.errors import (
     BadGateway,
+    BadRequest,
     BodyTooLarge,
     ClientTimeout,
     GatewayError,
@@ -37,6 +40,7 @@ from gateway.errors import (
     UpstreamTimeout,
 )
 from gateway.h1client import DirectBody, H1ConnectError, H1Error, H1ReadTimeout, H1Response
+from gateway.h1server import Reply, Request, json_reply
 from gateway.headers import (
     client_response_headers,
     new_request_id,
@@ -46,7 +50,6 @@ from gateway.headers import (
 from gateway.limits import rate_limit_headers
 from gateway.log import AccessLog
 from gateway.metrics import Metrics, RequestCounter
-from gateway.protocol import json_response
 from gateway.retry import backoff, may_retry
 from gateway.routing import forward_path
 from gateway.snapshot import RouteRuntime, Snapshot
@@ -62,6 +65,8 @@ _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 # A last body piece below this goes out in the same write as the end of the
 # response (joined: a copy); a larger one is written on its own.
 _JOIN_BELOW: Final = 64 * 1024
+# RFC 9110 5.5: no CTL but HTAB in a field value (or a name).
+_CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class SnapshotBox:
@@ -69,24 +74,6 @@ class SnapshotBox:
 
     def __init__(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
-
-
-class ProxiedResponse(web.StreamResponse):
-    """A response that adds no Content-Type or Server the target did not send.
-
-    aiohttp fills both in by default; an intermediary forwards the origin's
-    headers rather than inventing representation metadata (RFC 9110 8.3).
-    """
-
-    async def _prepare_headers(self) -> None:
-        headers = self._headers
-        had_type = hdrs.CONTENT_TYPE in headers
-        had_server = hdrs.SERVER in headers
-        await super()._prepare_headers()
-        if not had_type:
-            headers.popall(hdrs.CONTENT_TYPE, None)
-        if not had_server:
-            headers.popall(hdrs.SERVER, None)
 
 
 class _Exchange:
@@ -98,7 +85,6 @@ class _Exchange:
         "body_started",
         "bytes_in",
         "bytes_out",
-        "client_spent",
         "expect_continue",
         "method",
         "target",
@@ -113,9 +99,6 @@ class _Exchange:
         self.body_started = False
         self.body_error: GatewayError | None = None
         self.target: Target | None = None
-        # The request body was spliced past aiohttp's parser, which still
-        # waits for it: the client connection ends with this response.
-        self.client_spent = False
 
 
 class _UpstreamFailed(Exception):
@@ -178,7 +161,9 @@ class ProxyHandler:
         # Requests that matched no route (or were refused before routing).
         self._count_unrouted = RequestCounter(metrics, "").count
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def __call__(self, request: Request) -> Reply | None:
+        """Answer one request: a `Reply` for the server to write, or None once
+        the target's response has been streamed through `request.writer`."""
         snap = self._box.snapshot
         started = self._clock()
         rid = request_id(request.headers.get("X-Request-ID"), new_request_id)
@@ -198,7 +183,7 @@ class ProxyHandler:
         error_code: str | None = None
         cors_headers: list[tuple[str, str]] = []
         limit_headers: list[tuple[str, str]] = []
-        response: web.StreamResponse
+        response: Reply | None
         try:
             try:
                 if method == "OPTIONS" and is_preflight(method, headers):
@@ -233,13 +218,13 @@ class ProxyHandler:
             except Exception as exc:
                 # The outer edge: a bug must still get the contract's JSON
                 # and this request's id, unless the response had begun.
-                if request.writer.output_size > 0 or isinstance(exc, ConnectionError):
+                if request.writer.started or isinstance(exc, ConnectionError):
                     raise
                 log.exception("request %s failed", rid)
                 internal = GatewayError("internal error")
                 error_code = internal.code
                 response = self._error_response(request, internal, rid, ex)
-            if error_code is not None:
+            if error_code is not None and response is not None:
                 for name, value in limit_headers:
                     # Admitted, then failed (502/503/504, 413 mid-body): every
                     # response on a limited route carries the limit headers.
@@ -248,7 +233,7 @@ class ProxyHandler:
                     # Without them the browser hides the error (and its
                     # Retry-After) from the page.
                     merge_headers(response.headers, cors_headers)
-            status = response.status
+            status = response.status if response is not None else request.writer.status
             return response
         finally:
             duration = self._clock() - started
@@ -284,7 +269,7 @@ class ProxyHandler:
         headers: CIMultiDictProxy[str],
         rid: str,
         client: str,
-    ) -> tuple[RouteRuntime, web.Response] | None:
+    ) -> tuple[RouteRuntime, Reply] | None:
         """Answer a CORS preflight locally, for the route of the announced request.
 
         The route's `methods` are ignored here: OPTIONS is rarely listed, and
@@ -299,7 +284,7 @@ class ProxyHandler:
         if route.cors is None:
             return None
         status, cors = route.cors.preflight(headers)
-        response = web.Response(status=status)
+        response = Reply(status)
         for name, value in cors:
             response.headers.add(name, value)
         if route.buckets is not None:
@@ -312,7 +297,7 @@ class ProxyHandler:
         return route, response
 
     def record_refusal(self, error: GatewayError, rid: str, client: str) -> None:
-        """A request refused before it reached this handler (see protocol.py)."""
+        """A request refused before it reached this handler (see h1server.py)."""
         self._count_unrouted("", error.status)
         self._access_log.write(
             request_id=rid,
@@ -328,9 +313,7 @@ class ProxyHandler:
             error=error.code,
         )
 
-    def _admit(
-        self, request: web.BaseRequest, route: RouteRuntime, client: str
-    ) -> list[tuple[str, str]]:
+    def _admit(self, request: Request, route: RouteRuntime, client: str) -> list[tuple[str, str]]:
         """Body-size and rate-limit checks, before any upstream work."""
         buckets = route.buckets
         key = _bucket_key(route, request.headers, client)
@@ -355,16 +338,16 @@ class ProxyHandler:
         return headers
 
     def _error_response(
-        self, request: web.BaseRequest, error: GatewayError, rid: str, ex: _Exchange
-    ) -> web.Response:
+        self, request: Request, error: GatewayError, rid: str, ex: _Exchange
+    ) -> Reply:
         # A body left unread (refused before upload, or cut short) may still
         # be on its way: end the connection rather than read what nobody wants.
         unread = request.body_exists and not request.content.at_eof()
-        return json_response(error, rid, close=unread or ex.client_spent)
+        return json_reply(error, rid, close=unread)
 
     async def _forward(
         self,
-        request: web.BaseRequest,
+        request: Request,
         snap: Snapshot,
         route: RouteRuntime,
         ex: _Exchange,
@@ -378,12 +361,12 @@ class ProxyHandler:
         raw_query: str | None,
         extra_headers: list[tuple[str, str]],
         cors_headers: list[tuple[str, str]],
-    ) -> web.StreamResponse:
+    ) -> Reply | None:
         pool = route.pool
         has_body = request.body_exists
         if (
             has_body
-            and request.version >= aiohttp.HttpVersion11
+            and request.version >= (1, 1)
             and request.headers.get(hdrs.EXPECT, "").lower() == "100-continue"
         ):
             # The gateway owns Expect: it invites the body only when an
@@ -457,16 +440,18 @@ class ProxyHandler:
                         if upstream.status not in GATEWAY_FAILURE_STATUSES:
                             target.ok_counter.inc()
                             breaker.record_success()
-                            return await self._relay(
+                            await self._relay(
                                 request, route, upstream, ex, rid, extra_headers, cors_headers
                             )
+                            return None
                         target.error_counter.inc()
                         breaker.record_failure()
                         if not self._may_retry(route, attempt, False, upstream.status, ex):
                             # Out of retries: the target's own 5xx is the answer.
-                            return await self._relay(
+                            await self._relay(
                                 request, route, upstream, ex, rid, extra_headers, cors_headers
                             )
+                            return None
                         upstream.close()
                         last_error = None
                 # Back off outside `hold()`: the failed target is not in flight.
@@ -493,7 +478,7 @@ class ProxyHandler:
 
     async def _attempt(
         self,
-        request: web.BaseRequest,
+        request: Request,
         route: RouteRuntime,
         target: Target,
         ex: _Exchange,
@@ -597,9 +582,7 @@ class ProxyHandler:
             )
         return _UpstreamFailed(error, connect_failed=connect)
 
-    async def _body(
-        self, request: web.BaseRequest, limit: int, ex: _Exchange
-    ) -> AsyncIterator[bytes]:
+    async def _body(self, request: Request, limit: int, ex: _Exchange) -> AsyncIterator[bytes]:
         """The client's body, chunk by chunk, as it arrives.
 
         The per-read timeout is the slow-loris guard for bodies: a client
@@ -620,6 +603,11 @@ class ProxyHandler:
             except TimeoutError:
                 ex.body_error = ClientTimeout("client sent nothing for too long")
                 raise ex.body_error from None
+            except ConnectionError as exc:
+                # The client ended (or broke) its body early: its fault, not
+                # the target's, so no breaker verdict and no retry.
+                ex.body_error = BadRequest(f"request body incomplete: {exc}")
+                raise ex.body_error from exc
             if not chunk:
                 return
             ex.bytes_in += len(chunk)
@@ -629,7 +617,7 @@ class ProxyHandler:
             ex.body_started = True
             yield chunk
 
-    def _spliced_body(self, request: web.BaseRequest, ex: _Exchange) -> _SplicedUpload | None:
+    def _spliced_body(self, request: Request, ex: _Exchange) -> _SplicedUpload | None:
         """A large Content-Length body goes up zero-copy (splice.py), if it can."""
         length = request.content_length
         if not splice.AVAILABLE or length is None or length < splice.MIN_BYTES:
@@ -641,23 +629,21 @@ class ProxyHandler:
 
     async def _relay(
         self,
-        request: web.BaseRequest,
+        request: Request,
         route: RouteRuntime,
         upstream: aiohttp.ClientResponse | H1Response,
         ex: _Exchange,
         rid: str,
         extra_headers: list[tuple[str, str]],
         cors_headers: list[tuple[str, str]],
-    ) -> web.StreamResponse:
+    ) -> None:
         """Copy the target's response to the client as it arrives."""
         headers = client_response_headers(upstream.headers, request_id=rid)
         for name, value in extra_headers:
             headers[name] = value
         if cors_headers:
             merge_headers(headers, cors_headers)
-        response = ProxiedResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-        if ex.client_spent:
-            response.force_close()
+        writer = request.writer
         read: Callable[[], Awaitable[bytes]]
         read_errors: tuple[type[Exception], ...]
         complete: Callable[[], bool]
@@ -668,15 +654,21 @@ class ProxyHandler:
             # waits for it and both leave in one write: one segment and one
             # wake-up of the client instead of two. Otherwise the head goes
             # at once, so that a client of a slow stream (SSE) sees it.
-            response._send_headers_immediately = not upstream.ready()
+            hold = upstream.ready()
         else:
             read, read_errors = upstream.content.readany, (TimeoutError, aiohttp.ClientError)
             complete = _never
+            hold = False
+            # llhttp (the lean client) refuses control bytes in a response
+            # head; aiohttp's client lets some through (DEL, for one).
+            for name, value in headers.items():
+                if _CONTROL.search(name) or _CONTROL.search(value):
+                    raise BadGateway("the target's response head has control bytes in a header")
         completed = False
         last_chunk = b""
         try:
             try:
-                await response.prepare(request)
+                writer.start(upstream.status, upstream.reason or "", headers, hold=hold)
             except ValueError as exc:
                 # A header aiohttp's parser let through but its writer refuses
                 # (control bytes): nothing was written yet, so 502 is honest.
@@ -686,10 +678,10 @@ class ProxyHandler:
                 and splice.AVAILABLE
                 and upstream.unread() >= splice.MIN_BYTES
             ):
-                spliced = await self._splice_down(request, route, response, upstream, ex)
+                spliced = await self._splice_down(request, route, upstream, ex)
                 if spliced is not None:
                     completed = spliced
-                    return response
+                    return None
             while True:
                 try:
                     chunk = await read()
@@ -699,7 +691,7 @@ class ProxyHandler:
                     # transfer (no final chunk, short Content-Length).
                     _abort(request)
                     ex.aborted = True
-                    return response
+                    return None
                 if not chunk:
                     break
                 ex.bytes_out += len(chunk)
@@ -708,10 +700,10 @@ class ProxyHandler:
                     # head, if still held) in the same write.
                     last_chunk = chunk
                     break
-                await response.write(chunk)
-            await response.write_eof(last_chunk)
+                await writer.write(chunk)
+            await writer.write_eof(last_chunk)
             completed = True
-            return response
+            return None
         finally:
             if completed:
                 upstream.release()
@@ -722,9 +714,8 @@ class ProxyHandler:
 
     async def _splice_down(
         self,
-        request: web.BaseRequest,
+        request: Request,
         route: RouteRuntime,
-        response: web.StreamResponse,
         upstream: H1Response,
         ex: _Exchange,
     ) -> bool | None:
@@ -744,7 +735,7 @@ class ProxyHandler:
         upstream_fd, buffered, remaining = handed
         if buffered:
             ex.bytes_out += len(buffered)
-            await response.write(buffered)  # with the head, if it was held
+            await request.writer.write(buffered)  # with the head, if it was held
         try:
             await splice.wait_flushed(transport, client_fd, None)
             moved = await splice.relay(
@@ -766,25 +757,23 @@ class ProxyHandler:
             return False
         ex.bytes_out += moved
         upstream.spliced()
-        # aiohttp's writer still counts the bytes it did not write itself;
-        # nothing is owed, write_eof of a Content-Length response sends nothing.
-        await response.write_eof()
+        request.writer.spliced(moved)
+        await request.writer.write_eof()  # a Content-Length body: nothing more to send
         return True
 
 
 class _SplicedUpload(DirectBody):
     """The client's Content-Length body, spliced from its socket to the target's.
 
-    aiohttp has parsed the head and may hold the first body bytes: those go
-    first, then the client socket stops being read by aiohttp and the relay
-    moves the rest. aiohttp's parser is left waiting for bytes it will never
-    see, so the client connection closes after this response
-    (`_Exchange.client_spent`). The silence limit is `client_timeout` per
-    wait, as for copied bodies.
+    The server has parsed the head and may hold the first body bytes: those
+    go first, then it stops reading the client socket and the relay moves
+    the rest; a fresh parser then reads the next request (h1server
+    `body_spliced`). The silence limit is `client_timeout` per wait, as for
+    copied bodies.
     """
 
     def __init__(
-        self, request: web.BaseRequest, ex: _Exchange, client_fd: int, length: int, timeout: float
+        self, request: Request, ex: _Exchange, client_fd: int, length: int, timeout: float
     ) -> None:
         self._request = request
         self._ex = ex
@@ -800,14 +789,11 @@ class _SplicedUpload(DirectBody):
         if ex.expect_continue:
             ex.expect_continue = False
             client.write(_CONTINUE)
-        content = request.content
         received = 0
+        done = False
         try:
-            prefix = content.read_nowait(-1)
-            # From here the socket's bytes belong to the relay (read_nowait
-            # may have just resumed reading: pause after it).
-            client.pause_reading()
-            ex.client_spent = True
+            # From here the socket's bytes belong to the relay.
+            prefix, remaining = request.connection.hand_over_body(request)
             received = len(prefix)
             ex.body_started = True
             if prefix:
@@ -817,17 +803,18 @@ class _SplicedUpload(DirectBody):
                 received += await splice.relay(
                     self._client_fd,
                     fd,
-                    self._length - received,
+                    remaining,
                     read_timeout=self._timeout,
                     write_timeout=write_timeout,
                 )
+                done = True
             except splice.SourceTimeout as exc:
                 received += exc.moved
                 ex.body_error = ClientTimeout("client sent nothing for too long")
                 raise ex.body_error from None
             except splice.SourceClosed as exc:
                 received += exc.moved
-                # aiohttp, no longer reading, cannot see the client go: end
+                # The server, no longer reading, cannot see the client go: end
                 # the connection, which cancels this request like any other.
                 _abort(request)
                 raise ConnectionResetError(f"client connection lost: {exc}") from exc
@@ -836,15 +823,15 @@ class _SplicedUpload(DirectBody):
                 raise
         finally:
             ex.bytes_in += received
-            # The body is over for aiohttp too: no lingering read of it.
-            content.feed_eof()
+            if done:
+                request.connection.body_spliced(request)
 
 
 def _never() -> bool:
     return False
 
 
-def _abort(request: web.BaseRequest) -> None:
+def _abort(request: Request) -> None:
     transport = request.transport
     if transport is not None:
         transport.abort()

@@ -14,10 +14,12 @@ can watch /readyz (503) and /metrics while requests finish.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
+import stat
 import time
 from collections.abc import Mapping
 from typing import Final
@@ -26,16 +28,10 @@ from aiohttp import web
 
 from gateway.admin import admin_app
 from gateway.config import Config, parse_listen_address
+from gateway.h1server import H1Server, sweep_silent_heads
 from gateway.health import HealthMonitor
 from gateway.log import AccessLog, journald_mode
 from gateway.metrics import Metrics
-from gateway.protocol import (
-    MAX_FIELD_SIZE,
-    MAX_HEADERS,
-    MAX_REQUEST_LINE,
-    GatewayServer,
-    sweep_silent_heads,
-)
 from gateway.proxy import ProxyHandler, SnapshotBox
 from gateway.reload import Reloader
 from gateway.snapshot import Runtime
@@ -43,8 +39,6 @@ from gateway.systemd import Notifier, listen_fds, socket_from_fd, watchdog_inter
 
 log = logging.getLogger("gateway.server")
 
-# nginx's keepalive_timeout default: idle client connections between requests.
-KEEPALIVE_TIMEOUT: Final = 75.0
 # A second SIGTERM/SIGINT cuts the drain short: the process exits with
 # 128 + the signal's number (143 for SIGTERM, 130 for SIGINT), the status a
 # shell reports for a process that signal killed. Non-zero on purpose: requests
@@ -84,9 +78,9 @@ class Gateway:
         self.stopping = asyncio.Event()
         self.addresses: list[str] = []
         self.admin_addresses: list[str] = []
-        self._proxy_runner: web.ServerRunner | None = None
         self._admin_runner: web.AppRunner | None = None
-        self._proxy_server: GatewayServer | None = None
+        self._proxy_server: H1Server | None = None
+        self._listeners: list[asyncio.AbstractServer] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.reloader: Reloader | None = None
         self._reload_pending = False  # SIGHUP before the reloader existed
@@ -118,31 +112,16 @@ class Gateway:
         self.metrics.config_last_reload_success.set(time.time())
         self.health.sync(self.box.snapshot)
         handler = ProxyHandler(self.box, self.metrics, self.access_log, self._client_timeout)
-        self._proxy_server = GatewayServer(
-            handler,
-            handler_cancellation=True,  # a vanished client must cancel its upstream request
-            keepalive_timeout=KEEPALIVE_TIMEOUT,
-            max_line_size=MAX_REQUEST_LINE,
-            max_field_size=MAX_FIELD_SIZE,
-            max_headers=MAX_HEADERS,
-            access_log=None,
-            lingering_time=2.0,
-            on_refusal=handler.record_refusal,
-        )
-        self._proxy_runner = web.ServerRunner(
-            self._proxy_server, shutdown_timeout=config.server.drain_timeout
-        )
-        await self._proxy_runner.setup()
+        self._proxy_server = H1Server(handler, on_refusal=handler.record_refusal)
         inherited = self._inherited_sockets()
         admin_fds = [fd for fd, name in inherited if name == "admin"]
         proxy_fds = [fd for fd, name in inherited if name != "admin"]
         if proxy_fds:
             for fd in proxy_fds:
-                sock = self._socket(fd)
-                await self._add_sock_site(self._proxy_runner, sock, self.addresses)
+                await self._listen_on_socket(self._proxy_server, self._socket(fd))
         else:
             for address in config.server.listen:
-                await self._add_site(self._proxy_runner, address, self.addresses)
+                await self._listen(self._proxy_server, address)
         if admin_fds or config.server.admin:
             self._admin_runner = web.AppRunner(
                 admin_app(self.box, self.metrics, lambda: self.ready and not self.draining),
@@ -179,7 +158,7 @@ class Gateway:
             self._reload_pending = False
             self.reloader.request()
 
-    def _servers(self) -> list[web.Server]:
+    def _servers(self) -> list[H1Server]:
         return [self._proxy_server] if self._proxy_server is not None else []
 
     @staticmethod
@@ -208,6 +187,33 @@ class Gateway:
         sockets = getattr(server, "sockets", None) or []
         for sock in sockets:
             out.append(_format_sockname(sock))
+
+    async def _listen(self, server: H1Server, address: str) -> None:
+        loop = asyncio.get_running_loop()
+        parsed = parse_listen_address(address)
+        listener: asyncio.AbstractServer
+        if isinstance(parsed, str):
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(os.stat(parsed).st_mode):
+                    os.unlink(parsed)  # a stale socket file from an earlier run
+            listener = await loop.create_unix_server(server, parsed, backlog=1024)
+            self.addresses.append(f"unix:{parsed}")
+        else:
+            host, port = parsed
+            listener = await loop.create_server(
+                server, host, port, reuse_address=True, backlog=1024
+            )
+            self.addresses.extend(_format_sockname(sock) for sock in listener.sockets)
+        self._listeners.append(listener)
+
+    async def _listen_on_socket(self, server: H1Server, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        if sock.family == socket.AF_UNIX:
+            listener = await loop.create_unix_server(server, sock=sock, backlog=1024)
+        else:
+            listener = await loop.create_server(server, sock=sock, backlog=1024)
+        self._listeners.append(listener)
+        self.addresses.append(_format_sockname(sock))
 
     async def _add_sock_site(
         self, runner: web.BaseRunner, sock: socket.socket, out: list[str]
@@ -260,11 +266,9 @@ class Gateway:
         # The current config's value: a reload may have changed it.
         timeout = self.config.server.drain_timeout
         started = time.monotonic()
-        if self._proxy_runner is not None:
-            # Stop accepting at once: close every proxy listener first
-            # (BaseSite.stop only closes the listening socket).
-            for site in list(self._proxy_runner.sites):
-                await site.stop()
+        # Stop accepting at once: close every proxy listener first (this
+        # closes the listening sockets only; connections go on).
+        self._close_listeners()
         self.notifier.stopping(f"draining (up to {timeout:g}s)")
         if self.reloader is not None:
             await self.reloader.close()
@@ -276,47 +280,41 @@ class Gateway:
         log.info("drained in %.3fs", time.monotonic() - started)
         await self.close()
 
+    def _close_listeners(self) -> None:
+        for listener in self._listeners:
+            listener.close()
+        self._listeners.clear()
+
     async def _drain_connections(self, grace: float) -> int:
         """Wait up to `grace` seconds for running requests; abort the rest. Returns how many."""
         server = self._proxy_server
-        if server is None or self._proxy_runner is None:
+        if server is None:
             return 0
-        # As aiohttp's BaseRunner.cleanup(): let connections accepted just
-        # before the listeners closed start their request first.
+        # Let connections accepted just before the listeners closed start
+        # their request first.
         await asyncio.sleep(0)
         # Idle keep-alive connections close now, busy ones after their response.
         server.pre_shutdown()
-        # Not runner.cleanup(shutdown_timeout): aiohttp waits `timeout` for a
-        # handler, then up to `timeout` again after cancelling only its
-        # request body, so a stalled response would get twice the grace.
-        waiting = asyncio.ensure_future(server.shutdown(None))
-        done, _ = await asyncio.wait({waiting}, timeout=grace)
         aborted = 0
-        if not done:
-            for handler in list(server.connections):
-                if handler._request_in_progress:
-                    aborted += 1
-                transport = handler.transport
-                if transport is not None:
-                    # abort(), not close(): close() would wait to flush to a
-                    # client that may not be reading. connection_lost then
-                    # cancels the handler (handler_cancellation=True), which
-                    # cancels its upstream request.
-                    transport.abort()
+        try:
+            async with asyncio.timeout(grace):
+                await server.shutdown()
+        except TimeoutError:
+            # abort(), not close(): close() would wait to flush to a client
+            # that may not be reading. connection_lost then cancels the
+            # handler, which cancels its upstream request.
+            aborted = server.abort_all()
             try:
                 async with asyncio.timeout(_ABORT_GRACE):
-                    await waiting
+                    await server.shutdown()
             except TimeoutError:
                 log.warning("request handlers still running %gs after abort", _ABORT_GRACE)
-        elif waiting.exception() is not None:
-            log.error("error while draining connections", exc_info=waiting.exception())
-        await self._proxy_runner.cleanup()
-        self._proxy_runner = None
+        self._proxy_server = None
         return aborted
 
     async def close(self) -> None:
         """Release everything; idempotent. Without drain(), running requests get
-        aiohttp's shutdown_timeout (the start-up drain_timeout)."""
+        drain_timeout, then are aborted."""
         if self._closed:
             return
         self._closed = True
@@ -329,9 +327,20 @@ class Gateway:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         await self.health.close()
-        if self._proxy_runner is not None:
-            await self._proxy_runner.cleanup()
-            self._proxy_runner = None
+        self._close_listeners()
+        server, self._proxy_server = self._proxy_server, None
+        if server is not None:
+            # Without drain(): running requests get drain_timeout, then end.
+            server.pre_shutdown()
+            try:
+                grace = (self.box.snapshot.config if self.box else self._initial_config).server
+                async with asyncio.timeout(grace.drain_timeout):
+                    await server.shutdown()
+            except TimeoutError:
+                server.abort_all()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_ABORT_GRACE):
+                        await server.shutdown()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None

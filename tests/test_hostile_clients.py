@@ -7,11 +7,11 @@ carries; (b) the connection is closed afterwards (read to EOF, bounded);
 moment it arrives); (d) the gateway still serves a normal request on a new
 connection.
 
-What llhttp (strict for requests in aiohttp) refuses by itself and what the
-gateway adds is described in gateway/protocol.py; these tests pin the
-behaviour on the wire, whichever layer provides it. Refusals answer with an
-HTTP/1.0 status line (aiohttp's placeholder request; RFC 9110 6.2), so the
-status line is matched as HTTP/1.x.
+What llhttp (strict mode, through httptools) refuses by itself and what the
+gateway adds is described in gateway/vetting.py and gateway/h1server.py;
+these tests pin the behaviour on the wire, whichever layer provides it. The
+status line is matched as HTTP/1.x (RFC 9110 6.2 would allow answering a
+suspect client in HTTP/1.0).
 """
 
 from __future__ import annotations

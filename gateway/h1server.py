@@ -1,0 +1,958 @@
+"""The proxy listener's HTTP/1.1 server: asyncio + httptools (llhttp), as uvicorn.
+
+Why not aiohttp's server here: per request it builds a yarl URL, a
+BaseRequest, a StreamResponse, and (on Python < 3.12) a Task of its own,
+which measured ~29 µs of CPU per proxied request at one connection, more
+than the rest of the proxy hop. This module does only what a proxy hop needs
+and hands the handler a small `Request` and a `ResponseWriter`. The admin
+listener stays on aiohttp.
+
+What it guarantees (the contract's "Malformed requests"; see vetting.py for
+the head checks llhttp leaves to us):
+
+* llhttp in strict mode parses; a parse error, a refused head or a size
+  limit answers the contract's JSON (400/405/414/431/501/505) and closes the
+  connection. Nothing after a refused message is parsed (RFC 9112 11.2).
+* Requests pipelined on one connection are answered in order, one handler at
+  a time; reading pauses while a few are queued or a body's buffer is full.
+* A client that vanishes cancels its handler (and so its upstream request).
+  A body that turns malformed after its head went to the handler cancels the
+  handler too, which answers 400 (or aborts, if the response began).
+* Keep-alive follows RFC 9112 9.3 (`should_keep_alive`); an idle connection
+  closes after `KEEPALIVE_TIMEOUT`. A response sent before its request body
+  was read whole ends the connection after a short lingering read, so that
+  the client sees the answer rather than a reset (RFC 9112 9.6).
+* Slow loris: `head_silent_for()` / `cut_silent_head()` let a sweeper close
+  connections whose request head stalled (see server.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Final, cast
+
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.errors import (
+    BadRequest,
+    ClientTimeout,
+    GatewayError,
+    HeadersTooLarge,
+    UriTooLong,
+    json_body,
+)
+from gateway.headers import new_request_id, request_id
+from gateway.vetting import (
+    MAX_FIELD_SIZE,
+    MAX_HEAD_BYTES,
+    MAX_HEADERS,
+    MAX_REQUEST_LINE,
+    vet_head,
+)
+
+log = logging.getLogger("gateway.server")
+
+# nginx's keepalive_timeout default: idle client connections between requests.
+KEEPALIVE_TIMEOUT: Final = 75.0
+# How long a connection closing with an unread request body keeps reading
+# (and dropping) it, so that the client can read the answer (RFC 9112 9.6).
+LINGER_SECONDS: Final = 2.0
+# A request body buffer above this pauses reading the client socket; reading
+# resumes once the handler took it below _BODY_LOW.
+_BODY_HIGH: Final = 256 * 1024
+_BODY_LOW: Final = 64 * 1024
+# Parsed requests waiting behind the one being handled before reading pauses.
+_MAX_QUEUED: Final = 8
+
+_PAUSE_BODY: Final = 1
+_PAUSE_QUEUE: Final = 2
+_PAUSE_HANDOVER: Final = 4
+
+
+class Limit(Exception):
+    """Raised from a parser callback: a size limit, answered with `error`."""
+
+    def __init__(self, error: GatewayError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class Body:
+    """A request body as it arrives, read with `readany()` (aiohttp's StreamReader API).
+
+    Buffered bytes pause the client socket above `_BODY_HIGH`; the handler's
+    reads resume it below `_BODY_LOW`.
+    """
+
+    __slots__ = ("_chunks", "_conn", "_eof", "_exc", "_size", "_waiter", "total_bytes")
+
+    def __init__(self, conn: Connection | None) -> None:
+        self._conn = conn
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._eof = conn is None
+        self._exc: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self.total_bytes = 0
+
+    def feed_data(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        self.total_bytes += len(data)
+        if self._size > _BODY_HIGH and self._conn is not None:
+            self._conn.pause_reading(_PAUSE_BODY)
+        self._wake()
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._exc = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def is_eof(self) -> bool:
+        return self._eof
+
+    def at_eof(self) -> bool:
+        return self._eof and not self._chunks
+
+    def read_nowait(self, n: int = -1) -> bytes:
+        """Everything buffered (n is ignored: always all of it, as a whole)."""
+        chunks = self._chunks
+        if not chunks:
+            return b""
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._size = 0
+        if self._conn is not None:
+            self._conn.resume_reading(_PAUSE_BODY)
+        return data
+
+    async def readany(self) -> bytes:
+        """The bytes buffered now, waiting for some; b"" at the end of the body."""
+        while not self._chunks:
+            if self._exc is not None:
+                raise self._exc
+            if self._eof:
+                return b""
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiter = waiter
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        data = self.read_nowait()
+        return data
+
+
+_NO_BODY: Final = Body(None)
+
+
+class Request:
+    """One parsed request head and its body; what the proxy handler reads."""
+
+    __slots__ = (
+        "body_exists",
+        "connection",
+        "content",
+        "content_length",
+        "headers",
+        "keep_alive",
+        "method",
+        "raw_path",
+        "remote",
+        "request_id",
+        "secure",
+        "transport",
+        "version",
+        "writer",
+    )
+
+    def __init__(
+        self,
+        conn: Connection,
+        method: str,
+        raw_path: str,
+        version: tuple[int, int],
+        headers: CIMultiDict[str],
+        keep_alive: bool,
+        content_length: int | None,
+        chunked: bool,
+    ) -> None:
+        self.connection = conn
+        self.transport: asyncio.Transport | None = conn.transport
+        self.remote = conn.remote
+        self.secure = False
+        self.method = method
+        self.raw_path = raw_path
+        self.version = version
+        self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(headers)
+        self.keep_alive = keep_alive
+        self.content_length = content_length
+        self.body_exists = chunked or bool(content_length)
+        self.content = Body(conn) if self.body_exists else _NO_BODY
+        self.writer = ResponseWriter(conn, self)
+        self.request_id = ""
+
+
+class Reply:
+    """A whole small response (an error, a preflight): written by the server."""
+
+    __slots__ = ("body", "close", "headers", "status")
+
+    def __init__(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: CIMultiDict[str] | None = None,
+        *,
+        close: bool = False,
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.headers: CIMultiDict[str] = headers if headers is not None else CIMultiDict()
+        self.close = close
+
+    def force_close(self) -> None:
+        self.close = True
+
+
+Handler = Callable[[Request], Awaitable[Reply | None]]
+RefusalHook = Callable[[GatewayError, str, str], None]
+
+
+def json_reply(error: GatewayError, rid: str, close: bool = True) -> Reply:
+    """The contract's JSON error body, with the request id in body and header."""
+    headers: CIMultiDict[str] = CIMultiDict(error.headers)
+    headers["Content-Type"] = "application/json"
+    headers["X-Request-ID"] = rid
+    # Framing of anything after a refused message cannot be trusted
+    # (RFC 9112 11.2, request smuggling): close unless told otherwise.
+    return Reply(error.status, json_body(error, rid), headers, close=close)
+
+
+class _DateCache:
+    """The Date header value, formatted once per second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def __call__(self) -> str:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._text = formatdate(now, usegmt=True)
+        return self._text
+
+
+http_date: Final = _DateCache()
+
+
+class ResponseWriter:
+    """Writes one response: head (held to join the first body bytes, if asked),
+    body framed by Content-Length, chunked, or the connection's end (HTTP/1.0)."""
+
+    __slots__ = (
+        "_chunked",
+        "_conn",
+        "_empty",
+        "_held",
+        "_request",
+        "eof_sent",
+        "keep_alive",
+        "output_size",
+        "status",
+    )
+
+    def __init__(self, conn: Connection, request: Request) -> None:
+        self._conn = conn
+        self._request = request
+        self._held: bytes | None = None
+        self._chunked = False
+        self._empty = False
+        self.eof_sent = False
+        self.keep_alive = request.keep_alive
+        self.output_size = 0
+        self.status = 0
+
+    @property
+    def started(self) -> bool:
+        return self.status != 0
+
+    def force_close(self) -> None:
+        """End the connection after this response (only before `start`)."""
+        self.keep_alive = False
+
+    def start(
+        self,
+        status: int,
+        reason: str,
+        headers: CIMultiDict[str],
+        *,
+        hold: bool = False,
+    ) -> None:
+        """Frame and serialize the head; send it now unless `hold` (then the
+        first `write`/`write_eof` carries it)."""
+        request = self._request
+        version = request.version
+        conn = self._conn
+        if conn.closing_after_response:
+            self.keep_alive = False
+        # RFC 9110 6.4.1: no body after 1xx, 204, 304 or a HEAD's response.
+        empty = request.method == "HEAD" or status in (204, 304) or status < 200
+        self._empty = empty
+        if empty:
+            if status == 204 or status < 200:
+                headers.popall("Content-Length", None)
+            headers.popall("Transfer-Encoding", None)
+        elif "Content-Length" in headers:
+            headers.popall("Transfer-Encoding", None)
+        elif version >= (1, 1):
+            self._chunked = True
+            headers["Transfer-Encoding"] = "chunked"
+        else:
+            self.keep_alive = False  # HTTP/1.0: the body ends with the connection
+        if "Date" not in headers:
+            # RFC 9110 6.6.1: a recipient with a clock adds Date when forwarding.
+            headers["Date"] = http_date()
+        if not self.keep_alive:
+            if version >= (1, 1):
+                headers["Connection"] = "close"
+            else:
+                headers.popall("Connection", None)
+        elif version < (1, 1):
+            headers["Connection"] = "keep-alive"
+        lines = [f"HTTP/{version[0]}.{version[1]} {status} {reason}\r\n"]
+        lines.extend([f"{name}: {value}\r\n" for name, value in headers.items()])
+        lines.append("\r\n")
+        text = "".join(lines)
+        if text.count("\n") != len(lines) or text.count("\r") != len(lines):
+            # A CR or LF inside a name or value would split the head.
+            raise ValueError("a response header contains CR or LF")
+        head = text.encode("utf-8", "surrogateescape")
+        self.status = status
+        if hold:
+            self._held = head
+        else:
+            self._send(head)
+
+    def _send(self, data: bytes) -> None:
+        transport = self._conn.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client connection is closed")
+        self.output_size += len(data)
+        transport.write(data)
+
+    def flush_head(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            self._send(held)
+
+    async def write(self, data: bytes) -> None:
+        """One piece of the body; waits while the client is not reading."""
+        if self._empty or not data:
+            self.flush_head()
+            return
+        if self._chunked:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        held, self._held = self._held, None
+        self._send(held + data if held is not None else data)
+        await self._conn.drain()
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        """The last piece (maybe none) and the end of the body."""
+        if self.eof_sent:
+            return
+        self.eof_sent = True
+        held, self._held = self._held, None
+        out = held or b""
+        if data and not self._empty:
+            out += b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data) if self._chunked else data
+        elif self._chunked and not self._empty:
+            out += b"0\r\n\r\n"
+        if out:
+            self._send(out)
+        await self._conn.drain()
+
+    def spliced(self, count: int) -> None:
+        """`count` body bytes went to the client's socket behind our back."""
+        self.output_size += count
+
+    def send_reply(self, reply: Reply) -> None:
+        """A whole small response in one write."""
+        if reply.close:
+            self.keep_alive = False
+        headers = reply.headers
+        if reply.body or "Content-Length" not in headers:
+            headers["Content-Length"] = str(len(reply.body))
+        self.start(reply.status, _reason(reply.status), headers, hold=True)
+        self.eof_sent = True
+        held, self._held = self._held, None
+        assert held is not None
+        self._send(held + reply.body if reply.body and not self._empty else held)
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: parse, queue, hand each request to the handler."""
+
+    def __init__(self, server: H1Server) -> None:
+        self._server = server
+        self._loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.remote = ""
+        self._parser = httptools.HttpRequestParser(self)
+        self._queue: deque[Request | tuple[GatewayError, str]] = deque()
+        self._queue_waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._current: Request | None = None  # the request whose body is being parsed
+        self._handling: Request | None = None  # the request the handler has
+        self._paused = 0
+        self._refused = False  # nothing more is parsed
+        self._lost = False
+        self._client_eof = False
+        self._lingering = False
+        self.closing_after_response = False
+        self._keepalive_handle: asyncio.TimerHandle | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._body_error: GatewayError | None = None
+        # the head being parsed
+        self._url = b""
+        self._headers: list[tuple[str, str]] = []
+        self._head_bytes = 0
+        self._head_fields = 0
+        self._limit: GatewayError | None = None
+        # slow-loris bookkeeping (see head_silent_for)
+        self.in_head = False
+        self.head_since = self._loop.time()
+        self.last_rx = self.head_since
+        self._messages = 0
+
+    # -- asyncio.Protocol ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.remote = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._server.connections.add(self)
+        if self._server.draining:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self.transport = None
+        self._server.forget(self)
+        self._cancel_keepalive()
+        lost = ConnectionResetError("the client connection was lost")
+        for item in self._queue:
+            if isinstance(item, Request):
+                item.content.set_exception(lost)
+        self._queue.clear()
+        if self._handling is not None:
+            # Cancelled, not failed: a body read failing first would look
+            # like the target's failure to the proxy (and its breaker).
+            task = self._task
+            if task is not None and not task.done():
+                task.cancel()  # the client is gone: so is its upstream request
+        self._wake_queue()
+        drain = self._drain_waiter
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    def eof_received(self) -> bool:
+        self._client_eof = True
+        if self._lingering:
+            return False
+        current = self._current
+        if current is not None:
+            current.content.set_exception(ConnectionResetError("the client closed mid-body"))
+        # Keep writing the answers still owed; close once they are out.
+        self._wake_queue()
+        return self._handling is not None or bool(self._queue)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        drain = self._drain_waiter
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused or self._lingering:
+            return
+        self.last_rx = self._loop.time()
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            # llhttp stops after an Upgrade (or CONNECT) request's head. The
+            # gateway switches no protocol: the request was queued as a plain
+            # one (vetting refuses CONNECT), and what follows is parsed as
+            # the next request.
+            offset = upgrade.args[0] if upgrade.args else len(data)
+            self._parser = httptools.HttpRequestParser(self)
+            if not self._refused and offset < len(data):
+                self._feed(data[offset:])
+            return
+        except httptools.HttpParserError as exc:
+            self._parse_failed(exc)
+            return
+        if self.in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES + MAX_REQUEST_LINE:
+                # A field line with no end yet: llhttp buffers nothing, but
+                # httptools keeps the partial value; stop it here.
+                self._refuse(HeadersTooLarge("header section too large"))
+
+    # -- httptools callbacks --------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._cancel_keepalive()
+        self.in_head = True
+        self.head_since = self._loop.time()
+        self._url = b""
+        self._headers = []
+        self._head_bytes = 0
+        self._head_fields = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > MAX_REQUEST_LINE:
+            raise Limit(UriTooLong("request target too long"))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) > MAX_FIELD_SIZE or len(value) > MAX_FIELD_SIZE:
+            raise Limit(HeadersTooLarge("header field too large"))
+        self._head_fields += 1
+        if self._head_fields > MAX_HEADERS:
+            raise Limit(HeadersTooLarge("too many header fields"))
+        self._headers.append(
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        )
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        parser = self._parser
+        method = parser.get_method().decode("ascii", "replace")
+        version_text = parser.get_http_version()
+        major, _, minor = version_text.partition(".")
+        version = (int(major), int(minor)) if major.isdigit() and minor.isdigit() else (0, 9)
+        headers: CIMultiDict[str] = CIMultiDict(self._headers)
+        raw_path = self._url.decode("utf-8", "surrogateescape")
+        error = vet_head(method, raw_path, version, headers, self._headers)
+        if error is not None:
+            raise Limit(error)
+        length_text = headers.get("Content-Length")
+        content_length = int(length_text) if length_text is not None else None
+        chunked = "Transfer-Encoding" in headers
+        request = Request(
+            self,
+            method,
+            raw_path,
+            version,
+            headers,
+            parser.should_keep_alive(),
+            content_length,
+            chunked,
+        )
+        self._current = request
+        self._enqueue(request)
+
+    def on_body(self, body: bytes) -> None:
+        current = self._current
+        if current is not None:
+            current.content.feed_data(body)
+
+    def on_message_complete(self) -> None:
+        current = self._current
+        if current is not None:
+            current.content.feed_eof()
+        self._current = None
+        self._messages += 1
+
+    # -- refusals -------------------------------------------------------------------
+
+    def _parse_failed(self, exc: httptools.HttpParserError) -> None:
+        cause = exc.__context__
+        error = cause.error if isinstance(cause, Limit) else BadRequest("malformed request")
+        current = self._current
+        if current is not None and current is self._handling:
+            # The head went to the handler; its body broke. Cancel the
+            # handler (its upload is cut, the target never sees a whole
+            # request), which answers 400 unless its response began.
+            self._refused = True
+            self._body_error = BadRequest("malformed request body")
+            current.content.set_exception(ConnectionResetError("malformed request body"))
+            task = self._task
+            if task is not None and not task.done():
+                task.cancel()
+            return
+        if current is not None:
+            # Still queued: it never reached the handler, nor a target.
+            with contextlib.suppress(ValueError):
+                self._queue.remove(current)
+            self._current = None
+        self._refuse(error)
+
+    def _refuse(self, error: GatewayError, rid: str | None = None) -> None:
+        """Answer `error` after the responses owed, then close; parse nothing more."""
+        if self._refused:
+            return
+        self._refused = True
+        self.in_head = False
+        if rid is None:
+            rid = self._refusal_id(error)
+        self._enqueue((error, rid))
+
+    def _refusal_id(self, error: GatewayError) -> str:
+        # A head that parsed far enough to be vetted keeps a sane client id.
+        for name, value in self._headers:
+            if name.lower() == "x-request-id":
+                return request_id(value, new_request_id)
+        return new_request_id()
+
+    # -- the queue and the serving task ---------------------------------------------
+
+    def _enqueue(self, item: Request | tuple[GatewayError, str]) -> None:
+        self._queue.append(item)
+        if len(self._queue) > _MAX_QUEUED:
+            self.pause_reading(_PAUSE_QUEUE)
+        if self._task is None:
+            task = self._task = self._loop.create_task(self._serve())
+            self._server.tasks.add(task)
+            task.add_done_callback(self._server._task_done)
+        else:
+            self._wake_queue()
+
+    def _wake_queue(self) -> None:
+        waiter = self._queue_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _next(self) -> Request | tuple[GatewayError, str] | None:
+        while not self._queue:
+            if self._lost or self._client_eof or self._server.draining:
+                return None
+            waiter = self._loop.create_future()
+            self._queue_waiter = waiter
+            try:
+                await waiter
+            finally:
+                self._queue_waiter = None
+        item = self._queue.popleft()
+        if len(self._queue) <= _MAX_QUEUED // 2:
+            self.resume_reading(_PAUSE_QUEUE)
+        return item
+
+    async def _serve(self) -> None:
+        try:
+            while True:
+                item = await self._next()
+                if item is None:
+                    break
+                if isinstance(item, tuple):
+                    self._write_refusal(*item)
+                    break
+                if not await self._handle(item):
+                    break
+        except asyncio.CancelledError:
+            pass  # client gone or shutting down: nothing left to answer
+        except Exception:
+            log.exception("error serving a connection from %s", self.remote)
+            self._abort()
+        finally:
+            self._task = None
+            self._finish()
+
+    async def _handle(self, request: Request) -> bool:
+        """Run the handler for one request; whether the connection goes on."""
+        self._handling = request
+        writer = request.writer
+        task = asyncio.current_task()
+        try:
+            reply = await self._server.handler(request)
+            if reply is not None:
+                writer.send_reply(reply)
+            elif not writer.eof_sent:
+                raise RuntimeError("the handler neither replied nor finished its response")
+        except asyncio.CancelledError:
+            error = self._body_error
+            if error is None or task is None or task.cancelling() > 1:
+                raise  # the client is gone, or shutdown
+            task.uncancel()
+            self._body_error = None
+            if writer.started:
+                # The response began: its status cannot change; the only
+                # honest signal is an aborted transfer (CONTRACT.md).
+                self._abort()
+                return False
+            rid = request_id(request.headers.get("X-Request-ID"), new_request_id)
+            writer.send_reply(json_reply(error, rid))
+            return False
+        except (ConnectionError, RuntimeError) as exc:
+            log.debug("response to %s not completed: %s", self.remote, exc)
+            self._abort()
+            return False
+        finally:
+            self._handling = None
+        if not writer.keep_alive or self._lost:
+            self._close_after(request)
+            return False
+        if not request.content.is_eof():
+            # Answered before the body was read (e.g. 413): the rest of the
+            # body is unframed for us now.
+            self._close_after(request)
+            return False
+        if not self._queue:
+            self._arm_keepalive()
+        return True
+
+    def _write_refusal(self, error: GatewayError, rid: str) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        head = (
+            f"HTTP/1.1 {error.status} {_reason(error.status)}\r\nContent-Type: application/json\r\n"
+        )
+        for name, value in error.headers.items():
+            head += f"{name}: {value}\r\n"
+        body = json_body(error, rid)
+        head += (
+            f"Content-Length: {len(body)}\r\nX-Request-ID: {rid}\r\n"
+            f"Date: {http_date()}\r\nConnection: close\r\n\r\n"
+        )
+        transport.write(head.encode("ascii") + body)
+        self._report(error, rid)
+
+    def _report(self, error: GatewayError, rid: str) -> None:
+        hook = self._server.on_refusal
+        if hook is not None:
+            hook(error, rid, self.remote)
+
+    def _close_after(self, request: Request) -> None:
+        """Close once the response is out; linger if the body is still coming."""
+        transport = self.transport
+        if transport is None:
+            return
+        if request.content.is_eof() or self._client_eof or self._refused:
+            transport.close()
+            return
+        # RFC 9112 9.6: half-close, then read and drop what the client still
+        # sends for a moment, so that its stack does not reset the answer away.
+        self._lingering = True
+        self.resume_reading(_PAUSE_BODY | _PAUSE_QUEUE | _PAUSE_HANDOVER)
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._loop.call_later(LINGER_SECONDS, transport.close)
+
+    def _finish(self) -> None:
+        transport = self.transport
+        if transport is not None and not self._lingering and not transport.is_closing():
+            transport.close()
+
+    def _abort(self) -> None:
+        transport = self.transport
+        if transport is not None:
+            transport.abort()
+
+    # -- keep-alive, drain, flow control ---------------------------------------------
+
+    def _arm_keepalive(self) -> None:
+        self._cancel_keepalive()
+        self._keepalive_handle = self._loop.call_later(KEEPALIVE_TIMEOUT, self._idle_close)
+
+    def _cancel_keepalive(self) -> None:
+        handle = self._keepalive_handle
+        if handle is not None:
+            self._keepalive_handle = None
+            handle.cancel()
+
+    def _idle_close(self) -> None:
+        self._keepalive_handle = None
+        if self._handling is None and not self._queue and not self.in_head:
+            self._finish()
+
+    async def drain(self) -> None:
+        if not self._write_paused or self.transport is None:
+            return
+        waiter = self._loop.create_future()
+        self._drain_waiter = waiter
+        try:
+            await waiter
+        finally:
+            self._drain_waiter = None
+        if self._lost:
+            raise ConnectionResetError("the client connection was lost")
+
+    def pause_reading(self, reason: int) -> None:
+        was = self._paused
+        self._paused |= reason
+        if not was and self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self, reason: int) -> None:
+        if not self._paused & reason:
+            return
+        self._paused &= ~reason
+        if not self._paused and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def busy(self) -> bool:
+        return self._handling is not None or bool(self._queue)
+
+    def close_when_idle(self) -> None:
+        """Draining: close now if idle, else after the response in progress."""
+        self.closing_after_response = True
+        if not self.busy():
+            self._finish()
+        self._wake_queue()
+
+    # -- zero-copy request bodies (splice.py) ------------------------------------------
+
+    def hand_over_body(self, request: Request) -> tuple[bytes, int]:
+        """Stop reading; return the body bytes buffered and the count still in the socket."""
+        self.pause_reading(_PAUSE_HANDOVER)
+        buffered = request.content.read_nowait()
+        remaining = (request.content_length or 0) - request.content.total_bytes
+        return buffered, remaining
+
+    def body_spliced(self, request: Request) -> None:
+        """The relay moved the rest of the body: llhttp, which still counts it,
+        is replaced, and reading goes on with the next request."""
+        if self._current is request:
+            self._current = None
+            self._parser = httptools.HttpRequestParser(self)
+            self._messages += 1
+        request.content.feed_eof()
+        self.resume_reading(_PAUSE_HANDOVER)
+
+    # -- slow loris -------------------------------------------------------------------
+
+    def head_silent_for(self, now: float) -> float:
+        """How long a pending request head has been silent (0 if none pends).
+
+        A head is pending from the moment the connection opens (nginx's
+        client_header_timeout covers the first request too), and from the
+        first byte of each later one; not while a request is handled or
+        queued, nor on an idle keep-alive connection.
+        """
+        if self._refused or self._lingering or self.busy():
+            return 0.0
+        if self.in_head or self._messages == 0:
+            return now - max(self.head_since, self.last_rx)
+        return 0.0
+
+    def cut_silent_head(self) -> None:
+        """Close for a stalled head: 408 if part of one came, else silently.
+
+        A connection that sent nothing gets no 408: a client about to reuse it
+        would take the 408 for the answer to the request it is sending.
+        """
+        self._refused = True
+        if self.in_head:
+            error = ClientTimeout("request head not received in time")
+            self._write_refusal(error, new_request_id())
+        self._finish()
+
+
+class H1Server:
+    """The protocol factory for the proxy listeners, and their connections."""
+
+    def __init__(self, handler: Handler, on_refusal: RefusalHook | None = None) -> None:
+        self.handler = handler
+        self.on_refusal = on_refusal
+        self.connections: set[Connection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()  # one per connection with requests
+        self.draining = False
+        self._idle_waiters: list[asyncio.Future[None]] = []
+
+    def __call__(self) -> Connection:
+        return Connection(self)
+
+    def pre_shutdown(self) -> None:
+        """Idle connections close now, busy ones after their response."""
+        self.draining = True
+        for conn in list(self.connections):
+            conn.close_when_idle()
+
+    def forget(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        self._check_idle()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if not self.connections and not self.tasks:
+            for waiter in self._idle_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._idle_waiters.clear()
+
+    async def shutdown(self) -> None:
+        """Until every connection has closed and its handler has ended."""
+        if not self.connections and not self.tasks:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._idle_waiters.append(waiter)
+        await waiter
+
+    def abort_all(self) -> int:
+        """Abort every connection; returns how many had a request running."""
+        busy = 0
+        for conn in list(self.connections):
+            if conn.busy():
+                busy += 1
+            conn._abort()
+        return busy
+
+
+async def sweep_silent_heads(
+    servers: Callable[[], list[H1Server]], client_timeout: Callable[[], float]
+) -> None:
+    """Close connections whose request head stalled; runs until cancelled.
+
+    Sweeping a few times per timeout costs one pass over the connections
+    instead of re-arming a timer on every read.
+    """
+    loop = asyncio.get_running_loop()
+    while True:
+        timeout = client_timeout()
+        await asyncio.sleep(min(1.0, max(timeout / 4, 0.05)))
+        now = loop.time()
+        for server in servers():
+            for conn in list(server.connections):
+                if conn.head_silent_for(now) > timeout:
+                    conn.cut_silent_head()

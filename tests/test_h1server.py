@@ -1,0 +1,214 @@
+"""The proxy listener's own HTTP/1.1 server (gateway/h1server.py) on the wire.
+
+Framing and connection management a client relies on: HTTP/1.0 answers,
+keep-alive, pipelining, half-close, lingering close, Date, header bytes.
+Malformed input is pinned in test_hostile_clients.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+from aiohttp import web
+
+from gateway import h1server
+from tests.conftest import GatewayFactory, UpstreamFactory, one_upstream_config
+
+
+def app() -> web.Application:
+    async def text(request: web.Request) -> web.Response:
+        return web.Response(text=f"hi {request.path}")
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for piece in (b"one ", b"two ", b"three"):
+            await response.write(piece)
+        await response.write_eof()
+        return response
+
+    async def dated(request: web.Request) -> web.Response:
+        return web.Response(text="d", headers={"Date": "Tue, 01 Jan 2030 00:00:00 GMT"})
+
+    async def sink(request: web.Request) -> web.Response:
+        return web.Response(text=f"{len(await request.read())}")
+
+    application = web.Application()
+    application.router.add_get("/chunked", chunked)
+    application.router.add_get("/dated", dated)
+    application.router.add_post("/sink", sink)
+    application.router.add_get("/{tail:.*}", text)
+    return application
+
+
+async def read_head(reader: asyncio.StreamReader) -> tuple[str, dict[str, str]]:
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    headers = {}
+    for line in head[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    return head[0], headers
+
+
+async def test_http10_client_gets_a_close_delimited_body_for_a_chunked_target(
+    make_gateway: GatewayFactory, start_upstream: UpstreamFactory
+) -> None:
+    upstream = await start_upstream(app())
+    gw = await make_gateway(one_upstream_config(upstream.port))
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    writer.write(b"GET /chunked HTTP/1.0\r\n\r\n")
+    status, headers = await read_head(reader)
+    assert status == "HTTP/1.0 200 OK"
+    assert "transfer-encoding" not in headers  # HTTP/1.0 has no chunked
+    assert "content-length" not in headers
+    assert await reader.read() == b"one two three"  # ends with the connection
+    writer.close()
+
+
+async def test_http10_keep_alive_is_honoured_with_a_length(
+    make_gateway: GatewayFactory, start_upstream: UpstreamFactory
+) -> None:
+    upstream = await start_upstream(app())
+    gw = await make_gateway(one_upstream_config(upstream.port))
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    for path in (b"/a", b"/b"):
+        writer.write(b"GET " + path + b" HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        status, headers = await read_head(reader)
+        assert status == "HTTP/1.0 200 OK"
+        assert headers["connection"].lower() == "keep-alive"
+        body = await reader.readexactly(int(headers["content-length"]))
+        assert body == b"hi " + path
+    writer.close()
+
+
+async def test_pipelined_requests_are_answered_in_order(
+    make_gateway: GatewayFactory, start_upstream: UpstreamFactory
+) -> None:
+    upstream = await start_upstream(app())
+    gw = await make_gateway(one_upstream_config(upstream.port))
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    writer.write(
+        b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+        b"GET /3 HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    bodies = []
+    for _ in range(3):
+        _, headers = await read_head(reader)
+        bodies.append(await reader.readexactly(int(headers["content-length"])))
+    assert bodies == [b"hi /1", b"5", b"hi /3"]
+    writer.close()
+
+
+async def test_a_client_that_half_closes_after_its_request_still_gets_the_answer(
+    make_gateway: GatewayFactory, start_upstream: UpstreamFactory
+) -> None:
+    upstream = await start_upstream(app())
+    gw = await make_gateway(one_upstream_config(upstream.port))
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    writer.write(b"GET /half HTTP/1.1\r\nHost: x\r\n\r\n")
+    writer.write_eof()
+    status, headers = await read_head(reader)
+    assert status == "HTTP/1.1 200 OK"
+    assert await reader.readexactly(int(headers["content-length"])) == b"hi /half"
+    assert await reader.read() == b""  # then the gateway closes
+    writer.close()
+
+
+async def test_date_is_added_when_the_target_sends_none_and_kept_when_it_does(
+    make_gateway: GatewayFactory, start_upstream: UpstreamFactory
+) -> None:
+    upstream = await start_upstream(app())
+    gw = await make_gateway(one_upstream_config(upstream.port))
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    writer.write(b"GET /dated HTTP/1.1\r\nHost: x\r\n\r\n")
+    _, headers = await read_head(reader)
+    assert headers["date"] == "Tue, 01 Jan 2030 00:00:00 GMT"
+    await reader.readexactly(int(headers["content-length"]))
+    # aiohttp's test server always sends a Date: a target that sends none.
+    raw = await asyncio.start_server(_dateless, "127.0.0.1", 0)
+    port = raw.sockets[0].getsockname()[1]
+    gw2 = await make_gateway(one_upstream_config(port))
+    reader2, writer2 = await asyncio.open_connection(gw2.host, gw2.port)
+    writer2.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await reader2.readuntil(b"\r\n\r\n")
+    assert re.search(rb"\r\nDate: \w{3}, \d\d \w{3} \d{4} [\d:]{8} GMT\r\n", head)
+    assert b"\r\nX-Odd: caf\xc3\xa9\r\n" in head  # UTF-8 bytes unchanged
+    writer.close()
+    writer2.close()
+    raw.close()
+
+
+async def _dateless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    # A header value that is UTF-8 ("café"): its bytes must reach the client unchanged.
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Odd: caf\xc3\xa9\r\n\r\nok")
+    await writer.drain()
+    await reader.read()
+
+
+async def test_non_utf8_header_bytes_reach_the_client_unchanged(
+    make_gateway: GatewayFactory,
+) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Latin1: caf\xe9\r\n\r\nok")
+        await writer.drain()
+        await reader.read()
+
+    raw = await asyncio.start_server(answer, "127.0.0.1", 0)
+    gw = await make_gateway(one_upstream_config(raw.sockets[0].getsockname()[1]))
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert b"\r\nX-Latin1: caf\xe9\r\n" in head
+    assert await reader.readexactly(2) == b"ok"
+    writer.close()
+    raw.close()
+
+
+async def test_an_early_refusal_reaches_a_client_still_sending_its_body(
+    make_gateway: GatewayFactory, start_upstream: UpstreamFactory
+) -> None:
+    upstream = await start_upstream(app())
+    gw = await make_gateway(one_upstream_config(upstream.port, "max_body_bytes = 1000"))
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    size = 50 * 1024 * 1024
+    writer.write(b"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+
+    async def keep_sending() -> None:
+        block = b"z" * 65536
+        for _ in range(size // len(block)):
+            writer.write(block)
+            await writer.drain()
+
+    sending = asyncio.create_task(keep_sending())
+    async with asyncio.timeout(10):
+        status, headers = await read_head(reader)
+        assert status == "HTTP/1.1 413 Request Entity Too Large"
+        assert headers["connection"] == "close"
+        await reader.readexactly(int(headers["content-length"]))
+    sending.cancel()
+    await asyncio.gather(sending, return_exceptions=True)
+    writer.transport.abort()
+
+
+async def test_idle_keep_alive_connections_are_closed_after_the_keepalive_timeout(
+    make_gateway: GatewayFactory,
+    start_upstream: UpstreamFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(h1server, "KEEPALIVE_TIMEOUT", 0.3)
+    upstream = await start_upstream(app())
+    gw = await make_gateway(one_upstream_config(upstream.port))
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    _, headers = await read_head(reader)
+    await reader.readexactly(int(headers["content-length"]))
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""
+    writer.close()
