@@ -181,16 +181,20 @@ class H1Response:
         conn = self._conn
         return 0 if conn is None else conn.unread()
 
-    def hand_over(self, min_bytes: int) -> tuple[int, bytes, int] | None:
+    def socket_fd(self) -> int | None:
+        """The connection's descriptor while a body is being read, else None."""
+        conn = self._conn
+        return None if conn is None else conn.body_socket_fd()
+
+    def hand_over(self) -> tuple[bytes, int]:
         """Give the rest of a Content-Length body to a zero-copy relay.
 
-        Only when at least `min_bytes` are still to come: returns the socket's
-        descriptor, the body bytes already read (to be sent first) and how
-        many bytes remain in the socket; reading stops until `spliced()`.
-        None: keep reading with `read_chunk()`.
+        Returns the body bytes already read (to be sent first) and how many
+        remain in the socket (`unread()`); reading stops until `spliced()`.
         """
         conn = self._conn
-        return None if conn is None else conn.hand_over(min_bytes)
+        assert conn is not None
+        return conn.hand_over()
 
     def spliced(self) -> None:
         """The relay moved every remaining byte: the response is complete."""
@@ -561,19 +565,17 @@ class _Connection(asyncio.Protocol):
             return 0
         return length - self._body_received
 
-    def hand_over(self, min_bytes: int) -> tuple[int, bytes, int] | None:
-        length = self._content_length
-        if self._state != _BODY or self._error is not None or length is None:
+    def body_socket_fd(self) -> int | None:
+        if self._state != _BODY or self._error is not None or self._content_length is None:
             return None
-        remaining = length - self._body_received
-        fd = splice.socket_fd(self._transport)
-        if remaining < min_bytes or fd is None or self._transport is None:
-            return None
-        if not self._reading_paused:
+        return splice.socket_fd(self._transport)
+
+    def hand_over(self) -> tuple[bytes, int]:
+        if not self._reading_paused and self._transport is not None:
             self._reading_paused = True
             self._transport.pause_reading()
         chunks, self._chunks, self._buffered = self._chunks, [], 0
-        return fd, b"".join(chunks), remaining
+        return b"".join(chunks), self.unread()
 
     def spliced(self) -> None:
         # llhttp still counts the body the relay moved past it: a fresh

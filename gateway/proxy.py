@@ -541,8 +541,12 @@ class ProxyHandler:
                     allow_redirects=False,
                 )
         except asyncio.CancelledError:
+            if isinstance(body, _SplicedUpload):
+                body.discard()
             raise
         except Exception as exc:
+            if isinstance(body, _SplicedUpload):
+                body.discard()
             if ex.body_error is not None:
                 raise ex.body_error from exc
             raise self._translate(exc, target) from exc
@@ -625,7 +629,10 @@ class ProxyHandler:
         fd = splice.socket_fd(request.transport)
         if fd is None:
             return None
-        return _SplicedUpload(request, ex, fd, length, self._client_timeout())
+        relay = splice.Relay.open(fd)
+        if relay is None:
+            return None  # at the cap, or out of descriptors: copy
+        return _SplicedUpload(request, ex, relay, self._client_timeout())
 
     async def _relay(
         self,
@@ -727,37 +734,34 @@ class ProxyHandler:
         """
         transport = request.transport
         client_fd = splice.socket_fd(transport)
-        if client_fd is None or transport is None:
+        upstream_fd = upstream.socket_fd()
+        if client_fd is None or upstream_fd is None or transport is None:
             return None
-        handed = upstream.hand_over(splice.MIN_BYTES)
-        if handed is None:
-            return None
-        upstream_fd, buffered, remaining = handed
-        if buffered:
-            ex.bytes_out += len(buffered)
-            await request.writer.write(buffered)  # with the head, if it was held
+        relay = splice.Relay.open(upstream_fd)
+        if relay is None:
+            return None  # at the cap, or out of descriptors: copy
         try:
+            buffered, remaining = upstream.hand_over()
+            if buffered:
+                ex.bytes_out += len(buffered)
+                await request.writer.write(buffered)  # with the head, if it was held
             await splice.wait_flushed(transport, client_fd, None)
-            moved = await splice.relay(
-                upstream_fd,
-                client_fd,
-                remaining,
-                read_timeout=route.config.read_timeout,
-                write_timeout=None,
+            await relay.run(
+                client_fd, remaining, read_timeout=route.config.read_timeout, write_timeout=None
             )
-        except splice.SinkFailed as exc:
-            ex.bytes_out += exc.moved
+        except (splice.SinkFailed, splice.SetupFailed) as exc:
             raise ConnectionResetError(f"client connection lost: {exc}") from exc
-        except splice.SpliceError as exc:
+        except splice.SpliceError:
             # The target closed, reset or went silent mid-body: as in the
             # copying loop, the only honest signal left is an aborted transfer.
-            ex.bytes_out += exc.moved
             _abort(request)
             ex.aborted = True
             return False
-        ex.bytes_out += moved
+        finally:
+            ex.bytes_out += relay.moved
+            request.writer.spliced(relay.moved)
+            relay.close()
         upstream.spliced()
-        request.writer.spliced(moved)
         await request.writer.write_eof()  # a Content-Length body: nothing more to send
         return True
 
@@ -773,25 +777,31 @@ class _SplicedUpload(DirectBody):
     """
 
     def __init__(
-        self, request: Request, ex: _Exchange, client_fd: int, length: int, timeout: float
+        self, request: Request, ex: _Exchange, relay: splice.Relay, timeout: float
     ) -> None:
         self._request = request
         self._ex = ex
-        self._client_fd = client_fd
-        self._length = length
+        self._relay = relay
         self._timeout = timeout
+        self._started = False
+
+    def discard(self) -> None:
+        """The attempt ended without pouring (it failed to connect): release the relay."""
+        if not self._started:
+            self._relay.close()
 
     async def pour(self, transport: asyncio.WriteTransport, fd: int, write_timeout: float) -> None:
-        request, ex = self._request, self._ex
-        client = request.transport
-        if client is None or client.is_closing():
-            raise ConnectionResetError("the client is gone")
-        if ex.expect_continue:
-            ex.expect_continue = False
-            client.write(_CONTINUE)
+        self._started = True
+        request, ex, relay = self._request, self._ex, self._relay
         received = 0
         done = False
         try:
+            client = request.transport
+            if client is None or client.is_closing():
+                raise ConnectionResetError("the client is gone")
+            if ex.expect_continue:
+                ex.expect_continue = False
+                client.write(_CONTINUE)
             # From here the socket's bytes belong to the relay.
             prefix, remaining = request.connection.hand_over_body(request)
             received = len(prefix)
@@ -800,29 +810,24 @@ class _SplicedUpload(DirectBody):
                 transport.write(prefix)
                 await splice.wait_flushed(transport, fd, write_timeout)
             try:
-                received += await splice.relay(
-                    self._client_fd,
-                    fd,
-                    remaining,
-                    read_timeout=self._timeout,
-                    write_timeout=write_timeout,
+                await relay.run(
+                    fd, remaining, read_timeout=self._timeout, write_timeout=write_timeout
                 )
                 done = True
-            except splice.SourceTimeout as exc:
-                received += exc.moved
+            except splice.SourceTimeout:
                 ex.body_error = ClientTimeout("client sent nothing for too long")
                 raise ex.body_error from None
             except splice.SourceClosed as exc:
-                received += exc.moved
                 # The server, no longer reading, cannot see the client go: end
                 # the connection, which cancels this request like any other.
                 _abort(request)
                 raise ConnectionResetError(f"client connection lost: {exc}") from exc
-            except splice.SpliceError as exc:
-                received += exc.moved
-                raise
+            except splice.SetupFailed as exc:
+                ex.body_error = GatewayError(f"cannot relay the request body: {exc}")
+                raise ex.body_error from exc
         finally:
-            ex.bytes_in += received
+            ex.bytes_in += received + relay.moved
+            relay.close()
             if done:
                 request.connection.body_spliced(request)
 

@@ -21,16 +21,20 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import logging
 import os
-from typing import Final
+from typing import ClassVar, Final
 
 #: Whether this platform has splice(2) (Linux; Python >= 3.10).
 AVAILABLE: Final = hasattr(os, "splice") and hasattr(os, "SPLICE_F_NONBLOCK")
 #: Bodies smaller than this are relayed through Python as usual.
 MIN_BYTES: Final = 256 * 1024
+#: Relays running at once; beyond, bodies are copied (see `Relay`).
+MAX_ACTIVE: Final = 32
 # Asked for with F_SETPIPE_SZ (the default pipe holds 64 KiB); capped by
 # /proc/sys/fs/pipe-max-size, 1 MiB by default.
 PIPE_BYTES: Final = 1 << 20
+log = logging.getLogger("gateway.splice")
 _FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 
 
@@ -101,6 +105,133 @@ async def wait_flushed(
         os.close(dup)
 
 
+class SetupFailed(SpliceError):
+    """The destination's descriptor could not be duplicated (out of descriptors)."""
+
+
+class Relay:
+    """One zero-copy transfer: the source's duplicate and a pipe, then the run.
+
+    `open()` returns None when no relay can be had now: `MAX_ACTIVE` are
+    running (each holds a pipe of up to 1 MiB; an unprivileged user gets
+    16384 pipe pages in all, `fs.pipe-user-pages-soft`), or the process is
+    out of descriptors. The caller then copies the body as usual.
+    """
+
+    active: ClassVar[int] = 0
+
+    def __init__(self, src: int, pipe_r: int, pipe_w: int, pipe_bytes: int) -> None:
+        self._src = src
+        self._pipe_r = pipe_r
+        self._pipe_w = pipe_w
+        self._pipe_bytes = pipe_bytes
+        self._closed = False
+        #: Bytes delivered to the destination so far (also after a failure
+        #: or cancellation: for the access log).
+        self.moved = 0
+        Relay.active += 1
+
+    @classmethod
+    def open(cls, src_fd: int) -> Relay | None:
+        if not AVAILABLE or cls.active >= MAX_ACTIVE:
+            return None
+        opened: list[int] = []
+        try:
+            opened.append(os.dup(src_fd))
+            opened.extend(os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC))
+        except OSError as exc:
+            for fd in opened:
+                os.close(fd)
+            log.warning("zero-copy relay unavailable, copying instead: %s", exc)
+            return None
+        src, pipe_r, pipe_w = opened
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        try:
+            pipe_bytes = fcntl.fcntl(pipe_w, fcntl.F_GETPIPE_SZ)
+        except OSError:
+            pipe_bytes = 65536
+        return cls(src, pipe_r, pipe_w, pipe_bytes)
+
+    def close(self) -> None:
+        """Release the descriptors (idempotent); the sockets stay their owners'."""
+        if self._closed:
+            return
+        self._closed = True
+        Relay.active -= 1
+        for fd in (self._pipe_r, self._pipe_w, self._src):
+            os.close(fd)
+
+    async def run(
+        self,
+        dst_fd: int,
+        count: int,
+        *,
+        read_timeout: float | None,
+        write_timeout: float | None,
+    ) -> int:
+        """Move exactly `count` bytes from the source to `dst_fd`; return `count`.
+
+        Raises a `SpliceError` subclass (with the bytes delivered so far) when
+        either side fails or stalls for its timeout. Cancellation stops at
+        once; either way the bytes still in the pipe are lost, so the caller
+        must abort both connections after any exception.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            dst = os.dup(dst_fd)
+        except OSError as exc:
+            raise SetupFailed(f"cannot duplicate the destination: {exc}", 0) from exc
+        src, pipe_r, pipe_w, chunk = self._src, self._pipe_r, self._pipe_w, self._pipe_bytes
+        left = count  # still to take from the source
+        in_pipe = 0
+        try:
+            while left or in_pipe:
+                drained = filled = False
+                if in_pipe:
+                    try:
+                        n = os.splice(pipe_r, dst, in_pipe, flags=_FLAGS)
+                    except BlockingIOError:
+                        pass
+                    except OSError as exc:
+                        raise SinkFailed(f"writing failed: {_reason(exc)}", self.moved) from exc
+                    else:
+                        in_pipe -= n
+                        self.moved += n
+                        drained = n > 0
+                if left:
+                    try:
+                        # Never ask for more than is left: the bytes after this
+                        # body (a next response, pipelined request) are not ours.
+                        n = os.splice(src, pipe_w, min(left, chunk), flags=_FLAGS)
+                    except BlockingIOError:
+                        pass  # nothing to read, or the pipe is full
+                    except OSError as exc:
+                        raise SourceClosed(f"reading failed: {_reason(exc)}", self.moved) from exc
+                    else:
+                        if n == 0:
+                            raise SourceClosed(
+                                f"closed after {count - left} of {count} bytes", self.moved
+                            )
+                        left -= n
+                        in_pipe += n
+                        filled = True
+                if drained or filled:
+                    continue
+                if in_pipe:
+                    # The destination is full; the pipe must empty before more
+                    # is read (what arrives meanwhile waits in the socket).
+                    if not await _ready(loop, dst, True, write_timeout):
+                        raise SinkTimeout(
+                            f"the peer took nothing for {write_timeout:g} s", self.moved
+                        )
+                elif not await _ready(loop, src, False, read_timeout):
+                    raise SourceTimeout(f"the peer sent nothing for {read_timeout:g} s", self.moved)
+            return self.moved
+        finally:
+            os.close(dst)
+
+
 async def relay(
     src_fd: int,
     dst_fd: int,
@@ -109,68 +240,16 @@ async def relay(
     read_timeout: float | None,
     write_timeout: float | None,
 ) -> int:
-    """Move exactly `count` bytes from `src_fd` to `dst_fd`; return `count`.
-
-    Raises a `SpliceError` subclass (with the bytes delivered so far) when
-    either side fails or stalls for its timeout. Cancellation stops at once;
-    either way the bytes still in the pipe are lost, so the caller must
-    abort both connections after any exception.
-    """
-    loop = asyncio.get_running_loop()
-    src = os.dup(src_fd)
+    """Open a `Relay`, run it, close it (raises SetupFailed if none can be had)."""
+    opened = Relay.open(src_fd)
+    if opened is None:
+        raise SetupFailed("no zero-copy relay available", 0)
     try:
-        dst = os.dup(dst_fd)
-    except OSError:
-        os.close(src)
-        raise
-    pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    with contextlib.suppress(OSError, AttributeError):
-        fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-    left = count  # still to take from the source
-    in_pipe = 0
-    moved = 0  # delivered to the destination
-    try:
-        while left or in_pipe:
-            drained = filled = False
-            if in_pipe:
-                try:
-                    n = os.splice(pipe_r, dst, in_pipe, flags=_FLAGS)
-                except BlockingIOError:
-                    pass
-                except OSError as exc:
-                    raise SinkFailed(f"writing failed: {_reason(exc)}", moved) from exc
-                else:
-                    in_pipe -= n
-                    moved += n
-                    drained = n > 0
-            if left:
-                try:
-                    # Never ask for more than is left: the bytes after this
-                    # body (a next response, pipelined request) are not ours.
-                    n = os.splice(src, pipe_w, min(left, PIPE_BYTES), flags=_FLAGS)
-                except BlockingIOError:
-                    pass  # nothing to read, or the pipe is full
-                except OSError as exc:
-                    raise SourceClosed(f"reading failed: {_reason(exc)}", moved) from exc
-                else:
-                    if n == 0:
-                        raise SourceClosed(f"closed after {count - left} of {count} bytes", moved)
-                    left -= n
-                    in_pipe += n
-                    filled = True
-            if drained or filled:
-                continue
-            if in_pipe:
-                # The destination is full; the pipe must empty before more
-                # is read (what arrives meanwhile waits in the socket).
-                if not await _ready(loop, dst, True, write_timeout):
-                    raise SinkTimeout(f"the peer took nothing for {write_timeout:g} s", moved)
-            elif not await _ready(loop, src, False, read_timeout):
-                raise SourceTimeout(f"the peer sent nothing for {read_timeout:g} s", moved)
-        return moved
+        return await opened.run(
+            dst_fd, count, read_timeout=read_timeout, write_timeout=write_timeout
+        )
     finally:
-        for fd in (pipe_r, pipe_w, src, dst):
-            os.close(fd)
+        opened.close()
 
 
 async def _ready(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 from collections.abc import Iterator
@@ -153,3 +154,32 @@ async def test_relay_closes_its_descriptors_whatever_happens(
         await task
     assert len(os.listdir("/proc/self/fd")) == opened
     assert opened == before + 4
+
+
+def test_relay_open_gives_way_when_descriptors_run_out(
+    pairs: list[tuple[socket.socket, socket.socket]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, _ = new_pair(pairs)
+    before = len(os.listdir("/proc/self/fd"))
+
+    def no_more_descriptors(flags: int) -> tuple[int, int]:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "pipe2", no_more_descriptors)
+    assert splice.Relay.open(src.fileno()) is None  # the caller copies instead
+    assert len(os.listdir("/proc/self/fd")) == before  # the duplicate was closed
+    assert splice.Relay.active == 0
+
+
+def test_relay_open_refuses_beyond_the_cap(
+    pairs: list[tuple[socket.socket, socket.socket]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, _ = new_pair(pairs)
+    monkeypatch.setattr(splice, "MAX_ACTIVE", splice.Relay.active + 2)
+    opened = [splice.Relay.open(src.fileno()) for _ in range(3)]
+    assert [r is not None for r in opened] == [True, True, False]
+    for r in opened:
+        if r is not None:
+            r.close()
+            r.close()  # idempotent
+    assert splice.Relay.active == 0

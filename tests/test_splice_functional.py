@@ -35,15 +35,15 @@ BODY = PATTERN[:SIZE]
 
 @pytest.fixture
 def relays(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts of bytes asked of each real splice.relay call (a spy, not a stub)."""
+    """Counts of bytes asked of each real Relay.run call (a spy, not a stub)."""
     calls: list[int] = []
-    real = splice.relay
+    real = splice.Relay.run
 
-    async def spy(src: int, dst: int, count: int, **kwargs: float | None) -> int:
+    async def spy(self: splice.Relay, dst: int, count: int, **kwargs: float | None) -> int:
         calls.append(count)
-        return await real(src, dst, count, **kwargs)
+        return await real(self, dst, count, **kwargs)
 
-    monkeypatch.setattr(splice, "relay", spy)
+    monkeypatch.setattr(splice.Relay, "run", spy)
     return calls
 
 
@@ -337,11 +337,11 @@ async def test_target_that_stops_reading_a_spliced_upload_gets_504(
     test_over.set()
 
 
-async def test_target_answering_early_to_a_spliced_upload_is_relayed(
+async def test_target_answering_early_to_a_spliced_upload_reaches_a_client_still_sending(
     make_gateway: GatewayFactory, start_upstream: UpstreamFactory, relays: list[int]
 ) -> None:
     async def refuses(request: web.Request) -> web.Response:
-        return web.Response(status=413, text="too big for me")
+        return web.Response(status=403, text="not for me")
 
     app = web.Application()
     app.router.add_post("/sink", refuses)
@@ -350,12 +350,25 @@ async def test_target_answering_early_to_a_spliced_upload_is_relayed(
     reader, writer = await asyncio.open_connection(gw.host, gw.port)
     size = 64 * MiB
     writer.write(f"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode())
-    writer.write(b"q" * MiB)
+
+    async def keep_sending() -> None:
+        # Slowly, as a real client on a slower link: still sending when the
+        # answer comes, so closing at once would reset the answer away.
+        for _ in range(size // (64 * 1024)):
+            writer.write(b"q" * (64 * 1024))
+            await writer.drain()
+            await asyncio.sleep(0.002)
+
+    sending = asyncio.create_task(keep_sending())
     async with asyncio.timeout(10):
-        status, _, body = await read_response(reader)
-    assert status == 413
-    assert body == b"too big for me"
+        status, headers, body = await read_response(reader)
+    assert status == 403
+    assert body == b"not for me"
+    assert headers["connection"] == "close"  # the rest of the body is not read
+    sending.cancel()
+    await asyncio.gather(sending, return_exceptions=True)
     writer.transport.abort()
+    assert splice.Relay.active == 0
 
 
 async def _through_subprocess(
@@ -390,3 +403,24 @@ async def test_spliced_bodies_on_the_default_event_loop_of_the_real_process(
             assert seen == {"size": size, "sha256": hashlib.sha256(payload).hexdigest()}
 
     await _through_subprocess(tmp_path, upstream.port, check)
+
+
+async def test_bodies_are_copied_when_no_relay_can_be_had(
+    make_gateway: GatewayFactory,
+    start_upstream: UpstreamFactory,
+    relays: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(splice, "MAX_ACTIVE", 0)  # as when 32 relays are running
+    upstream = await start_upstream(bytes_app([]))
+    gw = await make_gateway(one_upstream_config(upstream.port))
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    writer.write(f"GET /bytes/{SIZE} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    status, _, body = await read_response(reader)
+    assert (status, body) == (200, BODY)
+    writer.write(f"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: {SIZE}\r\n\r\n".encode())
+    writer.write(BODY)
+    status, _, body = await read_response(reader)
+    assert json.loads(body) == {"size": SIZE, "sha256": hashlib.sha256(BODY).hexdigest()}
+    writer.close()
+    assert relays == []
