@@ -115,7 +115,7 @@ def serialize_head(
 ) -> bytes:
     """The request line and header fields as one bytes object."""
     lines = [f"{method} {path_qs} HTTP/1.1"]
-    lines.extend([f"{name}: {value}" for name, value in headers])
+    lines.extend(map(": ".join, headers))  # in C: half the cost of an f-string each
     if chunked:
         lines.append("Transfer-Encoding: chunked")
     lines.append("\r\n")

@@ -340,11 +340,15 @@ class ResponseWriter:
                 headers.popall("Connection", None)
         elif version < (1, 1):
             headers["Connection"] = "keep-alive"
-        lines = [f"HTTP/{version[0]}.{version[1]} {status} {reason}\r\n"]
-        lines.extend([f"{name}: {value}\r\n" for name, value in headers.items()])
-        lines.append("\r\n")
-        text = "".join(lines)
-        if text.count("\n") != len(lines) or text.count("\r") != len(lines):
+        # map(": ".join) builds the field lines in C: half the cost of an
+        # f-string per field. `headers` is never empty (Date at least).
+        text = (
+            f"HTTP/{version[0]}.{version[1]} {status} {reason}\r\n"
+            + "\r\n".join(map(": ".join, headers.items()))
+            + "\r\n\r\n"
+        )
+        lines = len(headers) + 2
+        if text.count("\n") != lines or text.count("\r") != lines:
             # A CR or LF inside a name or value would split the head.
             raise ValueError("a response header contains CR or LF")
         head = text.encode("utf-8", "surrogateescape")

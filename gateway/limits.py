@@ -7,6 +7,7 @@ passed in (monotonic seconds), never read here.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Final
@@ -129,8 +130,11 @@ class BucketStore:
         """
         now = self.clock()
         buckets = self._buckets
-        bucket = buckets.get(key)  # also marks the key recently used
-        if bucket is None:
+        try:
+            # Also marks the key recently used. Not .get(): TTLCache's get is
+            # a membership test plus a lookup, each checking the expiry.
+            bucket = buckets[key]
+        except KeyError:
             bucket = TokenBucket(self.rate, self.burst)
         if not bucket.take(now):
             # Nothing was taken, so the bucket is full no later than the
@@ -174,19 +178,33 @@ def rate_limit_headers(
     because "0" would invite an immediate retry that is refused again.
     """
     burst = bucket.burst
-    name = _sf_string(route)
-    remaining = str(math.floor(bucket.tokens(now) + _EPSILON))
-    reset = str(_ceil(bucket.seconds_until_full(now)))
+    name, policy, limit = _fixed_parts(route, burst, bucket.rate)
+    # tokens() and seconds_until_full() inline: this runs on every response
+    # of a limited route.
+    debt = bucket.full_at - now
+    if debt > 0.0:
+        left = burst - debt * bucket.rate
+        remaining = str(math.floor(left + _EPSILON)) if left > 0.0 else "0"
+        reset = str(max(0, math.ceil(debt - _EPSILON)))
+    else:
+        remaining, reset = str(burst), "0"
     headers = [
-        ("RateLimit-Policy", f"{name};q={burst};w={_ceil(burst / bucket.rate)}"),
+        ("RateLimit-Policy", policy),
         ("RateLimit", f"{name};r={remaining};t={reset}"),
-        ("X-RateLimit-Limit", str(burst)),
+        ("X-RateLimit-Limit", limit),
         ("X-RateLimit-Remaining", remaining),
         ("X-RateLimit-Reset", reset),
     ]
     if not allowed:
         headers.append(("Retry-After", str(max(1, _ceil(bucket.seconds_until_token(now))))))
     return headers
+
+
+@functools.lru_cache(maxsize=1024)
+def _fixed_parts(route: str, burst: int, rate: float) -> tuple[str, str, str]:
+    """What does not change between requests: the sf-string name, the policy, the limit."""
+    name = _sf_string(route)
+    return name, f"{name};q={burst};w={_ceil(burst / rate)}", str(burst)
 
 
 def _ceil(seconds: float) -> int:
