@@ -441,7 +441,7 @@ class Connection(asyncio.Protocol):
         self._client_eof = False
         self._lingering = False
         self.closing_after_response = False
-        self._keepalive_handle: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0  # when the last response ended (keep-alive)
         self._drain_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
         self._body_error: GatewayError | None = None
@@ -475,7 +475,6 @@ class Connection(asyncio.Protocol):
         self._lost = True
         self.transport = None
         self._server.forget(self)
-        self._cancel_keepalive()
         lost = ConnectionResetError("the client connection was lost")
         for item in self._queue:
             if isinstance(item, Request):
@@ -544,7 +543,6 @@ class Connection(asyncio.Protocol):
     # -- httptools callbacks --------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._cancel_keepalive()
         self.in_head = True
         self.head_since = self._loop.time()
         self._url = b""
@@ -740,8 +738,7 @@ class Connection(asyncio.Protocol):
             # body is unframed for us now.
             self._close_after(request)
             return False
-        if not self._queue:
-            self._arm_keepalive()
+        self.idle_since = self._loop.time()
         return True
 
     def _write_refusal(self, error: GatewayError, rid: str) -> None:
@@ -794,19 +791,14 @@ class Connection(asyncio.Protocol):
 
     # -- keep-alive, drain, flow control ---------------------------------------------
 
-    def _arm_keepalive(self) -> None:
-        self._cancel_keepalive()
-        self._keepalive_handle = self._loop.call_later(KEEPALIVE_TIMEOUT, self._idle_close)
+    def idle_for(self, now: float) -> float:
+        """How long a keep-alive connection has waited for its next request."""
+        if self._messages == 0 or self.in_head or self.busy() or self._lingering:
+            return 0.0
+        return now - max(self.idle_since, self.last_rx)
 
-    def _cancel_keepalive(self) -> None:
-        handle = self._keepalive_handle
-        if handle is not None:
-            self._keepalive_handle = None
-            handle.cancel()
-
-    def _idle_close(self) -> None:
-        self._keepalive_handle = None
-        if self._handling is None and not self._queue and not self.in_head:
+    def close_idle(self) -> None:
+        if not self.busy() and not self.in_head:
             self._finish()
 
     async def drain(self) -> None:
@@ -948,10 +940,12 @@ class H1Server:
 async def sweep_silent_heads(
     servers: Callable[[], list[H1Server]], client_timeout: Callable[[], float]
 ) -> None:
-    """Close connections whose request head stalled; runs until cancelled.
+    """Close connections whose request head stalled, and keep-alive connections
+    idle past `KEEPALIVE_TIMEOUT`; runs until cancelled.
 
-    Sweeping a few times per timeout costs one pass over the connections
-    instead of re-arming a timer on every read.
+    Sweeping a few times per timeout (at least every second) costs one pass
+    over the connections instead of arming and cancelling a timer for every
+    request and read.
     """
     loop = asyncio.get_running_loop()
     while True:
@@ -962,3 +956,5 @@ async def sweep_silent_heads(
             for conn in list(server.connections):
                 if conn.head_silent_for(now) > timeout:
                     conn.cut_silent_head()
+                elif conn.idle_for(now) > KEEPALIVE_TIMEOUT:
+                    conn.close_idle()
