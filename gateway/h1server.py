@@ -448,9 +448,9 @@ class Connection(asyncio.Protocol):
         # the head being parsed
         self._url = b""
         self._headers: list[tuple[str, str]] = []
-        self._head_bytes = 0
         self._head_fields = 0
-        self._limit: GatewayError | None = None
+        self._stalled_bytes = 0  # fed since the last head, body or message end
+        self._progress = False
         # slow-loris bookkeeping (see head_silent_for)
         self.in_head = False
         self.head_since = self._loop.time()
@@ -492,15 +492,11 @@ class Connection(asyncio.Protocol):
             drain.set_result(None)
 
     def eof_received(self) -> bool:
+        # The client closed its side: gone, as for nginx (499) and aiohttp.
+        # Closing the transport leads to connection_lost, which cancels the
+        # handler and so its upstream request (CONTRACT.md "Client gone").
         self._client_eof = True
-        if self._lingering:
-            return False
-        current = self._current
-        if current is not None:
-            current.content.set_exception(ConnectionResetError("the client closed mid-body"))
-        # Keep writing the answers still owed; close once they are out.
-        self._wake_queue()
-        return self._handling is not None or bool(self._queue)
+        return False
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -518,27 +514,38 @@ class Connection(asyncio.Protocol):
         self._feed(data)
 
     def _feed(self, data: bytes) -> None:
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            # llhttp stops after an Upgrade (or CONNECT) request's head. The
-            # gateway switches no protocol: the request was queued as a plain
-            # one (vetting refuses CONNECT), and what follows is parsed as
-            # the next request.
-            offset = upgrade.args[0] if upgrade.args else len(data)
-            self._parser = httptools.HttpRequestParser(self)
-            if not self._refused and offset < len(data):
-                self._feed(data[offset:])
+        self._progress = False
+        while data:
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade as upgrade:
+                # llhttp stops after an Upgrade (or CONNECT) request's head.
+                # The gateway switches no protocol: the request was queued as
+                # a plain one (a body with it is refused, CONNECT too), and
+                # what follows is parsed as the next request.
+                offset = upgrade.args[0] if upgrade.args else len(data)
+                self._parser = httptools.HttpRequestParser(self)
+                if self._refused:
+                    return
+                data = data[offset:]
+                continue
+            except httptools.HttpParserError as exc:
+                cause = exc.__context__
+                self._parse_failed(
+                    cause.error if isinstance(cause, Limit) else BadRequest("malformed request")
+                )
+                return
+            break
+        if self._progress:
+            self._stalled_bytes = 0
             return
-        except httptools.HttpParserError as exc:
-            self._parse_failed(exc)
-            return
-        if self.in_head:
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES + MAX_REQUEST_LINE:
-                # A field line with no end yet: llhttp buffers nothing, but
-                # httptools keeps the partial value; stop it here.
-                self._refuse(HeadersTooLarge("header section too large"))
+        # Bytes that completed neither a head nor a message nor any body
+        # data: a head, or trailers, or chunk extensions, still going.
+        # llhttp buffers nothing, but httptools keeps a partial field value
+        # in memory: stop it here.
+        self._stalled_bytes += len(data)
+        if self._stalled_bytes > MAX_HEAD_BYTES + MAX_REQUEST_LINE:
+            self._parse_failed(HeadersTooLarge("header section too large"))
 
     # -- httptools callbacks --------------------------------------------------------
 
@@ -547,7 +554,6 @@ class Connection(asyncio.Protocol):
         self.head_since = self._loop.time()
         self._url = b""
         self._headers = []
-        self._head_bytes = 0
         self._head_fields = 0
 
     def on_url(self, url: bytes) -> None:
@@ -567,6 +573,7 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        self._progress = True
         parser = self._parser
         method = parser.get_method().decode("ascii", "replace")
         version_text = parser.get_http_version()
@@ -580,6 +587,11 @@ class Connection(asyncio.Protocol):
         length_text = headers.get("Content-Length")
         content_length = int(length_text) if length_text is not None else None
         chunked = "Transfer-Encoding" in headers
+        if (chunked or content_length) and parser.should_upgrade():
+            # llhttp ends an Upgrade request at its head, whatever framing it
+            # announced; the gateway switches no protocol, so the body would
+            # be parsed as the next request (smuggling). Refuse it.
+            raise Limit(BadRequest("a request body with Upgrade"))
         request = Request(
             self,
             method,
@@ -594,11 +606,13 @@ class Connection(asyncio.Protocol):
         self._enqueue(request)
 
     def on_body(self, body: bytes) -> None:
+        self._progress = True
         current = self._current
         if current is not None:
             current.content.feed_data(body)
 
     def on_message_complete(self) -> None:
+        self._progress = True
         current = self._current
         if current is not None:
             current.content.feed_eof()
@@ -607,9 +621,7 @@ class Connection(asyncio.Protocol):
 
     # -- refusals -------------------------------------------------------------------
 
-    def _parse_failed(self, exc: httptools.HttpParserError) -> None:
-        cause = exc.__context__
-        error = cause.error if isinstance(cause, Limit) else BadRequest("malformed request")
+    def _parse_failed(self, error: GatewayError) -> None:
         current = self._current
         if current is not None and current is self._handling:
             # The head went to the handler; its body broke. Cancel the
@@ -730,6 +742,10 @@ class Connection(asyncio.Protocol):
             return False
         finally:
             self._handling = None
+            if self.in_head:
+                # A pipelined head arrived meanwhile: its silence counts from
+                # now, since the client was waiting for this response.
+                self.head_since = self._loop.time()
         if not writer.keep_alive or self._lost:
             self._close_after(request)
             return False

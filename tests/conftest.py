@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
+import hypothesis  # noqa: F401 - see below
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -16,6 +17,12 @@ from aiohttp.test_utils import TestServer
 from gateway.config import parse
 from gateway.log import AccessLog
 from gateway.server import Gateway
+
+# hypothesis is imported here, at collection, and not first by its plugin's
+# end-of-session summary: pytest's assertion rewriter compiling it that late,
+# after the event-loop tests, hits CPython 3.11.7's "AST constructor recursion
+# depth mismatch" SystemError (gh-106905) when a file without property tests
+# runs alone.
 
 GatewayFactory = Callable[[str], Awaitable["RunningGateway"]]
 UpstreamFactory = Callable[[web.Application], Awaitable[TestServer]]

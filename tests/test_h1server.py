@@ -8,6 +8,7 @@ Malformed input is pinned in test_hostile_clients.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 
 import pytest
@@ -104,18 +105,94 @@ async def test_pipelined_requests_are_answered_in_order(
     writer.close()
 
 
-async def test_a_client_that_half_closes_after_its_request_still_gets_the_answer(
+async def test_a_client_that_closes_its_side_is_gone_and_its_upstream_request_cancelled(
+    make_gateway: GatewayFactory, start_upstream: UpstreamFactory
+) -> None:
+    """As nginx (499) and aiohttp: an EOF from the client cancels the request."""
+    cancelled = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return web.Response(text="late")
+
+    application = web.Application(handler_args={"handler_cancellation": True})
+    application.router.add_get("/slow", slow)
+    upstream = await start_upstream(application)
+    gw = await make_gateway(one_upstream_config(upstream.port))
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.sleep(0.2)
+    writer.write_eof()
+    async with asyncio.timeout(5):
+        await cancelled.wait()
+        assert await reader.read() == b""
+    writer.close()
+
+
+async def test_many_pipelined_upgrade_requests_in_one_read_are_all_answered(
     make_gateway: GatewayFactory, start_upstream: UpstreamFactory
 ) -> None:
     upstream = await start_upstream(app())
     gw = await make_gateway(one_upstream_config(upstream.port))
     reader, writer = await asyncio.open_connection(gw.host, gw.port)
-    writer.write(b"GET /half HTTP/1.1\r\nHost: x\r\n\r\n")
-    writer.write_eof()
+    count = 1500  # past the recursion limit, had each one been parsed by recursion
+    one = b"GET /u HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    writer.write(one * count)
+    async with asyncio.timeout(30):
+        for _ in range(count):
+            _, headers = await read_head(reader)
+            assert await reader.readexactly(int(headers["content-length"])) == b"hi /u"
+    writer.close()
+
+
+async def test_an_endless_trailer_is_refused_before_it_grows(
+    make_gateway: GatewayFactory, start_upstream: UpstreamFactory
+) -> None:
+    upstream = await start_upstream(app())
+    gw = await make_gateway(one_upstream_config(upstream.port))
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    writer.write(
+        b"POST /sink HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nX-Trailer: "
+    )
+    async with asyncio.timeout(5):
+        with contextlib.suppress(ConnectionError):
+            for _ in range(64):  # 4 MiB of one trailer value, never ended
+                writer.write(b"a" * 65536)
+                await writer.drain()
+        status, _ = await read_head(reader)
+    assert status.startswith("HTTP/1.1 4")
+    writer.transport.abort()
+
+
+async def test_a_pipelined_partial_head_is_timed_from_the_end_of_the_response(
+    make_gateway: GatewayFactory, start_upstream: UpstreamFactory
+) -> None:
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(1.0)
+        return web.Response(text="slow")
+
+    application = app()
+    application.router.add_get("/slow-first", slow)
+    upstream = await start_upstream(application)
+    gw = await make_gateway(
+        '[server]\nlisten = ["127.0.0.1:0"]\nadmin = ""\nclient_timeout = 0.5\n'
+        + one_upstream_config(upstream.port)
+    )
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    # The second head starts while the first request takes 1 s (> client_timeout).
+    writer.write(b"GET /slow-first HTTP/1.1\r\nHost: x\r\n\r\nGET /second HTTP/1.1\r\n")
+    _, headers = await read_head(reader)
+    assert await reader.readexactly(int(headers["content-length"])) == b"slow"
+    await asyncio.sleep(0.2)  # well within client_timeout of the answer
+    writer.write(b"Host: x\r\n\r\n")
     status, headers = await read_head(reader)
     assert status == "HTTP/1.1 200 OK"
-    assert await reader.readexactly(int(headers["content-length"])) == b"hi /half"
-    assert await reader.read() == b""  # then the gateway closes
+    assert await reader.readexactly(int(headers["content-length"])) == b"hi /second"
     writer.close()
 
 

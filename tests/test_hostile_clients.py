@@ -467,6 +467,22 @@ MALFORMED: list[tuple[str, bytes, int, str]] = [
         405,
         "method_not_allowed",
     ),
+    # llhttp ends an Upgrade request at its head; a body with it would be
+    # parsed as the next request (smuggling) unless refused.
+    (
+        "upgrade-with-length-body",
+        POST + b"Connection: Upgrade\r\nUpgrade: websocket\r\nContent-Length: 35\r\n\r\n"
+        b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        400,
+        "bad_request",
+    ),
+    (
+        "upgrade-with-chunked-body",
+        POST + b"Connection: Upgrade\r\nUpgrade: h2c\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"23\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n\r\n0\r\n\r\n",
+        400,
+        "bad_request",
+    ),
 ]
 
 
