@@ -40,7 +40,7 @@ from gateway.errors import (
     UpstreamTimeout,
 )
 from gateway.h1client import DirectBody, H1ConnectError, H1Error, H1ReadTimeout, H1Response
-from gateway.h1server import Reply, Request, json_reply
+from gateway.h1messages import Reply, Request, json_reply
 from gateway.headers import (
     client_response_headers,
     new_request_id,

@@ -1,0 +1,363 @@
+"""The request and response objects of the proxy listener's HTTP/1.1 server.
+
+`Request` (with its `Body`) is what the proxy handler reads; `ResponseWriter`
+frames what it writes back (head held to join the first body bytes, bodies
+by Content-Length, chunked, or the connection's end for HTTP/1.0); `Reply` is
+a whole small response the server writes for the handler. The connection
+they belong to is h1server.py's `Connection`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Final
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.errors import GatewayError, json_body
+
+if TYPE_CHECKING:
+    from gateway.h1server import Connection
+
+# A request body buffer above this pauses reading the client socket; the
+# handler's next read (which takes the whole buffer) resumes it.
+_BODY_HIGH: Final = 256 * 1024
+#: Why a connection stopped reading (Connection.pause_reading's bits).
+PAUSE_BODY: Final = 1
+PAUSE_QUEUE: Final = 2
+PAUSE_HANDOVER: Final = 4
+
+
+class Body:
+    """A request body as it arrives, read with `readany()` (aiohttp's StreamReader API).
+
+    Buffered bytes pause the client socket above `_BODY_HIGH`; the handler's
+    reads resume it below `_BODY_LOW`.
+    """
+
+    __slots__ = ("_chunks", "_conn", "_eof", "_exc", "_size", "_waiter", "total_bytes")
+
+    def __init__(self, conn: Connection | None) -> None:
+        self._conn = conn
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._eof = conn is None
+        self._exc: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self.total_bytes = 0
+
+    def feed_data(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        self.total_bytes += len(data)
+        if self._size > _BODY_HIGH and self._conn is not None:
+            self._conn.pause_reading(PAUSE_BODY)
+        self._wake()
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._exc = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def is_eof(self) -> bool:
+        return self._eof
+
+    def at_eof(self) -> bool:
+        return self._eof and not self._chunks
+
+    def read_nowait(self, n: int = -1) -> bytes:
+        """Everything buffered (n is ignored: always all of it, as a whole)."""
+        chunks = self._chunks
+        if not chunks:
+            return b""
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._size = 0
+        if self._conn is not None:
+            self._conn.resume_reading(PAUSE_BODY)
+        return data
+
+    async def readany(self) -> bytes:
+        """The bytes buffered now, waiting for some; b"" at the end of the body."""
+        while not self._chunks:
+            if self._exc is not None:
+                raise self._exc
+            if self._eof:
+                return b""
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiter = waiter
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        data = self.read_nowait()
+        return data
+
+
+_NO_BODY: Final = Body(None)
+
+
+class Request:
+    """One parsed request head and its body; what the proxy handler reads."""
+
+    __slots__ = (
+        "body_exists",
+        "connection",
+        "content",
+        "content_length",
+        "headers",
+        "keep_alive",
+        "method",
+        "raw_path",
+        "remote",
+        "request_id",
+        "secure",
+        "transport",
+        "version",
+        "writer",
+    )
+
+    def __init__(
+        self,
+        conn: Connection,
+        method: str,
+        raw_path: str,
+        version: tuple[int, int],
+        headers: CIMultiDict[str],
+        keep_alive: bool,
+        content_length: int | None,
+        chunked: bool,
+    ) -> None:
+        self.connection = conn
+        self.transport: asyncio.Transport | None = conn.transport
+        self.remote = conn.remote
+        self.secure = False
+        self.method = method
+        self.raw_path = raw_path
+        self.version = version
+        self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(headers)
+        self.keep_alive = keep_alive
+        self.content_length = content_length
+        self.body_exists = chunked or bool(content_length)
+        self.content = Body(conn) if self.body_exists else _NO_BODY
+        self.writer = ResponseWriter(conn, self)
+        self.request_id = ""
+
+
+class Reply:
+    """A whole small response (an error, a preflight): written by the server."""
+
+    __slots__ = ("body", "close", "headers", "status")
+
+    def __init__(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: CIMultiDict[str] | None = None,
+        *,
+        close: bool = False,
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.headers: CIMultiDict[str] = headers if headers is not None else CIMultiDict()
+        self.close = close
+
+    def force_close(self) -> None:
+        self.close = True
+
+
+def json_reply(error: GatewayError, rid: str, close: bool = True) -> Reply:
+    """The contract's JSON error body, with the request id in body and header."""
+    headers: CIMultiDict[str] = CIMultiDict(error.headers)
+    headers["Content-Type"] = "application/json"
+    headers["X-Request-ID"] = rid
+    # Framing of anything after a refused message cannot be trusted
+    # (RFC 9112 11.2, request smuggling): close unless told otherwise.
+    return Reply(error.status, json_body(error, rid), headers, close=close)
+
+
+class _DateCache:
+    """The Date header value, formatted once per second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def __call__(self) -> str:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._text = formatdate(now, usegmt=True)
+        return self._text
+
+
+http_date: Final = _DateCache()
+
+
+class ResponseWriter:
+    """Writes one response: head (held to join the first body bytes, if asked),
+    body framed by Content-Length, chunked, or the connection's end (HTTP/1.0)."""
+
+    __slots__ = (
+        "_chunked",
+        "_conn",
+        "_empty",
+        "_held",
+        "_request",
+        "eof_sent",
+        "keep_alive",
+        "output_size",
+        "status",
+    )
+
+    def __init__(self, conn: Connection, request: Request) -> None:
+        self._conn = conn
+        self._request = request
+        self._held: bytes | None = None
+        self._chunked = False
+        self._empty = False
+        self.eof_sent = False
+        self.keep_alive = request.keep_alive
+        self.output_size = 0
+        self.status = 0
+
+    @property
+    def started(self) -> bool:
+        return self.status != 0
+
+    def force_close(self) -> None:
+        """End the connection after this response (only before `start`)."""
+        self.keep_alive = False
+
+    def start(
+        self,
+        status: int,
+        reason: str,
+        headers: CIMultiDict[str],
+        *,
+        hold: bool = False,
+    ) -> None:
+        """Frame and serialize the head; send it now unless `hold` (then the
+        first `write`/`write_eof` carries it)."""
+        request = self._request
+        version = request.version
+        conn = self._conn
+        if conn.closing_after_response or not request.content.is_eof():
+            # Draining, or answered before the body was read whole: the
+            # connection ends after this response; say so.
+            self.keep_alive = False
+        # RFC 9110 6.4.1: no body after 1xx, 204, 304 or a HEAD's response.
+        empty = request.method == "HEAD" or status in (204, 304) or status < 200
+        self._empty = empty
+        if empty:
+            if status == 204 or status < 200:
+                headers.popall("Content-Length", None)
+            headers.popall("Transfer-Encoding", None)
+        elif "Content-Length" in headers:
+            headers.popall("Transfer-Encoding", None)
+        elif version >= (1, 1):
+            self._chunked = True
+            headers["Transfer-Encoding"] = "chunked"
+        else:
+            self.keep_alive = False  # HTTP/1.0: the body ends with the connection
+        if "Date" not in headers:
+            # RFC 9110 6.6.1: a recipient with a clock adds Date when forwarding.
+            headers["Date"] = http_date()
+        if not self.keep_alive:
+            if version >= (1, 1):
+                headers["Connection"] = "close"
+            else:
+                headers.popall("Connection", None)
+        elif version < (1, 1):
+            headers["Connection"] = "keep-alive"
+        # map(": ".join) builds the field lines in C: half the cost of an
+        # f-string per field. `headers` is never empty (Date at least).
+        text = (
+            f"HTTP/{version[0]}.{version[1]} {status} {reason}\r\n"
+            + "\r\n".join(map(": ".join, headers.items()))
+            + "\r\n\r\n"
+        )
+        lines = len(headers) + 2
+        if text.count("\n") != lines or text.count("\r") != lines:
+            # A CR or LF inside a name or value would split the head.
+            raise ValueError("a response header contains CR or LF")
+        head = text.encode("utf-8", "surrogateescape")
+        self.status = status
+        if hold:
+            self._held = head
+        else:
+            self._send(head)
+
+    def _send(self, data: bytes) -> None:
+        transport = self._conn.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client connection is closed")
+        self.output_size += len(data)
+        transport.write(data)
+
+    def flush_head(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            self._send(held)
+
+    async def write(self, data: bytes) -> None:
+        """One piece of the body; waits while the client is not reading."""
+        if self._empty or not data:
+            self.flush_head()
+            return
+        if self._chunked:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        held, self._held = self._held, None
+        self._send(held + data if held is not None else data)
+        await self._conn.drain()
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        """The last piece (maybe none) and the end of the body."""
+        if self.eof_sent:
+            return
+        self.eof_sent = True
+        held, self._held = self._held, None
+        out = held or b""
+        if data and not self._empty:
+            out += b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data) if self._chunked else data
+        elif self._chunked and not self._empty:
+            out += b"0\r\n\r\n"
+        if out:
+            self._send(out)
+        await self._conn.drain()
+
+    def spliced(self, count: int) -> None:
+        """`count` body bytes went to the client's socket behind our back."""
+        self.output_size += count
+
+    def send_reply(self, reply: Reply) -> None:
+        """A whole small response in one write."""
+        if reply.close:
+            self.keep_alive = False
+        headers = reply.headers
+        if reply.body or "Content-Length" not in headers:
+            headers["Content-Length"] = str(len(reply.body))
+        self.start(reply.status, reason_phrase(reply.status), headers, hold=True)
+        self.eof_sent = True
+        held, self._held = self._held, None
+        assert held is not None
+        self._send(held + reply.body if reply.body and not self._empty else held)
+
+
+def reason_phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
