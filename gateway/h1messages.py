@@ -174,9 +174,6 @@ class Reply:
         self.headers: CIMultiDict[str] = headers if headers is not None else CIMultiDict()
         self.close = close
 
-    def force_close(self) -> None:
-        self.close = True
-
 
 def json_reply(error: GatewayError, rid: str, close: bool = True) -> Reply:
     """The contract's JSON error body, with the request id in body and header."""
@@ -236,10 +233,6 @@ class ResponseWriter:
     @property
     def started(self) -> bool:
         return self.status != 0
-
-    def force_close(self) -> None:
-        """End the connection after this response (only before `start`)."""
-        self.keep_alive = False
 
     def start(
         self,
@@ -307,7 +300,7 @@ class ResponseWriter:
         self.output_size += len(data)
         transport.write(data)
 
-    def flush_head(self) -> None:
+    def _flush_head(self) -> None:
         held, self._held = self._held, None
         if held is not None:
             self._send(held)
@@ -315,7 +308,7 @@ class ResponseWriter:
     async def write(self, data: bytes) -> None:
         """One piece of the body; waits while the client is not reading."""
         if self._empty or not data:
-            self.flush_head()
+            self._flush_head()
             return
         if self._chunked:
             data = b"%x\r\n%b\r\n" % (len(data), data)
