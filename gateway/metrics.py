@@ -118,6 +118,12 @@ class FastCounter(_Family):
     def remove(self, *values: str) -> None:
         del self._children[values]
 
+    def remove_where(self, label: str, value: str) -> None:
+        """Drop every series whose `label` is `value` (a route or target gone)."""
+        index = self.labelnames.index(label)
+        for values in [v for v in self._children if v[index] == value]:
+            del self._children[values]
+
     def _family(self) -> CounterMetricFamily:
         return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
@@ -150,6 +156,9 @@ class FastHistogram(_Family):
                 raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
             child = self._children[values] = HistogramChild(self._bounds)
         return child
+
+    def remove(self, *values: str) -> None:
+        del self._children[values]
 
     def _family(self) -> HistogramMetricFamily:
         return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -272,7 +281,20 @@ class Metrics:
         for outcome in ("ok", "error", "timeout"):
             self.upstream_requests.labels(upstream, target, outcome)
 
+    def forget_route(self, route: str) -> None:
+        """A reload removed the route: its series leave /metrics (no unbounded
+        growth across reloads; a route added back starts from 0, a counter
+        reset Prometheus' rate() handles)."""
+        self.requests.remove_where("route", route)
+        for family in (self.request_bytes, self.response_bytes, self.rate_limited):
+            family.remove_where("route", route)
+        with contextlib.suppress(KeyError):
+            self.duration.remove(route)
+
     def forget_target(self, upstream: str, target: str) -> None:
+        for outcome in ("ok", "error", "timeout"):
+            with contextlib.suppress(KeyError):
+                self.upstream_requests.remove(upstream, target, outcome)
         for metric in (
             self.upstream_in_flight,
             self.breaker_state,

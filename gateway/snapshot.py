@@ -83,6 +83,9 @@ class Runtime:
     closing: set[asyncio.Task[None]] = field(default_factory=set)
     # Sessions of removed upstreams, waiting for their last request to end.
     retired: set[SessionHandle] = field(default_factory=set)
+    # Routes of the current snapshot: a reload forgets the metric series of
+    # the ones it removes.
+    _routes_seen: set[str] = field(default_factory=set, init=False)
 
     def build(self, config: Config) -> Snapshot:
         """A snapshot for `config`, reusing state for what did not change.
@@ -102,6 +105,9 @@ class Runtime:
                 route, pools[route.upstream], self._buckets(route), self.metrics
             )
         self._forget_missing(config)
+        for gone in self._routes_seen - routes.keys():
+            self.metrics.forget_route(gone)
+        self._routes_seen = set(routes)
         return Snapshot(
             config=config,
             table=table,

@@ -70,3 +70,59 @@ async def test_close_closes_sessions_of_removed_upstreams_still_in_use() -> None
     await runtime.close()  # shutdown does not wait for it
     assert handle.session.closed
     assert not runtime.retired
+
+
+async def test_a_reload_drops_the_metric_series_of_removed_routes_and_targets() -> None:
+    metrics = Metrics()
+    runtime = Runtime(metrics)
+
+    def two_routes(second: bool) -> str:
+        extra = (
+            """
+            [upstreams.b]
+            targets = ["http://127.0.0.1:10"]
+            [[routes]]
+            name = "gone"
+            path = "/gone"
+            upstream = "b"
+            """
+            if second
+            else ""
+        )
+        return config(with_other=False) + extra
+
+    def samples() -> str:
+        return "\n".join(
+            f"{s.name}{s.labels}"
+            for family in metrics.registry.collect()
+            for s in family.samples
+            if s.name.startswith("gateway_")
+        )
+
+    try:
+        snap = runtime.build(parse(two_routes(True)))
+        snap.routes["gone"].count("GET", 200)
+        snap.routes["gone"].duration.observe(0.01)
+        snap.pools["b"].targets[0].ok_counter.inc()
+        assert "'route': 'gone'" in samples()
+        assert "http://127.0.0.1:10" in samples()
+        snap = runtime.build(parse(two_routes(False)))
+        assert "'route': 'gone'" not in samples()
+        assert "http://127.0.0.1:10" not in samples()
+        assert "'route': 'all'" in samples()  # the route that stays keeps its series
+        # Added back: its series start again, from zero.
+        runtime.build(parse(two_routes(True)))
+        assert (
+            metrics.registry.get_sample_value(
+                "gateway_requests_total", {"route": "gone", "method": "GET", "code": "200"}
+            )
+            is None
+        )
+        assert (
+            metrics.registry.get_sample_value(
+                "gateway_request_duration_seconds_count", {"route": "gone"}
+            )
+            == 0.0
+        )
+    finally:
+        await runtime.close()
