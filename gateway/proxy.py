@@ -677,8 +677,8 @@ class ProxyHandler:
             try:
                 writer.start(upstream.status, upstream.reason or "", headers, hold=hold)
             except ValueError as exc:
-                # A header aiohttp's parser let through but its writer refuses
-                # (control bytes): nothing was written yet, so 502 is honest.
+                # A CR or LF inside a header (the writer counts them): nothing
+                # was written yet, so 502 is honest.
                 raise BadGateway(f"the target's response head cannot be forwarded: {exc}") from exc
             if (
                 isinstance(upstream, H1Response)
