@@ -247,9 +247,14 @@ class ResponseWriter:
         request = self._request
         version = request.version
         conn = self._conn
-        if conn.closing_after_response or not request.content.is_eof():
-            # Draining, or answered before the body was read whole: the
-            # connection ends after this response; say so.
+        if (
+            conn.closing_after_response
+            or not request.content.is_eof()
+            or (conn.last_batch and not conn.queued())
+        ):
+            # Draining, answered before the body was read whole, or the last
+            # of a pipeline cut at MAX_PIPELINED: the connection ends after
+            # this response; say so.
             self.keep_alive = False
         # RFC 9110 6.4.1: no body after 1xx, 204, 304 or a HEAD's response.
         empty = request.method == "HEAD" or status in (204, 304) or status < 200

@@ -75,6 +75,15 @@ KEEPALIVE_TIMEOUT: Final = 75.0
 LINGER_SECONDS: Final = 2.0
 # Parsed requests waiting behind the one being handled before reading pauses.
 _MAX_QUEUED: Final = 8
+# Reading pauses between reads, but one read (up to 256 KiB) is parsed whole:
+# tiny pipelined requests could queue by the thousand. Past this many, parsing
+# stops; the queued ones are answered and the connection closes, and the
+# client sends the rest again (RFC 9112 9.3.2), as after any server close.
+MAX_PIPELINED: Final = 64
+
+
+class _PipelineFull(Exception):
+    """Raised from on_headers_complete: stop parsing, see MAX_PIPELINED."""
 
 
 class Limit(Exception):
@@ -105,6 +114,7 @@ class Connection(asyncio.Protocol):
         self._client_eof = False
         self._lingering = False
         self.closing_after_response = False
+        self.last_batch = False  # parsing stopped: close once the queue is answered
         self.idle_since = 0.0  # when the last response ended (keep-alive)
         self._drain_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
@@ -195,6 +205,11 @@ class Connection(asyncio.Protocol):
                 continue
             except httptools.HttpParserError as exc:
                 cause = exc.__context__
+                if isinstance(cause, _PipelineFull):
+                    self._refused = True  # parse nothing more; answer the queue
+                    self.last_batch = True
+                    self.in_head = False
+                    return
                 self._parse_failed(
                     cause.error if isinstance(cause, Limit) else BadRequest("malformed request")
                 )
@@ -238,6 +253,8 @@ class Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.in_head = False
         self._progress = True
+        if len(self._queue) >= MAX_PIPELINED:
+            raise _PipelineFull
         parser = self._parser
         method = parser.get_method().decode("ascii", "replace")
         version_text = parser.get_http_version()
@@ -342,7 +359,7 @@ class Connection(asyncio.Protocol):
 
     async def _next(self) -> Request | tuple[GatewayError, str] | None:
         while not self._queue:
-            if self._lost or self._client_eof or self._server.draining:
+            if self._lost or self._client_eof or self._server.draining or self.last_batch:
                 return None
             waiter = self._loop.create_future()
             self._queue_waiter = waiter
@@ -504,6 +521,9 @@ class Connection(asyncio.Protocol):
         self._paused &= ~reason
         if not self._paused and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
+
+    def queued(self) -> int:
+        return len(self._queue)
 
     def busy(self) -> bool:
         return self._handling is not None or bool(self._queue)

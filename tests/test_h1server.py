@@ -134,8 +134,9 @@ async def test_a_client_that_closes_its_side_is_gone_and_its_upstream_request_ca
 
 
 async def test_many_pipelined_upgrade_requests_in_one_read_are_all_answered(
-    make_gateway: GatewayFactory, start_upstream: UpstreamFactory
+    make_gateway: GatewayFactory, start_upstream: UpstreamFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(h1server, "MAX_PIPELINED", 5000)  # the bound is tested below
     upstream = await start_upstream(app())
     gw = await make_gateway(one_upstream_config(upstream.port))
     reader, writer = await asyncio.open_connection(gw.host, gw.port)
@@ -288,4 +289,32 @@ async def test_idle_keep_alive_connections_are_closed_after_the_keepalive_timeou
     await reader.readexactly(int(headers["content-length"]))
     async with asyncio.timeout(5):
         assert await reader.read() == b""
+    writer.close()
+
+
+async def test_a_flood_of_pipelined_requests_is_answered_up_to_a_bound_then_closed(
+    make_gateway: GatewayFactory, start_upstream: UpstreamFactory
+) -> None:
+    upstream = await start_upstream(app())
+    gw = await make_gateway(one_upstream_config(upstream.port))
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    # Tiny requests, all in one read: without a bound, each would be queued.
+    writer.write(b"GET /p HTTP/1.1\r\nHost: x\r\n\r\n" * 1000)
+    answered = 0
+    async with asyncio.timeout(20):
+        while True:
+            status, headers = await read_head(reader)
+            assert status == "HTTP/1.1 200 OK"
+            assert await reader.readexactly(int(headers["content-length"])) == b"hi /p"
+            answered += 1
+            if headers.get("connection") == "close":
+                break
+        assert await reader.read() == b""
+    assert answered == h1server.MAX_PIPELINED
+    writer.close()
+    # The gateway goes on serving (the client sends the rest again).
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    writer.write(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n")
+    _, headers = await read_head(reader)
+    assert await reader.readexactly(int(headers["content-length"])) == b"hi /again"
     writer.close()
