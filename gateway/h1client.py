@@ -34,7 +34,7 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Collection
 from typing import Final, cast
 
 import aiohttp
@@ -43,6 +43,7 @@ from cachetools import TTLCache
 from multidict import CIMultiDict
 
 from . import splice
+from .headers import encode_head
 
 # Unread response bytes above which the socket stops being read; reading
 # resumes below half (the same hysteresis as aiohttp's StreamReader).
@@ -55,9 +56,11 @@ _SWEEP_EVERY: Final = 5.0
 # A response head larger than this is refused (aiohttp's client allowed 16 KiB
 # per line and field; llhttp has no limit of its own).
 MAX_HEAD_BYTES: Final = 256 * 1024
-# Bodies up to this size are framed into one bytes object (one write, one
-# copy); larger ones are written as three pieces so the chunk is not copied.
-_JOIN_BELOW: Final = 64 * 1024
+#: Below this size a body piece is joined with its framing (a chunk size, a
+#: response head, the final chunk) into one write: one copy, one segment.
+#: Larger pieces go out on their own rather than be copied. The proxy joins
+#: by the same rule, so `H1Response.ready()` reports "small" by it.
+JOIN_BELOW: Final = 64 * 1024
 
 # RFC 9110 9.2.2: the methods a client may repeat on its own (RFC 9112 9.3.1).
 _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -110,22 +113,17 @@ def _decode(raw: bytes) -> str:
 def serialize_head(
     method: str,
     path_qs: str,
-    headers: Iterable[tuple[str, str]],
+    headers: Collection[tuple[str, str]],
     chunked: bool,
 ) -> bytes:
-    """The request line and header fields as one bytes object."""
-    lines = [f"{method} {path_qs} HTTP/1.1"]
-    lines.extend(map(": ".join, headers))  # in C: half the cost of an f-string each
+    """The request line and header fields as one bytes object.
+
+    Fields here passed the server's parser (llhttp): encode_head's CR/LF count
+    is an assertion, not a filter.
+    """
     if chunked:
-        lines.append("Transfer-Encoding: chunked")
-    lines.append("\r\n")
-    text = "\r\n".join(lines)
-    # A CR or LF inside a field would split it into a second one (request
-    # smuggling). Fields here passed the server's parser (llhttp), so this is a
-    # cheap assertion, not a filter: count, in C, that only ours are there.
-    if text.count("\n") != len(lines) or text.count("\r") != len(lines):
-        raise ValueError("CR or LF inside a request header field")
-    return text.encode("utf-8", "surrogateescape")
+        headers = [*headers, ("Transfer-Encoding", "chunked")]
+    return encode_head(f"{method} {path_qs} HTTP/1.1", headers)
 
 
 class DirectBody:
@@ -472,7 +470,7 @@ class _Connection(asyncio.Protocol):
                     continue
                 sent += size
                 if chunked:
-                    if size < _JOIN_BELOW:
+                    if size < JOIN_BELOW:
                         transport.write(b"%x\r\n%b\r\n" % (size, chunk))
                     else:
                         transport.writelines((b"%x\r\n" % size, chunk, b"\r\n"))
@@ -497,12 +495,8 @@ class _Connection(asyncio.Protocol):
             self._deadline = self._loop.time() + self._timeout
         except asyncio.CancelledError:
             raise
-        except H1BodyError as exc:
-            self._fail(exc)
         except Exception as exc:
-            error = H1BodyError(f"request body failed: {type(exc).__name__}: {exc}")
-            error.__cause__ = exc
-            self._fail(error)
+            self._body_failed(exc)
         finally:
             aclose = getattr(body, "aclose", None)
             if aclose is not None:
@@ -529,12 +523,16 @@ class _Connection(asyncio.Protocol):
             self._fail(
                 H1ReadTimeout(f"the target took none of the request body for {self._timeout:g} s")
             )
-        except H1BodyError as exc:
-            self._fail(exc)
         except Exception as exc:
+            self._body_failed(exc)
+
+    def _body_failed(self, exc: Exception) -> None:
+        """The body's own failure (its source, or a length that does not match)."""
+        if not isinstance(exc, H1BodyError):
             error = H1BodyError(f"request body failed: {type(exc).__name__}: {exc}")
             error.__cause__ = exc
-            self._fail(error)
+            exc = error
+        self._fail(exc)
 
     async def _drain(self) -> None:
         transport = self._transport
@@ -553,7 +551,7 @@ class _Connection(asyncio.Protocol):
 
     def has_news(self) -> bool:
         if self._chunks:
-            return self._buffered < _JOIN_BELOW
+            return self._buffered < JOIN_BELOW
         return self._state != _BODY or self._error is not None
 
     def drained(self) -> bool:
@@ -808,7 +806,7 @@ class ConnectionPool:
         host: str,
         port: int,
         path_qs: str,
-        headers: Iterable[tuple[str, str]] | CIMultiDict[str],
+        headers: Collection[tuple[str, str]] | CIMultiDict[str],
         body: AsyncIterator[bytes] | DirectBody | None,
         content_length: int | None,
         connect_timeout: float,

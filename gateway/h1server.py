@@ -45,7 +45,6 @@ from gateway.errors import (
     GatewayError,
     HeadersTooLarge,
     UriTooLong,
-    json_body,
 )
 from gateway.h1messages import (
     PAUSE_BODY,
@@ -57,7 +56,7 @@ from gateway.h1messages import (
     json_reply,
     reason_phrase,
 )
-from gateway.headers import new_request_id, request_id
+from gateway.headers import encode_head, new_request_id, request_id
 from gateway.vetting import (
     MAX_FIELD_SIZE,
     MAX_HEAD_BYTES,
@@ -442,16 +441,15 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        status = f"{error.status} {reason_phrase(error.status)}"
-        head = f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
-        for name, value in error.headers.items():
-            head += f"{name}: {value}\r\n"
-        body = json_body(error, rid)
-        head += (
-            f"Content-Length: {len(body)}\r\nX-Request-ID: {rid}\r\n"
-            f"Date: {http_date()}\r\nConnection: close\r\n\r\n"
-        )
-        transport.write(head.encode("ascii") + body)
+        # The JSON reply the handler would give, framed without a request
+        # (there is none to ask about HEAD or the version): whole, then close.
+        reply = json_reply(error, rid)
+        headers = reply.headers
+        headers["Content-Length"] = str(len(reply.body))
+        headers["Date"] = http_date()
+        headers["Connection"] = "close"
+        status_line = f"HTTP/1.1 {error.status} {reason_phrase(error.status)}"
+        transport.write(encode_head(status_line, headers.items()) + reply.body)
         self._report(error, rid)
 
     def _report(self, error: GatewayError, rid: str) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Final
 
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
@@ -36,6 +36,7 @@ __all__ = [
     "TrustedProxies",
     "client_response_headers",
     "connection_tokens",
+    "encode_head",
     "new_request_id",
     "request_id",
     "upstream_request_headers",
@@ -164,6 +165,25 @@ def client_response_headers(
     # the access log and the target's request all carry the same one.
     out["X-Request-ID"] = request_id
     return out
+
+
+def encode_head(start_line: str, fields: Collection[tuple[str, str]]) -> bytes:
+    """A message head: the start line, the field lines and the empty line.
+
+    Field lines are joined by `map(": ".join)`, in C (half the cost of an
+    f-string per field). A CR or LF inside a name or value would split it
+    into a second field (smuggling): counting them, in C, is a cheap check
+    that only ours are there. Bytes that came in undecodable
+    ("surrogateescape") go out as they came.
+    """
+    if fields:
+        text = f"{start_line}\r\n" + "\r\n".join(map(": ".join, fields)) + "\r\n\r\n"
+    else:
+        text = f"{start_line}\r\n\r\n"
+    lines = len(fields) + 2
+    if text.count("\n") != lines or text.count("\r") != lines:
+        raise ValueError("CR or LF inside a header field")
+    return text.encode("utf-8", "surrogateescape")
 
 
 def request_id(incoming_value: str | None, new: Callable[[], str]) -> str:

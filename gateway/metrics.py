@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 from collections.abc import Iterable, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -22,6 +23,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+_Child = TypeVar("_Child", "CounterChild", "HistogramChild")
 
 # Latency buckets from 1 ms to 5 min: the histogram runs to the last body
 # byte, so long downloads and SSE streams need the high end.
@@ -74,7 +77,7 @@ class HistogramChild:
         self.total += value
 
 
-class _Family(Collector):
+class _Family(Collector, Generic[_Child]):
     """A labelled family counted in plain Python, rendered at scrape time.
 
     prometheus_client's Counter and Histogram cost four Python calls and a
@@ -91,28 +94,15 @@ class _Family(Collector):
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], _Child] = {}
         registry.register(self)
 
-    def describe(self) -> Iterable[Metric]:
-        return [self._family()]
-
-    def _family(self) -> Metric:
-        raise NotImplementedError
-
-
-class FastCounter(_Family):
-    def __init__(
-        self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry
-    ) -> None:
-        super().__init__(name, documentation, labelnames, registry)
-        self._children: dict[tuple[str, ...], CounterChild] = {}
-
-    def labels(self, *values: str) -> CounterChild:
+    def labels(self, *values: str) -> _Child:
         child = self._children.get(values)
         if child is None:
             if len(values) != len(self.labelnames):
                 raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
-            child = self._children[values] = CounterChild()
+            child = self._children[values] = self._new_child()
         return child
 
     def remove(self, *values: str) -> None:
@@ -124,6 +114,20 @@ class FastCounter(_Family):
         for values in [v for v in self._children if v[index] == value]:
             del self._children[values]
 
+    def describe(self) -> Iterable[Metric]:
+        return [self._family()]
+
+    def _new_child(self) -> _Child:
+        raise NotImplementedError
+
+    def _family(self) -> Metric:
+        raise NotImplementedError
+
+
+class FastCounter(_Family[CounterChild]):
+    def _new_child(self) -> CounterChild:
+        return CounterChild()
+
     def _family(self) -> CounterMetricFamily:
         return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
@@ -134,7 +138,7 @@ class FastCounter(_Family):
         return [family]
 
 
-class FastHistogram(_Family):
+class FastHistogram(_Family[HistogramChild]):
     def __init__(
         self,
         name: str,
@@ -143,22 +147,13 @@ class FastHistogram(_Family):
         registry: CollectorRegistry,
         buckets: Sequence[float],
     ) -> None:
-        super().__init__(name, documentation, labelnames, registry)
         if buckets[-1] != float("inf"):
             raise ValueError("the last bucket must be +Inf")
         self._bounds = tuple(buckets)
-        self._children: dict[tuple[str, ...], HistogramChild] = {}
+        super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: str) -> HistogramChild:
-        child = self._children.get(values)
-        if child is None:
-            if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
-            child = self._children[values] = HistogramChild(self._bounds)
-        return child
-
-    def remove(self, *values: str) -> None:
-        del self._children[values]
+    def _new_child(self) -> HistogramChild:
+        return HistogramChild(self._bounds)
 
     def _family(self) -> HistogramMetricFamily:
         return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)

@@ -39,7 +39,14 @@ from gateway.errors import (
     RateLimited,
     UpstreamTimeout,
 )
-from gateway.h1client import DirectBody, H1ConnectError, H1Error, H1ReadTimeout, H1Response
+from gateway.h1client import (
+    JOIN_BELOW,
+    DirectBody,
+    H1ConnectError,
+    H1Error,
+    H1ReadTimeout,
+    H1Response,
+)
 from gateway.h1messages import Reply, Request, json_reply
 from gateway.headers import (
     client_response_headers,
@@ -62,9 +69,6 @@ GATEWAY_FAILURE_STATUSES: Final = frozenset({502, 503, 504})
 # nginx's code for "client closed the request before the response": logs only.
 CLIENT_CLOSED: Final = 499
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
-# A last body piece below this goes out in the same write as the end of the
-# response (joined: a copy); a larger one is written on its own.
-_JOIN_BELOW: Final = 64 * 1024
 # RFC 9110 5.5: no CTL but HTAB in a field value (or a name).
 _CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -595,11 +599,7 @@ class ProxyHandler:
         """
         content = request.content
         timeout = self._client_timeout()
-        if ex.expect_continue:
-            ex.expect_continue = False  # once, whatever the retries
-            transport = request.transport
-            if transport is not None:
-                transport.write(_CONTINUE)
+        _invite_body(request, ex)
         while True:
             try:
                 async with asyncio.timeout(timeout):
@@ -702,7 +702,7 @@ class ProxyHandler:
                 if not chunk:
                     break
                 ex.bytes_out += len(chunk)
-                if len(chunk) < _JOIN_BELOW and complete():
+                if len(chunk) < JOIN_BELOW and complete():
                     # The last piece: with the final chunk marker (and the
                     # head, if still held) in the same write.
                     last_chunk = chunk
@@ -799,9 +799,7 @@ class _SplicedUpload(DirectBody):
             client = request.transport
             if client is None or client.is_closing():
                 raise ConnectionResetError("the client is gone")
-            if ex.expect_continue:
-                ex.expect_continue = False
-                client.write(_CONTINUE)
+            _invite_body(request, ex)
             # From here the socket's bytes belong to the relay.
             prefix, remaining = request.connection.hand_over_body(request)
             received = len(prefix)
@@ -830,6 +828,16 @@ class _SplicedUpload(DirectBody):
             relay.close()
             if done:
                 request.connection.body_spliced(request)
+
+
+def _invite_body(request: Request, ex: _Exchange) -> None:
+    """The `100 Continue` owed to an `Expect: 100-continue` client, sent once
+    (whatever the retries), when an attempt is about to read the body."""
+    if ex.expect_continue:
+        ex.expect_continue = False
+        transport = request.transport
+        if transport is not None:
+            transport.write(_CONTINUE)
 
 
 def _never() -> bool:

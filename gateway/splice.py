@@ -232,26 +232,6 @@ class Relay:
             os.close(dst)
 
 
-async def relay(
-    src_fd: int,
-    dst_fd: int,
-    count: int,
-    *,
-    read_timeout: float | None,
-    write_timeout: float | None,
-) -> int:
-    """Open a `Relay`, run it, close it (raises SetupFailed if none can be had)."""
-    opened = Relay.open(src_fd)
-    if opened is None:
-        raise SetupFailed("no zero-copy relay available", 0)
-    try:
-        return await opened.run(
-            dst_fd, count, read_timeout=read_timeout, write_timeout=write_timeout
-        )
-    finally:
-        opened.close()
-
-
 async def _ready(
     loop: asyncio.AbstractEventLoop, fd: int, writable: bool, patience: float | None
 ) -> bool:

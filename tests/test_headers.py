@@ -16,6 +16,7 @@ from gateway.headers import (
     TrustedProxies,
     client_response_headers,
     connection_tokens,
+    encode_head,
     new_request_id,
     request_id,
     upstream_request_headers,
@@ -393,3 +394,16 @@ def test_request_ids_are_unique_hex_across_batches_and_forks() -> None:
     os.waitpid(pid, 0)
     assert len(child_id) == 32
     assert child_id != new_request_id()
+
+
+def test_encode_head_frames_fields_refuses_split_lines_and_keeps_raw_bytes() -> None:
+    assert encode_head("HTTP/1.1 204 No Content", []) == b"HTTP/1.1 204 No Content\r\n\r\n"
+    assert encode_head("GET / HTTP/1.1", [("Host", "x"), ("A", "")]) == (
+        b"GET / HTTP/1.1\r\nHost: x\r\nA: \r\n\r\n"
+    )
+    for bad in ("1\r\nX-Injected: 1", "1\rx", "1\nx"):
+        with pytest.raises(ValueError, match="CR or LF"):
+            encode_head("HTTP/1.1 200 OK", [("X-A", bad)])
+    # A byte that was not UTF-8 on the way in ("surrogateescape") goes out as it came.
+    raw = b"caf\xe9".decode("utf-8", "surrogateescape")
+    assert encode_head("HTTP/1.1 200 OK", [("X-A", raw)]).endswith(b"X-A: caf\xe9\r\n\r\n")

@@ -1,4 +1,4 @@
-"""splice.relay on real TCP socket pairs over loopback: counts, ends, stalls."""
+"""splice.Relay on real TCP socket pairs over loopback: counts, ends, stalls."""
 
 from __future__ import annotations
 
@@ -44,6 +44,20 @@ def new_pair(
     return pair
 
 
+async def relay(
+    src_fd: int, dst_fd: int, count: int, *, read_timeout: float, write_timeout: float
+) -> int:
+    """One Relay from `src_fd`, run to `dst_fd` and closed, as the proxy uses it."""
+    opened = splice.Relay.open(src_fd)
+    assert opened is not None
+    try:
+        return await opened.run(
+            dst_fd, count, read_timeout=read_timeout, write_timeout=write_timeout
+        )
+    finally:
+        opened.close()
+
+
 async def read_exactly(sock: socket.socket, size: int) -> bytes:
     loop = asyncio.get_running_loop()
     data = bytearray()
@@ -65,9 +79,7 @@ async def test_relay_moves_exactly_the_count_and_leaves_what_follows(
     loop = asyncio.get_running_loop()
     sending = asyncio.create_task(loop.sock_sendall(src_writer, body + after))
     receiving = asyncio.create_task(read_exactly(dst_reader, len(body)))
-    moved = await splice.relay(
-        src.fileno(), dst.fileno(), len(body), read_timeout=5, write_timeout=5
-    )
+    moved = await relay(src.fileno(), dst.fileno(), len(body), read_timeout=5, write_timeout=5)
     await sending
     assert moved == len(body)
     assert await receiving == body
@@ -83,7 +95,7 @@ async def test_relay_reports_an_early_end_with_the_bytes_delivered(
     src_writer.sendall(b"a" * 1000)
     src_writer.close()
     with pytest.raises(splice.SourceClosed) as info:
-        await splice.relay(src.fileno(), dst.fileno(), MiB, read_timeout=5, write_timeout=5)
+        await relay(src.fileno(), dst.fileno(), MiB, read_timeout=5, write_timeout=5)
     assert info.value.moved == 1000
     assert await read_exactly(dst_reader, 1000) == b"a" * 1000
 
@@ -97,7 +109,7 @@ async def test_relay_gives_up_on_a_silent_source(
     loop = asyncio.get_running_loop()
     started = loop.time()
     with pytest.raises(splice.SourceTimeout) as info:
-        await splice.relay(src.fileno(), dst.fileno(), MiB, read_timeout=0.2, write_timeout=5)
+        await relay(src.fileno(), dst.fileno(), MiB, read_timeout=0.2, write_timeout=5)
     assert info.value.moved == 10
     assert 0.15 < loop.time() - started < 2
 
@@ -117,7 +129,7 @@ async def test_relay_gives_up_on_a_destination_that_takes_nothing(
 
     feeding = asyncio.create_task(feed())
     with pytest.raises(splice.SinkTimeout) as info:
-        await splice.relay(src.fileno(), dst.fileno(), size, read_timeout=5, write_timeout=0.2)
+        await relay(src.fileno(), dst.fileno(), size, read_timeout=5, write_timeout=0.2)
     assert 0 < info.value.moved < size
     feeding.cancel()
     await asyncio.gather(feeding, return_exceptions=True)
@@ -132,7 +144,7 @@ async def test_relay_reports_a_destination_that_is_gone(
     dst_reader.close()  # RST: writes to dst fail
     src_writer.sendall(b"d" * (2 * MiB))
     with pytest.raises(splice.SinkFailed):
-        await splice.relay(src.fileno(), dst.fileno(), 2 * MiB, read_timeout=5, write_timeout=5)
+        await relay(src.fileno(), dst.fileno(), 2 * MiB, read_timeout=5, write_timeout=5)
 
 
 async def test_relay_closes_its_descriptors_whatever_happens(
@@ -144,9 +156,9 @@ async def test_relay_closes_its_descriptors_whatever_happens(
     opened = len(os.listdir("/proc/self/fd"))
     src_writer.sendall(b"e" * 100)
     with pytest.raises(splice.SourceTimeout):
-        await splice.relay(src.fileno(), dst.fileno(), 200, read_timeout=0.05, write_timeout=5)
+        await relay(src.fileno(), dst.fileno(), 200, read_timeout=0.05, write_timeout=5)
     task = asyncio.create_task(
-        splice.relay(src.fileno(), dst.fileno(), 200, read_timeout=5, write_timeout=5)
+        relay(src.fileno(), dst.fileno(), 200, read_timeout=5, write_timeout=5)
     )
     await asyncio.sleep(0.05)
     task.cancel()
