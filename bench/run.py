@@ -226,23 +226,12 @@ def measure_bulk(
             )
             res.ten_mib += [down, up]
         res.ten_mib_hwm_mib = target.hwm_mib()
-    log(f"{target.name}: download {size / GIB:g} GiB, best of {settings.bulk_tries}")
-    res.download = run_bulk_best(
-        procs,
-        "download",
-        target.port,
-        size,
-        settings.pin,
-        settings.bulk_tries,
-        deadline=settings.bulk_deadline,
-        cpu_pgid=target.pgid,
-    )
-    log_bulk(target, res.download)
-    if upload:
-        log(f"{target.name}: upload {size / GIB:g} GiB, best of {settings.bulk_tries}")
-        res.upload = run_bulk_best(
+
+    def best_of(op: str) -> BulkResult:
+        log(f"{target.name}: {op} {size / GIB:g} GiB, best of {settings.bulk_tries}")
+        result = run_bulk_best(
             procs,
-            "upload",
+            op,
             target.port,
             size,
             settings.pin,
@@ -250,7 +239,12 @@ def measure_bulk(
             deadline=settings.bulk_deadline,
             cpu_pgid=target.pgid,
         )
-        log_bulk(target, res.upload)
+        log_bulk(target, result)
+        return result
+
+    res.download = best_of("download")
+    if upload:
+        res.upload = best_of("upload")
     if extras:
         # (a) a download and an upload of bulk_size at once, RSS sampled every 20 ms.
         log(f"{target.name}: download + upload {size / GIB:g} GiB at the same time")

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from gateway import h1server
 from tests.conftest import GatewayFactory, UpstreamFactory, one_upstream_config
+from tests.wire import read_head
 
 
 def app() -> web.Application:
@@ -43,16 +44,6 @@ def app() -> web.Application:
     application.router.add_post("/sink", sink)
     application.router.add_get("/{tail:.*}", text)
     return application
-
-
-async def read_head(reader: asyncio.StreamReader) -> tuple[str, dict[str, str]]:
-    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-    headers = {}
-    for line in head[1:]:
-        if line:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-    return head[0], headers
 
 
 async def test_http10_client_gets_a_close_delimited_body_for_a_chunked_target(

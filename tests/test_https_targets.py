@@ -22,6 +22,7 @@ import trustme
 from aiohttp import web
 
 from tests.gateway_process import SERVER_HEADER, run_gateway
+from tests.wire import hash_sink
 
 MiB = 1024 * 1024
 BIG = 8 * MiB + 3  # streamed both ways; https bodies are copied, never spliced
@@ -41,17 +42,9 @@ def tls_app() -> web.Application:
         await response.write_eof()
         return response
 
-    async def sink(request: web.Request) -> web.Response:
-        digest = hashlib.sha256()
-        size = 0
-        async for chunk in request.content.iter_any():
-            digest.update(chunk)
-            size += len(chunk)
-        return web.json_response({"size": size, "sha256": digest.hexdigest()})
-
     app = web.Application(client_max_size=0)
     app.router.add_get("/big", big)
-    app.router.add_post("/sink", sink)
+    app.router.add_post("/sink", hash_sink)
     app.router.add_get("/{tail:.*}", small)
     return app
 

@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import GatewayFactory, UpstreamFactory, one_upstream_config, wait_for
+from tests.wire import hash_sink
 
 GiB = 1024**3
 CHUNK = 1024 * 1024
@@ -516,17 +517,9 @@ async def test_one_gib_download_and_upload_arrive_intact(
         await resp.write_eof()
         return resp
 
-    async def upload(request: web.Request) -> web.Response:
-        digest = hashlib.sha256()
-        size = 0
-        async for chunk in request.content.iter_any():
-            digest.update(chunk)
-            size += len(chunk)
-        return web.json_response({"size": size, "sha256": digest.hexdigest()})
-
     app = web.Application(client_max_size=2 * GiB)
     app.router.add_get("/big", download)
-    app.router.add_post("/big", upload)
+    app.router.add_post("/big", hash_sink)
     upstream = await start_upstream(app)
     gw = await make_gateway(one_upstream_config(upstream.port))
 

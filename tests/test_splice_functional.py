@@ -24,6 +24,7 @@ from aiohttp import web
 from gateway import splice
 from tests.conftest import GatewayFactory, UpstreamFactory, one_upstream_config, wait_for
 from tests.gateway_process import SERVER_HEADER, run_gateway
+from tests.wire import hash_sink, read_response
 
 pytestmark = pytest.mark.skipif(not splice.AVAILABLE, reason="splice(2) is Linux-only")
 
@@ -65,32 +66,10 @@ def bytes_app(peers: list[object]) -> web.Application:
         await response.write_eof()
         return response
 
-    async def sink(request: web.Request) -> web.Response:
-        digest = hashlib.sha256()
-        size = 0
-        async for chunk in request.content.iter_any():
-            digest.update(chunk)
-            size += len(chunk)
-        return web.json_response({"size": size, "sha256": digest.hexdigest()})
-
     app = web.Application()
     app.router.add_get("/bytes/{size}", serve)
-    app.router.add_post("/sink", sink)
+    app.router.add_post("/sink", hash_sink)
     return app
-
-
-async def read_response(
-    reader: asyncio.StreamReader,
-) -> tuple[int, dict[str, str], bytes]:
-    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-    lines = head.split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {
-        name.strip().lower(): value.strip()
-        for name, _, value in (line.partition(":") for line in lines[1:] if line)
-    }
-    body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return status, headers, body
 
 
 async def test_large_download_is_spliced_intact_and_the_target_connection_reused(
