@@ -123,7 +123,6 @@ class Request:
         "method",
         "raw_path",
         "remote",
-        "request_id",
         "secure",
         "transport",
         "version",
@@ -154,7 +153,6 @@ class Request:
         self.body_exists = chunked or bool(content_length)
         self.content = Body(conn) if self.body_exists else _NO_BODY
         self.writer = ResponseWriter(conn, self)
-        self.request_id = ""
 
 
 class Reply:

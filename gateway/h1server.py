@@ -121,7 +121,6 @@ class Connection(asyncio.Protocol):
         # the head being parsed
         self._url = b""
         self._headers: list[tuple[str, str]] = []
-        self._head_fields = 0
         self._stalled_bytes = 0  # fed since the last head, body or message end
         self._progress = False
         # slow-loris bookkeeping (see head_silent_for)
@@ -232,7 +231,6 @@ class Connection(asyncio.Protocol):
         self.head_since = self._loop.time()
         self._url = b""
         self._headers = []
-        self._head_fields = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -242,8 +240,7 @@ class Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(name) > MAX_FIELD_SIZE or len(value) > MAX_FIELD_SIZE:
             raise Limit(HeadersTooLarge("header field too large"))
-        self._head_fields += 1
-        if self._head_fields > MAX_HEADERS:
+        if len(self._headers) >= MAX_HEADERS:
             raise Limit(HeadersTooLarge("too many header fields"))
         self._headers.append(
             (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
@@ -321,17 +318,15 @@ class Connection(asyncio.Protocol):
             self._current = None
         self._refuse(error)
 
-    def _refuse(self, error: GatewayError, rid: str | None = None) -> None:
+    def _refuse(self, error: GatewayError) -> None:
         """Answer `error` after the responses owed, then close; parse nothing more."""
         if self._refused:
             return
         self._refused = True
         self.in_head = False
-        if rid is None:
-            rid = self._refusal_id(error)
-        self._enqueue((error, rid))
+        self._enqueue((error, self._refusal_id()))
 
-    def _refusal_id(self, error: GatewayError) -> str:
+    def _refusal_id(self) -> str:
         # A head that parsed far enough to be vetted keeps a sane client id.
         for name, value in self._headers:
             if name.lower() == "x-request-id":
