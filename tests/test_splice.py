@@ -195,3 +195,52 @@ def test_relay_open_refuses_beyond_the_cap(
             r.close()
             r.close()  # idempotent
     assert splice.Relay.active == 0
+
+
+def buffer_sizes(src: socket.socket, dst: socket.socket) -> tuple[int, int]:
+    return (
+        src.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+        dst.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+    )
+
+
+async def test_short_path_buffers_are_held_to_the_bound_and_the_sockets_stay_usable(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    src_writer, src = new_pair(pairs)
+    dst, dst_reader = new_pair(pairs)
+    # Loopback starts its send buffers at the tcp_wmem maximum (64 KiB MSS).
+    assert buffer_sizes(src, dst) != (2 * splice.SHORT_PATH_BUFFER,) * 2
+    splice.fit_short_path_buffers(src.fileno(), dst.fileno())
+    # Linux doubles a requested size for its own bookkeeping.
+    assert buffer_sizes(src, dst) == (2 * splice.SHORT_PATH_BUFFER,) * 2
+    # The descriptors were borrowed, not closed: a relay still runs on them.
+    body = os.urandom(3 * MiB)
+    loop = asyncio.get_running_loop()
+    sending = asyncio.create_task(loop.sock_sendall(src_writer, body))
+    receiving = asyncio.create_task(read_exactly(dst_reader, len(body)))
+    await relay(src.fileno(), dst.fileno(), len(body), read_timeout=5, write_timeout=5)
+    await sending
+    assert await receiving == body
+
+
+def test_a_path_longer_than_the_bound_keeps_the_kernels_autotuning(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    _, src = new_pair(pairs)
+    dst, _ = new_pair(pairs)
+    before = buffer_sizes(src, dst)
+    # Loopback's round trip is some microseconds: longer than a 0 µs bound.
+    splice.fit_short_path_buffers(src.fileno(), dst.fileno(), max_rtt_us=0)
+    assert buffer_sizes(src, dst) == before
+
+
+def test_fitting_buffers_leaves_what_is_not_a_tcp_socket_alone() -> None:
+    read_end, write_end = os.pipe()
+    try:
+        splice.fit_short_path_buffers(read_end, write_end)
+        os.write(write_end, b"still open")
+        assert os.read(read_end, 64) == b"still open"
+    finally:
+        os.close(read_end)
+        os.close(write_end)

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -128,6 +129,57 @@ async def test_large_upload_is_spliced_intact_and_the_connection_serves_the_next
     assert (status, body) == (200, PATTERN[:10])
     writer.close()
     assert len(relays) == 2
+
+
+@pytest.fixture
+def fitted(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, int, object, int]]:
+    """After each real fit_short_path_buffers call: (source peer, its receive
+    buffer, destination peer, its send buffer), read from the sockets."""
+    seen: list[tuple[object, int, object, int]] = []
+    real = splice.fit_short_path_buffers
+
+    def spy(src_fd: int, dst_fd: int) -> None:
+        real(src_fd, dst_fd)
+        src, dst = socket.socket(fileno=src_fd), socket.socket(fileno=dst_fd)
+        try:
+            seen.append(
+                (
+                    src.getpeername(),
+                    src.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+                    dst.getpeername(),
+                    dst.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+                )
+            )
+        finally:
+            src.detach()
+            dst.detach()
+
+    monkeypatch.setattr(splice, "fit_short_path_buffers", spy)
+    return seen
+
+
+async def test_a_spliced_download_on_loopback_holds_both_socket_buffers_to_the_bound(
+    make_gateway: GatewayFactory,
+    start_upstream: UpstreamFactory,
+    fitted: list[tuple[object, int, object, int]],
+) -> None:
+    upstream = await start_upstream(bytes_app([]))
+    gw = await make_gateway(one_upstream_config(upstream.port))
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    writer.write(f"GET /bytes/{SIZE} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    status, _, body = await read_response(reader)
+    assert (status, body) == (200, BODY)
+    # An upload is not fitted: it measured no gain (see fit_short_path_buffers).
+    writer.write(f"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: {SIZE}\r\n\r\n".encode())
+    writer.write(BODY)
+    status, _, body = await read_response(reader)
+    assert status == 200
+    assert json.loads(body)["size"] == SIZE
+    client_address = writer.get_extra_info("sockname")
+    writer.close()
+    held = 2 * splice.SHORT_PATH_BUFFER  # as Linux reports a size it was given
+    # The target socket's receive buffer and the client socket's send buffer.
+    assert fitted == [((gw.host, upstream.port), held, client_address, held)]
 
 
 async def test_small_bodies_are_not_spliced(
