@@ -746,7 +746,6 @@ class ProxyHandler:
                 ex.bytes_out += len(buffered)
                 await request.writer.write(buffered)  # with the head, if it was held
             await splice.wait_flushed(transport, client_fd, None)
-            splice.fit_short_path_buffers(upstream_fd, client_fd)
             await relay.run(
                 client_fd, remaining, read_timeout=route.config.read_timeout, write_timeout=None
             )

@@ -36,10 +36,9 @@ MAX_ACTIVE: Final = 32
 # Asked for with F_SETPIPE_SZ (the default pipe holds 64 KiB); capped by
 # /proc/sys/fs/pipe-max-size, 1 MiB by default.
 PIPE_BYTES: Final = 1 << 20
-#: On a short path (see `fit_short_path_buffers`) a spliced response holds
-#: the target socket's receive buffer and the client socket's send buffer to
-#: this. Linux doubles the figure for its own bookkeeping: about 1 MiB each,
-#: as much as the pipe.
+#: On a short path (see `fit_short_path_buffers`) a relay holds its source's
+#: receive buffer and its destination's send buffer to this. Linux doubles
+#: the figure for its own bookkeeping: about 1 MiB each, as much as the pipe.
 SHORT_PATH_BUFFER: Final = 512 * 1024
 #: "Short": a smoothed round-trip time of at most this, in microseconds. A
 #: 1 MiB buffer keeps such a path busy up to 1 GB/s; loopback measures 10-50.
@@ -126,12 +125,12 @@ def fit_short_path_buffers(
     Linux sizes a TCP send buffer from the MSS, and loopback's MSS is 64 KiB,
     so every loopback socket starts with the 4 MiB maximum (`tcp_wmem`); the
     receive side autotunes as high. Through a relay that is several MiB of
-    body in flight between the target's copy into the kernel and the
-    client's copy out of it, and pages that old are out of cache on both
-    copies. On one core (bench/, interleaved runs) a 1 GiB download went
-    from 0.50x to 0.64x of a direct connection's MB/s. Uploads showed no
-    gain (their receiver, the target, keeps its own large buffer), so the
-    proxy fits only spliced responses.
+    body in flight between the sender's copy into the kernel and the
+    receiver's copy out of it, and pages that old are out of cache by the
+    time they are read. On one core (bench/), held buffers took a 1 GiB
+    download from 0.50x to 0.64x of a direct connection's MB/s (interleaved
+    runs, median of 5-6) and an upload from 0.50-0.54x to 0.65-0.72x
+    (fresh gateways, median of 5-6).
 
     Only a path whose measured round trip is at most `max_rtt_us` is held:
     there 1 MiB is more than the bandwidth-delay product. A longer one (a
@@ -175,6 +174,9 @@ class Relay:
     running (each holds a pipe of up to 1 MiB; an unprivileged user gets
     16384 pipe pages in all, `fs.pipe-user-pages-soft`), or the process is
     out of descriptors. The caller then copies the body as usual.
+
+    `run()` first holds the two sockets' buffers to `SHORT_PATH_BUFFER`
+    where the path is short (`fit_short_path_buffers`).
     """
 
     active: ClassVar[int] = 0
@@ -242,6 +244,7 @@ class Relay:
         except OSError as exc:
             raise SetupFailed(f"cannot duplicate the destination: {exc}", 0) from exc
         src, pipe_r, pipe_w, chunk = self._src, self._pipe_r, self._pipe_w, self._pipe_bytes
+        fit_short_path_buffers(src, dst)
         left = count  # still to take from the source
         in_pipe = 0
         try:

@@ -158,7 +158,7 @@ def fitted(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, int, object, i
     return seen
 
 
-async def test_a_spliced_download_on_loopback_holds_both_socket_buffers_to_the_bound(
+async def test_spliced_bodies_on_loopback_hold_both_socket_buffers_to_the_bound(
     make_gateway: GatewayFactory,
     start_upstream: UpstreamFactory,
     fitted: list[tuple[object, int, object, int]],
@@ -169,17 +169,17 @@ async def test_a_spliced_download_on_loopback_holds_both_socket_buffers_to_the_b
     writer.write(f"GET /bytes/{SIZE} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     status, _, body = await read_response(reader)
     assert (status, body) == (200, BODY)
-    # An upload is not fitted: it measured no gain (see fit_short_path_buffers).
     writer.write(f"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: {SIZE}\r\n\r\n".encode())
     writer.write(BODY)
     status, _, body = await read_response(reader)
     assert status == 200
     assert json.loads(body)["size"] == SIZE
-    client_address = writer.get_extra_info("sockname")
+    client = writer.get_extra_info("sockname")
     writer.close()
+    target = (gw.host, upstream.port)
     held = 2 * splice.SHORT_PATH_BUFFER  # as Linux reports a size it was given
-    # The target socket's receive buffer and the client socket's send buffer.
-    assert fitted == [((gw.host, upstream.port), held, client_address, held)]
+    # Each relay holds its source's receive buffer and its destination's send buffer.
+    assert fitted == [(target, held, client, held), (client, held, target, held)]
 
 
 async def test_small_bodies_are_not_spliced(
