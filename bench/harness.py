@@ -735,14 +735,15 @@ def prepare_nginx(root: Path, port: int, upstream_port: int) -> tuple[Path, Path
 # -- the processes under test -------------------------------------------------------
 
 
-def child_env() -> dict[str, str]:
+def child_env(source: Path = REPO_DIR) -> dict[str, str]:
+    """The environment for a child that imports `gateway` from `source` (a checkout)."""
     env = dict(os.environ)
     for name in (
         "JOURNAL_STREAM", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
         "WATCHDOG_USEC", "GATEWAY_CONFIG", "GATEWAY_LOOP",
     ):  # fmt: skip
         env.pop(name, None)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_DIR), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
     return env
 
 
@@ -771,7 +772,9 @@ def start_gateway(
     access_log: str,
     pin: Pin,
     quiet: bool = False,
+    source: Path = REPO_DIR,
 ) -> GatewayRun:
+    """A gateway process on a generated routes.toml, importing `gateway` from `source`."""
     port, admin_port = free_port(), free_port()
     config = tmp / f"routes-{label}.toml"
     config.write_text(gateway_toml(port, admin_port, upstream_port, access_log))
@@ -779,7 +782,8 @@ def start_gateway(
     argv += ["--loop", loop]
     # quiet: the access-log cost run sends stderr (the log) to /dev/null.
     log_path = None if quiet else tmp / f"gateway-{label}.log"
-    proc = procs.start(f"gateway-{label}", argv, log_path=log_path, env=child_env(), cwd=REPO_DIR)
+    env = child_env(source)
+    proc = procs.start(f"gateway-{label}", argv, log_path=log_path, env=env, cwd=source)
     wait_ready(proc, admin_port, "/readyz", timeout=30.0)
     wait_ready(proc, port, "/", timeout=10.0)
     return GatewayRun(proc, port, admin_port)
