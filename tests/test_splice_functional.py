@@ -131,6 +131,23 @@ async def test_large_upload_is_spliced_intact_and_the_connection_serves_the_next
     assert len(relays) == 2
 
 
+async def download_then_upload(host: str, port: int) -> object:
+    """GET then POST a SIZE body on one connection, both checked whole; the
+    client's own address is returned."""
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(f"GET /bytes/{SIZE} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    status, _, body = await read_response(reader)
+    assert (status, body) == (200, BODY)
+    writer.write(f"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: {SIZE}\r\n\r\n".encode())
+    writer.write(BODY)
+    status, _, body = await read_response(reader)
+    assert status == 200
+    assert json.loads(body) == {"size": SIZE, "sha256": hashlib.sha256(BODY).hexdigest()}
+    address: object = writer.get_extra_info("sockname")
+    writer.close()
+    return address
+
+
 @pytest.fixture
 def fitted(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, int, object, int]]:
     """After each real fit_short_path_buffers call: (source peer, its receive
@@ -165,17 +182,7 @@ async def test_spliced_bodies_on_loopback_hold_both_socket_buffers_to_the_bound(
 ) -> None:
     upstream = await start_upstream(bytes_app([]))
     gw = await make_gateway(one_upstream_config(upstream.port))
-    reader, writer = await asyncio.open_connection(gw.host, gw.port)
-    writer.write(f"GET /bytes/{SIZE} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    status, _, body = await read_response(reader)
-    assert (status, body) == (200, BODY)
-    writer.write(f"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: {SIZE}\r\n\r\n".encode())
-    writer.write(BODY)
-    status, _, body = await read_response(reader)
-    assert status == 200
-    assert json.loads(body)["size"] == SIZE
-    client = writer.get_extra_info("sockname")
-    writer.close()
+    client = await download_then_upload(gw.host, gw.port)
     target = (gw.host, upstream.port)
     held = 2 * splice.SHORT_PATH_BUFFER  # as Linux reports a size it was given
     # Each relay holds its source's receive buffer and its destination's send buffer.
@@ -445,13 +452,5 @@ async def test_bodies_are_copied_when_no_relay_can_be_had(
     monkeypatch.setattr(splice, "MAX_ACTIVE", 0)  # as when 32 relays are running
     upstream = await start_upstream(bytes_app([]))
     gw = await make_gateway(one_upstream_config(upstream.port))
-    reader, writer = await asyncio.open_connection(gw.host, gw.port)
-    writer.write(f"GET /bytes/{SIZE} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    status, _, body = await read_response(reader)
-    assert (status, body) == (200, BODY)
-    writer.write(f"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: {SIZE}\r\n\r\n".encode())
-    writer.write(BODY)
-    status, _, body = await read_response(reader)
-    assert json.loads(body) == {"size": SIZE, "sha256": hashlib.sha256(BODY).hexdigest()}
-    writer.close()
+    await download_then_upload(gw.host, gw.port)
     assert relays == []
