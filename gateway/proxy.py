@@ -132,7 +132,7 @@ def split_target(raw: str) -> tuple[str | None, str, str | None]:
             authority, raw = rest[:cut], rest[cut:]
             if not raw.startswith("/"):
                 raw = "/" + raw
-        else:  # "*" (OPTIONS) or garbage: route it as "/" would never be right
+        else:  # "*": OPTIONS about the gateway itself, answered before routing
             return None, raw, None
     path, sep, query = raw.partition("?")
     return authority, path, (query if sep else None)
@@ -190,6 +190,12 @@ class ProxyHandler:
         response: Reply | None
         try:
             try:
+                if raw_path == "*":
+                    # OPTIONS * asks about the server itself (RFC 9110 9.3.7),
+                    # and the gateway is that server: no route serves "*", and
+                    # forwarding it would pick a target at random.
+                    status = 200
+                    return Reply(200, headers=CIMultiDict({"X-Request-ID": rid}))
                 if method == "OPTIONS" and is_preflight(method, headers):
                     preflight = self._preflight(snap, host, raw_path, headers, rid, client)
                     if preflight is not None:

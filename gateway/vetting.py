@@ -94,7 +94,11 @@ def vet_head(
             # dropping the header (hop-by-hop) would hand the target a coded
             # body as if plain: RFC 9112 6.1 says 501, as nginx does.
             return NotImplementedCoding(f"unsupported Transfer-Encoding {coding!r}")
-    if not target.startswith("/") and target != "*":
+    if target == "*":
+        # RFC 9112 3.2.4: the asterisk-form belongs to OPTIONS alone (which
+        # the proxy answers itself); llhttp takes it with any method.
+        return None if method == "OPTIONS" else BadRequest('a "*" target is for OPTIONS only')
+    if not target.startswith("/"):
         return _vet_absolute_form(target)
     return None
 

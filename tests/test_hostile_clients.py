@@ -446,6 +446,14 @@ MALFORMED: list[tuple[str, bytes, int, str]] = [
     # Request targets.
     ("target-no-slash", b"GET x HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request"),
     ("target-with-space", b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request"),
+    # RFC 9112 3.2.4: "*" is OPTIONS's alone (llhttp takes it with any method).
+    ("asterisk-with-get", b"GET * HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request"),
+    (
+        "asterisk-with-post",
+        b"POST * HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        400,
+        "bad_request",
+    ),
     (
         "absolute-form-userinfo",
         b"GET http://user:pw@elsewhere.example/x HTTP/1.1\r\nHost: elsewhere.example\r\n\r\n",
@@ -585,6 +593,23 @@ async def test_absolute_form_is_routed_by_our_table_never_to_the_named_host(
     other = env.app if upstream == "named" else env.named
     assert [s.raw_path for s in recorder.seen] == [path]
     assert other.seen == []
+
+
+async def test_options_asterisk_is_answered_by_the_gateway_and_reaches_no_target(
+    env: Env,
+) -> None:
+    # RFC 9110 9.3.7: OPTIONS * asks about the server itself, which is the
+    # gateway; the connection stays open for the next request.
+    result = await env.exchange(
+        b"OPTIONS * HTTP/1.1\r\nHost: x\r\nX-Request-ID: ask-1\r\n\r\n"
+        b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert [r.status for r in result.replies] == [200, 200], result.raw[:500]
+    asked = result.replies[0]
+    assert asked.headers["content-length"] == "0"
+    assert asked.headers["x-request-id"] == "ask-1"
+    assert asked.body == b""
+    assert [s.raw_path for s in env.seen()] == ["/after"]
 
 
 # -- pipelining behind a malformed request ------------------------------------
