@@ -40,6 +40,8 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=GIB)
     args = parser.parse_args()
     checkouts = [path.resolve() for path in args.checkouts]
+    if len(set(checkouts)) != len(checkouts):
+        parser.error("a checkout is named twice; copy it to compare it with itself")
     for path in checkouts:
         if not (path / "gateway" / "__init__.py").is_file():
             parser.error(f"{path} holds no gateway/ package")

@@ -90,6 +90,14 @@ class Body:
             self._conn.resume_reading(PAUSE_BODY)
         return data
 
+    def discard(self) -> None:
+        """Drop what is buffered unread, and let the socket be read again."""
+        if self._chunks:
+            self._chunks.clear()
+            self._size = 0
+            if self._conn is not None:
+                self._conn.resume_reading(PAUSE_BODY)
+
     async def readany(self) -> bytes:
         """The bytes buffered now, waiting for some; b"" at the end of the body."""
         while not self._chunks:

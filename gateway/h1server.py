@@ -429,6 +429,10 @@ class Connection(asyncio.Protocol):
             # body is unframed for us now.
             self._close_after(request)
             return False
+        # A whole body the handler answered without reading (a preflight,
+        # OPTIONS *) is done with. Left buffered, over _BODY_HIGH it would
+        # keep the socket paused, and the next request would never be read.
+        request.content.discard()
         self.idle_since = self._loop.time()
         return True
 

@@ -114,6 +114,20 @@ class _UpstreamFailed(Exception):
         self.connect_failed = connect_failed
 
 
+def asks_about_the_server(method: str, target: str) -> bool:
+    """OPTIONS * (RFC 9110 9.3.7), or its absolute-form spelling: a URI with
+    an empty path and no query (RFC 9112 3.2.4)."""
+    if target == "*":
+        return True  # vetting let it through for OPTIONS only
+    if method != "OPTIONS":
+        return False
+    scheme_end = target.find("://")
+    if scheme_end <= 0:
+        return False
+    rest = target[scheme_end + 3 :]
+    return "/" not in rest and "?" not in rest
+
+
 def split_target(raw: str) -> tuple[str | None, str, str | None]:
     """(authority from absolute-form, raw path, raw query or None).
 
@@ -190,9 +204,8 @@ class ProxyHandler:
         response: Reply | None
         try:
             try:
-                if raw_path == "*":
-                    # OPTIONS * asks about the server itself (RFC 9110 9.3.7),
-                    # and the gateway is that server: no route serves "*", and
+                if request.raw_path[0] != "/" and asks_about_the_server(method, request.raw_path):
+                    # The gateway is that server: no route serves "*", and
                     # forwarding it would pick a target at random.
                     status = 200
                     return Reply(200, headers=CIMultiDict({"X-Request-ID": rid}))

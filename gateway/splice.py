@@ -38,14 +38,17 @@ MAX_ACTIVE: Final = 32
 PIPE_BYTES: Final = 1 << 20
 #: On a short path (see `fit_short_path_buffers`) a relay holds its source's
 #: receive buffer and its destination's send buffer to this. Linux doubles
-#: the figure for its own bookkeeping: about 1 MiB each, as much as the pipe.
+#: the figure for its own bookkeeping (about 1 MiB each, as much as the pipe)
+#: after capping it at net.core.rmem_max / wmem_max (212992 by default).
 SHORT_PATH_BUFFER: Final = 512 * 1024
-#: "Short": a smoothed round-trip time of at most this, in microseconds. A
-#: 1 MiB buffer keeps such a path busy up to 1 GB/s; loopback measures 10-50.
+#: "Short": a minimum round-trip time of at most this, in microseconds. A
+#: 1 MiB buffer keeps such a path busy up to 1 GB/s; loopback measures 4-30.
 SHORT_PATH_RTT_US: Final = 1000
-# struct tcp_info (linux/tcp.h): tcpi_rtt, a u32 in microseconds, at byte 68.
-_TCPI_RTT: Final = struct.Struct("=I")
-_TCPI_RTT_OFFSET: Final = 68
+# struct tcp_info (linux/tcp.h), u32 fields in microseconds: tcpi_min_rtt at
+# byte 148 (Linux 4.6+), the smoothed tcpi_rtt at byte 68 for older kernels.
+_TCPI_U32: Final = struct.Struct("=I")
+_TCPI_MIN_RTT: Final = 148
+_TCPI_RTT: Final = 68
 log = logging.getLogger("gateway.splice")
 _FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 
@@ -127,17 +130,19 @@ def fit_short_path_buffers(
     receive side autotunes as high. Through a relay that is several MiB of
     body in flight between the sender's copy into the kernel and the
     receiver's copy out of it, and pages that old are out of cache by the
-    time they are read. On one core (bench/), held buffers took a 1 GiB
-    download from 0.50x to 0.64x of a direct connection's MB/s (interleaved
-    runs, median of 5-6) and an upload from 0.50-0.54x to 0.65-0.72x
-    (fresh gateways, median of 5-6).
+    time they are read. On one core (bench/ab_bulk.py, 5 fresh gateways per
+    variant), held buffers took a 1 GiB download from 0.49-0.52x of a direct
+    connection's MB/s to 0.62-0.66x, and an upload from 0.49-0.60x to
+    0.64-0.73x. Capped at the kernel's default rmem_max/wmem_max (416 KiB
+    each) they gave about half of that gain.
 
-    Only a path whose measured round trip is at most `max_rtt_us` is held:
-    there 1 MiB is more than the bandwidth-delay product. A longer one (a
-    client across a WAN) keeps the kernel's autotuning, which it needs for
-    throughput. Setting a size fixes it for the socket's life, which is
-    right for a connection whose path does not change. Best effort: a
-    socket that refuses is left as it is.
+    Only a path whose minimum round trip (the path's own, not the peer's
+    think time that a smoothed RTT on a keep-alive connection includes) is
+    at most `max_rtt_us` is held: there 1 MiB is more than the
+    bandwidth-delay product. A longer one (a client across a WAN) keeps the
+    kernel's autotuning, which it needs for throughput. Setting a size fixes
+    it for the socket's life, which is right for a connection whose path
+    does not change. Best effort: a socket that refuses is left as it is.
     """
     for fd, option in ((src_fd, socket.SO_RCVBUF), (dst_fd, socket.SO_SNDBUF)):
         try:
@@ -145,21 +150,22 @@ def fit_short_path_buffers(
         except OSError:
             continue
         try:
-            rtt = _smoothed_rtt_us(sock)
+            rtt = _path_rtt_us(sock)
             if rtt is not None and rtt <= max_rtt_us:
                 sock.setsockopt(socket.SOL_SOCKET, option, SHORT_PATH_BUFFER)
         except OSError:
-            pass
+            pass  # not TCP (a Unix socket has no TCP_INFO), or gone
         finally:
             sock.detach()
 
 
-def _smoothed_rtt_us(sock: socket.socket) -> int | None:
-    """The kernel's smoothed round-trip time for `sock`; None before any sample."""
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    if len(info) < _TCPI_RTT_OFFSET + _TCPI_RTT.size:
+def _path_rtt_us(sock: socket.socket) -> int | None:
+    """The path's minimum round-trip time for `sock`; None before any sample."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
+    offset = _TCPI_MIN_RTT if len(info) >= _TCPI_MIN_RTT + 4 else _TCPI_RTT
+    if len(info) < offset + 4:
         return None
-    (rtt,) = _TCPI_RTT.unpack_from(info, _TCPI_RTT_OFFSET)
+    (rtt,) = _TCPI_U32.unpack_from(info, offset)
     return int(rtt) or None
 
 
@@ -244,10 +250,10 @@ class Relay:
         except OSError as exc:
             raise SetupFailed(f"cannot duplicate the destination: {exc}", 0) from exc
         src, pipe_r, pipe_w, chunk = self._src, self._pipe_r, self._pipe_w, self._pipe_bytes
-        fit_short_path_buffers(src, dst)
         left = count  # still to take from the source
         in_pipe = 0
         try:
+            fit_short_path_buffers(src, dst)
             while left or in_pipe:
                 drained = filled = False
                 if in_pipe:

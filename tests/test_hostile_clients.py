@@ -595,13 +595,19 @@ async def test_absolute_form_is_routed_by_our_table_never_to_the_named_host(
     assert other.seen == []
 
 
+@pytest.mark.parametrize(
+    "target",
+    [b"*", b"http://elsewhere.example", b"HTTP://x:8080"],
+    ids=["asterisk", "absolute", "port"],
+)
 async def test_options_asterisk_is_answered_by_the_gateway_and_reaches_no_target(
-    env: Env,
+    env: Env, target: bytes
 ) -> None:
     # RFC 9110 9.3.7: OPTIONS * asks about the server itself, which is the
-    # gateway; the connection stays open for the next request.
+    # gateway; an absolute-form URI with an empty path and no query is the
+    # same question (RFC 9112 3.2.4). The connection goes on.
     result = await env.exchange(
-        b"OPTIONS * HTTP/1.1\r\nHost: x\r\nX-Request-ID: ask-1\r\n\r\n"
+        b"OPTIONS " + target + b" HTTP/1.1\r\nHost: x\r\nX-Request-ID: ask-1\r\n\r\n"
         b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
     assert [r.status for r in result.replies] == [200, 200], result.raw[:500]
@@ -610,6 +616,37 @@ async def test_options_asterisk_is_answered_by_the_gateway_and_reaches_no_target
     assert asked.headers["x-request-id"] == "ask-1"
     assert asked.body == b""
     assert [s.raw_path for s in env.seen()] == ["/after"]
+
+
+async def test_options_for_a_path_in_absolute_form_is_routed_as_usual(env: Env) -> None:
+    result = await env.exchange(
+        b"OPTIONS http://elsewhere.example/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert [r.status for r in result.replies] == [200], result.raw[:300]
+    assert result.replies[0].body == b"named: OPTIONS /"
+
+
+async def test_a_whole_body_answered_unread_does_not_stall_the_next_request(env: Env) -> None:
+    # Pipelined behind another request, OPTIONS *'s body is parsed whole
+    # while it waits (over the 256 KiB that pause the socket) and answered
+    # without being read: the connection must go on to the next request.
+    body = b"a" * (300 * 1024)
+    reader, writer = await asyncio.open_connection(env.gw.host, env.gw.port)
+    try:
+        writer.write(
+            b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"OPTIONS * HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
+        answered = b""
+        while answered.count(b"HTTP/1.1 200 ") < 2:
+            answered += await asyncio.wait_for(reader.read(65536), EOF_WAIT)
+        assert b"connection: close" not in answered.lower()
+        writer.write(b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        rest = await asyncio.wait_for(reader.read(), EOF_WAIT)
+    finally:
+        writer.close()
+    assert rest.startswith(b"HTTP/1.1 200 "), rest[:200]
+    assert [s.raw_path for s in env.seen()] == ["/first", "/after"]
 
 
 # -- pipelining behind a malformed request ------------------------------------

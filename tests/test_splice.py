@@ -7,6 +7,7 @@ import errno
 import os
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -197,6 +198,16 @@ def test_relay_open_refuses_beyond_the_cap(
     assert splice.Relay.active == 0
 
 
+def held_buffer_sizes() -> tuple[int, int]:
+    """(receive, send) as Linux reports them after a fit: the request capped
+    at net.core.rmem_max / wmem_max, then doubled."""
+    caps = [
+        int(Path(f"/proc/sys/net/core/{name}").read_text()) for name in ("rmem_max", "wmem_max")
+    ]
+    rcv, snd = (2 * min(splice.SHORT_PATH_BUFFER, cap) for cap in caps)
+    return rcv, snd
+
+
 def buffer_sizes(src: socket.socket, dst: socket.socket) -> tuple[int, int]:
     return (
         src.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
@@ -210,10 +221,9 @@ async def test_short_path_buffers_are_held_to_the_bound_and_the_sockets_stay_usa
     src_writer, src = new_pair(pairs)
     dst, dst_reader = new_pair(pairs)
     # Loopback starts its send buffers at the tcp_wmem maximum (64 KiB MSS).
-    assert buffer_sizes(src, dst) != (2 * splice.SHORT_PATH_BUFFER,) * 2
+    assert buffer_sizes(src, dst) != held_buffer_sizes()
     splice.fit_short_path_buffers(src.fileno(), dst.fileno())
-    # Linux doubles a requested size for its own bookkeeping.
-    assert buffer_sizes(src, dst) == (2 * splice.SHORT_PATH_BUFFER,) * 2
+    assert buffer_sizes(src, dst) == held_buffer_sizes()
     # The descriptors were borrowed, not closed: a relay still runs on them.
     body = os.urandom(3 * MiB)
     loop = asyncio.get_running_loop()
@@ -233,6 +243,21 @@ def test_a_path_longer_than_the_bound_keeps_the_kernels_autotuning(
     # Loopback's round trip is some microseconds: longer than a 0 µs bound.
     splice.fit_short_path_buffers(src.fileno(), dst.fileno(), max_rtt_us=0)
     assert buffer_sizes(src, dst) == before
+
+
+def test_fitting_buffers_leaves_unix_sockets_alone_and_open() -> None:
+    # socket() accepts the descriptor, TCP_INFO then fails: it must still be
+    # handed back, not closed with the borrowed socket object.
+    left, right = socket.socketpair()
+    try:
+        before = buffer_sizes(left, right)
+        splice.fit_short_path_buffers(left.fileno(), right.fileno())
+        assert buffer_sizes(left, right) == before
+        right.sendall(b"still open")
+        assert left.recv(64) == b"still open"
+    finally:
+        left.close()
+        right.close()
 
 
 def test_fitting_buffers_leaves_what_is_not_a_tcp_socket_alone() -> None:

@@ -25,6 +25,7 @@ from aiohttp import web
 from gateway import splice
 from tests.conftest import GatewayFactory, UpstreamFactory, one_upstream_config, wait_for
 from tests.gateway_process import SERVER_HEADER, run_gateway
+from tests.test_splice import held_buffer_sizes
 from tests.wire import hash_sink, read_response
 
 pytestmark = pytest.mark.skipif(not splice.AVAILABLE, reason="splice(2) is Linux-only")
@@ -184,9 +185,9 @@ async def test_spliced_bodies_on_loopback_hold_both_socket_buffers_to_the_bound(
     gw = await make_gateway(one_upstream_config(upstream.port))
     client = await download_then_upload(gw.host, gw.port)
     target = (gw.host, upstream.port)
-    held = 2 * splice.SHORT_PATH_BUFFER  # as Linux reports a size it was given
+    rcv, snd = held_buffer_sizes()
     # Each relay holds its source's receive buffer and its destination's send buffer.
-    assert fitted == [(target, held, client, held), (client, held, target, held)]
+    assert fitted == [(target, rcv, client, snd), (client, rcv, target, snd)]
 
 
 async def test_small_bodies_are_not_spliced(
