@@ -44,6 +44,7 @@ from multidict import CIMultiDict
 
 from . import splice
 from .headers import encode_head
+from .writeflow import WriteFlow
 
 # Unread response bytes above which the socket stops being read; reading
 # resumes below half (the same hysteresis as aiohttp's StreamReader).
@@ -213,10 +214,11 @@ class H1Response:
             conn.abort()
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(WriteFlow):
     """One TCP connection to a target and the exchange running on it."""
 
     def __init__(self, pool: ConnectionPool, key: tuple[str, int]) -> None:
+        super().__init__()
         self._pool = pool
         self._key = key
         self._loop = asyncio.get_running_loop()
@@ -248,8 +250,6 @@ class _Connection(asyncio.Protocol):
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-        self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
         self._drain_size = 0
         self.reused = False
         self.idle_at = 0.0
@@ -285,15 +285,6 @@ class _Connection(asyncio.Protocol):
                 self._set_error(H1ReadError("connection lost before the end of the body"))
         self._wake()
         self._pool.forget(self)
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        drain = self._drain_waiter
-        if drain is not None and not drain.done():
-            drain.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         state = self._state
@@ -542,12 +533,7 @@ class _Connection(asyncio.Protocol):
             # The target must take some of the body within the timeout (see _on_timer).
             self._drain_size = transport.get_write_buffer_size()
             self._deadline = self._loop.time() + self._timeout
-        waiter: asyncio.Future[None] = self._loop.create_future()
-        self._drain_waiter = waiter
-        try:
-            await waiter
-        finally:
-            self._drain_waiter = None
+        await self._wait_for_drain(self._loop)
 
     def has_news(self) -> bool:
         if self._chunks:
@@ -735,9 +721,8 @@ class _Connection(asyncio.Protocol):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        drain = self._drain_waiter
-        if self._transport is None and drain is not None and not drain.done():
-            drain.set_result(None)
+        if self._transport is None:
+            self._release_drain()
 
 
 class _CachingResolver:

@@ -64,6 +64,7 @@ from gateway.vetting import (
     MAX_REQUEST_LINE,
     vet_head,
 )
+from gateway.writeflow import WriteFlow
 
 log = logging.getLogger("gateway.server")
 
@@ -93,10 +94,11 @@ class Limit(Exception):
         self.error = error
 
 
-class Connection(asyncio.Protocol):
+class Connection(WriteFlow):
     """One client connection: parse, queue, hand each request to the handler."""
 
     def __init__(self, server: H1Server) -> None:
+        super().__init__()
         self._server = server
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
@@ -115,8 +117,6 @@ class Connection(asyncio.Protocol):
         self.closing_after_response = False
         self.last_batch = False  # parsing stopped: close once the queue is answered
         self.idle_since = 0.0  # when the last response ended (keep-alive)
-        self._drain_waiter: asyncio.Future[None] | None = None
-        self._write_paused = False
         self._body_error: GatewayError | None = None
         # the head being parsed
         self._url = b""
@@ -159,9 +159,7 @@ class Connection(asyncio.Protocol):
             if task is not None and not task.done():
                 task.cancel()  # the client is gone: so is its upstream request
         self._wake_queue()
-        drain = self._drain_waiter
-        if drain is not None and not drain.done():
-            drain.set_result(None)
+        self._release_drain()
 
     def eof_received(self) -> bool:
         # The client closed its side: gone, as for nginx (499) and aiohttp.
@@ -169,15 +167,6 @@ class Connection(asyncio.Protocol):
         # handler and so its upstream request (CONTRACT.md "Client gone").
         self._client_eof = True
         return False
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        drain = self._drain_waiter
-        if drain is not None and not drain.done():
-            drain.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         if self._refused or self._lingering:
@@ -497,12 +486,7 @@ class Connection(asyncio.Protocol):
     async def drain(self) -> None:
         if not self._write_paused or self.transport is None:
             return
-        waiter = self._loop.create_future()
-        self._drain_waiter = waiter
-        try:
-            await waiter
-        finally:
-            self._drain_waiter = None
+        await self._wait_for_drain(self._loop)
         if self._lost:
             raise ConnectionResetError("the client connection was lost")
 
