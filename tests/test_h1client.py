@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from gateway.h1client import (
     MAX_BUFFERED,
@@ -23,7 +22,7 @@ from gateway.h1client import (
     H1ServerDisconnected,
     serialize_head,
 )
-from tests.conftest import wait_for
+from tests.conftest import UpstreamFactory, wait_for
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 HOST = "127.0.0.1"
@@ -92,21 +91,6 @@ async def raw() -> AsyncIterator[Callable[[Handler], Awaitable[RawServer]]]:
 
     async def factory(handler: Handler) -> RawServer:
         server = await RawServer(handler).start()
-        servers.append(server)
-        return server
-
-    yield factory
-    for server in servers:
-        await server.close()
-
-
-@pytest.fixture
-async def aiohttp_upstream() -> AsyncIterator[Callable[[web.Application], Awaitable[TestServer]]]:
-    servers: list[TestServer] = []
-
-    async def factory(app: web.Application) -> TestServer:
-        server = TestServer(app, host=HOST)
-        await server.start_server()
         servers.append(server)
         return server
 
@@ -195,9 +179,9 @@ def echo_app() -> web.Application:
 
 
 async def test_get_reuses_one_keep_alive_connection(
-    pool: ConnectionPool, aiohttp_upstream: Callable[[web.Application], Awaitable[TestServer]]
+    pool: ConnectionPool, start_upstream: UpstreamFactory
 ) -> None:
-    server = await aiohttp_upstream(echo_app())
+    server = await start_upstream(echo_app())
     assert server.port is not None
     for _ in range(5):
         response, body = await fetch(pool, server.port, path="/a/%2F..?q=1&")
@@ -210,9 +194,9 @@ async def test_get_reuses_one_keep_alive_connection(
 
 
 async def test_post_with_content_length_streams_the_body_as_is(
-    pool: ConnectionPool, aiohttp_upstream: Callable[[web.Application], Awaitable[TestServer]]
+    pool: ConnectionPool, start_upstream: UpstreamFactory
 ) -> None:
-    server = await aiohttp_upstream(echo_app())
+    server = await start_upstream(echo_app())
     assert server.port is not None
     response, body = await fetch(
         pool,
@@ -227,9 +211,9 @@ async def test_post_with_content_length_streams_the_body_as_is(
 
 
 async def test_post_without_length_goes_chunked(
-    pool: ConnectionPool, aiohttp_upstream: Callable[[web.Application], Awaitable[TestServer]]
+    pool: ConnectionPool, start_upstream: UpstreamFactory
 ) -> None:
-    server = await aiohttp_upstream(echo_app())
+    server = await start_upstream(echo_app())
     assert server.port is not None
     big = bytes(range(256)) * 1024  # above the one-write framing threshold
     response, body = await fetch(
@@ -1100,10 +1084,10 @@ async def test_host_names_are_resolved_and_cached() -> None:
 
 
 async def test_a_target_named_by_host_name_is_reached(
-    pool: ConnectionPool, aiohttp_upstream: Callable[[web.Application], Awaitable[TestServer]]
+    pool: ConnectionPool, start_upstream: UpstreamFactory
 ) -> None:
     """`localhost` resolves (to ::1 and/or 127.0.0.1); the one that answers serves."""
-    server = await aiohttp_upstream(echo_app())
+    server = await start_upstream(echo_app())
     assert server.port is not None
     response = await pool.request(
         "GET", "localhost", server.port, "/x", [("Host", "upstream")], None, None, 5.0, 5.0

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from gateway import h1server
-from tests.conftest import GatewayFactory, UpstreamFactory, one_upstream_config
+from tests.conftest import GatewayFactory, RunningGateway, UpstreamFactory, one_upstream_config
 from tests.wire import read_head
 
 
@@ -46,12 +46,20 @@ def app() -> web.Application:
     return application
 
 
+async def connect_to_app(
+    make_gateway: GatewayFactory, start_upstream: UpstreamFactory, extra_route: str = ""
+) -> tuple[RunningGateway, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A gateway in front of `app()`, and one client connection to it."""
+    upstream = await start_upstream(app())
+    gw = await make_gateway(one_upstream_config(upstream.port, extra_route))
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    return gw, reader, writer
+
+
 async def test_http10_client_gets_a_close_delimited_body_for_a_chunked_target(
     make_gateway: GatewayFactory, start_upstream: UpstreamFactory
 ) -> None:
-    upstream = await start_upstream(app())
-    gw = await make_gateway(one_upstream_config(upstream.port))
-    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    _, reader, writer = await connect_to_app(make_gateway, start_upstream)
     writer.write(b"GET /chunked HTTP/1.0\r\n\r\n")
     status, headers = await read_head(reader)
     assert status == "HTTP/1.0 200 OK"
@@ -64,9 +72,7 @@ async def test_http10_client_gets_a_close_delimited_body_for_a_chunked_target(
 async def test_http10_keep_alive_is_honoured_with_a_length(
     make_gateway: GatewayFactory, start_upstream: UpstreamFactory
 ) -> None:
-    upstream = await start_upstream(app())
-    gw = await make_gateway(one_upstream_config(upstream.port))
-    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    _, reader, writer = await connect_to_app(make_gateway, start_upstream)
     for path in (b"/a", b"/b"):
         writer.write(b"GET " + path + b" HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
         status, headers = await read_head(reader)
@@ -80,9 +86,7 @@ async def test_http10_keep_alive_is_honoured_with_a_length(
 async def test_pipelined_requests_are_answered_in_order(
     make_gateway: GatewayFactory, start_upstream: UpstreamFactory
 ) -> None:
-    upstream = await start_upstream(app())
-    gw = await make_gateway(one_upstream_config(upstream.port))
-    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    _, reader, writer = await connect_to_app(make_gateway, start_upstream)
     writer.write(
         b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n"
         b"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
@@ -128,9 +132,7 @@ async def test_many_pipelined_upgrade_requests_in_one_read_are_all_answered(
     make_gateway: GatewayFactory, start_upstream: UpstreamFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(h1server, "MAX_PIPELINED", 5000)  # the bound is tested below
-    upstream = await start_upstream(app())
-    gw = await make_gateway(one_upstream_config(upstream.port))
-    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    _, reader, writer = await connect_to_app(make_gateway, start_upstream)
     count = 1500  # past the recursion limit, had each one been parsed by recursion
     one = b"GET /u HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
     writer.write(one * count)
@@ -144,9 +146,7 @@ async def test_many_pipelined_upgrade_requests_in_one_read_are_all_answered(
 async def test_an_endless_trailer_is_refused_before_it_grows(
     make_gateway: GatewayFactory, start_upstream: UpstreamFactory
 ) -> None:
-    upstream = await start_upstream(app())
-    gw = await make_gateway(one_upstream_config(upstream.port))
-    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    _, reader, writer = await connect_to_app(make_gateway, start_upstream)
     writer.write(
         b"POST /sink HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"5\r\nhello\r\n0\r\nX-Trailer: "
@@ -191,9 +191,7 @@ async def test_a_pipelined_partial_head_is_timed_from_the_end_of_the_response(
 async def test_date_is_added_when_the_target_sends_none_and_kept_when_it_does(
     make_gateway: GatewayFactory, start_upstream: UpstreamFactory
 ) -> None:
-    upstream = await start_upstream(app())
-    gw = await make_gateway(one_upstream_config(upstream.port))
-    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    _, reader, writer = await connect_to_app(make_gateway, start_upstream)
     writer.write(b"GET /dated HTTP/1.1\r\nHost: x\r\n\r\n")
     _, headers = await read_head(reader)
     assert headers["date"] == "Tue, 01 Jan 2030 00:00:00 GMT"
@@ -243,9 +241,7 @@ async def test_non_utf8_header_bytes_reach_the_client_unchanged(
 async def test_an_early_refusal_reaches_a_client_still_sending_its_body(
     make_gateway: GatewayFactory, start_upstream: UpstreamFactory
 ) -> None:
-    upstream = await start_upstream(app())
-    gw = await make_gateway(one_upstream_config(upstream.port, "max_body_bytes = 1000"))
-    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    _, reader, writer = await connect_to_app(make_gateway, start_upstream, "max_body_bytes = 1000")
     size = 50 * 1024 * 1024
     writer.write(b"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
 
@@ -272,9 +268,7 @@ async def test_idle_keep_alive_connections_are_closed_after_the_keepalive_timeou
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(h1server, "KEEPALIVE_TIMEOUT", 0.3)
-    upstream = await start_upstream(app())
-    gw = await make_gateway(one_upstream_config(upstream.port))
-    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    _, reader, writer = await connect_to_app(make_gateway, start_upstream)
     writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     _, headers = await read_head(reader)
     await reader.readexactly(int(headers["content-length"]))
@@ -286,9 +280,7 @@ async def test_idle_keep_alive_connections_are_closed_after_the_keepalive_timeou
 async def test_a_flood_of_pipelined_requests_is_answered_up_to_a_bound_then_closed(
     make_gateway: GatewayFactory, start_upstream: UpstreamFactory
 ) -> None:
-    upstream = await start_upstream(app())
-    gw = await make_gateway(one_upstream_config(upstream.port))
-    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    gw, reader, writer = await connect_to_app(make_gateway, start_upstream)
     # Tiny requests, all in one read: without a bound, each would be queued.
     writer.write(b"GET /p HTTP/1.1\r\nHost: x\r\n\r\n" * 1000)
     answered = 0
