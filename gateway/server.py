@@ -328,19 +328,9 @@ class Gateway:
         self._tasks.clear()
         await self.health.close()
         self._close_listeners()
-        server, self._proxy_server = self._proxy_server, None
-        if server is not None:
+        if self._proxy_server is not None:
             # Without drain(): running requests get drain_timeout, then end.
-            server.pre_shutdown()
-            try:
-                grace = (self.box.snapshot.config if self.box else self._initial_config).server
-                async with asyncio.timeout(grace.drain_timeout):
-                    await server.shutdown()
-            except TimeoutError:
-                server.abort_all()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(_ABORT_GRACE):
-                        await server.shutdown()
+            await self._drain_connections(self.config.server.drain_timeout)
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None
