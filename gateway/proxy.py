@@ -117,10 +117,10 @@ class _UpstreamFailed(Exception):
 def asks_about_the_server(method: str, target: str) -> bool:
     """OPTIONS * (RFC 9110 9.3.7), or its absolute-form spelling: a URI with
     an empty path and no query (RFC 9112 3.2.4)."""
-    if target == "*":
-        return True  # vetting let it through for OPTIONS only
     if method != "OPTIONS":
         return False
+    if target == "*":
+        return True
     scheme_end = target.find("://")
     if scheme_end <= 0:
         return False
@@ -237,7 +237,7 @@ class ProxyHandler:
                 )
             except GatewayError as error:
                 error_code = error.code
-                response = self._error_response(request, error, rid, ex)
+                response = self._error_response(request, error, rid)
             except Exception as exc:
                 # The outer edge: a bug must still get the contract's JSON
                 # and this request's id, unless the response had begun.
@@ -246,7 +246,7 @@ class ProxyHandler:
                 log.exception("request %s failed", rid)
                 internal = GatewayError("internal error")
                 error_code = internal.code
-                response = self._error_response(request, internal, rid, ex)
+                response = self._error_response(request, internal, rid)
             if error_code is not None and response is not None:
                 for name, value in limit_headers:
                     # Admitted, then failed (502/503/504, 413 mid-body): every
@@ -310,12 +310,9 @@ class ProxyHandler:
         response = Reply(status)
         for name, value in cors:
             response.headers.add(name, value)
-        if route.buckets is not None:
-            # Every response on a limited route shows the limit (CONTRACT.md
-            # "Rate limits"); a preflight is answered here and takes no token.
-            bucket = route.buckets.peek(_bucket_key(route, headers, client))
-            for name, value in rate_limit_headers(route.name, bucket, self._clock(), True):
-                response.headers[name] = value
+        # A preflight is answered here and takes no token.
+        for name, value in self._shown_limits(route, _bucket_key(route, headers, client)):
+            response.headers[name] = value
         response.headers["X-Request-ID"] = rid
         return route, response
 
@@ -336,6 +333,14 @@ class ProxyHandler:
             error=error.code,
         )
 
+    def _shown_limits(self, route: RouteRuntime, key: str) -> list[tuple[str, str]]:
+        """The rate-limit headers of a response that takes no token: every
+        response on a limited route shows the limit (CONTRACT.md "Rate limits")."""
+        if route.buckets is None:
+            return []
+        bucket = route.buckets.peek(key)
+        return rate_limit_headers(route.name, bucket, self._clock(), True)
+
     def _admit(self, request: Request, route: RouteRuntime, client: str) -> list[tuple[str, str]]:
         """Body-size and rate-limit checks, before any upstream work."""
         buckets = route.buckets
@@ -343,13 +348,9 @@ class ProxyHandler:
         limit = route.config.max_body_bytes
         length = request.content_length
         if limit and length is not None and length > limit:
-            shown: dict[str, str] = {}
-            if buckets is not None:
-                # Every response on a limited route shows the limit
-                # (CONTRACT.md "Rate limits"); this refusal takes no token.
-                shown = dict(rate_limit_headers(route.name, buckets.peek(key), self._clock(), True))
             raise BodyTooLarge(
-                f"request body of {length} bytes is over the {limit} byte limit", shown
+                f"request body of {length} bytes is over the {limit} byte limit",
+                dict(self._shown_limits(route, key)),  # this refusal takes no token
             )
         if buckets is None:
             return []
@@ -360,13 +361,10 @@ class ProxyHandler:
             raise RateLimited("rate limit exceeded", dict(headers))
         return headers
 
-    def _error_response(
-        self, request: Request, error: GatewayError, rid: str, ex: _Exchange
-    ) -> Reply:
+    def _error_response(self, request: Request, error: GatewayError, rid: str) -> Reply:
         # A body left unread (refused before upload, or cut short) may still
         # be on its way: end the connection rather than read what nobody wants.
-        unread = request.body_exists and not request.content.at_eof()
-        return json_reply(error, rid, close=unread)
+        return json_reply(error, rid, close=not request.content.at_eof())
 
     async def _forward(
         self,
