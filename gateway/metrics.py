@@ -262,29 +262,18 @@ class Metrics:
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
 
-    def declare_route(self, route: str) -> None:
-        """Make the route's series exist at 0 from the moment it is loaded."""
-        self.request_bytes.labels(route)
-        self.response_bytes.labels(route)
-        self.rate_limited.labels(route)
-        self.duration.labels(route)
-
-    def declare_target(self, upstream: str, target: str) -> None:
-        self.upstream_in_flight.labels(upstream, target)
-        self.breaker_state.labels(upstream, target)
-        self.target_healthy.labels(upstream, target)
-        for outcome in ("ok", "error", "timeout"):
-            self.upstream_requests.labels(upstream, target, outcome)
-
     def forget_route(self, route: str) -> None:
         """A reload removed the route: its series leave /metrics (no unbounded
         growth across reloads; a route added back starts from 0, a counter
         reset Prometheus' rate() handles)."""
-        self.requests.remove_where("route", route)
-        for family in (self.request_bytes, self.response_bytes, self.rate_limited):
+        for family in (
+            self.requests,
+            self.request_bytes,
+            self.response_bytes,
+            self.rate_limited,
+            self.duration,
+        ):
             family.remove_where("route", route)
-        with contextlib.suppress(KeyError):
-            self.duration.remove(route)
 
     def forget_target(self, upstream: str, target: str) -> None:
         for outcome in ("ok", "error", "timeout"):
@@ -303,12 +292,10 @@ class Metrics:
 class RequestCounter:
     """`gateway_requests_total` for one route, its children cached.
 
-    `labels()` costs a lock and a dict lookup per call; caching the child per
-    (method, status) keeps that off the hot path. Methods come from clients,
-    so the cache is bounded (llhttp admits only registered methods anyway).
+    `labels()` builds a label tuple (with `str(status)`) per call; caching the
+    child per (method, status) keeps that off the hot path. Methods come from
+    clients, but llhttp admits only registered ones, so the cache stays small.
     """
-
-    _MAX_CACHED = 256
 
     def __init__(self, metrics: Metrics, route: str) -> None:
         self._requests = metrics.requests
@@ -320,6 +307,5 @@ class RequestCounter:
         counter = self._children.get(key)
         if counter is None:
             counter = self._requests.labels(self._route, method, str(status))
-            if len(self._children) < self._MAX_CACHED:
-                self._children[key] = counter
+            self._children[key] = counter
         counter.inc()

@@ -100,7 +100,6 @@ class Runtime:
         pools = {name: self._pool(up) for name, up in config.upstreams.items()}
         routes: dict[str, RouteRuntime] = {}
         for route in config.routes:
-            self.metrics.declare_route(route.name)
             routes[route.name] = RouteRuntime(
                 route, pools[route.upstream], self._buckets(route), self.metrics
             )
@@ -125,7 +124,6 @@ class Runtime:
             if target is None:
                 # New targets start in rotation (also under active checks, as
                 # Envoy does: the first probes take them out if needed).
-                self.metrics.declare_target(up.name, t.url)
                 target = Target(up.name, t.url, t.weight, up.breaker, self.metrics, self.clock)
                 self.targets[key] = target
             elif target.breaker_config != up.breaker:
