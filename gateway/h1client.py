@@ -47,9 +47,8 @@ from .headers import encode_head
 from .writeflow import WriteFlow
 
 # Unread response bytes above which the socket stops being read; reading
-# resumes below half (the same hysteresis as aiohttp's StreamReader).
+# resumes when the reader takes them (read_chunk takes the whole buffer).
 MAX_BUFFERED: Final = 1 << 20
-_LOW_WATER: Final = MAX_BUFFERED // 2
 # Below the common upstream idle timeouts (aiohttp 75 s, nginx 75 s) so we
 # close an idle connection before the target does.
 IDLE_TIMEOUT: Final = 60.0
@@ -226,7 +225,6 @@ class _Connection(WriteFlow):
         self._made = False
         self._parser = httptools.HttpResponseParser(self)
         self._state = _IDLE
-        self._lost = False
         self._error: H1Error | None = None
         # the exchange
         self._is_head = False
@@ -270,7 +268,6 @@ class _Connection(WriteFlow):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = True
         self._transport = None
         self._cancel_timer()
         state = self._state
@@ -374,10 +371,8 @@ class _Connection(WriteFlow):
         self._chunks.append(body)
         self._buffered += len(body)
         self._body_received += len(body)
-        if self._buffered > MAX_BUFFERED and not self._reading_paused:
-            self._reading_paused = True
-            if self._transport is not None:
-                self._transport.pause_reading()
+        if self._buffered > MAX_BUFFERED:
+            self._pause_reading()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -395,7 +390,7 @@ class _Connection(WriteFlow):
 
     def usable(self) -> bool:
         transport = self._transport
-        return not self._lost and transport is not None and not transport.is_closing()
+        return transport is not None and not transport.is_closing()
 
     def stale(self) -> bool:
         """Whether a failed exchange may go again on a fresh connection: this
@@ -554,10 +549,20 @@ class _Connection(WriteFlow):
             return None
         return splice.socket_fd(self._transport)
 
-    def hand_over(self) -> tuple[bytes, int]:
-        if not self._reading_paused and self._transport is not None:
+    def _pause_reading(self) -> None:
+        if not self._reading_paused:
             self._reading_paused = True
-            self._transport.pause_reading()
+            if self._transport is not None:
+                self._transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            if self._transport is not None:
+                self._transport.resume_reading()
+
+    def hand_over(self) -> tuple[bytes, int]:
+        self._pause_reading()
         chunks, self._chunks, self._buffered = self._chunks, [], 0
         return b"".join(chunks), self.unread()
 
@@ -567,10 +572,7 @@ class _Connection(WriteFlow):
         self._parser = httptools.HttpResponseParser(self)
         self._state = _DONE
         self._keep_alive = self._head_keep_alive
-        if self._reading_paused:
-            self._reading_paused = False
-            if self._transport is not None:
-                self._transport.resume_reading()
+        self._resume_reading()
 
     async def read_chunk(self) -> bytes:
         while True:
@@ -579,10 +581,7 @@ class _Connection(WriteFlow):
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 self._chunks = []
                 self._buffered = 0
-                if self._reading_paused:
-                    self._reading_paused = False
-                    if self._transport is not None:
-                        self._transport.resume_reading()
+                self._resume_reading()
                 return data
             if self._error is not None:
                 raise self._error
@@ -686,20 +685,22 @@ class _Connection(WriteFlow):
         self._chunks = []
         self._close_transport()
         self._cancel_timer()
-        task = self._body_task
+        self._cancel_body_task()
         self._body_task = None
-        if task is not None and not task.done() and task is not asyncio.current_task():
-            task.cancel()
         self._wake()
         self._pool.forget(self)
 
     def _fail(self, error: H1Error) -> None:
         self._set_error(error)
         self._close_transport()
+        self._cancel_body_task()
+        self._wake()
+
+    def _cancel_body_task(self) -> None:
+        """Stop the request body's sender, unless it is what is calling."""
         task = self._body_task
         if task is not None and not task.done() and task is not asyncio.current_task():
             task.cancel()
-        self._wake()
 
     def _set_error(self, error: H1Error) -> None:
         if self._error is None:  # the first cause wins

@@ -37,7 +37,7 @@ class Body:
     """A request body as it arrives, read with `readany()` (aiohttp's StreamReader API).
 
     Buffered bytes pause the client socket above `_BODY_HIGH`; the handler's
-    reads resume it below `_BODY_LOW`.
+    reads, which take the whole buffer, resume it.
     """
 
     __slots__ = ("_chunks", "_conn", "_eof", "_exc", "_size", "_waiter", "total_bytes")
