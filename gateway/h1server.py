@@ -121,6 +121,7 @@ class Connection(WriteFlow):
         # the head being parsed
         self._url = b""
         self._headers: list[tuple[str, str]] = []
+        self._head_size = 0  # the fields' lengths, each with ": " and CRLF
         self._stalled_bytes = 0  # fed since the last head, body or message end
         self._progress = False
         # slow-loris bookkeeping (see head_silent_for)
@@ -220,6 +221,7 @@ class Connection(WriteFlow):
         self.head_since = self._loop.time()
         self._url = b""
         self._headers = []
+        self._head_size = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -231,9 +233,9 @@ class Connection(WriteFlow):
             raise Limit(HeadersTooLarge("header field too large"))
         if len(self._headers) >= MAX_HEADERS:
             raise Limit(HeadersTooLarge("too many header fields"))
-        self._headers.append(
-            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-        )
+        field = name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
+        self._headers.append(field)
+        self._head_size += len(field[0]) + len(field[1]) + 4
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -247,7 +249,7 @@ class Connection(WriteFlow):
         version = (int(major), int(minor)) if major.isdigit() and minor.isdigit() else (0, 9)
         headers: CIMultiDict[str] = CIMultiDict(self._headers)
         raw_path = self._url.decode("utf-8", "surrogateescape")
-        error = vet_head(method, raw_path, version, headers, self._headers)
+        error = vet_head(method, raw_path, version, headers, self._head_size)
         if error is not None:
             raise Limit(error)
         length_text = headers.get("Content-Length")
@@ -410,12 +412,9 @@ class Connection(WriteFlow):
                 # A pipelined head arrived meanwhile: its silence counts from
                 # now, since the client was waiting for this response.
                 self.head_since = self._loop.time()
-        if not writer.keep_alive or self._lost:
-            self._close_after(request)
-            return False
-        if not request.content.is_eof():
-            # Answered before the body was read (e.g. 413): the rest of the
-            # body is unframed for us now.
+        if not writer.keep_alive or self._lost or not request.content.is_eof():
+            # Closing anyway, or answered before the body was read (e.g. 413):
+            # the rest of that body is unframed for us now.
             self._close_after(request)
             return False
         # A whole body the handler answered without reading (a preflight,

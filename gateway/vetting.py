@@ -49,9 +49,13 @@ def vet_head(
     target: str,
     version: tuple[int, int],
     headers: CIMultiDict[str],
-    raw_headers: list[tuple[str, str]],
+    head_size: int,
 ) -> GatewayError | None:
-    """What llhttp parsed but the gateway refuses, or None to go ahead."""
+    """What llhttp parsed but the gateway refuses, or None to go ahead.
+
+    `head_size` is the header fields' length, each counted with ": " and CRLF
+    (the parser adds it up as the fields arrive).
+    """
     if version not in ((1, 0), (1, 1)):
         if version in ((2, 0), (0, 9)):
             # llhttp accepts HTTP/0.9 (a bare "GET /") and HTTP/2.0 request
@@ -65,10 +69,7 @@ def vet_head(
         return ConnectRefused(
             "CONNECT is not supported: this is a gateway, not a forward proxy", {"Allow": ""}
         )
-    size = 0
-    for name, value in raw_headers:
-        size += len(name) + len(value) + 4  # ": " and CRLF
-    if size > MAX_HEAD_BYTES:
+    if head_size > MAX_HEAD_BYTES:
         return HeadersTooLarge("header section too large")
     hosts = headers.getall("Host", ())
     if len(hosts) > 1:
