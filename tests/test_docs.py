@@ -27,13 +27,9 @@ _EXTERNAL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")  # http:, https:, mailto:
 
 def _raw_structs() -> list[type[msgspec.Struct]]:
     """Every raw (as-written) table Struct of the loader."""
-    found = []
+    found: list[type[msgspec.Struct]] = []
     for value in vars(config).values():
-        if (
-            isinstance(value, type)
-            and issubclass(value, config._Raw)
-            and value is not config._Raw
-        ):
+        if isinstance(value, type) and issubclass(value, config._Raw) and value is not config._Raw:
             found.append(value)
     return found
 
