@@ -570,7 +570,7 @@ class ProxyHandler:
                 body.discard()
             if ex.body_error is not None:
                 raise ex.body_error from exc
-            raise self._translate(exc, target) from exc
+            raise self._translate(exc, target, rid) from exc
         # A gateway-made refusal of the body (413, client silent) wins over
         # whatever the target managed to answer meanwhile.
         if ex.body_error is not None:
@@ -578,8 +578,14 @@ class ProxyHandler:
             raise ex.body_error
         return upstream
 
-    def _translate(self, exc: BaseException, target: Target) -> _UpstreamFailed:
-        """Either upstream client's errors, mapped once to the contract's 502/504."""
+    def _translate(self, exc: BaseException, target: Target, rid: str) -> _UpstreamFailed:
+        """Either upstream client's errors, mapped once to the contract's 502/504.
+
+        The client learns the upstream's name, never the target's URL, address
+        or port (nor the exception's text, which carries them): those are
+        internal topology. The log line has them all, as nginx's error log has
+        "upstream: http://10.0.0.7:8080/" for the access log's 502.
+        """
         if isinstance(exc, H1ConnectError):
             connect, timed_out = True, exc.timed_out
         elif isinstance(exc, H1Error):
@@ -591,20 +597,29 @@ class ProxyHandler:
         else:
             connect, timed_out = isinstance(exc, aiohttp.ClientConnectorError), False
         error: GatewayError
+        upstream = _shown(target)
         if timed_out:
             target.timeout_counter.inc()
             error = UpstreamTimeout(
-                f"connect to {target.url} timed out"
+                f"connect to {upstream} timed out"
                 if connect
-                else f"{target.url} did not answer in time"
+                else f"{upstream} did not answer in time"
             )
         else:
             target.error_counter.inc()
             error = BadGateway(
-                f"cannot connect to {target.url}"
+                f"cannot connect to {upstream}"
                 if connect
-                else f"{target.url} failed before answering ({type(exc).__name__})"
+                else f"{upstream} failed before answering"
             )
+        log.warning(
+            "request %s: target %s: %s (%s: %s)",
+            rid,
+            target.url,
+            error.message,
+            type(exc).__name__,
+            exc,
+        )
         return _UpstreamFailed(error, connect_failed=connect)
 
     async def _body(self, request: Request, limit: int, ex: _Exchange) -> AsyncIterator[bytes]:
@@ -695,8 +710,18 @@ class ProxyHandler:
                 writer.start(upstream.status, upstream.reason or "", headers, hold=hold)
             except ValueError as exc:
                 # A CR or LF inside a header (the writer counts them): nothing
-                # was written yet, so 502 is honest.
-                raise BadGateway(f"the target's response head cannot be forwarded: {exc}") from exc
+                # was written yet, so 502 is honest. The detail (a header of
+                # the target's) is for the log only.
+                target = ex.target
+                log.warning(
+                    "request %s: target %s: response head not forwarded: %s",
+                    rid,
+                    target.url if target is not None else "-",
+                    exc,
+                )
+                raise BadGateway(
+                    f"the response head of {_shown(target)} cannot be forwarded"
+                ) from exc
             if (
                 isinstance(upstream, H1Response)
                 and splice.AVAILABLE
@@ -838,7 +863,9 @@ class _SplicedUpload(DirectBody):
                 _abort(request)
                 raise ConnectionResetError(f"client connection lost: {exc}") from exc
             except splice.SetupFailed as exc:
-                ex.body_error = GatewayError(f"cannot relay the request body: {exc}")
+                # The reason names descriptors of the target's connection: log only.
+                log.warning("cannot relay a request body: %s", exc)
+                ex.body_error = GatewayError("cannot relay the request body")
                 raise ex.body_error from exc
         finally:
             ex.bytes_in += received + relay.moved
@@ -855,6 +882,11 @@ def _invite_body(request: Request, ex: _Exchange) -> None:
         transport = request.transport
         if transport is not None:
             transport.write(_CONTINUE)
+
+
+def _shown(target: Target | None) -> str:
+    """How an error body names a target: by its upstream, never by URL or address."""
+    return f'upstream "{target.upstream}"' if target is not None else "the upstream"
 
 
 def _never() -> bool:
