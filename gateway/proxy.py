@@ -185,8 +185,11 @@ class ProxyHandler:
         self._live: set[_Exchange] = set()
 
     async def __call__(self, request: Request) -> Reply | None:
-        """Answer one request: a `Reply` for the server to write, or None once
-        the target's response has been streamed through `request.writer`."""
+        """Answer one request through `request.writer`; always None.
+
+        Gateway-made answers are written here too (`_send`), not returned to
+        the server, so that the access-log line, written last, knows the bytes
+        that really left."""
         snap = self._box.snapshot
         started = self._clock()
         rid = request_id(request.headers.get("X-Request-ID"), new_request_id)
