@@ -336,8 +336,9 @@ class ResponseWriter:
         """`count` body bytes went to the client's socket behind our back."""
         self.output_size += count
 
-    def send_reply(self, reply: Reply) -> None:
-        """A whole small response in one write."""
+    def send_reply(self, reply: Reply) -> int:
+        """A whole small response in one write; returns the body bytes sent
+        (none after a HEAD, or with a 204 or 304)."""
         if reply.close:
             self.keep_alive = False
         headers = reply.headers
@@ -347,7 +348,11 @@ class ResponseWriter:
         self.eof_sent = True
         held, self._held = self._held, None
         assert held is not None
-        self._send(held + reply.body if reply.body and not self._empty else held)
+        if reply.body and not self._empty:
+            self._send(held + reply.body)
+            return len(reply.body)
+        self._send(held)
+        return 0
 
 
 def reason_phrase(status: int) -> str:

@@ -115,6 +115,9 @@ class Connection(WriteFlow):
         self._client_eof = False
         self._lingering = False
         self.closing_after_response = False
+        # Why the server aborted this connection ("drain"), for the access log
+        # of the request it cut; None: not aborted by the server.
+        self.cut: str | None = None
         self.last_batch = False  # parsing stopped: close once the queue is answered
         self.idle_since = 0.0  # when the last response ended (keep-alive)
         self._body_error: GatewayError | None = None
@@ -437,12 +440,9 @@ class Connection(WriteFlow):
         headers["Connection"] = "close"
         status_line = f"HTTP/1.1 {error.status} {reason_phrase(error.status)}"
         transport.write(encode_head(status_line, headers.items()) + reply.body)
-        self._report(error, rid)
-
-    def _report(self, error: GatewayError, rid: str) -> None:
         hook = self._server.on_refusal
         if hook is not None:
-            hook(error, rid, self.remote)
+            hook(error, rid, self.remote, len(reply.body))
 
     def _close_after(self, request: Request) -> None:
         """Close once the response is out; linger if the body is still coming."""
@@ -564,7 +564,8 @@ class Connection(WriteFlow):
 
 
 Handler = Callable[[Request], Awaitable[Reply | None]]
-RefusalHook = Callable[[GatewayError, str, str], None]
+# (error, request id, client address, body bytes sent)
+RefusalHook = Callable[[GatewayError, str, str, int], None]
 
 
 class H1Server:
@@ -610,12 +611,18 @@ class H1Server:
         self._idle_waiters.append(waiter)
         await waiter
 
-    def abort_all(self) -> int:
-        """Abort every connection; returns how many had a request running."""
+    def abort_all(self, reason: str) -> int:
+        """Abort every connection; returns how many had a request running.
+
+        `reason` ("drain") is left on each connection first, so the handler
+        cancelled by the abort logs who cut its request instead of blaming
+        the client.
+        """
         busy = 0
         for conn in list(self.connections):
             if conn.busy():
                 busy += 1
+            conn.cut = reason
             conn._abort()
         return busy
 

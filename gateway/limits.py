@@ -176,6 +176,13 @@ def rate_limit_headers(
     X-RateLimit-* trio carries the same numbers for older clients; a refusal
     adds Retry-After (RFC 9110 section 10.2.3), whole seconds and at least 1,
     because "0" would invite an immediate retry that is refused again.
+
+    On a refusal, `X-RateLimit-Reset` is Retry-After's number, not the seconds
+    until full: clients of the classic headers (GitHub's, Twitter's) sleep
+    until the "reset" after a 429, and for a token bucket the wait that ends
+    the refusal is the next token, not a full bucket. Two numbers on one 429
+    that tell the client two different waits would be a contradiction; the
+    full-bucket time stays in `RateLimit`'s `t`.
     """
     burst = bucket.burst
     name, policy, limit = _fixed_parts(route, burst, bucket.rate)
@@ -196,7 +203,9 @@ def rate_limit_headers(
         ("X-RateLimit-Reset", reset),
     ]
     if not allowed:
-        headers.append(("Retry-After", str(max(1, _ceil(bucket.seconds_until_token(now))))))
+        retry_after = str(max(1, _ceil(bucket.seconds_until_token(now))))
+        headers[4] = ("X-RateLimit-Reset", retry_after)
+        headers.append(("Retry-After", retry_after))
     return headers
 
 

@@ -29,6 +29,7 @@ from gateway import systemd
 from gateway.config import AccessLogFormat
 
 __all__ = [
+    "AccessEntry",
     "AccessLog",
     "AccessLogFormat",
     "configure_logging",
@@ -143,6 +144,68 @@ def configure_logging(
 # --- access log ------------------------------------------------------------------------
 
 
+class AccessEntry:
+    """What one access-log line says about one request, filled in as it runs.
+
+    The proxy's per-request exchange object is one of these (it adds what only
+    the proxy needs), so the line is written from the exchange itself; a
+    request refused before the handler gets a bare one.
+
+    `cut` says who ended the request before its response was complete (the
+    line's `aborted` field): "client" (gone, or stopped reading), "upstream"
+    (the target failed after the response began), "drain" (still running at
+    `drain_timeout`), "shutdown" (still running at a second SIGTERM/SIGINT).
+    `status` is what the client got if a response began; else 499 for
+    "client" (nginx's "client closed request") and 503 for "drain" and
+    "shutdown" (the gateway ended it, like Envoy's 503 with a response flag).
+    `targets` and `upstream_status` have one item per attempt, in order, as
+    nginx's `$upstream_addr` and `$upstream_status` lists: None where the
+    attempt got no response head.
+    """
+
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "client",
+        "cut",
+        "error",
+        "method",
+        "path",
+        "request_id",
+        "route",
+        "started_at",
+        "status",
+        "targets",
+        "upstream_status",
+    )
+
+    def __init__(
+        self, request_id: str, client: str, method: str, path: str, started_at: float = 0.0
+    ) -> None:
+        self.request_id = request_id
+        self.client = client
+        self.method = method
+        self.path = path
+        self.started_at = started_at  # monotonic
+        self.route: str | None = None
+        self.status = 0  # 0 until the response is decided
+        self.bytes_in = 0
+        self.bytes_out = 0  # body bytes, without the head
+        self.error: str | None = None
+        self.cut: str | None = None
+        self.targets: list[str] = []
+        self.upstream_status: list[int | None] = []
+
+    def tried(self, target: str) -> None:
+        """An attempt on `target` begins (its status is filled in by `answered`)."""
+        self.targets.append(target)
+        self.upstream_status.append(None)
+
+    def answered(self, status: int) -> None:
+        """The current attempt's target sent a response head with `status`."""
+        self.upstream_status[-1] = status
+
+
 class _AccessRecord(msgspec.Struct, kw_only=True):
     """One JSON access-log line; the field order is the key order on the wire."""
 
@@ -159,6 +222,10 @@ class _AccessRecord(msgspec.Struct, kw_only=True):
     bytes_out: int
     duration_ms: float
     error: str | None
+    aborted: str | None
+    attempts: int
+    targets: list[str]
+    upstream_status: list[int | None]
 
 
 _encode = msgspec.json.Encoder().encode
@@ -191,13 +258,15 @@ class AccessLog:
     """One line per finished request on `stream` (stderr), as json, text, or nothing.
 
     json: `{"ts", "request_id", "client", "method", "path", "route", "target", "status",
-    "bytes_in", "bytes_out", "duration_ms", "error"}` in that order; `route`, `target` and
-    `error` are null when absent; `ts` is the ISO-8601 UTC time the line was written (the
-    request's end; its start is `ts - duration_ms`), left out under journald, whose entry
-    carries the time.
+    "bytes_in", "bytes_out", "duration_ms", "error", "aborted", "attempts", "targets",
+    "upstream_status"}` in that order; `route`, `target`, `error` and `aborted` are null
+    when absent; `target` is the last target tried; `ts` is the ISO-8601 UTC time the
+    line was written (the request's end; its start is `ts - duration_ms`), left out under
+    journald, whose entry carries the time. See `AccessEntry` for the meaning of each.
 
-    text: `[TS ]CLIENT "METHOD PATH" STATUS in=N out=N 7.1ms route=R target=T id=ID[ error=E]`
-    with "-" for an absent route or target.
+    text: `[TS ]CLIENT "METHOD PATH" STATUS in=N out=N 7.1ms route=R target=T id=ID[ error=E]
+    [ aborted=A][ attempts=N targets=T1,T2 upstream_status=S1,S2]` with "-" for an absent
+    route, target or upstream status; the attempts part only when there was a retry.
 
     off: `write()` returns at once; callers on the hot path may test `enabled` first to
     skip gathering the arguments.
@@ -252,23 +321,43 @@ class AccessLog:
         duration: float,
         error: str | None = None,
     ) -> None:
+        """Log one finished request from its fields (one attempt at most); see `record`."""
+        if not self.enabled:
+            return
+        entry = AccessEntry(request_id, client, method, path)
+        entry.route = route
+        if target is not None:
+            entry.tried(target)
+        entry.status = status
+        entry.bytes_in = bytes_in
+        entry.bytes_out = bytes_out
+        entry.error = error
+        self.record(entry, duration)
+
+    def record(self, entry: AccessEntry, duration: float) -> None:
         """Log one finished request; `duration` is in seconds. Never raises."""
         if not self.enabled:
             return
+        targets = entry.targets
+        target = targets[-1] if targets else None
         if self.fmt == "json":
             record = _AccessRecord(
                 ts=msgspec.UNSET if self._journald else self._timestamp(),
-                request_id=request_id,
-                client=client,
-                method=method,
-                path=path,
-                route=route,
+                request_id=entry.request_id,
+                client=entry.client,
+                method=entry.method,
+                path=entry.path,
+                route=entry.route,
                 target=target,
-                status=status,
-                bytes_in=bytes_in,
-                bytes_out=bytes_out,
+                status=entry.status,
+                bytes_in=entry.bytes_in,
+                bytes_out=entry.bytes_out,
                 duration_ms=round(duration * 1000, 3),
-                error=error,
+                error=entry.error,
+                aborted=entry.cut,
+                attempts=len(targets),
+                targets=targets,
+                upstream_status=entry.upstream_status,
             )
             try:
                 data = _encode(record)
@@ -277,20 +366,37 @@ class AccessLog:
                     value = getattr(record, field)
                     if value is not None:
                         setattr(record, field, _unsurrogate(value))
+                record.targets = [_unsurrogate(t) for t in targets]
                 data = _encode(record)
             line = data.decode() + "\n"
         else:
             line = (
-                f'{_bare(client)} "{_escape(method)} {_escape(path)}" {status} in={bytes_in} '
-                f"out={bytes_out} {duration * 1000:.1f}ms route={_bare(route)} "
-                f"target={_bare(target)} id={_bare(request_id)}"
+                f'{_bare(entry.client)} "{_escape(entry.method)} {_escape(entry.path)}" '
+                f"{entry.status} in={entry.bytes_in} out={entry.bytes_out} "
+                f"{duration * 1000:.1f}ms route={_bare(entry.route)} "
+                f"target={_bare(target)} id={_bare(entry.request_id)}"
             )
-            if error is not None:
-                line += f" error={_bare(error)}"
+            if entry.error is not None:
+                line += f" error={_bare(entry.error)}"
+            if entry.cut is not None:
+                line += f" aborted={_bare(entry.cut)}"
+            if len(targets) > 1:
+                statuses = ",".join("-" if s is None else str(s) for s in entry.upstream_status)
+                line += (
+                    f" attempts={len(targets)} targets={_bare(','.join(targets))}"
+                    f" upstream_status={statuses}"
+                )
             line = f"{line}\n" if self._journald else f"{self._timestamp()} {line}\n"
         try:  # noqa: SIM105 - a bare try costs less than contextlib.suppress per request
             self._stream.write(line)
         except (OSError, ValueError):
             # stderr gone (EPIPE after journald restarted, closed file): there is nowhere
             # left to report it, and a log line must never fail the request it describes.
+            pass
+
+    def flush(self) -> None:
+        """Push buffered lines out now: the process is about to `os._exit()`."""
+        try:  # noqa: SIM105 - as in record()
+            self._stream.flush()
+        except (OSError, ValueError):
             pass

@@ -55,7 +55,7 @@ from gateway.headers import (
     upstream_request_headers,
 )
 from gateway.limits import rate_limit_headers
-from gateway.log import AccessLog
+from gateway.log import AccessEntry, AccessLog
 from gateway.metrics import Metrics, RequestCounter
 from gateway.retry import backoff, may_retry
 from gateway.routing import forward_path
@@ -68,6 +68,9 @@ log = logging.getLogger("gateway.proxy")
 GATEWAY_FAILURE_STATUSES: Final = frozenset({502, 503, 504})
 # nginx's code for "client closed the request before the response": logs only.
 CLIENT_CLOSED: Final = 499
+# What the log says of a request the gateway itself cut (drain, shutdown)
+# before its response began: the status a client asking now would get.
+SERVER_CUT: Final = 503
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 # RFC 9110 5.5: no CTL but HTAB in a field value (or a name).
 _CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -80,26 +83,26 @@ class SnapshotBox:
         self.snapshot = snapshot
 
 
-class _Exchange:
-    """Per-request bookkeeping, filled in as the request moves along."""
+class _Exchange(AccessEntry):
+    """Per-request bookkeeping, filled in as the request moves along; the
+    access-log line is written from it (`AccessEntry` holds what it says)."""
 
     __slots__ = (
         "aborted",
         "body_error",
         "body_started",
-        "bytes_in",
-        "bytes_out",
         "expect_continue",
-        "method",
+        "request",
         "target",
     )
 
-    def __init__(self, method: str) -> None:
-        self.method = method
-        self.aborted = False
+    def __init__(
+        self, request: Request, rid: str, client: str, method: str, started_at: float
+    ) -> None:
+        super().__init__(rid, client, method, request.raw_path, started_at)
+        self.request = request
+        self.aborted = False  # the target failed after the response began
         self.expect_continue = False  # a 100 is owed before the body is read
-        self.bytes_in = 0
-        self.bytes_out = 0
         self.body_started = False
         self.body_error: GatewayError | None = None
         self.target: Target | None = None
@@ -178,10 +181,15 @@ class ProxyHandler:
         self._clock = clock
         # Requests that matched no route (or were refused before routing).
         self._count_unrouted = RequestCounter(metrics, "").count
+        # The requests running now: a second SIGTERM logs them before exiting.
+        self._live: set[_Exchange] = set()
 
     async def __call__(self, request: Request) -> Reply | None:
-        """Answer one request: a `Reply` for the server to write, or None once
-        the target's response has been streamed through `request.writer`."""
+        """Answer one request through `request.writer`; always None.
+
+        Gateway-made answers are written here too (`_send`), not returned to
+        the server, so that the access-log line, written last, knows the bytes
+        that really left."""
         snap = self._box.snapshot
         started = self._clock()
         rid = request_id(request.headers.get("X-Request-ID"), new_request_id)
@@ -195,9 +203,9 @@ class ProxyHandler:
         authority, raw_path, raw_query = split_target(request.raw_path)
         host = authority if authority is not None else headers.get(hdrs.HOST)
         method = request.method
-        ex = _Exchange(method)
+        ex = _Exchange(request, rid, client, method, started)
+        self._live.add(ex)
         route: RouteRuntime | None = None
-        status = CLIENT_CLOSED
         error_code: str | None = None
         cors_headers: list[tuple[str, str]] = []
         limit_headers: list[tuple[str, str]] = []
@@ -207,16 +215,16 @@ class ProxyHandler:
                 if request.raw_path[0] != "/" and asks_about_the_server(method, request.raw_path):
                     # The gateway is that server: no route serves "*", and
                     # forwarding it would pick a target at random.
-                    status = 200
-                    return Reply(200, headers=CIMultiDict({"X-Request-ID": rid}))
+                    return self._send(ex, Reply(200, headers=CIMultiDict({"X-Request-ID": rid})))
                 if method == "OPTIONS" and is_preflight(method, headers):
                     preflight = self._preflight(snap, host, raw_path, headers, rid, client)
                     if preflight is not None:
                         route, answer = preflight
-                        status = answer.status
-                        return answer
+                        ex.route = route.name
+                        return self._send(ex, answer)
                 route_config = snap.table.match(method, host, raw_path, headers)
                 route = snap.routes[route_config.name]
+                ex.route = route.name
                 if route.cors is not None:
                     cors_headers = route.cors.response_headers(headers)
                 limit_headers = self._admit(request, route, client)
@@ -256,10 +264,22 @@ class ProxyHandler:
                     # Without them the browser hides the error (and its
                     # Retry-After) from the page.
                     merge_headers(response.headers, cors_headers)
-            status = response.status if response is not None else request.writer.status
-            return response
+            if response is not None:
+                ex.error = error_code
+                return self._send(ex, response)
+            ex.status = request.writer.status
+            if ex.aborted:
+                ex.error, ex.cut = "upstream_aborted", "upstream"
+            return None
         finally:
+            self._live.discard(ex)
+            if not ex.status:
+                # Cancelled or failed before the response was whole: the
+                # server aborted it (drain), or else the client went away.
+                ex.cut = request.connection.cut or "client"
+                ex.status = _cut_status(ex)
             duration = self._clock() - started
+            status = ex.status
             if route is not None:
                 route.count(method, status)
                 route.duration.observe(duration)
@@ -269,20 +289,28 @@ class ProxyHandler:
                     route.bytes_out.inc(ex.bytes_out)
             else:
                 self._count_unrouted(method, status)
-            if self._access_log.enabled:  # eleven keyword arguments are not free
-                self._access_log.write(
-                    request_id=rid,
-                    client=client,
-                    method=method,
-                    path=request.raw_path,
-                    route=route.name if route is not None else None,
-                    target=ex.target.url if ex.target is not None else None,
-                    status=status,
-                    bytes_in=ex.bytes_in,
-                    bytes_out=ex.bytes_out,
-                    duration=duration,
-                    error=error_code if not ex.aborted else "upstream_aborted",
-                )
+            self._access_log.record(ex, duration)
+
+    @staticmethod
+    def _send(ex: _Exchange, reply: Reply) -> None:
+        """Write a gateway-made response now, so that its line counts the body
+        bytes that really left (none after a HEAD, or if the client is gone)."""
+        ex.bytes_out += ex.request.writer.send_reply(reply)
+        ex.status = reply.status
+
+    def log_in_flight(self, cut: str) -> int:
+        """Write the line of every request still running, as cut by `cut`;
+        returns how many. For a second SIGTERM/SIGINT, which exits at once
+        without unwinding the handlers that would otherwise write them."""
+        now = self._clock()
+        live = list(self._live)
+        self._live.clear()
+        for ex in live:
+            ex.cut = cut
+            ex.status = _cut_status(ex)
+            self._access_log.record(ex, now - ex.started_at)
+        self._access_log.flush()
+        return len(live)
 
     def _preflight(
         self,
@@ -316,22 +344,15 @@ class ProxyHandler:
         response.headers["X-Request-ID"] = rid
         return route, response
 
-    def record_refusal(self, error: GatewayError, rid: str, client: str) -> None:
-        """A request refused before it reached this handler (see h1server.py)."""
+    def record_refusal(self, error: GatewayError, rid: str, client: str, bytes_out: int) -> None:
+        """A request refused before it reached this handler (see h1server.py),
+        whose JSON body of `bytes_out` bytes was sent."""
         self._count_unrouted("", error.status)
-        self._access_log.write(
-            request_id=rid,
-            client=client,
-            method="-",
-            path="-",
-            route=None,
-            target=None,
-            status=error.status,
-            bytes_in=0,
-            bytes_out=0,
-            duration=0.0,
-            error=error.code,
-        )
+        entry = AccessEntry(rid, client, "-", "-")
+        entry.status = error.status
+        entry.bytes_out = bytes_out
+        entry.error = error.code
+        self._access_log.record(entry, 0.0)
 
     def _shown_limits(self, route: RouteRuntime, key: str) -> list[tuple[str, str]]:
         """The rate-limit headers of a response that takes no token: every
@@ -513,6 +534,7 @@ class ProxyHandler:
         has_body: bool,
     ) -> aiohttp.ClientResponse | H1Response:
         """Send one attempt; return once the target's response head is in."""
+        ex.tried(target.url)
         config = route.config
         headers: CIMultiDict[str] = upstream_request_headers(
             request.headers,
@@ -570,16 +592,23 @@ class ProxyHandler:
                 body.discard()
             if ex.body_error is not None:
                 raise ex.body_error from exc
-            raise self._translate(exc, target) from exc
+            raise self._translate(exc, target, rid) from exc
         # A gateway-made refusal of the body (413, client silent) wins over
         # whatever the target managed to answer meanwhile.
+        ex.answered(upstream.status)
         if ex.body_error is not None:
             upstream.close()
             raise ex.body_error
         return upstream
 
-    def _translate(self, exc: BaseException, target: Target) -> _UpstreamFailed:
-        """Either upstream client's errors, mapped once to the contract's 502/504."""
+    def _translate(self, exc: BaseException, target: Target, rid: str) -> _UpstreamFailed:
+        """Either upstream client's errors, mapped once to the contract's 502/504.
+
+        The client learns the upstream's name, never the target's URL, address
+        or port (nor the exception's text, which carries them): those are
+        internal topology. The log line has them all, as nginx's error log has
+        "upstream: http://10.0.0.7:8080/" for the access log's 502.
+        """
         if isinstance(exc, H1ConnectError):
             connect, timed_out = True, exc.timed_out
         elif isinstance(exc, H1Error):
@@ -591,20 +620,29 @@ class ProxyHandler:
         else:
             connect, timed_out = isinstance(exc, aiohttp.ClientConnectorError), False
         error: GatewayError
+        upstream = _shown(target)
         if timed_out:
             target.timeout_counter.inc()
             error = UpstreamTimeout(
-                f"connect to {target.url} timed out"
+                f"connect to {upstream} timed out"
                 if connect
-                else f"{target.url} did not answer in time"
+                else f"{upstream} did not answer in time"
             )
         else:
             target.error_counter.inc()
             error = BadGateway(
-                f"cannot connect to {target.url}"
+                f"cannot connect to {upstream}"
                 if connect
-                else f"{target.url} failed before answering ({type(exc).__name__})"
+                else f"{upstream} failed before answering"
             )
+        log.warning(
+            "request %s: target %s: %s (%s: %s)",
+            rid,
+            target.url,
+            error.message,
+            type(exc).__name__,
+            exc,
+        )
         return _UpstreamFailed(error, connect_failed=connect)
 
     async def _body(self, request: Request, limit: int, ex: _Exchange) -> AsyncIterator[bytes]:
@@ -695,8 +733,18 @@ class ProxyHandler:
                 writer.start(upstream.status, upstream.reason or "", headers, hold=hold)
             except ValueError as exc:
                 # A CR or LF inside a header (the writer counts them): nothing
-                # was written yet, so 502 is honest.
-                raise BadGateway(f"the target's response head cannot be forwarded: {exc}") from exc
+                # was written yet, so 502 is honest. The detail (a header of
+                # the target's) is for the log only.
+                target = ex.target
+                log.warning(
+                    "request %s: target %s: response head not forwarded: %s",
+                    rid,
+                    target.url if target is not None else "-",
+                    exc,
+                )
+                raise BadGateway(
+                    f"the response head of {_shown(target)} cannot be forwarded"
+                ) from exc
             if (
                 isinstance(upstream, H1Response)
                 and splice.AVAILABLE
@@ -838,7 +886,9 @@ class _SplicedUpload(DirectBody):
                 _abort(request)
                 raise ConnectionResetError(f"client connection lost: {exc}") from exc
             except splice.SetupFailed as exc:
-                ex.body_error = GatewayError(f"cannot relay the request body: {exc}")
+                # The reason names descriptors of the target's connection: log only.
+                log.warning("cannot relay a request body: %s", exc)
+                ex.body_error = GatewayError("cannot relay the request body")
                 raise ex.body_error from exc
         finally:
             ex.bytes_in += received + relay.moved
@@ -855,6 +905,20 @@ def _invite_body(request: Request, ex: _Exchange) -> None:
         transport = request.transport
         if transport is not None:
             transport.write(_CONTINUE)
+
+
+def _shown(target: Target | None) -> str:
+    """How an error body names a target: by its upstream, never by URL or address."""
+    return f'upstream "{target.upstream}"' if target is not None else "the upstream"
+
+
+def _cut_status(ex: _Exchange) -> int:
+    """The logged status of a request cut short: what the client got if its
+    response began, else 499 (client gone, as nginx) or 503 (cut by us)."""
+    writer = ex.request.writer
+    if writer.started:
+        return writer.status
+    return CLIENT_CLOSED if ex.cut == "client" else SERVER_CUT
 
 
 def _never() -> bool:

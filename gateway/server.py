@@ -80,6 +80,7 @@ class Gateway:
         self.admin_addresses: list[str] = []
         self._admin_runner: web.AppRunner | None = None
         self._proxy_server: H1Server | None = None
+        self._handler: ProxyHandler | None = None
         self._listeners: list[asyncio.AbstractServer] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.reloader: Reloader | None = None
@@ -112,6 +113,7 @@ class Gateway:
         self.metrics.config_last_reload_success.set(time.time())
         self.health.sync(self.box.snapshot)
         handler = ProxyHandler(self.box, self.metrics, self.access_log, self._client_timeout)
+        self._handler = handler
         self._proxy_server = H1Server(handler, on_refusal=handler.record_refusal)
         inherited = self._inherited_sockets()
         admin_fds = [fd for fd, name in inherited if name == "admin"]
@@ -251,7 +253,14 @@ class Gateway:
         if self._signals > 1:
             # stderr is line-buffered (and logging flushes each record), so
             # nothing already logged is lost by skipping interpreter shutdown.
-            log.warning("second %s: exiting now, without finishing the drain", name)
+            # The requests still running get their access-log line here: their
+            # handlers will never unwind to write it.
+            cut = self._handler.log_in_flight("shutdown") if self._handler is not None else 0
+            log.warning(
+                "second %s: exiting now, without finishing the drain (%d request(s) cut)",
+                name,
+                cut,
+            )
             os._exit(EXIT_FORCED_BASE + signum)
         log.info("%s: draining", name)
         # /readyz answers 503 from this moment, before the loop gets to drain().
@@ -303,7 +312,7 @@ class Gateway:
             # abort(), not close(): close() would wait to flush to a client
             # that may not be reading. connection_lost then cancels the
             # handler, which cancels its upstream request.
-            aborted = server.abort_all()
+            aborted = server.abort_all("drain")
             try:
                 async with asyncio.timeout(_ABORT_GRACE):
                     await server.shutdown()

@@ -240,6 +240,39 @@ def test_headers_on_a_refused_request_add_retry_after() -> None:
     ]
 
 
+def test_a_429s_reset_is_its_retry_after_not_the_seconds_until_full() -> None:
+    # burst 3 at 1/s, emptied: the next token is 1 s away, a full bucket 3 s.
+    bucket = TokenBucket(rate=1.0, burst=3)
+    for _ in range(3):
+        assert bucket.take(0.0)
+    assert not bucket.take(0.0)
+    headers = dict(rate_limit_headers("r", bucket, 0.0, False))
+    assert headers["Retry-After"] == "1"
+    assert headers["X-RateLimit-Reset"] == "1"
+    assert headers["RateLimit"] == '"r";r=0;t=3'  # the draft's t stays "until full"
+
+
+@given(
+    rate=st.floats(0.01, 1000.0),
+    burst=st.integers(1, 1000),
+    extra=st.integers(1, 50),
+    later=st.floats(0.0, 5.0),
+)
+def test_every_429_has_one_wait_in_reset_and_retry_after(
+    rate: float, burst: int, extra: int, later: float
+) -> None:
+    bucket = TokenBucket(rate, burst)
+    for _ in range(burst + extra):
+        bucket.take(0.0)
+    if bucket.take(later):
+        return  # refilled by `later`: no refusal to look at
+    headers = dict(rate_limit_headers("r", bucket, later, False))
+    assert headers["X-RateLimit-Reset"] == headers["Retry-After"]
+    assert int(headers["Retry-After"]) == max(
+        1, math.ceil(bucket.seconds_until_token(later) - 1e-9)
+    )
+
+
 def test_retry_after_is_at_least_one_second() -> None:
     bucket = TokenBucket(rate=1000.0, burst=1)
     assert bucket.take(0.0)
@@ -282,6 +315,7 @@ SF_STRING = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*"'
     later=st.floats(0.0, 100.0),
 )
 @example(route="x", rate=0.3, burst=1, takes=2, later=0.0)
+@example(route="x", rate=1.0, burst=3, takes=4, later=0.0)  # the issue's 429: Reset 3, Retry 1
 def test_headers_are_consistent(
     route: str, rate: float, burst: int, takes: int, later: float
 ) -> None:
@@ -310,9 +344,11 @@ def test_headers_are_consistent(
     assert 0 <= r <= q
     assert r == int(values["X-RateLimit-Remaining"])
     assert 0 <= t <= w
-    assert t == int(values["X-RateLimit-Reset"])
     if allowed:
+        assert t == int(values["X-RateLimit-Reset"])
         assert "Retry-After" not in values
     else:
         assert names[5:] == ["Retry-After"]
         assert 1 <= int(values["Retry-After"]) <= max(1, t)
+        # One wait per 429: the classic reset is the Retry-After.
+        assert values["X-RateLimit-Reset"] == values["Retry-After"]

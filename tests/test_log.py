@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from gateway import log
-from gateway.log import AccessLog, configure_logging
+from gateway.log import AccessEntry, AccessLog, configure_logging
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,11 +63,60 @@ def test_json_line_has_every_key_in_order() -> None:
         "bytes_out": 12,
         "duration_ms": 7.123,
         "error": None,
+        "aborted": None,
+        "attempts": 1,
+        "targets": ["http://127.0.0.1:9001"],
+        "upstream_status": [None],
     }
     assert list(json.loads(line)) == [
         "ts", "request_id", "client", "method", "path", "route", "target",
         "status", "bytes_in", "bytes_out", "duration_ms", "error",
+        "aborted", "attempts", "targets", "upstream_status",
     ]  # fmt: skip
+
+
+def _retried_entry() -> AccessEntry:
+    entry = AccessEntry("abc", "127.0.0.1", "GET", "/x", started_at=3.0)
+    entry.route = "users"
+    entry.tried("http://10.0.0.1:9001")
+    entry.tried("http://10.0.0.2:9001")
+    entry.answered(200)
+    entry.status = 200
+    entry.bytes_out = 5
+    return entry
+
+
+def test_json_line_shows_every_attempt_with_its_target_and_status() -> None:
+    stream = io.StringIO()
+    AccessLog("json", stream, clock=lambda: NOW).record(_retried_entry(), 0.002)
+    record = json.loads(stream.getvalue())
+    assert record["target"] == "http://10.0.0.2:9001"  # the one that answered
+    assert record["attempts"] == 2
+    assert record["targets"] == ["http://10.0.0.1:9001", "http://10.0.0.2:9001"]
+    assert record["upstream_status"] == [None, 200]  # the first got no response head
+    assert record["aborted"] is None
+
+
+def test_text_line_shows_retries_and_who_cut_the_request() -> None:
+    entry = _retried_entry()
+    entry.cut = "drain"
+    stream = io.StringIO()
+    AccessLog("text", stream, journald=True).record(entry, 0.002)
+    assert stream.getvalue() == (
+        '127.0.0.1 "GET /x" 200 in=0 out=5 2.0ms route=users target=http://10.0.0.2:9001 '
+        "id=abc aborted=drain attempts=2 targets=http://10.0.0.1:9001,http://10.0.0.2:9001 "
+        "upstream_status=-,200\n"
+    )
+
+
+def test_a_request_without_attempts_logs_empty_lists() -> None:
+    stream = io.StringIO()
+    entry = AccessEntry("r", "::1", "GET", "/")
+    entry.status, entry.error = 404, "no_route"
+    AccessLog("json", stream, journald=True).record(entry, 0.0)
+    record = json.loads(stream.getvalue())
+    assert (record["target"], record["attempts"], record["targets"]) == (None, 0, [])
+    assert record["upstream_status"] == []
 
 
 def test_json_line_under_journald_has_no_timestamp() -> None:

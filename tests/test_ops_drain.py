@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from pathlib import Path
@@ -169,3 +170,36 @@ async def test_a_second_signal_during_the_drain_exits_at_once_with_128_plus_sign
     finally:
         stall.release.set()
     assert f"second {signum.name}: exiting now" in gw.stderr()
+
+
+@pytest.mark.parametrize("partial", [False, True], ids=["before-response", "mid-response"])
+async def test_a_second_signal_still_logs_one_line_per_request_it_cuts(
+    tmp_path: Path, start_upstream: UpstreamFactory, partial: bool
+) -> None:
+    stall = Stall(partial)
+    target = upstream_url(await start_upstream(stall.app()))
+    try:
+        async with (
+            run_gateway(tmp_path, config(target, drain_timeout=30.0)) as gw,
+            aiohttp.ClientSession(timeout=TIMEOUT) as session,
+        ):
+            running = asyncio.create_task(fetch(session, gw.url + "/slow"))
+            async with asyncio.timeout(10):
+                await stall.arrived.wait()
+            gw.send(signal.SIGTERM)
+            await gw.notify.next("STOPPING=1")
+            gw.send(signal.SIGTERM)
+            assert await gw.wait() == 128 + signal.SIGTERM
+            with pytest.raises(aiohttp.ClientError):
+                await running
+    finally:
+        stall.release.set()
+    log = gw.stderr()
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, log
+    (line,) = lines
+    assert (line["path"], line["aborted"]) == ("/slow", "shutdown")
+    # What the client got if its response began; else 503 (cut by us, not by it).
+    assert line["status"] == (200 if partial else 503)
+    assert line["targets"] == [target]
+    assert "second SIGTERM: exiting now, without finishing the drain (1 request(s) cut)" in log
