@@ -72,6 +72,26 @@ async def test_check_lists_every_error_by_key_and_exits_1(tmp_path: Path) -> Non
     assert lines[-1] == f"{broken}: {len(BROKEN_KEYS)} error(s)"
 
 
+async def test_check_shows_the_line_and_a_guess_for_a_typo(tmp_path: Path) -> None:
+    typo = tmp_path / "typo.toml"
+    typo.write_text(
+        "[upstreams.users]\n"
+        'targets = ["http://127.0.0.1:9"]\n'
+        "\n"
+        "[[routes]]\n"
+        'name = "users-api"\n'
+        'path = "/api/users"\n'
+        'methods = ["GTE"]\n'
+        'upstream = "users"\n'
+    )
+    status, out, err = await run_to_exit(tmp_path, [*GATEWAY, "check", "-c", str(typo)])
+    assert (status, out) == (1, "")
+    assert err.splitlines() == [
+        'routes[0] ("users-api").methods[0]: unknown method "GTE" (line 7); did you mean "GET"?',
+        f"{typo}: 1 error(s)",
+    ]
+
+
 async def test_run_refuses_to_start_on_a_broken_config(tmp_path: Path) -> None:
     broken = tmp_path / "broken.toml"
     broken.write_text(BROKEN)
