@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import sys
 from pathlib import Path
 
 import pytest
 
+import gateway
 from gateway.cli import config_path
 from tests.gateway_process import REPO, config_text, run_gateway, run_to_exit
 
@@ -123,6 +125,12 @@ async def test_an_address_in_use_fails_the_start_with_exit_1(tmp_path: Path) -> 
     assert "cannot start: " in err
     assert "address already in use" in err
     assert "Traceback" not in err
+
+
+async def test_version_prints_the_package_version_and_exits_0(tmp_path: Path) -> None:
+    status, out, err = await run_to_exit(tmp_path, [*GATEWAY, "--version"])
+    assert (status, out, err) == (0, f"gateway {gateway.__version__}\n", "")
+    assert re.fullmatch(r"gateway [0-9]+\.[0-9]+\.[0-9]+\n", out)
 
 
 async def test_usage_errors_exit_2(tmp_path: Path) -> None:
