@@ -1,4 +1,4 @@
-"""`gateway run` / `gateway check`: config path, event loop, exit codes.
+"""`gateway run` / `gateway check` / `gateway --version`: config path, event loop, exit codes.
 
 Exit codes: 0 config valid (`check`) or clean drain after SIGTERM/SIGINT
 (`run`); 1 config error, or the gateway cannot start (address in use, bad
@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from typing import Final
 
+from gateway import __version__
 from gateway.config import DEFAULT_CONFIG_PATH, ConfigError, load, summary
 from gateway.log import configure_logging
 
@@ -31,8 +33,17 @@ def config_path(explicit: str | None) -> str:
     return explicit or os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG_PATH
 
 
+def version() -> str:
+    """The installed distribution's version; the package's own when run from a checkout."""
+    try:
+        return importlib.metadata.version("gateway")
+    except importlib.metadata.PackageNotFoundError:
+        return __version__
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="Streaming HTTP API gateway.")
+    parser.add_argument("--version", action="version", version=f"gateway {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("run", "serve"), ("check", "validate the config only")):
         cmd = sub.add_parser(name, help=text)

@@ -2,7 +2,9 @@
 
 `load(path)` / `parse(text)` return one immutable `Config` or raise
 `ConfigError` carrying *every* problem found, each naming its key path
-(`routes[2] ("users-api").upstream: unknown upstream "userz"`).
+(`routes[2] ("users-api").upstream: unknown upstream "userz"`), then, where
+they can be found, the line the key is on and the nearest valid spelling:
+`... unknown upstream "userz" (line 14); did you mean "users"?`.
 
 The Structs below are the *resolved* view: `[defaults]` already folded into
 every route, targets normalised to `TargetConfig`, tuples instead of lists.
@@ -10,17 +12,21 @@ every route, targets normalised to `TargetConfig`, tuples instead of lists.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import ipaddress
 import json
 import math
 import re
 import tomllib
+from collections.abc import Iterable
 from typing import Any, Final, Literal, TypeVar, get_args
 
 import msgspec
 import yarl
 from msgspec import UNSET, UnsetType
+
+from gateway.tomllines import key_lines, line_of
 
 BalancerName = Literal["round_robin", "weighted", "least_connections", "ip_hash"]
 AccessLogFormat = Literal["json", "text", "off"]
@@ -222,6 +228,66 @@ _CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _AT: Final = re.compile(r"(?P<message>.*) - at `\$(?P<where>.*)`", re.DOTALL)
 _UNKNOWN: Final = re.compile(r"Object contains unknown field `(?P<key>.*)`", re.DOTALL)
 _FIRST_KEY: Final = re.compile(r"\.(?P<key>[A-Za-z0-9_]+)")
+# One segment of an error's key path, as `_key` and msgspec write them: `.name`,
+# `."quoted name"`, `[3]`, and the ` ("route-name")` shown after `routes[N]`.
+_SEGMENT: Final = re.compile(
+    r'\.?(?:(?P<bare>[A-Za-z0-9_-]+)|(?P<quoted>"(?:[^"\\]|\\.)*"))'
+    r'|\[(?P<index>[0-9]+)\]|(?P<label> \("(?:[^"\\]|\\.)*"\))'
+)
+
+# RFC 9110 section 9.3 and RFC 5789 (PATCH): the methods a misspelt one was meant to be.
+_STANDARD_METHODS: Final = (
+    "GET",
+    "HEAD",
+    "POST",
+    "PUT",
+    "DELETE",
+    "CONNECT",
+    "OPTIONS",
+    "TRACE",
+    "PATCH",
+)
+# The IANA HTTP Method Registry (RFC 9110 section 16.1.1), plus PURGE (Varnish,
+# nginx's proxy_cache_purge): taken as written, never as a typo of a standard one
+# (PROPPATCH is no misspelt PATCH).
+_REGISTERED_METHODS: Final = frozenset(
+    (
+        *_STANDARD_METHODS,
+        "ACL",
+        "BASELINE-CONTROL",
+        "BIND",
+        "CHECKIN",
+        "CHECKOUT",
+        "COPY",
+        "LABEL",
+        "LINK",
+        "LOCK",
+        "MERGE",
+        "MKACTIVITY",
+        "MKCALENDAR",
+        "MKCOL",
+        "MKREDIRECTREF",
+        "MKWORKSPACE",
+        "MOVE",
+        "ORDERPATCH",
+        "PRI",
+        "PROPFIND",
+        "PROPPATCH",
+        "QUERY",
+        "REBIND",
+        "REPORT",
+        "SEARCH",
+        "UNBIND",
+        "UNCHECKOUT",
+        "UNLINK",
+        "UNLOCK",
+        "UPDATE",
+        "UPDATEREDIRECTREF",
+        "VERSION-CONTROL",
+        "PURGE",
+    )
+)
+_RATE_LIMIT_KEYS: Final = ("client_ip", "route")
 
 _S = TypeVar("_S", bound=msgspec.Struct)
 _T = TypeVar("_T")
@@ -251,6 +317,50 @@ def _tidy(message: str) -> str:
 
 def _or(value: _T | UnsetType, default: _T) -> _T:
     return default if isinstance(value, UnsetType) else value
+
+
+def _close(word: str, choices: Iterable[str]) -> list[str]:
+    """The likeliest intended spelling of `word` among `choices` (at most one)."""
+    return difflib.get_close_matches(word, list(choices), n=1)
+
+
+def _one_edit_apart(a: str, b: str) -> bool:
+    """One insertion, deletion, substitution or swap of neighbours turns `a` into `b`.
+
+    (Damerau-Levenshtein distance 1.) Stricter than difflib's ratio, which for words
+    of three to five letters also pairs unrelated methods (FETCH and PATCH).
+    """
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+        return len(diff) == 1 or (
+            len(diff) == 2
+            and diff[1] == diff[0] + 1
+            and a[diff[0]] == b[diff[1]]
+            and a[diff[1]] == b[diff[0]]
+        )
+    short, long = (a, b) if len(a) < len(b) else (b, a)
+    return any(long[:i] + long[i + 1 :] == short for i in range(len(long)))
+
+
+def _path_segments(path: str) -> tuple[str | int, ...]:
+    """An error's key path as keys and indices: `routes[2] ("x").upstream` -> routes, 2, upstream.
+
+    Stops at the first piece it cannot read (msgspec's `[...]`), so the result
+    is the path or one of its ancestors, never a different key.
+    """
+    segments: list[str | int] = []
+    pos = 0
+    while pos < len(path) and (match := _SEGMENT.match(path, pos)) and match.end() > pos:
+        pos = match.end()
+        if match["bare"] is not None:
+            segments.append(match["bare"])
+        elif match["quoted"] is not None:
+            segments.append(json.loads(match["quoted"]))
+        elif match["index"] is not None:
+            segments.append(int(match["index"]))
+    return tuple(segments)
 
 
 def parse_listen_address(addr: str) -> tuple[str, int] | str:
@@ -338,11 +448,20 @@ def _target_problem(url: str) -> str | None:
 class _Loader:
     """One pass over a parsed TOML document, collecting every error."""
 
-    def __init__(self) -> None:
+    def __init__(self, text: str = "") -> None:
         self.errors: list[str] = []
+        self.text = text
+        self._lines: dict[tuple[str | int, ...], int] | None = None
 
-    def error(self, path: str, message: str) -> None:
-        self.errors.append(f"{path}: {message}")
+    def error(self, path: str, message: str, did_you_mean: Iterable[str] = ()) -> None:
+        """Record `path: message`, then ` (line N)` and `; did you mean "x"?` when known."""
+        if self._lines is None:  # scanned once, and only for a file with errors
+            self._lines = key_lines(self.text)
+        line = line_of(self._lines, _path_segments(path))
+        where = "" if line is None else f" (line {line})"
+        hints = " or ".join(_quote(hint) for hint in did_you_mean)
+        hint = f"; did you mean {hints}?" if hints else ""
+        self.errors.append(f"{path}: {message}{where}{hint}")
 
     # -- decoding ------------------------------------------------------------
 
@@ -367,9 +486,11 @@ class _Loader:
             key: str | None = None
             if unknown := _UNKNOWN.fullmatch(message):
                 key = unknown["key"]
-                self.error(f"{path}{where}.{_key(key)}", "unknown key")
+                self.error(
+                    f"{path}{where}.{_key(key)}", "unknown key", _close(key, cls.__struct_fields__)
+                )
             else:
-                self.error(f"{path}{where}", self._message(message, where, data))
+                self.error(f"{path}{where}", *self._message(message, where, data))
             if first := _FIRST_KEY.match(where):
                 key = first["key"]
             if key is None or not isinstance(data, dict) or key not in data:
@@ -378,13 +499,13 @@ class _Loader:
             dropped.add(key)
 
     @staticmethod
-    def _message(message: str, where: str, data: object) -> str:
+    def _message(message: str, where: str, data: object) -> tuple[str, list[str]]:
         field = where.removeprefix(".")
         if message.startswith("Invalid enum value") and field in _CHOICES:
             choices = ", ".join(_quote(choice) for choice in _CHOICES[field])
-            got = data.get(field) if isinstance(data, dict) else None
-            return f"must be one of {choices}, got {_quote(str(got))}"
-        return _tidy(message)
+            got = str(data.get(field) if isinstance(data, dict) else None)
+            return f"must be one of {choices}, got {_quote(got)}", _close(got, _CHOICES[field])
+        return _tidy(message), []
 
     def table(self, raw: object, path: str) -> dict[str, Any] | None:
         if isinstance(raw, dict):
@@ -412,6 +533,24 @@ class _Loader:
         for position, value in enumerate(values):
             if not (_TOKEN.fullmatch(value) or (star and value == "*")):
                 self.error(f"{path}[{position}]", f"{_quote(value)} is not a valid {what}")
+
+    def methods(self, path: str, values: list[str], *, star: bool = False) -> None:
+        """HTTP methods: RFC 9110 tokens; one edit away from a standard method is a typo.
+
+        RFC 9110 section 9.1 lets anyone define a method, so an unknown token
+        (PURGE, a WebDAV or in-house method) is accepted as written. But GTE or
+        DELTE is almost surely GET or DELETE misspelt, and accepting it would make
+        the route answer 405 to the method that was meant: refused, with the guess.
+        Registered methods (IANA) are never taken for typos.
+        """
+        self.tokens(path, values, "HTTP method", star=star)
+        for position, value in enumerate(values):
+            method = value.upper()
+            if not _TOKEN.fullmatch(value) or method in _REGISTERED_METHODS:
+                continue
+            meant = [known for known in _STANDARD_METHODS if _one_edit_apart(method, known)]
+            if meant:
+                self.error(f"{path}[{position}]", f"unknown method {_quote(value)}", meant)
 
     # -- [server] ------------------------------------------------------------
 
@@ -486,6 +625,7 @@ class _Loader:
         if upstream is None:
             return None
         targets: list[TargetConfig] = []
+        weighted: list[str] = []  # key paths of weights above 1
         if isinstance(upstream.targets, UnsetType):
             if "targets" not in dropped:
                 self.error(f"{path}.targets", "required")
@@ -507,6 +647,21 @@ class _Loader:
                 else:
                     first_at[target.url] = position
                 targets.append(target)
+                if target.weight > 1 and isinstance(item, dict):  # < 1 is refused anyway
+                    weighted.append(f"{here}.weight")
+        # round_robin takes each target in turn and never reads a weight (the others all
+        # do): a weight there would be a silent no-op, so it is refused. weight = 1 is
+        # the default and means the same under every balancer.
+        if weighted and "balancer" not in dropped and upstream.balancer in (UNSET, "round_robin"):
+            chosen = (
+                "the default balancer" if isinstance(upstream.balancer, UnsetType) else "balancer"
+            )
+            for where in weighted:
+                self.error(
+                    where,
+                    f'weight has no effect with {chosen} "round_robin"; '
+                    'use balancer = "weighted" (or "least_connections" / "ip_hash")',
+                )
         health: HealthConfig | None = None
         if not isinstance(upstream.health, UnsetType):
             health = self.health(upstream.health, f"{path}.health")
@@ -612,7 +767,11 @@ class _Loader:
             if "upstream" not in dropped:
                 self.error(f"{path}.upstream", "required")
         elif route.upstream not in upstream_names:
-            self.error(f"{path}.upstream", f"unknown upstream {_quote(route.upstream)}")
+            self.error(
+                f"{path}.upstream",
+                f"unknown upstream {_quote(route.upstream)}",
+                _close(route.upstream, upstream_names),
+            )
         else:
             upstream = route.upstream
 
@@ -634,8 +793,13 @@ class _Loader:
                 re.compile(route.path_regex)
             except re.error as exc:
                 self.error(f"{path}.path_regex", f"invalid regex: {exc}")
-            if route.strip_prefix is True:
-                self.error(f"{path}.strip_prefix", "needs path (a regex has no prefix to strip)")
+            else:
+                # Only for a route that is plainly a regex route: beside a broken regex,
+                # or a path that is also set, this would be a second report of one mistake.
+                if route.strip_prefix is True and not has_path:
+                    self.error(
+                        f"{path}.strip_prefix", "needs path (a regex has no prefix to strip)"
+                    )
 
         host: str | None = None
         if not isinstance(route.host, UnsetType):
@@ -649,7 +813,7 @@ class _Loader:
                 self.error(
                     f"{path}.methods", "must not be empty (leave it out to allow every method)"
                 )
-            self.tokens(f"{path}.methods", route.methods, "HTTP method")
+            self.methods(f"{path}.methods", route.methods)
             methods = tuple(dict.fromkeys(method.upper() for method in route.methods))
 
         headers: dict[str, str] = {}
@@ -715,12 +879,17 @@ class _Loader:
             self.count(f"{path}.burst", limit.burst, minimum=1)
         key = _or(limit.key, "client_ip")
         header = key.removeprefix("header:")
-        if key not in ("client_ip", "route") and not (
+        if key not in _RATE_LIMIT_KEYS and not (
             key.startswith("header:") and _TOKEN.fullmatch(header)
         ):
+            kind, colon, name = key.partition(":")
+            meant = _close(key, _RATE_LIMIT_KEYS)
+            if colon and name and _TOKEN.fullmatch(name) and _close(kind, ("header",)):
+                meant = [f"header:{name}"]  # "headers:X-Api-Key", "Header:X-Api-Key"
             self.error(
                 f"{path}.key",
                 f'must be "client_ip", "route" or "header:NAME", got {_quote(key)}',
+                meant,
             )
         return RateLimitConfig(rate=_or(limit.rate, 1.0), burst=_or(limit.burst, 1), key=key)
 
@@ -744,7 +913,7 @@ class _Loader:
                 'cannot be true with allow_origins = ["*"]; list the origins instead',
             )
         methods = _or(cors.allow_methods, list(_CORS.allow_methods))
-        self.tokens(f"{path}.allow_methods", methods, "HTTP method", star=True)
+        self.methods(f"{path}.allow_methods", methods, star=True)
         allow_headers = _or(cors.allow_headers, list(_CORS.allow_headers))
         self.tokens(f"{path}.allow_headers", allow_headers, "header name", star=True)
         expose_headers = _or(cors.expose_headers, list(_CORS.expose_headers))
@@ -764,7 +933,7 @@ class _Loader:
     def document(self, doc: dict[str, Any], path: str, sha256: str) -> Config | None:
         for key in doc:
             if key not in _TOP_LEVEL:
-                self.error(_key(key), "unknown key")
+                self.error(_key(key), "unknown key", _close(key, _TOP_LEVEL))
         server = self.server(doc.get("server", {}))
         defaults = self.defaults(doc.get("defaults", {}))
 
@@ -798,12 +967,13 @@ def parse(text: str | bytes, path: str = "<string>") -> Config:
     sha256 = hashlib.sha256(data).hexdigest()
     try:
         # utf-8-sig: tolerate the BOM some editors write.
-        doc = tomllib.loads(data.decode("utf-8-sig"))
+        source = data.decode("utf-8-sig")
+        doc = tomllib.loads(source)
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: not UTF-8 (byte {exc.start})"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: {exc}"]) from None
-    loader = _Loader()
+    loader = _Loader(source)
     config = loader.document(doc, path, sha256)
     if config is None:
         raise ConfigError(loader.errors)

@@ -23,7 +23,9 @@ from gateway.config import (
     summary,
 )
 
-SHIPPED = Path(__file__).resolve().parent.parent / "routes.toml"
+# A copy of the shipped routes.toml, its fuller example uncommented: the shipped file
+# is the operator's to edit, so only tests/test_ops_cli.py checks that it passes.
+EXAMPLE = Path(__file__).resolve().parent / "data" / "routes.toml"
 
 UPSTREAM = """
 [upstreams.users]
@@ -39,18 +41,27 @@ def doc(route: str = "", *, upstream: str = UPSTREAM, top: str = "") -> str:
     return f'{top}\n{upstream}\n[[routes]]\nname = "r"\npath = "/"\nupstream = "users"\n{route}\n'
 
 
-def errors(text: str) -> list[str]:
+LINE = re.compile(r" \(line [0-9]+\)(?=;|$)")
+
+
+def located(text: str) -> list[str]:
+    """The errors exactly as `gateway check` prints them, line numbers included."""
     with pytest.raises(ConfigError) as info:
         parse(text)
     assert str(info.value) == "\n".join(info.value.errors)
     return info.value.errors
 
 
+def errors(text: str) -> list[str]:
+    """The errors without their ` (line N)`: most tests are about the message."""
+    return [LINE.sub("", error, count=1) for error in located(text)]
+
+
 # -- valid files --------------------------------------------------------------
 
 
-def test_shipped_routes_toml_parses() -> None:
-    config = load(str(SHIPPED))
+def test_the_example_file_parses() -> None:
+    config = load(str(EXAMPLE))
     assert config.server.listen == ("127.0.0.1:8080",)
     assert config.server.admin == "127.0.0.1:9901"
     assert config.server.access_log == "json"
@@ -58,15 +69,12 @@ def test_shipped_routes_toml_parses() -> None:
     assert admin.targets == (TargetConfig(url="http://127.0.0.1:9901", weight=1),)
     assert admin.health is not None
     assert admin.health.path == "/healthz"
-    [route] = config.routes
+    route = config.routes[0]
     assert (route.name, route.path, route.upstream) == ("admin-api", "/", "admin")
 
 
-def test_shipped_commented_example_parses_when_uncommented() -> None:
-    text = SHIPPED.read_text()
-    head, _, tail = text.partition("# A fuller example")
-    example = "\n".join(re.sub(r"^# ?", "", line) for line in tail.splitlines()[3:])
-    config = parse(head + example)
+def test_the_fuller_example_resolves_weights_limits_and_cors() -> None:
+    config = load(str(EXAMPLE))
     assert config.upstreams["users"].targets[1] == TargetConfig(
         url="http://127.0.0.1:9002", weight=3
     )
@@ -128,6 +136,7 @@ def test_normalisation_of_methods_headers_host_and_index() -> None:
     config = parse(
         """
 [upstreams.users]
+balancer = "weighted"
 targets = ["HTTP://127.0.0.1:9001/base/", { url = "http://127.0.0.1:9002", weight = 3 }]
 
 [[routes]]
@@ -210,7 +219,7 @@ def test_regex_route_keeps_its_pattern() -> None:
             UPSTREAM + '[[routes]]\nname = "a"\npath = "/a"\nupstream = "users"\n'
             '[[routes]]\nname = "b"\npath = "/b"\nupstream = "users"\n'
             '[[routes]]\nname = "users-api"\npath = "/"\nupstream = "userz"\n',
-            'routes[2] ("users-api").upstream: unknown upstream "userz"',
+            'routes[2] ("users-api").upstream: unknown upstream "userz"; did you mean "users"?',
             id="unknown-upstream",
         ),
         pytest.param(
@@ -220,7 +229,7 @@ def test_regex_route_keeps_its_pattern() -> None:
         ),
         pytest.param(
             '[server]\nlistne = ["127.0.0.1:8080"]',
-            "server.listne: unknown key",
+            'server.listne: unknown key; did you mean "listen"?',
             id="server-unknown-key",
         ),
         pytest.param(
@@ -281,7 +290,8 @@ def test_regex_route_keeps_its_pattern() -> None:
             id="missing-targets",
         ),
         pytest.param(
-            '[upstreams.users]\ntargets = ["http://a:1", { url = "http://a:1", weight = 2 }]',
+            '[upstreams.users]\nbalancer = "weighted"\n'
+            'targets = ["http://a:1", { url = "http://a:1", weight = 2 }]',
             'upstreams.users.targets[1].url: duplicate target "http://a:1" (also targets[0])',
             id="duplicate-target",
         ),
@@ -595,7 +605,7 @@ upstream = "users"
         "upstreams.users.targets[1].weight: must be > 0",
         'upstreams.users.targets[2]: duplicate target "http://a:1" (also targets[0])',
         "upstreams.users.health.interval: must be > 0",
-        'routes[0] ("users-api").upstream: unknown upstream "userz"',
+        'routes[0] ("users-api").upstream: unknown upstream "userz"; did you mean "users"?',
         'routes[0] ("users-api").path: must start with "/"',
         'routes[0] ("users-api").methods[0]: "G E T" is not a valid HTTP method',
         'routes[0] ("users-api").rate_limit.rate: must be a finite number > 0',
@@ -613,8 +623,8 @@ def test_several_bad_keys_in_one_table_are_all_reported() -> None:
         '[server]\nlistne = 1\nadmn = ""\ndrain_timeout = "30"\naccess_log = 1\nclient_timeout = 0'
     )
     assert found == [
-        "server.listne: unknown key",
-        "server.admn: unknown key",
+        'server.listne: unknown key; did you mean "listen"?',
+        'server.admn: unknown key; did you mean "admin"?',
         "server.drain_timeout: Expected `float`, got `str`",
         "server.access_log: Expected `str`, got `int`",
         "server.client_timeout: must be > 0",
@@ -634,14 +644,17 @@ def test_a_key_with_a_type_error_gets_no_second_error() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("rotues = []", "rotues: unknown key"),
+        ("rotues = []", 'rotues: unknown key; did you mean "routes"?'),
         ('"odd key" = 1', '"odd key": unknown key'),
-        ("[server]\nlisten_on = []", "server.listen_on: unknown key"),
-        ("[defaults]\ntimeout = 1.0", "defaults.timeout: unknown key"),
+        ("[server]\nlisten_on = []", 'server.listen_on: unknown key; did you mean "listen"?'),
+        (
+            "[defaults]\ntimeout = 1.0",
+            'defaults.timeout: unknown key; did you mean "read_timeout"?',
+        ),
         (UPSTREAM + "retry = 1", "upstreams.users.retry: unknown key"),
         (
             '[upstreams.users]\ntargets = [{ url = "http://a:1", wieght = 2 }]',
-            "upstreams.users.targets[0].wieght: unknown key",
+            'upstreams.users.targets[0].wieght: unknown key; did you mean "weight"?',
         ),
         (
             UPSTREAM + "[upstreams.users.health]\nport = 1",
@@ -651,12 +664,15 @@ def test_a_key_with_a_type_error_gets_no_second_error() -> None:
             UPSTREAM + "[upstreams.users.breaker]\nthreshold = 1",
             "upstreams.users.breaker.threshold: unknown key",
         ),
-        (doc("prefix = '/x'"), 'routes[0] ("r").prefix: unknown key'),
+        (doc("prefix = '/x'"), 'routes[0] ("r").prefix: unknown key; did you mean "strip_prefix"?'),
         (
             doc("[routes.rate_limit]\nrate = 1\nburst = 1\nper = 'ip'"),
             'routes[0] ("r").rate_limit.per: unknown key',
         ),
-        (doc("[routes.cors]\norigins = ['*']"), 'routes[0] ("r").cors.origins: unknown key'),
+        (
+            doc("[routes.cors]\norigins = ['*']"),
+            'routes[0] ("r").cors.origins: unknown key; did you mean "allow_origins"?',
+        ),
     ],
 )
 def test_unknown_keys_are_errors_at_every_level(text: str, expected: str) -> None:
@@ -853,3 +869,226 @@ burst = 200
     assert "body 1024 bytes" in text
     assert "rate_limit 100/s burst 200 by client_ip" in text
     assert len(text.splitlines()) == 11
+
+
+# -- methods: tokens, and a near-miss of a standard method is a typo -----------
+
+
+@pytest.mark.parametrize(
+    ("method", "meant"),
+    [("GTE", "GET"), ("gte", "GET"), ("DELTE", "DELETE"), ("POTS", "POST"), ("OPTION", "OPTIONS")],
+)
+def test_a_method_one_edit_from_a_standard_one_is_refused_with_a_guess(
+    method: str, meant: str
+) -> None:
+    assert errors(doc(f'methods = ["GET", "{method}"]')) == [
+        f'routes[0] ("r").methods[1]: unknown method "{method}"; did you mean "{meant}"?'
+    ]
+
+
+@pytest.mark.parametrize("method", ["PURGE", "PROPPATCH", "MKCOL", "QUERY", "FETCH", "X-SYNC"])
+def test_registered_and_extension_methods_are_accepted_as_written(method: str) -> None:
+    # RFC 9110 section 9.1: methods are extensible; PROPPATCH is no misspelt PATCH.
+    [route] = parse(doc(f'methods = ["{method}"]')).routes
+    assert route.methods == (method,)
+
+
+def test_cors_allow_methods_get_the_same_method_check() -> None:
+    assert errors(doc("[routes.cors]\nallow_methods = ['*', 'PTACH']")) == [
+        'routes[0] ("r").cors.allow_methods[1]: unknown method "PTACH"; did you mean "PATCH"?'
+    ]
+
+
+# -- weight only where the balancer reads it -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("balancer", "chosen"),
+    [("", "the default balancer"), ('balancer = "round_robin"\n', "balancer")],
+)
+def test_a_weight_under_round_robin_is_refused_not_ignored(balancer: str, chosen: str) -> None:
+    text = (
+        f"[upstreams.users]\n{balancer}"
+        'targets = ["http://a:1", { url = "http://b:1", weight = 3 }]'
+    )
+    assert errors(text) == [
+        f'upstreams.users.targets[1].weight: weight has no effect with {chosen} "round_robin"; '
+        'use balancer = "weighted" (or "least_connections" / "ip_hash")'
+    ]
+
+
+@pytest.mark.parametrize("balancer", ["weighted", "least_connections", "ip_hash"])
+def test_a_weight_under_a_balancer_that_reads_it_is_accepted(balancer: str) -> None:
+    text = (
+        f'[upstreams.users]\nbalancer = "{balancer}"\n'
+        'targets = ["http://a:1", { url = "http://b:1", weight = 3 }]'
+    )
+    assert parse(text).upstreams["users"].targets[1].weight == 3
+
+
+def test_weight_1_means_the_same_under_round_robin_and_is_accepted() -> None:
+    text = '[upstreams.users]\ntargets = [{ url = "http://b:1", weight = 1 }]'
+    assert parse(text).upstreams["users"].balancer == "round_robin"
+
+
+def test_a_bad_balancer_name_gets_no_second_error_about_weights() -> None:
+    text = (
+        '[upstreams.users]\nbalancer = "weigthed"\ntargets = [{ url = "http://b:1", weight = 3 }]'
+    )
+    assert errors(text) == [
+        'upstreams.users.balancer: must be one of "round_robin", "weighted", '
+        '"least_connections", "ip_hash", got "weigthed"; did you mean "weighted"?'
+    ]
+
+
+# -- one mistake, one error ----------------------------------------------------
+
+
+def test_a_bad_regex_with_strip_prefix_is_one_error_not_two() -> None:
+    text = (
+        UPSTREAM
+        + '[[routes]]\nname = "r"\npath_regex = "(["\nstrip_prefix = true\nupstream = "users"'
+    )
+    assert errors(text) == [
+        'routes[0] ("r").path_regex: invalid regex: unterminated character set at position 1'
+    ]
+
+
+def test_path_and_regex_with_strip_prefix_does_not_claim_path_is_missing() -> None:
+    assert errors(doc('path_regex = "^/x$"\nstrip_prefix = true')) == [
+        'routes[0] ("r").path_regex: cannot be set together with path'
+    ]
+
+
+# -- did you mean: names -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            '[server]\naccess_log = "jsno"',
+            'server.access_log: must be one of "json", "text", "off", got "jsno"; '
+            'did you mean "json"?',
+        ),
+        (
+            UPSTREAM + 'balancer = "roundrobin"',
+            'upstreams.users.balancer: must be one of "round_robin", "weighted", '
+            '"least_connections", "ip_hash", got "roundrobin"; did you mean "round_robin"?',
+        ),
+        (
+            doc("[routes.rate_limit]\nrate = 1\nburst = 1\nkey = 'client-ip'"),
+            'routes[0] ("r").rate_limit.key: must be "client_ip", "route" or "header:NAME", '
+            'got "client-ip"; did you mean "client_ip"?',
+        ),
+        (
+            doc("[routes.rate_limit]\nrate = 1\nburst = 1\nkey = 'headers:X-Api-Key'"),
+            'routes[0] ("r").rate_limit.key: must be "client_ip", "route" or "header:NAME", '
+            'got "headers:X-Api-Key"; did you mean "header:X-Api-Key"?',
+        ),
+        (
+            doc("[routes.rate_limit]\nrate = 1\nburst = 1\nkey = 'Header:X-Api-Key'"),
+            'routes[0] ("r").rate_limit.key: must be "client_ip", "route" or "header:NAME", '
+            'got "Header:X-Api-Key"; did you mean "header:X-Api-Key"?',
+        ),
+    ],
+)
+def test_a_misspelt_name_gets_the_nearest_valid_one(text: str, expected: str) -> None:
+    assert errors(text) == [expected]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[server]\naccess_log = "syslog"',
+        doc("[routes.rate_limit]\nrate = 1\nburst = 1\nkey = 'cookie:session'"),
+        doc("[routes.rate_limit]\nrate = 1\nburst = 1\nkey = 'header:'"),
+        doc().replace('upstream = "users"', 'upstream = "payments"'),
+        "[server]\nzzz = 1",
+        doc('methods = ["G E T"]'),
+    ],
+)
+def test_no_guess_when_nothing_is_close(text: str) -> None:
+    [error] = errors(text)
+    assert "did you mean" not in error
+
+
+def test_the_guess_for_an_unknown_upstream_comes_from_the_file() -> None:
+    text = (
+        '[upstreams."users v2"]\ntargets = ["http://a:1"]\n'
+        '[upstreams.billing]\ntargets = ["http://b:1"]\n'
+        '[[routes]]\nname = "r"\npath = "/"\nupstream = "users v3"\n'
+    )
+    assert errors(text) == [
+        'routes[0] ("r").upstream: unknown upstream "users v3"; did you mean "users v2"?'
+    ]
+
+
+# -- line numbers --------------------------------------------------------------
+
+
+def test_each_error_names_the_line_of_its_key() -> None:
+    text = """\
+[server]
+listne = ["127.0.0.1:8080"]
+
+[upstreams.users]
+targets = [
+  "http://a:1",
+  # the weight below
+  { url = "http://b:1", weight = 3 },
+]
+
+[[routes]]
+name = "first"
+path = "/"
+upstream = "users"
+
+[[routes]]
+name = "users-api"
+path = "/api"
+upstream = "userz"
+methods = ["GTE"]
+
+[routes.rate_limit]
+rate = -1
+burst = 1
+"""
+    assert located(text) == [
+        'server.listne: unknown key (line 2); did you mean "listen"?',
+        "upstreams.users.targets[1].weight: weight has no effect with the default balancer "
+        '"round_robin"; use balancer = "weighted" (or "least_connections" / "ip_hash") (line 8)',
+        'routes[1] ("users-api").upstream: unknown upstream "userz" (line 19); '
+        'did you mean "users"?',
+        'routes[1] ("users-api").methods[0]: unknown method "GTE" (line 20); did you mean "GET"?',
+        'routes[1] ("users-api").rate_limit.rate: must be a finite number > 0 (line 23)',
+    ]
+
+
+def test_a_missing_key_points_at_its_table() -> None:
+    text = '\n\n[[routes]]\nupstream = "nowhere"\npath = "/"\n'
+    assert located(text) == [
+        "routes[0].name: required (line 3)",
+        'routes[0].upstream: unknown upstream "nowhere" (line 4)',
+    ]
+
+
+def test_lines_are_not_fooled_by_strings_that_look_like_keys() -> None:
+    # A multi-line string holding "[[routes]]" and "upstream = ..." must not shift
+    # the count of routes or the line of the real key.
+    text = (
+        UPSTREAM
+        + '[[routes]]\nname = "a"\npath = "/a"\nupstream = "users"\n'
+        + 'headers = { x-note = """\n[[routes]]\nupstream = "x"\n""" }\n'
+        + '[[routes]]\nname = \'b "quoted" \\ name\'\npath = "/b"\nupstream = "userz"\n'
+    )
+    found = located(text)
+    assert found[-1] == (
+        r'routes[1] ("b \"quoted\" \\ name").upstream: unknown upstream "userz" (line 15); '
+        'did you mean "users"?'
+    )
+
+
+def test_quoted_and_dotted_keys_get_their_lines() -> None:
+    text = '[upstreams."a.b"]\ntargets = ["http://a:1"]\nhealth.path = "x"\n'
+    assert located(text) == ['upstreams."a.b".health.path: must start with "/" (line 3)']

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import sys
 from pathlib import Path
 
 import pytest
 
+import gateway
 from gateway.cli import config_path
 from tests.gateway_process import REPO, config_text, run_gateway, run_to_exit
 
@@ -50,14 +52,16 @@ def named(route: str) -> str:
     """)
 
 
-async def test_check_accepts_the_shipped_routes_toml_with_a_summary(tmp_path: Path) -> None:
-    status, out, err = await run_to_exit(
-        tmp_path, [*GATEWAY, "check", "-c", str(REPO / "routes.toml")]
-    )
+@pytest.mark.parametrize("shipped", ["routes.toml", "contrib/systemd/routes.toml"])
+async def test_check_accepts_the_shipped_examples_with_a_summary(
+    tmp_path: Path, shipped: str
+) -> None:
+    # Only that they pass: their contents are the operator's to edit.
+    path = REPO / shipped
+    status, out, err = await run_to_exit(tmp_path, [*GATEWAY, "check", "-c", str(path)])
     assert (status, err) == (0, "")
-    assert out.startswith(f"config     {REPO / 'routes.toml'} (sha256 ")
-    assert "  admin-api: path / -> admin" in out
-    assert out.endswith(f"{REPO / 'routes.toml'}: ok\n")
+    assert out.startswith(f"config     {path} (sha256 ")
+    assert out.endswith(f"{path}: ok\n")
     assert len(out.splitlines()) < 40  # one screen
 
 
@@ -70,6 +74,26 @@ async def test_check_lists_every_error_by_key_and_exits_1(tmp_path: Path) -> Non
     for key in BROKEN_KEYS:
         assert any(line.startswith(key) for line in lines), (key, err)
     assert lines[-1] == f"{broken}: {len(BROKEN_KEYS)} error(s)"
+
+
+async def test_check_shows_the_line_and_a_guess_for_a_typo(tmp_path: Path) -> None:
+    typo = tmp_path / "typo.toml"
+    typo.write_text(
+        "[upstreams.users]\n"
+        'targets = ["http://127.0.0.1:9"]\n'
+        "\n"
+        "[[routes]]\n"
+        'name = "users-api"\n'
+        'path = "/api/users"\n'
+        'methods = ["GTE"]\n'
+        'upstream = "users"\n'
+    )
+    status, out, err = await run_to_exit(tmp_path, [*GATEWAY, "check", "-c", str(typo)])
+    assert (status, out) == (1, "")
+    assert err.splitlines() == [
+        'routes[0] ("users-api").methods[0]: unknown method "GTE" (line 7); did you mean "GET"?',
+        f"{typo}: 1 error(s)",
+    ]
 
 
 async def test_run_refuses_to_start_on_a_broken_config(tmp_path: Path) -> None:
@@ -103,6 +127,12 @@ async def test_an_address_in_use_fails_the_start_with_exit_1(tmp_path: Path) -> 
     assert "cannot start: " in err
     assert "address already in use" in err
     assert "Traceback" not in err
+
+
+async def test_version_prints_the_package_version_and_exits_0(tmp_path: Path) -> None:
+    status, out, err = await run_to_exit(tmp_path, [*GATEWAY, "--version"])
+    assert (status, out, err) == (0, f"gateway {gateway.__version__}\n", "")
+    assert re.fullmatch(r"gateway [0-9]+\.[0-9]+\.[0-9]+\n", out)
 
 
 async def test_usage_errors_exit_2(tmp_path: Path) -> None:

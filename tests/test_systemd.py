@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -16,8 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yarl
 
 from gateway import systemd
+from gateway.config import load
 from gateway.systemd import Notifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -343,19 +346,107 @@ def test_service_unit_follows_the_contract() -> None:
     assert names == {"http", "admin"}
 
 
+VENV_GATEWAY = "/opt/gateway/bin/gateway"
+
+
+def test_the_service_runs_the_gateway_from_its_venv() -> None:
+    # Debian 12 and Ubuntu refuse `pip install .` into the system Python (PEP 668),
+    # so the gateway lives in a venv at /opt/gateway, and every command uses it.
+    service = _directives(UNITS / "gateway.service")
+    commands = [v for k, v in service if k in ("ExecStartPre", "ExecStart", "ExecReload")]
+    gateway_commands = [command for command in commands if "gateway " in command]
+    assert len(gateway_commands) == 3
+    assert all(command.startswith(f"{VENV_GATEWAY} ") for command in gateway_commands)
+    assert "/usr/local/bin" not in (UNITS / "gateway.service").read_text()
+
+
+def test_the_socket_units_listen_on_loopback_only() -> None:
+    # Shipped units expose nothing an operator did not ask for; the comments say how
+    # to open the proxy port up (a drop-in).
+    for unit in ("gateway.socket", "gateway-admin.socket"):
+        listens = [v for k, v in _directives(UNITS / unit) if k == "ListenStream"]
+        assert listens, unit
+        for listen in listens:
+            host, _, port = listen.rpartition(":")
+            assert ipaddress.ip_address(host.strip("[]")).is_loopback, (unit, listen)
+            assert port.isdigit()
+
+
+def test_the_systemd_example_config_proxies_nothing_to_the_admin_listener() -> None:
+    config = load(str(UNITS / "routes.toml"))
+    admin_sockets = [
+        v for k, v in _directives(UNITS / "gateway-admin.socket") if k == "ListenStream"
+    ]
+    admin_ports = {
+        int(address.rpartition(":")[2]) for address in [*admin_sockets, config.server.admin]
+    }
+    for upstream in config.upstreams.values():
+        for target in upstream.targets:
+            assert yarl.URL(target.url).port not in admin_ports, target.url
+    assert ipaddress.ip_address(config.server.admin.rpartition(":")[0]).is_loopback
+    for listen in config.server.listen:
+        assert ipaddress.ip_address(listen.rpartition(":")[0]).is_loopback
+
+
+def test_nothing_in_contrib_refers_to_the_quick_start_routes_toml() -> None:
+    # The top-level routes.toml proxies / to the admin listener for the README's demo;
+    # a deployment must start from contrib/systemd/routes.toml instead.
+    # Every path to a routes.toml (prose may name the file bare) is one of these.
+    allowed = {
+        "/etc/gateway/routes.toml",
+        "contrib/systemd/routes.toml",
+        "$CONF_DIR/routes.toml",
+        "$HERE/routes.toml",
+    }
+    for path in UNITS.iterdir():
+        for token in re.findall(r"[\w$./-]*routes\.toml", path.read_text()):
+            assert "/" not in token or token.strip('"') in allowed, (path.name, token)
+
+
+def test_install_script_dry_run_uses_a_venv_under_opt_gateway() -> None:
+    script = UNITS / "install.sh"
+    proc = subprocess.run(
+        [script, "--dry-run"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "python3 -m venv /opt/gateway"
+    assert lines[1] == f"/opt/gateway/bin/pip install --upgrade {REPO}"
+    assert f"install -m 0644 {UNITS}/routes.toml /etc/gateway/routes.toml" in lines
+    assert f"{VENV_GATEWAY} check -c /etc/gateway/routes.toml" in lines
+    assert lines[-1] == "systemctl enable --now gateway.service"
+    # Never pip outside the venv (PEP 668), never the quick-start config.
+    assert not [line for line in lines if "pip" in line and not line.startswith("/opt/gateway/")]
+    assert f"{REPO}/routes.toml" not in proc.stdout
+
+
+def test_install_script_refuses_unknown_arguments() -> None:
+    proc = subprocess.run(
+        [UNITS / "install.sh", "--yes"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert "usage:" in proc.stderr
+
+
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 
 
 @pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze not installed")
 def test_unit_files_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     assert SYSTEMD_ANALYZE is not None
-    for unit in UNITS.iterdir():
+    units = sorted(UNITS.glob("*.s[eo][rc]*"))  # .service and .socket, not the rest
+    assert [unit.name for unit in units] == [
+        "gateway-admin.socket",
+        "gateway.service",
+        "gateway.socket",
+    ]
+    for unit in units:
         text = unit.read_text()
         if unit.name == "gateway.service":
-            # verify insists that ExecStart= binaries exist; the installed path is the
-            # operator's, so point it at an executable that surely does.
-            assert "/usr/local/bin/gateway" in text
-            text = text.replace("/usr/local/bin/gateway", sys.executable)
+            # verify insists that ExecStart= binaries exist; the venv is made at install
+            # time, so point it at an executable that surely does.
+            assert VENV_GATEWAY in text
+            text = text.replace(VENV_GATEWAY, sys.executable)
         (tmp_path / unit.name).write_text(text)
     proc = subprocess.run(
         [SYSTEMD_ANALYZE, "verify", *sorted(str(p) for p in tmp_path.iterdir())],
