@@ -14,7 +14,12 @@ hop needs (RFC 9112):
   `MAX_BUFFERED` unread bytes.
 - Keep-alive: a connection goes back to its (host, port) stack (LIFO) only if
   the response ended cleanly, both sides kept it alive and the request body
-  was sent whole; anything else (cancellation included) aborts it.
+  was sent whole; anything else (cancellation included) aborts it. So does
+  any byte after the end of a response, in the same read, later, or while
+  idle (polled once more when the connection is taken from the pool).
+- Heads and trailers are bounded as client heads are (vetting.section_limit);
+  framing that cannot be relayed faithfully (a transfer coding other than
+  chunked alone) is refused like a malformed head.
 - One read-timeout timer per connection: each wait stores a deadline, and the
   single `call_at` handle re-arms itself lazily when it fires early. A body
   write the target does not take for as long fails the same way (nginx's
@@ -33,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import select
 import socket
 from collections.abc import AsyncIterator, Collection
 from typing import Final, cast
@@ -44,6 +50,7 @@ from multidict import CIMultiDict
 
 from . import splice
 from .headers import encode_head
+from .vetting import MAX_HEAD_BYTES, MAX_REQUEST_LINE, section_limit
 from .writeflow import WriteFlow
 
 # Unread response bytes above which the socket stops being read; reading
@@ -53,9 +60,15 @@ MAX_BUFFERED: Final = 1 << 20
 # close an idle connection before the target does.
 IDLE_TIMEOUT: Final = 60.0
 _SWEEP_EVERY: Final = 5.0
-# A response head larger than this is refused (aiohttp's client allowed 16 KiB
-# per line and field; llhttp has no limit of its own).
-MAX_HEAD_BYTES: Final = 256 * 1024
+# Response heads (1xx heads included) and trailer sections are bounded as
+# client heads are (vetting.section_limit: 64 KiB, 128 fields; CONTRACT.md
+# "a head or trailer section over 64 KiB" is a 502). llhttp has no limit of
+# its own, and httptools keeps a field cut by a read boundary, growing it by
+# a copy per read: an endless trailer cost 61 s of CPU and grew the process
+# from 141 to 580 MiB, stalling other requests for up to 22 s. So
+# bytes fed without progress (no head, body data or message end) are capped
+# too, as h1server caps them, whatever one read carries.
+_MAX_STALLED: Final = MAX_HEAD_BYTES + MAX_REQUEST_LINE
 #: Below this size a body piece is joined with its framing (a chunk size, a
 #: response head, the final chunk) into one write: one copy, one segment.
 #: Larger pieces go out on their own rather than be copied. The proxy joins
@@ -96,6 +109,14 @@ class H1ReadError(H1Error):
     """The response body ended early (reset, EOF, garbage)."""
 
 
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing: the response is refused."""
+
+
+class _Stray(Exception):
+    """Raised from a parser callback: bytes after the end of the response."""
+
+
 class H1ReadTimeout(H1Error):
     """The target was silent for longer than the read timeout."""
 
@@ -108,6 +129,32 @@ class H1BodyError(H1Error):
 def _decode(raw: bytes) -> str:
     # As aiohttp's parsers do: the bytes survive to the client unchanged.
     return raw.decode("utf-8", "surrogateescape")
+
+
+def framing_problem(headers: CIMultiDict[str]) -> str | None:
+    """Why a response's framing cannot be relayed faithfully, or None.
+
+    CONTRACT.md: both Content-Length and Transfer-Encoding, or a transfer
+    coding other than chunked, is a 502. llhttp refuses the first and bad or
+    repeated Content-Lengths itself; it de-chunks "gzip, chunked" and would
+    hand out gzip that the client, the header being hop-by-hop, never learns
+    of, and it reads a body whose last coding is not chunked to EOF (RFC 9112
+    6.3). RFC 9112 6.1: chunked is applied once, and last.
+    """
+    codings = headers.getall("Transfer-Encoding", ())
+    lengths = headers.getall("Content-Length", ())
+    if codings:
+        if lengths:
+            return "both Content-Length and Transfer-Encoding"
+        if len(codings) != 1 or codings[0].strip(" \t").lower() != "chunked":
+            return f"transfer coding {', '.join(codings)!r} is not chunked alone"
+    elif len(lengths) > 1:
+        return "more than one Content-Length"
+    elif lengths:
+        length = lengths[0].strip(" \t")
+        if not (length.isascii() and length.isdigit()):
+            return f"invalid Content-Length {lengths[0]!r}"
+    return None
 
 
 def serialize_head(
@@ -230,7 +277,11 @@ class _Connection(WriteFlow):
         self._is_head = False
         self._reason = b""
         self._raw_headers: list[tuple[str, str]] = []
-        self._head_bytes = 0
+        self._head_bytes = 0  # raw bytes read while waiting for the head
+        self._section_size = 0  # the heads so far (1xx included), or the trailers
+        self._fields = 0  # fields of the head or trailer section being parsed
+        self._stalled = 0  # bytes fed since the last progress (see _MAX_STALLED)
+        self._progress = False
         self._response: H1Response | None = None
         self._chunks: list[bytes] = []
         self._buffered = 0
@@ -288,58 +339,109 @@ class _Connection(WriteFlow):
         if state != _HEAD and state != _BODY:
             # Nothing was asked (idle in the pool, or after a complete
             # response; no pipelining): the stream is out of step.
-            self._keep_alive = False
-            if state == _IDLE:
-                self.abort()
+            self._stray()
             return
+        if state == _HEAD:
+            self._head_bytes += len(data)
+        self._progress = False
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Stray) or self._state not in (_HEAD, _BODY):
+                # More after a complete response: its data is whole, but the
+                # connection is out of step and never reused.
+                self._stray()
+                return
+            why = str(cause) if isinstance(cause, _Refused) else str(exc)
             if self._state == _HEAD:
-                self._set_error(H1ProtocolError(f"invalid response from the target: {exc}"))
+                self._fail(H1ProtocolError(f"invalid response from the target: {why}"))
+            else:
+                self._fail(H1ReadError(f"invalid response body: {why}"))
+            return
+        if self._progress:
+            self._stalled = 0
+            return
+        # Bytes that completed no head, no body data, no message: a head,
+        # trailers or chunk extensions, still going (see _MAX_STALLED).
+        self._stalled += len(data)
+        if self._stalled > _MAX_STALLED:
+            if self._state == _HEAD:
+                self._fail(H1ProtocolError("response head too large"))
             elif self._state == _BODY:
-                self._set_error(H1ReadError(f"invalid response body: {exc}"))
-            else:  # garbage after a complete response: just never reuse it
-                self._keep_alive = False
+                self._fail(H1ReadError("response trailer section or chunk framing too large"))
+
+    def _stray(self) -> None:
+        """Bytes after the end of the response, or while idle: CONTRACT.md
+        reuses a connection only after a well-framed exchange with nothing
+        left over, so this one is closed. What the response had is kept."""
+        self._keep_alive = False
+        if self._state == _IDLE:
+            self.abort()
+        else:
             self._close_transport()
             self._wake()
-            return
-        if self._state == _HEAD:
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES:
-                self._set_error(H1ProtocolError("response head too large"))
-                self._close_transport()
-                self._wake()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost decides what EOF meant
 
     # -- httptools callbacks --------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self._state != _HEAD:
+            # A second message after the response (a HEAD's old parser, or
+            # the same read): e.g. the start of a forged head that would
+            # become the next request's response (CONTRACT.md: no stray bytes).
+            raise _Stray
+
     def on_status(self, status: bytes) -> None:
         if self._state == _HEAD:
-            self._reason = status
+            self._reason += status  # cut by a read boundary: joined (bounded by _MAX_STALLED)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # In _BODY these are chunked trailers: dropped, as aiohttp's client does.
-        if self._state == _HEAD:
+        state = self._state
+        if state == _HEAD:
+            self._fields += 1
+            self._section_size += len(name) + len(value) + 4
+            problem = section_limit(self._fields, self._section_size)
+            if problem is not None:
+                raise _Refused(f"response head: {problem}")
             self._raw_headers.append((_decode(name), _decode(value)))
+        elif state == _BODY:
+            # Chunked trailers: dropped, as aiohttp's client does, but bounded
+            # as a head is (CONTRACT.md: a trailer section over 64 KiB).
+            self._fields += 1
+            self._section_size += len(name) + len(value) + 4
+            problem = section_limit(self._fields, self._section_size)
+            if problem is not None:
+                raise _Refused(f"trailer section: {problem}")
 
     def on_headers_complete(self) -> None:
         if self._state != _HEAD:
-            self._keep_alive = False  # a second head after a HEAD's: out of step
-            return
+            raise _Stray  # a second head after a HEAD's: out of step
+        self._progress = True
+        # The status line and the empty line count too, so that an endless
+        # run of field-less 1xx heads meets the limit as well.
+        self._section_size += len(self._reason) + 17
+        if self._section_size > MAX_HEAD_BYTES:
+            raise _Refused("response head: header section too large")
+        self._fields = 0
         parser = self._parser
         status = parser.get_status_code()
         if status < 200:
             # 1xx: interim, skipped whole (RFC 9110 15.2); the gateway owns
             # Expect, so no 100 may reach the client. 101 never: we send no
-            # Upgrade, and llhttp stops on it with an error.
+            # Upgrade, and llhttp stops on it with an error. Their heads add
+            # up toward the head limit (CONTRACT.md "Interim responses").
             self._raw_headers = []
             self._reason = b""
             self._deadline = self._loop.time() + self._timeout  # a sign of life
             return
         headers = CIMultiDict(self._raw_headers)
+        problem = framing_problem(headers)
+        if problem is not None:
+            raise _Refused(problem)
+        self._section_size = 0  # from here on: the trailers'
         self._response = H1Response(self, status, _decode(self._reason), headers)
         self._state = _BODY
         self._body_received = 0
@@ -347,27 +449,27 @@ class _Connection(WriteFlow):
         # Content-Length, and one with Transfer-Encoding; checked again here
         # because a wrong count would splice the next response's bytes.
         length = headers.get("Content-Length")
-        self._content_length = (
-            int(length)
-            if length is not None and length.isdigit() and "Transfer-Encoding" not in headers
-            else None
+        self._content_length = int(length) if length is not None else None  # see framing_problem
+        # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty
+        # framing; the connection closes after it.
+        self._head_keep_alive = parser.should_keep_alive() and not (
+            "Transfer-Encoding" in headers and parser.get_http_version() == "1.0"
         )
-        self._head_keep_alive = parser.should_keep_alive()
         if self._is_head:
             # RFC 9110 9.3.2: a response to HEAD has no body, whatever its
             # Content-Length says. httptools cannot tell llhttp so (its
             # on_headers_complete return value is reserved for Upgrade), so the
             # message ends here and a fresh parser takes the next one; any body
             # bytes the old parser still sees mark the connection out of step.
-            self._keep_alive = parser.should_keep_alive()
+            self._keep_alive = self._head_keep_alive
             self._state = _DONE
             self._parser = httptools.HttpResponseParser(self)
         self._wake()
 
     def on_body(self, body: bytes) -> None:
         if self._state != _BODY:
-            self._keep_alive = False  # a body after a HEAD response
-            return
+            raise _Stray  # a body after a HEAD response (or a 204/304)
+        self._progress = True
         self._chunks.append(body)
         self._buffered += len(body)
         self._body_received += len(body)
@@ -377,10 +479,15 @@ class _Connection(WriteFlow):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def on_chunk_header(self) -> None:
+        if self._state != _BODY:
+            raise _Stray  # chunks after a HEAD response, whose message ended at its head
+
     def on_message_complete(self) -> None:
+        self._progress = True
         state = self._state
         if state == _BODY:
-            self._keep_alive = self._parser.should_keep_alive()
+            self._keep_alive = self._head_keep_alive and self._parser.should_keep_alive()
             self._state = _DONE
             self._wake()
         # _HEAD: the end of a 1xx, the real response follows. _DONE: the old
@@ -391,6 +498,18 @@ class _Connection(WriteFlow):
     def usable(self) -> bool:
         transport = self._transport
         return transport is not None and not transport.is_closing()
+
+    def unheard(self) -> bool:
+        """Whether the socket holds bytes (or an EOF) the loop has yet to
+        deliver. Checked when a pooled connection is taken: bytes that came
+        while it was idle would otherwise be read as the next request's
+        response (urllib3 polls before reuse for the same reason)."""
+        fd = splice.socket_fd(self._transport)
+        if fd is None:
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
 
     def stale(self) -> bool:
         """Whether a failed exchange may go again on a fresh connection: this
@@ -415,6 +534,9 @@ class _Connection(WriteFlow):
         self._reason = b""
         self._raw_headers = []
         self._head_bytes = 0
+        self._section_size = 0
+        self._fields = 0
+        self._stalled = 0
         self._keep_alive = False
         transport.write(head)
         self._body_done = body is None
@@ -653,11 +775,9 @@ class _Connection(WriteFlow):
         response = self._response
         if response is None:
             return False
+        # framing_problem let through no coding but chunked alone.
         headers = response.headers
-        encoding = headers.get("Transfer-Encoding")
-        if encoding is not None:
-            return encoding.rsplit(",", 1)[-1].strip().lower() != "chunked"
-        return "Content-Length" not in headers
+        return "Transfer-Encoding" not in headers and "Content-Length" not in headers
 
     # -- ending ---------------------------------------------------------------------
 
@@ -825,10 +945,10 @@ class ConnectionPool:
         stack = self._idle.get(key)
         while stack:
             conn = stack.pop()
-            if conn.usable():
+            if conn.usable() and not conn.unheard():
                 conn.reused = True
                 return conn
-            conn.abort()  # closed by the target while idle
+            conn.abort()  # closed by the target while idle, or it sent stray bytes
         return None
 
     async def _connect(self, key: tuple[str, int], connect_timeout: float) -> _Connection:

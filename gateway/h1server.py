@@ -60,8 +60,8 @@ from gateway.headers import encode_head, new_request_id, request_id
 from gateway.vetting import (
     MAX_FIELD_SIZE,
     MAX_HEAD_BYTES,
-    MAX_HEADERS,
     MAX_REQUEST_LINE,
+    section_limit,
     vet_head,
 )
 from gateway.writeflow import WriteFlow
@@ -234,11 +234,12 @@ class Connection(WriteFlow):
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(name) > MAX_FIELD_SIZE or len(value) > MAX_FIELD_SIZE:
             raise Limit(HeadersTooLarge("header field too large"))
-        if len(self._headers) >= MAX_HEADERS:
-            raise Limit(HeadersTooLarge("too many header fields"))
         field = name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
         self._headers.append(field)
         self._head_size += len(field[0]) + len(field[1]) + 4
+        problem = section_limit(len(self._headers), self._head_size)
+        if problem is not None:
+            raise Limit(HeadersTooLarge(problem))
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -252,7 +253,7 @@ class Connection(WriteFlow):
         version = (int(major), int(minor)) if major.isdigit() and minor.isdigit() else (0, 9)
         headers: CIMultiDict[str] = CIMultiDict(self._headers)
         raw_path = self._url.decode("utf-8", "surrogateescape")
-        error = vet_head(method, raw_path, version, headers, self._head_size)
+        error = vet_head(method, raw_path, version, headers)
         if error is not None:
             raise Limit(error)
         length_text = headers.get("Content-Length")

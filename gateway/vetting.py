@@ -20,7 +20,6 @@ from gateway.errors import (
     BadRequest,
     ConnectRefused,
     GatewayError,
-    HeadersTooLarge,
     NotImplementedCoding,
     VersionNotSupported,
 )
@@ -44,17 +43,31 @@ HOST_SYNTAX: Final = re.compile(
 )
 
 
+def section_limit(fields: int, size: int) -> str | None:
+    """Why a header or trailer section is over the caps, or None.
+
+    `fields` counts its fields so far, `size` their bytes, each counted with
+    ": " and CRLF. One rule for both directions: client heads (h1server.py)
+    and the heads and trailers of target responses (h1client.py), which
+    llhttp parses without any limit of its own.
+    """
+    if fields > MAX_HEADERS:
+        return "too many header fields"
+    if size > MAX_HEAD_BYTES:
+        return "header section too large"
+    return None
+
+
 def vet_head(
     method: str,
     target: str,
     version: tuple[int, int],
     headers: CIMultiDict[str],
-    head_size: int,
 ) -> GatewayError | None:
     """What llhttp parsed but the gateway refuses, or None to go ahead.
 
-    `head_size` is the header fields' length, each counted with ": " and CRLF
-    (the parser adds it up as the fields arrive).
+    The section's size and field count were checked as the fields arrived
+    (`section_limit`).
     """
     if version not in ((1, 0), (1, 1)):
         if version in ((2, 0), (0, 9)):
@@ -69,8 +82,6 @@ def vet_head(
         return ConnectRefused(
             "CONNECT is not supported: this is a gateway, not a forward proxy", {"Allow": ""}
         )
-    if head_size > MAX_HEAD_BYTES:
-        return HeadersTooLarge("header section too large")
     hosts = headers.getall("Host", ())
     if len(hosts) > 1:
         return BadRequest("more than one Host header")
