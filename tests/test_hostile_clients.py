@@ -17,9 +17,11 @@ suspect client in HTTP/1.0).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import resource
+import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
+from gateway import h1server
 from tests.conftest import GatewayFactory, RunningGateway, UpstreamFactory, wait_for
 
 CLIENT_TIMEOUT = 0.5
@@ -106,8 +109,10 @@ class Env:
     def seen(self) -> list[Seen]:
         return self.app.seen + self.named.seen
 
-    async def exchange(self, *parts: Part, wait: float = EOF_WAIT) -> Exchange:
-        return await exchange(self.gw, parts, wait=wait)
+    async def exchange(
+        self, *parts: Part, wait: float = EOF_WAIT, stop_at_eof: bool = False
+    ) -> Exchange:
+        return await exchange(self.gw, parts, wait=wait, stop_at_eof=stop_at_eof)
 
     async def assert_still_serving(self) -> None:
         """(d): a normal request on a new connection is answered by the target."""
@@ -139,6 +144,17 @@ def gateway_config(app_port: int, named_port: int, client_timeout: float) -> str
         upstream = "named"
 
         [[routes]]
+        name = "capped"
+        path = "/capped"
+        upstream = "app"
+        max_body_bytes = 1000
+
+        [[routes]]
+        name = "api"
+        path = "/api"
+        upstream = "app"
+
+        [[routes]]
         name = "all"
         path = "/"
         upstream = "app"
@@ -167,27 +183,40 @@ async def env(make_env: EnvFactory) -> Env:
     return await make_env()
 
 
-async def exchange(gw: RunningGateway, parts: Sequence[Part], *, wait: float) -> Exchange:
-    """Send `parts` (pausing at floats), then read until the gateway closes."""
+async def exchange(
+    gw: RunningGateway, parts: Sequence[Part], *, wait: float, stop_at_eof: bool = False
+) -> Exchange:
+    """Send `parts` (pausing at floats), then read until the gateway closes.
+
+    `stop_at_eof`: send nothing more once the gateway has closed (a trickle
+    longer than the test needs). `elapsed` ends at the EOF, if one came.
+    """
     started = time.monotonic()
     reader, writer = await asyncio.open_connection(gw.host, gw.port)
     raw = bytearray()
     closed = False
+    closed_at = 0.0
 
     async def read_all() -> None:
-        nonlocal closed
+        nonlocal closed, closed_at
         try:
             while chunk := await reader.read(65536):
                 raw.extend(chunk)
         except ConnectionResetError:
             pass
         closed = True
+        closed_at = time.monotonic()
 
     reading = asyncio.create_task(read_all())
     try:
         for part in parts:
+            if stop_at_eof and reading.done():
+                break
             if isinstance(part, float):
-                await asyncio.sleep(part)
+                if stop_at_eof:
+                    await asyncio.wait([reading], timeout=part)
+                else:
+                    await asyncio.sleep(part)
             elif not writer.is_closing():
                 writer.write(part)
                 try:
@@ -199,7 +228,7 @@ async def exchange(gw: RunningGateway, parts: Sequence[Part], *, wait: float) ->
                 await asyncio.shield(reading)
         except TimeoutError:
             pass
-        elapsed = time.monotonic() - started
+        elapsed = (closed_at if closed else time.monotonic()) - started
     finally:
         reading.cancel()
         writer.close()
@@ -747,20 +776,233 @@ async def test_bad_chunk_after_the_head_was_forwarded_aborts_the_upload_with_400
     assert box.snapshot.pools["app"].targets[0].breaker.consecutive_failures == 0
 
 
+# -- lingering close: a refusal survives the bytes the client sends after it ----
+
+FLOOD = b"f" * (1024 * 1024)
+# A well-formed chunked stream of as much: a body over max_body_bytes must
+# meet the 413, not trip over bad framing first.
+CHUNK_FLOOD = (b"400\r\n" + b"c" * 1024 + b"\r\n") * 1024
+CAPPED = b"POST /capped HTTP/1.1\r\nHost: x\r\n"
+
+# (id, parts ending in a 1 MiB flood, status, code). The client writes all of
+# it without reading, as a client streaming an upload does; only then does it
+# read. Closing with those bytes unread makes Linux send a reset, which
+# destroys the answer in the client's receive buffer (RFC 9112 9.6).
+UNREAD_AFTER_REFUSAL: list[tuple[str, tuple[Part, ...], int, str]] = [
+    ("bad-chunk-size", (CHUNKED + b"zz\r\n", FLOOD), 400, "bad_request"),
+    (
+        "bad-chunk-size-after-the-head-went-upstream",
+        (CHUNKED + b"5\r\nhello\r\n", 0.2, b"5x\r\n", FLOOD),
+        400,
+        "bad_request",
+    ),
+    (
+        "endless-trailer",
+        (CHUNKED + b"5\r\nhello\r\n0\r\nX-Trailer: ", 0.2, FLOOD),
+        400,
+        "bad_request",
+    ),
+    (
+        "cl-and-te",
+        (POST + b"Content-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n", FLOOD),
+        400,
+        "bad_request",
+    ),
+    (
+        "chunked-over-max-body-bytes",
+        (CAPPED + b"Transfer-Encoding: chunked\r\n\r\n", CHUNK_FLOOD),
+        413,
+        "body_too_large",
+    ),
+    (
+        "length-over-max-body-bytes",
+        (CAPPED + b"Content-Length: 2000000\r\n\r\n", FLOOD),
+        413,
+        "body_too_large",
+    ),
+    (
+        "header-field-too-large",
+        (GET + b"X-A: " + b"a" * 16400 + b"\r\n\r\n", FLOOD),
+        431,
+        "header_fields_too_large",
+    ),
+    (
+        "target-too-long",
+        (b"GET /" + b"a" * 8200 + b" HTTP/1.1\r\n", FLOOD),
+        414,
+        "uri_too_long",
+    ),
+]
+
+
+async def send_unread_then_read(gw: RunningGateway, parts: Sequence[Part]) -> tuple[bytes, str]:
+    """Send `parts` on a plain socket that reads nothing meanwhile, then read
+    to EOF; the bytes read and how the read ended ("eof", "reset", "timeout").
+
+    asyncio's streams read in the background: a plain socket leaves the
+    answer in the kernel's receive buffer, where a reset destroys it.
+    """
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    raw = bytearray()
+    try:
+        async with asyncio.timeout(EOF_WAIT):
+            await loop.sock_connect(sock, (gw.host, gw.port))
+        for part in parts:
+            if isinstance(part, float):
+                await asyncio.sleep(part)
+                continue
+            try:
+                async with asyncio.timeout(EOF_WAIT):
+                    await loop.sock_sendall(sock, part)
+            except (ConnectionError, TimeoutError):
+                break  # closed on us, or not reading at all: the read tells
+        try:
+            async with asyncio.timeout(EOF_WAIT):
+                while chunk := await loop.sock_recv(sock, 65536):
+                    raw += chunk
+        except ConnectionResetError:
+            return bytes(raw), "reset"
+        except TimeoutError:
+            return bytes(raw), "timeout"
+        return bytes(raw), "eof"
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize(
+    ("parts", "status", "code"),
+    [
+        pytest.param(parts, status, code, id=name)
+        for name, parts, status, code in UNREAD_AFTER_REFUSAL
+    ],
+)
+async def test_a_refusal_reaches_a_client_that_keeps_sending_without_reading(
+    env: Env, parts: tuple[Part, ...], status: int, code: str
+) -> None:
+    raw, ending = await send_unread_then_read(env.gw, parts)
+    assert ending == "eof", (ending, raw[:300])
+    replies = parse_replies(raw)
+    assert len(replies) == 1, raw[:500]
+    assert_gateway_error(replies[0], status, code)
+    assert replies[0].headers["connection"] == "close"
+    # Forwarded or not, no target saw a whole request.
+    assert all(seen.outcome != "complete" for seen in env.seen())
+    await env.assert_still_serving()
+
+
+async def test_a_lingering_connection_is_closed_after_the_linger_time(env: Env) -> None:
+    # A client that keeps sending after its refusal is read (and dropped) for
+    # LINGER_SECONDS, not for as long as it likes.
+    reader, writer = await asyncio.open_connection(env.gw.host, env.gw.port)
+    started = time.monotonic()
+    try:
+        writer.write(CHUNKED + b"zz\r\n")
+        async with asyncio.timeout(h1server.LINGER_SECONDS + EOF_WAIT):
+            answer = await reader.read()  # the 400, then EOF: the write side is shut
+            assert parse_replies(answer)[0].status == 400
+            with contextlib.suppress(ConnectionError):
+                while time.monotonic() - started < h1server.LINGER_SECONDS + 2.0:
+                    writer.write(b"x" * 1024)
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+        assert time.monotonic() - started < h1server.LINGER_SECONDS + 1.5
+    finally:
+        writer.close()
+
+
 # -- slow loris -----------------------------------------------------------------
 
 
-async def test_head_trickling_within_client_timeout_is_served(env: Env) -> None:
-    # client_timeout bounds silence, not the whole head: 9 pieces 0.2 s
-    # apart take 1.6 s (over 3 timeouts) and are served.
-    head = b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+def trickle(data: bytes, step: int, pause: float) -> list[Part]:
+    """`data` in pieces of `step` bytes, `pause` seconds apart."""
     parts: list[Part] = []
-    for i in range(0, len(head), 6):
-        parts += [head[i : i + 6], 0.2]
-    result = await env.exchange(*parts)
-    assert result.elapsed > 3 * CLIENT_TIMEOUT
+    for i in range(0, len(data), step):
+        parts += [data[i : i + step], pause]
+    return parts
+
+
+async def test_a_head_trickling_in_within_client_timeout_is_served(env: Env) -> None:
+    head = b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    result = await env.exchange(*trickle(head, 12, 0.05))  # 5 pieces in 0.25 s
     assert [r.status for r in result.replies] == [200], result.raw[:300]
     assert [s.raw_path for s in env.app.seen] == ["/slow"]
+
+
+FIRST = b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n"
+# Heads whose bytes each come well within client_timeout (0.2 s apart for a
+# 0.5 s timeout) but which as a whole would take seconds: client_timeout is a
+# deadline for the whole head, not a silence that every byte restarts
+# (CONTRACT.md; nginx's client_header_timeout).
+TRICKLED_HEADS: list[tuple[str, list[Part], list[int]]] = [
+    ("request-line-byte-by-byte", trickle(b"GET /slowly/and/slower HTTP/1.1\r\n", 1, 0.2), [408]),
+    (
+        "header-lines-one-by-one",
+        [
+            b"GET / HTTP/1.1\r\nHost: x\r\n",
+            0.2,
+            *trickle(b"".join(b"X-%d: v\r\n" % i for i in range(40)), 8, 0.2),
+        ],
+        [408],
+    ),
+    (
+        "header-value-byte-by-byte",
+        [b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ", *trickle(b"a" * 40, 1, 0.2)],
+        [408],
+    ),
+    (
+        "second-head-on-keep-alive",
+        [FIRST, 0.1, *trickle(b"GET /second HTTP/1.1\r\nHost: x\r\n", 1, 0.2)],
+        [200, 408],
+    ),
+    (
+        "second-head-pipelined-behind-the-first",
+        [FIRST + b"GET /sec", *trickle(b"ond HTTP/1.1\r\nHost: x\r\n", 1, 0.2)],
+        [200, 408],
+    ),
+    (
+        "second-head-after-a-chunked-body",
+        [
+            CHUNKED + b"5\r\nhello\r\n0\r\n\r\n",
+            0.1,
+            *trickle(b"GET /second HTTP/1.1\r\nHost: x\r\n", 1, 0.2),
+        ],
+        [200, 408],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("parts", "statuses"), [pytest.param(*case[1:], id=case[0]) for case in TRICKLED_HEADS]
+)
+async def test_a_head_trickled_past_client_timeout_gets_408_however_steady_the_trickle(
+    env: Env, parts: list[Part], statuses: list[int]
+) -> None:
+    result = await env.exchange(*parts, stop_at_eof=True)
+    assert [r.status for r in result.replies] == statuses, result.raw[:500]
+    assert_gateway_error(result.replies[-1], 408, "client_timeout")
+    assert result.replies[-1].headers["connection"] == "close"
+    assert result.closed
+    # From the head's start: the connect, or the first request's answer
+    # (0.1 s in at most); a sweep runs every client_timeout / 4.
+    assert result.elapsed < 0.1 + CLIENT_TIMEOUT * 1.25 + 0.5
+    # Only the whole heads before it reached a target.
+    assert len(env.seen()) == len(statuses) - 1
+    await env.assert_still_serving()
+
+
+async def test_one_header_byte_every_1_5_s_is_cut_at_a_client_timeout_of_2_s(
+    make_env: EnvFactory,
+) -> None:
+    # The report's own numbers: each byte within the timeout, the head never.
+    env = await make_env(client_timeout=2.0)
+    parts = [b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ", *trickle(b"a" * 10, 1, 1.5)]
+    result = await env.exchange(*parts, stop_at_eof=True, wait=5.0)
+    assert [r.status for r in result.replies] == [408], result.raw[:300]
+    assert result.closed
+    assert 2.0 <= result.elapsed < 2.0 + 0.5 + 0.5  # the deadline, one sweep, a margin
+    assert env.seen() == []
 
 
 async def test_head_stalled_past_client_timeout_gets_408_and_is_closed(env: Env) -> None:
