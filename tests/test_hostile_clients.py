@@ -595,6 +595,86 @@ async def test_http10_without_host_and_empty_host_are_served(env: Env) -> None:
     assert [s.raw_path for s in env.app.seen] == ["/ten", "/empty"]
 
 
+# -- dot-segments: a route's prefix confines what reaches its target ----------
+
+# Only "/api" (and the catch-all) is routed; a target that removes
+# dot-segments would serve each of these from outside "/api" (CONTRACT.md:
+# refused with 400, and nothing reaches a target).
+DOT_SEGMENT_TARGETS = [
+    b"/api/../internal/secret",
+    b"/api/%2e%2e/internal/secret",
+    b"/api/%2E%2E/internal/secret",
+    b"/api/%2e./internal",
+    b"/api/.%2E/internal",
+    b"/api/..",
+    b"/api/.",
+    b"/api/x/../../internal",
+    b"/api/./x",
+    b"/api/..%2Finternal",
+    b"/api/..%2finternal",
+    b"/api/..;/internal",
+    b"/api/..\\internal",
+    b"/api/..%5Cinternal",
+    b"/api/..#/internal",
+    b"/api/../internal?x=1",
+    b"http://x/api/../internal",
+]
+
+
+@pytest.mark.parametrize("target", DOT_SEGMENT_TARGETS, ids=lambda t: t.decode())
+async def test_a_dot_segment_in_the_path_is_refused_and_reaches_no_target(
+    env: Env, target: bytes
+) -> None:
+    result = await env.exchange(
+        b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    await assert_refused(env, result, 400, "bad_request")
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        # A preflight is answered by the gateway itself: the refusal comes first.
+        b"OPTIONS /api/../internal HTTP/1.1\r\nHost: x\r\nOrigin: http://o.example\r\n"
+        b"Access-Control-Request-Method: GET\r\nConnection: close\r\n\r\n",
+        # With a body: refused before a byte of it goes anywhere.
+        b"POST /api/%2e%2e/internal HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        b"Connection: close\r\n\r\nhello",
+        b"PUT /capped/.. HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    ],
+    ids=["preflight", "post-with-length", "chunked-put"],
+)
+async def test_a_dot_segment_is_refused_whatever_the_method_or_body(
+    env: Env, request_bytes: bytes
+) -> None:
+    result = await env.exchange(request_bytes)
+    await assert_refused(env, result, 400, "bad_request")
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/api/...",
+        b"/api/.hidden",
+        b"/api/a.b/c..d",
+        b"/api/..a/a..",
+        b"/api/%252e%252e/x",
+        b"/api/x?path=../../etc&y=./z",
+        b"/api/x?..",
+        b"/api/v1.2/f.json",
+    ],
+)
+async def test_names_with_dots_and_dotted_queries_are_forwarded_unchanged(
+    env: Env, target: bytes
+) -> None:
+    result = await env.exchange(
+        b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert [r.status for r in result.replies] == [200], result.raw[:300]
+    assert [s.raw_path for s in env.app.seen] == [target.decode()]
+
+
 # -- absolute-form -------------------------------------------------------------
 
 
