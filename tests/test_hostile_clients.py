@@ -47,6 +47,7 @@ class Seen:
     method: str
     raw_path: str
     headers: dict[str, str]
+    fields: list[tuple[str, str]] = field(default_factory=list)  # every line, in order
     outcome: str = "reading"  # then "complete" or "aborted"
     body: bytes = b""
 
@@ -60,7 +61,15 @@ class Recorder:
 
     def app(self) -> web.Application:
         async def record(request: web.Request) -> web.StreamResponse:
-            seen = Seen(request.method, request.raw_path, dict(request.headers))
+            seen = Seen(
+                request.method,
+                request.raw_path,
+                dict(request.headers),
+                [
+                    (name.decode("latin-1"), value.decode("latin-1"))
+                    for name, value in request.raw_headers
+                ],
+            )
             self.seen.append(seen)
             try:
                 seen.body = await request.read()
@@ -125,12 +134,15 @@ class Env:
         assert [s.raw_path for s in self.app.seen[before:]] == ["/still-ok"]
 
 
-def gateway_config(app_port: int, named_port: int, client_timeout: float) -> str:
+def gateway_config(
+    app_port: int, named_port: int, client_timeout: float, trusted_proxies: str = "[]"
+) -> str:
     return f"""
         [server]
         listen = ["127.0.0.1:0"]
         admin = ""
         client_timeout = {client_timeout}
+        trusted_proxies = {trusted_proxies}
 
         [upstreams.app]
         targets = ["http://127.0.0.1:{app_port}"]
@@ -166,13 +178,13 @@ EnvFactory = Callable[..., Awaitable[Env]]
 
 @pytest.fixture
 async def make_env(make_gateway: GatewayFactory, start_upstream: UpstreamFactory) -> EnvFactory:
-    async def factory(client_timeout: float = CLIENT_TIMEOUT) -> Env:
+    async def factory(client_timeout: float = CLIENT_TIMEOUT, trusted_proxies: str = "[]") -> Env:
         app, named = Recorder("app"), Recorder("named")
         app_server = await start_upstream(app.app())
         named_server = await start_upstream(named.app())
         assert app_server.port is not None
         assert named_server.port is not None
-        config = gateway_config(app_server.port, named_server.port, client_timeout)
+        config = gateway_config(app_server.port, named_server.port, client_timeout, trusted_proxies)
         return Env(await make_gateway(config), app, named)
 
     return factory
@@ -673,6 +685,83 @@ async def test_names_with_dots_and_dotted_queries_are_forwarded_unchanged(
     )
     assert [r.status for r in result.replies] == [200], result.raw[:300]
     assert [s.raw_path for s in env.app.seen] == [target.decode()]
+
+
+# -- client identity headers: what an untrusted peer may not claim --------------
+
+# Hostile spellings of the fields that name the client: several lines, any
+# case, underscores that CGI-style backends read as dashes (CONTRACT.md
+# "Headers"). Each case: extra header lines sent by the peer.
+SPOOFED_IDENTITY: list[tuple[str, bytes]] = [
+    ("forwarded", b"Forwarded: for=6.6.6.6;proto=https\r\n"),
+    (
+        "forwarded-many-lines-any-case",
+        b"Forwarded: for=6.6.6.6\r\nforwarded: for=7.7.7.7;proto=https\r\n"
+        b'FORWARDED: for="[2001:db8::6]"\r\n',
+    ),
+    ("x-real-ip", b"X-Real-IP: 6.6.6.6\r\n"),
+    ("x-real-ip-duplicates", b"x-real-ip: 6.6.6.6\r\nX-REAL-IP: 7.7.7.7\r\nX-Real-Ip: 8.8.8.8\r\n"),
+    ("x_real_ip", b"X_Real_IP: 6.6.6.6\r\nx_real_ip: 7.7.7.7\r\n"),
+    ("x_forwarded_for", b"X_Forwarded_For: 6.6.6.6\r\n"),
+    (
+        "x_forwarded_proto-and-host",
+        b"X_Forwarded_Proto: https\r\nX-Forwarded_Host: evil.example\r\n",
+    ),
+    ("lone-underscores", b"_: x\r\n__: y\r\nA_: z\r\n"),
+    (
+        "everything-at-once",
+        b"Forwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nX_Forwarded_For: 6.6.6.6\r\n"
+        b"X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.example\r\n",
+    ),
+]
+
+
+def names_seen(seen: Seen) -> list[str]:
+    return [name.lower() for name, _ in seen.fields]
+
+
+@pytest.mark.parametrize(
+    "spoof", [pytest.param(spoof, id=name) for name, spoof in SPOOFED_IDENTITY]
+)
+async def test_an_untrusted_peer_cannot_tell_the_target_who_the_client_is(
+    env: Env, spoof: bytes
+) -> None:
+    result = await env.exchange(
+        b"GET /who HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 9.9.9.9\r\n"
+        + spoof
+        + b"X-Kept: yes\r\nConnection: close\r\n\r\n"
+    )
+    assert [r.status for r in result.replies] == [200], result.raw[:300]
+    [seen] = env.app.seen
+    names = names_seen(seen)
+    assert "forwarded" not in names
+    assert "x-real-ip" not in names
+    assert not [name for name in names if "_" in name]
+    # X-Forwarded-For is kept and appended to; the rest is what this hop saw.
+    assert seen.headers["X-Forwarded-For"] == "9.9.9.9, 127.0.0.1"
+    assert names.count("x-forwarded-for") == 1
+    assert seen.headers["X-Forwarded-Proto"] == "http"
+    assert seen.headers["X-Forwarded-Host"] == "x"
+    assert seen.headers["X-Kept"] == "yes"
+
+
+async def test_a_trusted_peer_keeps_forwarded_and_x_real_ip_but_not_underscored_names(
+    make_env: EnvFactory,
+) -> None:
+    env = await make_env(trusted_proxies='["127.0.0.0/8"]')
+    result = await env.exchange(
+        b"GET /who HTTP/1.1\r\nHost: x\r\nForwarded: for=6.6.6.6;proto=https\r\n"
+        b"forwarded: for=7.7.7.7\r\nX-Real-IP: 6.6.6.6\r\nX_Real_IP: 8.8.8.8\r\n"
+        b"X_Forwarded_For: 8.8.8.8\r\nConnection: close\r\n\r\n"
+    )
+    assert [r.status for r in result.replies] == [200], result.raw[:300]
+    [seen] = env.app.seen
+    fields = [(name.lower(), value) for name, value in seen.fields]
+    # Kept as written: each line as it came.
+    assert [v for n, v in fields if n == "forwarded"] == ["for=6.6.6.6;proto=https", "for=7.7.7.7"]
+    assert [v for n, v in fields if n == "x-real-ip"] == ["6.6.6.6"]
+    assert not [n for n, _ in fields if "_" in n]
+    assert seen.headers["X-Forwarded-For"] == "127.0.0.1"
 
 
 # -- absolute-form -------------------------------------------------------------
