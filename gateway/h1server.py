@@ -19,11 +19,15 @@ the head checks llhttp leaves to us):
   A body that turns malformed after its head went to the handler cancels the
   handler too, which answers 400 (or aborts, if the response began).
 * Keep-alive follows RFC 9112 9.3 (`should_keep_alive`); an idle connection
-  closes after `KEEPALIVE_TIMEOUT`. A response sent before its request body
-  was read whole ends the connection after a short lingering read, so that
-  the client sees the answer rather than a reset (RFC 9112 9.6).
-* Slow loris: `head_silent_for()` / `cut_silent_head()` let a sweeper close
-  connections whose request head stalled (see server.py).
+  closes after `KEEPALIVE_TIMEOUT`.
+* Slow loris: a request head must arrive whole within `client_timeout` of
+  its start, however its bytes trickle in (nginx's client_header_timeout);
+  `head_pending_for()` / `cut_slow_head()` let a sweeper close the
+  connections past that deadline (see server.py) with 408.
+* A connection that ends with an answer while the client may still be
+  sending (a refusal, a broken or unanswered body) closes lingering: write
+  side first, then a bounded read-and-drop, so that no reset destroys the
+  answer (RFC 9112 9.6, nginx's lingering_close).
 """
 
 from __future__ import annotations
@@ -70,9 +74,14 @@ log = logging.getLogger("gateway.server")
 
 # nginx's keepalive_timeout default: idle client connections between requests.
 KEEPALIVE_TIMEOUT: Final = 75.0
-# How long a connection closing with an unread request body keeps reading
-# (and dropping) it, so that the client can read the answer (RFC 9112 9.6).
+# Lingering close (RFC 9112 9.6; nginx's lingering_close): a connection that
+# ends with an answer while the client may still be sending (a refusal, a
+# broken or unread body) half-closes, then reads and drops what comes for at
+# most this long and this many bytes before it closes. Closing at once with
+# unread input makes Linux answer with a reset, and a reset makes the
+# client's stack throw away the answer it had not read yet.
 LINGER_SECONDS: Final = 2.0
+LINGER_MAX_BYTES: Final = 4 * 1024 * 1024
 # Parsed requests waiting behind the one being handled before reading pauses.
 _MAX_QUEUED: Final = 8
 # Reading pauses between reads, but one read (up to 256 KiB) is parsed whole:
@@ -114,6 +123,8 @@ class Connection(WriteFlow):
         self._lost = False
         self._client_eof = False
         self._lingering = False
+        self._linger_left = 0  # bytes still read and dropped while lingering
+        self._linger_timer: asyncio.TimerHandle | None = None
         self.closing_after_response = False
         # Why the server aborted this connection ("drain"), for the access log
         # of the request it cut; None: not aborted by the server.
@@ -127,9 +138,9 @@ class Connection(WriteFlow):
         self._head_size = 0  # the fields' lengths, each with ": " and CRLF
         self._stalled_bytes = 0  # fed since the last head, body or message end
         self._progress = False
-        # slow-loris bookkeeping (see head_silent_for)
+        # slow-loris bookkeeping (see head_pending_for)
         self.in_head = False
-        self.head_since = self._loop.time()
+        self.head_since = self._loop.time()  # when the pending head's deadline began
         self.last_rx = self.head_since
         self._messages = 0
 
@@ -150,6 +161,8 @@ class Connection(WriteFlow):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         self.transport = None
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
         self._server.forget(self)
         lost = ConnectionResetError("the client connection was lost")
         for item in self._queue:
@@ -173,7 +186,12 @@ class Connection(WriteFlow):
         return False
 
     def data_received(self, data: bytes) -> None:
-        if self._refused or self._lingering:
+        if self._lingering:
+            self._linger_left -= len(data)
+            if self._linger_left < 0:
+                self._end_linger()
+            return
+        if self._refused:
             return
         self.last_rx = self._loop.time()
         self._feed(data)
@@ -221,7 +239,10 @@ class Connection(WriteFlow):
 
     def on_message_begin(self) -> None:
         self.in_head = True
-        self.head_since = self._loop.time()
+        if self._messages:
+            # A later request's head is timed from its first byte; the first
+            # one's from the accept, as nginx's client_header_timeout.
+            self.head_since = self._loop.time()
         self._url = b""
         self._headers = []
         self._head_size = 0
@@ -405,6 +426,7 @@ class Connection(WriteFlow):
                 return False
             rid = request_id(request.headers.get("X-Request-ID"), new_request_id)
             writer.send_reply(json_reply(error, rid))
+            self._linger()  # the rest of the broken body may still be coming
             return False
         except (ConnectionError, RuntimeError) as exc:
             log.debug("response to %s not completed: %s", self.remote, exc)
@@ -413,7 +435,7 @@ class Connection(WriteFlow):
         finally:
             self._handling = None
             if self.in_head:
-                # A pipelined head arrived meanwhile: its silence counts from
+                # A pipelined head arrived meanwhile: its deadline counts from
                 # now, since the client was waiting for this response.
                 self.head_since = self._loop.time()
         if not writer.keep_alive or self._lost or not request.content.is_eof():
@@ -444,22 +466,52 @@ class Connection(WriteFlow):
         hook = self._server.on_refusal
         if hook is not None:
             hook(error, rid, self.remote, len(reply.body))
+        self._linger()  # the refused request's body, or more, may be on its way
 
     def _close_after(self, request: Request) -> None:
         """Close once the response is out; linger if the body is still coming."""
         transport = self.transport
         if transport is None:
             return
-        if request.content.is_eof() or self._client_eof or self._refused:
+        if request.content.is_eof() and not self._refused:
             transport.close()
             return
-        # RFC 9112 9.6: half-close, then read and drop what the client still
-        # sends for a moment, so that its stack does not reset the answer away.
+        self._linger()
+
+    def _linger(self) -> None:
+        """End the connection after the answer just written, without a reset.
+
+        RFC 9112 9.6 and nginx's lingering_close: half-close (the client reads
+        the answer, then EOF), and read and drop what it still sends until it
+        closes too, LINGER_SECONDS pass or LINGER_MAX_BYTES came; only then
+        close. The answer is already in the transport's buffer; write_eof
+        shuts the socket's write side once that buffer is flushed.
+        """
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._lingering:
+            return
+        if self._client_eof:
+            transport.close()  # nothing more can come
+            return
         self._lingering = True
+        self._refused = True  # nothing more is parsed
+        self.in_head = False
+        self._linger_left = LINGER_MAX_BYTES
         self.resume_reading(PAUSE_BODY | PAUSE_QUEUE | PAUSE_HANDOVER)
-        if transport.can_write_eof():
+        if transport.can_write_eof():  # not on TLS: close_notify goes at the close
             transport.write_eof()
-        self._loop.call_later(LINGER_SECONDS, transport.close)
+        self._linger_timer = self._loop.call_later(LINGER_SECONDS, self._end_linger)
+
+    def _end_linger(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size():
+            # The client read nothing of the answer in all this time; close()
+            # would wait for the buffer to drain with no bound.
+            transport.abort()
+        else:
+            transport.close()
 
     def _finish(self) -> None:
         transport = self.transport
@@ -537,22 +589,26 @@ class Connection(WriteFlow):
 
     # -- slow loris -------------------------------------------------------------------
 
-    def head_silent_for(self, now: float) -> float:
-        """How long a pending request head has been silent (0 if none pends).
+    def head_pending_for(self, now: float) -> float:
+        """How long a request head has been pending (0 if none pends).
 
-        A head is pending from the moment the connection opens (nginx's
-        client_header_timeout covers the first request too), and from the
-        first byte of each later one; not while a request is handled or
-        queued, nor on an idle keep-alive connection.
+        A deadline, not a silence: bytes that arrive do not restart it, or
+        one byte a second would hold the connection for ever (slow loris;
+        CONTRACT.md `client_timeout`). A head is pending from the moment the
+        connection opens (nginx's client_header_timeout covers the first
+        request too), and from the first byte of each later one (or the end
+        of the response it was pipelined behind); not while a request is
+        handled or queued, nor on an idle keep-alive connection, whose wait
+        is KEEPALIVE_TIMEOUT's.
         """
         if self._refused or self._lingering or self.busy():
             return 0.0
         if self.in_head or self._messages == 0:
-            return now - max(self.head_since, self.last_rx)
+            return now - self.head_since
         return 0.0
 
-    def cut_silent_head(self) -> None:
-        """Close for a stalled head: 408 if part of one came, else silently.
+    def cut_slow_head(self) -> None:
+        """Close for a head past its deadline: 408 if part of one came, else silently.
 
         A connection that sent nothing gets no 408: a client about to reuse it
         would take the 408 for the answer to the request it is sending.
@@ -628,11 +684,12 @@ class H1Server:
         return busy
 
 
-async def sweep_silent_heads(
+async def sweep_slow_heads(
     servers: Callable[[], list[H1Server]], client_timeout: Callable[[], float]
 ) -> None:
-    """Close connections whose request head stalled, and keep-alive connections
-    idle past `KEEPALIVE_TIMEOUT`; runs until cancelled.
+    """Close connections whose request head is not in `client_timeout` after
+    it began, and keep-alive connections idle past `KEEPALIVE_TIMEOUT`; runs
+    until cancelled.
 
     Sweeping a few times per timeout (at least every second) costs one pass
     over the connections instead of arming and cancelling a timer for every
@@ -645,7 +702,7 @@ async def sweep_silent_heads(
         now = loop.time()
         for server in servers():
             for conn in list(server.connections):
-                if conn.head_silent_for(now) > timeout:
-                    conn.cut_silent_head()
+                if conn.head_pending_for(now) > timeout:
+                    conn.cut_slow_head()
                 elif conn.idle_for(now) > KEEPALIVE_TIMEOUT:
                     conn.close_idle()

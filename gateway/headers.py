@@ -13,7 +13,15 @@ C-level copy.
   connection options for fields meant for every recipient, and honouring one
   would let a client strip the framing the gateway relies on.
 - Via is appended to (RFC 9110 §7.6.3), X-Forwarded-For appended to, and
-  X-Forwarded-Proto/-Host believed only from `trusted_proxies`.
+  X-Forwarded-Proto/-Host believed only from `trusted_proxies`. From any
+  other peer, Forwarded (RFC 7239) and X-Real-IP are removed: they claim the
+  client's address or scheme, and this hop does not write them itself. From
+  a trusted peer they are kept, as the proxy in front wrote them.
+- Request header names holding "_" are dropped, whoever the peer, as nginx
+  does by default (underscores_in_headers off): CGI-style backends (WSGI,
+  PHP, Rack: HTTP_X_FORWARDED_FOR) read "X_Forwarded_For" and
+  "X-Forwarded-For" as one name, so an underscore spelling would forge the
+  fields this hop sets.
 - `TrustedProxies.client_ip` walks X-Forwarded-For right to left to the first
   untrusted hop, like encode/uvicorn's `uvicorn/middleware/proxy_headers.py`:
   every hop to the right of it was appended by a proxy we trust, the entry
@@ -57,6 +65,9 @@ HOP_BY_HOP: Final = frozenset(
 )
 
 VIA: Final = "1.1 gateway"  # RFC 9110 §7.6.3: received-protocol received-by
+
+# What an untrusted peer may not claim about the client (see module docstring).
+_CLIENT_CLAIMS: Final = ("Forwarded", "X-Real-IP")
 
 # End-to-end fields a Connection option may not remove (see module docstring).
 _NOT_CONNECTION_OPTIONS: Final = frozenset({"content-length"})
@@ -126,6 +137,11 @@ def upstream_request_headers(
     (None if it sent none), `target_host` the target URL's "host:port".
     """
     out = _end_to_end(incoming)
+    # One C-level join tells whether any name holds "_" (rare): no loop in
+    # Python over every header on every request.
+    if "_" in "".join(out.keys()):
+        for name in [name for name in out if "_" in name]:
+            out.popall(name, None)  # every line, any case (some went with an earlier one)
 
     # The peer is appended even when untrusted: the chain is kept for the
     # target's information, and `client_ip` decides what to believe of it.
@@ -146,6 +162,9 @@ def upstream_request_headers(
             out["X-Forwarded-Host"] = host
         elif "X-Forwarded-Host" in out:
             del out["X-Forwarded-Host"]
+        for name in _CLIENT_CLAIMS:
+            if name in out:
+                del out[name]
 
     _append(out, "Via", VIA)
     out["X-Request-ID"] = request_id

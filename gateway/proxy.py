@@ -58,7 +58,7 @@ from gateway.limits import rate_limit_headers
 from gateway.log import AccessEntry, AccessLog
 from gateway.metrics import Metrics, RequestCounter
 from gateway.retry import backoff, may_retry
-from gateway.routing import forward_path
+from gateway.routing import forward_path, has_dot_segment
 from gateway.snapshot import RouteRuntime, Snapshot
 from gateway.upstream import Target
 
@@ -216,6 +216,9 @@ class ProxyHandler:
                     # The gateway is that server: no route serves "*", and
                     # forwarding it would pick a target at random.
                     return self._send(ex, Reply(200, headers=CIMultiDict({"X-Request-ID": rid})))
+                if has_dot_segment(raw_path):
+                    # Before routing and CORS: the prefix matched would not confine it.
+                    raise BadRequest("a dot-segment in the request path")
                 if method == "OPTIONS" and is_preflight(method, headers):
                     preflight = self._preflight(snap, host, raw_path, headers, rid, client)
                     if preflight is not None:

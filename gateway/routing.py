@@ -63,7 +63,13 @@ from multidict import MultiMapping
 from gateway.config import RouteConfig
 from gateway.errors import MethodNotAllowed, NoRoute
 
-__all__ = ["RouteTable", "forward_path", "normalize_host", "regex_literal_prefix"]
+__all__ = [
+    "RouteTable",
+    "forward_path",
+    "has_dot_segment",
+    "normalize_host",
+    "regex_literal_prefix",
+]
 
 # One compiled route, as a flat tuple: unpacking a tuple in the `for` header is
 # the cheapest per-route access CPython offers on the hot path.
@@ -352,6 +358,39 @@ class RouteTable:
         if len(shown) > _MAX_MESSAGE_PATH:
             shown = shown[:_MAX_MESSAGE_PATH] + "..."
         raise NoRoute(f"no route matches {method} {shown}" + (f" on host {host}" if host else ""))
+
+
+# A dot-segment ("." or "..", any dot percent-encoded) between two segment
+# boundaries. Besides "/", a boundary is what some target may take for one
+# after its own decoding: "%2F" (a backend that decodes it before normalising,
+# as Tomcat with ALLOW_ENCODED_SLASH or an app behind a decoding framework
+# does), "\\" and "%5C" (IIS, ASP.NET and Windows paths), and at the end "#"
+# (a fragment, which a target's URL parser cuts off) or ";" (path parameters:
+# Tomcat and Jetty read "..;x" as ".."; the nginx-in-front-of-Tomcat escape).
+_DOT_SEGMENT: Final = re.compile(
+    r"(?:^|[/\\]|%2[fF]|%5[cC])(?:\.|%2[eE]){1,2}(?=$|[/\\;#]|%2[fF]|%5[cC])"
+)
+
+
+def has_dot_segment(raw_path: str) -> bool:
+    """Whether a raw path (no query) holds a dot-segment a target might resolve.
+
+    CONTRACT.md "On the wire": such a path is refused with 400, since a
+    route's prefix must confine what reaches its target whatever the target
+    normalises: "/api/../internal" passes the "/api" route but a target that
+    removes dot-segments (RFC 3986 §5.2.4) serves "/internal". The gateway
+    itself forwards the raw bytes and rewrites nothing, so refusing is the
+    only safe answer (nginx normalises instead; we do not, see forward_path).
+
+    Segments are "." or ".." spelled with "." or "%2e"/"%2E" in any mix;
+    boundaries are "/" and the encoded or backslash spellings above. Names
+    that merely contain dots ("...", ".hidden", "a.b", "..a") pass, and so
+    does "%252e" (an encoded "%", which only a target decoding twice would
+    turn into a dot).
+    """
+    if "." not in raw_path and "%" not in raw_path:
+        return False  # the usual path, without a regex search
+    return _DOT_SEGMENT.search(raw_path) is not None
 
 
 def forward_path(route: RouteConfig, raw_path: str, raw_query: str | None, base_path: str) -> str:

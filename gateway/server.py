@@ -28,7 +28,7 @@ from aiohttp import web
 
 from gateway.admin import admin_app
 from gateway.config import Config, parse_listen_address
-from gateway.h1server import H1Server, sweep_silent_heads
+from gateway.h1server import H1Server, sweep_slow_heads
 from gateway.health import HealthMonitor
 from gateway.log import AccessLog, journald_mode
 from gateway.metrics import Metrics
@@ -139,9 +139,7 @@ class Gateway:
                 await self._add_site(self._admin_runner, config.server.admin, self.admin_addresses)
         self.reloader = Reloader(self)
         loop = asyncio.get_running_loop()
-        self._tasks.append(
-            loop.create_task(sweep_silent_heads(self._servers, self._client_timeout))
-        )
+        self._tasks.append(loop.create_task(sweep_slow_heads(self._servers, self._client_timeout)))
         interval = watchdog_interval(self.environ)
         if interval is not None and self.notifier.enabled:
             self._tasks.append(loop.create_task(self._watchdog(interval)))

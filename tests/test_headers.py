@@ -407,3 +407,62 @@ def test_encode_head_frames_fields_refuses_split_lines_and_keeps_raw_bytes() -> 
     # A byte that was not UTF-8 on the way in ("surrogateescape") goes out as it came.
     raw = b"caf\xe9".decode("utf-8", "surrogateescape")
     assert encode_head("HTTP/1.1 200 OK", [("X-A", raw)]).endswith(b"X-A: caf\xe9\r\n\r\n")
+
+
+# --- client claims and underscore names (CONTRACT.md "Headers") --------------
+
+CLAIMS = [
+    ("Forwarded", "for=6.6.6.6;proto=https"),
+    ("forwarded", 'for="[2001:db8::6]";by=gw'),
+    ("FORWARDED", "for=6.6.6.6, for=7.7.7.7"),
+    ("X-Real-IP", "6.6.6.6"),
+    ("x-real-ip", "7.7.7.7"),
+    ("X-REAL-IP", "8.8.8.8"),
+]
+UNDERSCORED = [
+    ("X_Forwarded_For", "6.6.6.6"),
+    ("x_forwarded_proto", "https"),
+    ("X_Real_IP", "6.6.6.6"),
+    ("X_REAL_IP", "7.7.7.7"),
+    ("X-Forwarded_Host", "evil.example"),
+    ("_", "x"),
+    ("A_", "x"),
+    ("_B", "y"),
+]
+
+
+def test_an_untrusted_peer_loses_every_forwarded_and_x_real_ip_line() -> None:
+    out = upstream(proxy(*CLAIMS, ("X-Keep", "1")), peer_trusted=False)
+    assert "Forwarded" not in out
+    assert "X-Real-IP" not in out
+    assert out["X-Keep"] == "1"
+
+
+def test_a_trusted_peer_keeps_forwarded_and_x_real_ip_as_written() -> None:
+    out = upstream(proxy(*CLAIMS), peer_trusted=True)
+    assert out.getall("Forwarded") == [value for name, value in CLAIMS[:3]]
+    assert out.getall("X-Real-IP") == [value for name, value in CLAIMS[3:]]
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_underscored_names_are_dropped_whoever_the_peer(trusted: bool) -> None:
+    incoming = proxy(("X-Forwarded-For", "1.2.3.4"), *UNDERSCORED, ("X-Dash-Only", "ok"))
+    out = upstream(incoming, peer_trusted=trusted, peer="203.0.113.7")
+    assert not [name for name in out if "_" in name]
+    assert out["X-Dash-Only"] == "ok"
+    # The real X-Forwarded-For is the dash spelling alone, appended to.
+    assert out.getall("X-Forwarded-For") == ["1.2.3.4, 203.0.113.7"]
+
+
+_NAME_CHARS = st.sampled_from("abXY-_019")
+
+
+@given(names=st.lists(st.text(_NAME_CHARS, min_size=1, max_size=6), max_size=10))
+@example(names=["X_A", "x_a", "X_a"])
+@example(names=["_", "-", "a_b", "A_B"])
+def test_no_underscored_name_ever_reaches_a_target(names: list[str]) -> None:
+    incoming = proxy(*((name, "v") for name in names))
+    out = upstream(incoming)
+    assert not [name for name in out if "_" in name]
+    kept = [name.lower() for name, _ in out.items() if name in incoming]
+    assert kept == [name.lower() for name in names if "_" not in name]

@@ -17,9 +17,11 @@ suspect client in HTTP/1.0).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import resource
+import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
+from gateway import h1server
 from tests.conftest import GatewayFactory, RunningGateway, UpstreamFactory, wait_for
 
 CLIENT_TIMEOUT = 0.5
@@ -44,6 +47,7 @@ class Seen:
     method: str
     raw_path: str
     headers: dict[str, str]
+    fields: list[tuple[str, str]] = field(default_factory=list)  # every line, in order
     outcome: str = "reading"  # then "complete" or "aborted"
     body: bytes = b""
 
@@ -57,7 +61,15 @@ class Recorder:
 
     def app(self) -> web.Application:
         async def record(request: web.Request) -> web.StreamResponse:
-            seen = Seen(request.method, request.raw_path, dict(request.headers))
+            seen = Seen(
+                request.method,
+                request.raw_path,
+                dict(request.headers),
+                [
+                    (name.decode("latin-1"), value.decode("latin-1"))
+                    for name, value in request.raw_headers
+                ],
+            )
             self.seen.append(seen)
             try:
                 seen.body = await request.read()
@@ -106,8 +118,10 @@ class Env:
     def seen(self) -> list[Seen]:
         return self.app.seen + self.named.seen
 
-    async def exchange(self, *parts: Part, wait: float = EOF_WAIT) -> Exchange:
-        return await exchange(self.gw, parts, wait=wait)
+    async def exchange(
+        self, *parts: Part, wait: float = EOF_WAIT, stop_at_eof: bool = False
+    ) -> Exchange:
+        return await exchange(self.gw, parts, wait=wait, stop_at_eof=stop_at_eof)
 
     async def assert_still_serving(self) -> None:
         """(d): a normal request on a new connection is answered by the target."""
@@ -120,12 +134,15 @@ class Env:
         assert [s.raw_path for s in self.app.seen[before:]] == ["/still-ok"]
 
 
-def gateway_config(app_port: int, named_port: int, client_timeout: float) -> str:
+def gateway_config(
+    app_port: int, named_port: int, client_timeout: float, trusted_proxies: str = "[]"
+) -> str:
     return f"""
         [server]
         listen = ["127.0.0.1:0"]
         admin = ""
         client_timeout = {client_timeout}
+        trusted_proxies = {trusted_proxies}
 
         [upstreams.app]
         targets = ["http://127.0.0.1:{app_port}"]
@@ -139,6 +156,17 @@ def gateway_config(app_port: int, named_port: int, client_timeout: float) -> str
         upstream = "named"
 
         [[routes]]
+        name = "capped"
+        path = "/capped"
+        upstream = "app"
+        max_body_bytes = 1000
+
+        [[routes]]
+        name = "api"
+        path = "/api"
+        upstream = "app"
+
+        [[routes]]
         name = "all"
         path = "/"
         upstream = "app"
@@ -150,13 +178,13 @@ EnvFactory = Callable[..., Awaitable[Env]]
 
 @pytest.fixture
 async def make_env(make_gateway: GatewayFactory, start_upstream: UpstreamFactory) -> EnvFactory:
-    async def factory(client_timeout: float = CLIENT_TIMEOUT) -> Env:
+    async def factory(client_timeout: float = CLIENT_TIMEOUT, trusted_proxies: str = "[]") -> Env:
         app, named = Recorder("app"), Recorder("named")
         app_server = await start_upstream(app.app())
         named_server = await start_upstream(named.app())
         assert app_server.port is not None
         assert named_server.port is not None
-        config = gateway_config(app_server.port, named_server.port, client_timeout)
+        config = gateway_config(app_server.port, named_server.port, client_timeout, trusted_proxies)
         return Env(await make_gateway(config), app, named)
 
     return factory
@@ -167,27 +195,40 @@ async def env(make_env: EnvFactory) -> Env:
     return await make_env()
 
 
-async def exchange(gw: RunningGateway, parts: Sequence[Part], *, wait: float) -> Exchange:
-    """Send `parts` (pausing at floats), then read until the gateway closes."""
+async def exchange(
+    gw: RunningGateway, parts: Sequence[Part], *, wait: float, stop_at_eof: bool = False
+) -> Exchange:
+    """Send `parts` (pausing at floats), then read until the gateway closes.
+
+    `stop_at_eof`: send nothing more once the gateway has closed (a trickle
+    longer than the test needs). `elapsed` ends at the EOF, if one came.
+    """
     started = time.monotonic()
     reader, writer = await asyncio.open_connection(gw.host, gw.port)
     raw = bytearray()
     closed = False
+    closed_at = 0.0
 
     async def read_all() -> None:
-        nonlocal closed
+        nonlocal closed, closed_at
         try:
             while chunk := await reader.read(65536):
                 raw.extend(chunk)
         except ConnectionResetError:
             pass
         closed = True
+        closed_at = time.monotonic()
 
     reading = asyncio.create_task(read_all())
     try:
         for part in parts:
+            if stop_at_eof and reading.done():
+                break
             if isinstance(part, float):
-                await asyncio.sleep(part)
+                if stop_at_eof:
+                    await asyncio.wait([reading], timeout=part)
+                else:
+                    await asyncio.sleep(part)
             elif not writer.is_closing():
                 writer.write(part)
                 try:
@@ -199,7 +240,7 @@ async def exchange(gw: RunningGateway, parts: Sequence[Part], *, wait: float) ->
                 await asyncio.shield(reading)
         except TimeoutError:
             pass
-        elapsed = time.monotonic() - started
+        elapsed = (closed_at if closed else time.monotonic()) - started
     finally:
         reading.cancel()
         writer.close()
@@ -566,6 +607,163 @@ async def test_http10_without_host_and_empty_host_are_served(env: Env) -> None:
     assert [s.raw_path for s in env.app.seen] == ["/ten", "/empty"]
 
 
+# -- dot-segments: a route's prefix confines what reaches its target ----------
+
+# Only "/api" (and the catch-all) is routed; a target that removes
+# dot-segments would serve each of these from outside "/api" (CONTRACT.md:
+# refused with 400, and nothing reaches a target).
+DOT_SEGMENT_TARGETS = [
+    b"/api/../internal/secret",
+    b"/api/%2e%2e/internal/secret",
+    b"/api/%2E%2E/internal/secret",
+    b"/api/%2e./internal",
+    b"/api/.%2E/internal",
+    b"/api/..",
+    b"/api/.",
+    b"/api/x/../../internal",
+    b"/api/./x",
+    b"/api/..%2Finternal",
+    b"/api/..%2finternal",
+    b"/api/..;/internal",
+    b"/api/..\\internal",
+    b"/api/..%5Cinternal",
+    b"/api/..#/internal",
+    b"/api/../internal?x=1",
+    b"http://x/api/../internal",
+]
+
+
+@pytest.mark.parametrize("target", DOT_SEGMENT_TARGETS, ids=lambda t: t.decode())
+async def test_a_dot_segment_in_the_path_is_refused_and_reaches_no_target(
+    env: Env, target: bytes
+) -> None:
+    result = await env.exchange(
+        b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    await assert_refused(env, result, 400, "bad_request")
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        # A preflight is answered by the gateway itself: the refusal comes first.
+        b"OPTIONS /api/../internal HTTP/1.1\r\nHost: x\r\nOrigin: http://o.example\r\n"
+        b"Access-Control-Request-Method: GET\r\nConnection: close\r\n\r\n",
+        # With a body: refused before a byte of it goes anywhere.
+        b"POST /api/%2e%2e/internal HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        b"Connection: close\r\n\r\nhello",
+        b"PUT /capped/.. HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    ],
+    ids=["preflight", "post-with-length", "chunked-put"],
+)
+async def test_a_dot_segment_is_refused_whatever_the_method_or_body(
+    env: Env, request_bytes: bytes
+) -> None:
+    result = await env.exchange(request_bytes)
+    await assert_refused(env, result, 400, "bad_request")
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/api/...",
+        b"/api/.hidden",
+        b"/api/a.b/c..d",
+        b"/api/..a/a..",
+        b"/api/%252e%252e/x",
+        b"/api/x?path=../../etc&y=./z",
+        b"/api/x?..",
+        b"/api/v1.2/f.json",
+    ],
+)
+async def test_names_with_dots_and_dotted_queries_are_forwarded_unchanged(
+    env: Env, target: bytes
+) -> None:
+    result = await env.exchange(
+        b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert [r.status for r in result.replies] == [200], result.raw[:300]
+    assert [s.raw_path for s in env.app.seen] == [target.decode()]
+
+
+# -- client identity headers: what an untrusted peer may not claim --------------
+
+# Hostile spellings of the fields that name the client: several lines, any
+# case, underscores that CGI-style backends read as dashes (CONTRACT.md
+# "Headers"). Each case: extra header lines sent by the peer.
+SPOOFED_IDENTITY: list[tuple[str, bytes]] = [
+    ("forwarded", b"Forwarded: for=6.6.6.6;proto=https\r\n"),
+    (
+        "forwarded-many-lines-any-case",
+        b"Forwarded: for=6.6.6.6\r\nforwarded: for=7.7.7.7;proto=https\r\n"
+        b'FORWARDED: for="[2001:db8::6]"\r\n',
+    ),
+    ("x-real-ip", b"X-Real-IP: 6.6.6.6\r\n"),
+    ("x-real-ip-duplicates", b"x-real-ip: 6.6.6.6\r\nX-REAL-IP: 7.7.7.7\r\nX-Real-Ip: 8.8.8.8\r\n"),
+    ("x_real_ip", b"X_Real_IP: 6.6.6.6\r\nx_real_ip: 7.7.7.7\r\n"),
+    ("x_forwarded_for", b"X_Forwarded_For: 6.6.6.6\r\n"),
+    (
+        "x_forwarded_proto-and-host",
+        b"X_Forwarded_Proto: https\r\nX-Forwarded_Host: evil.example\r\n",
+    ),
+    ("lone-underscores", b"_: x\r\n__: y\r\nA_: z\r\n"),
+    (
+        "everything-at-once",
+        b"Forwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nX_Forwarded_For: 6.6.6.6\r\n"
+        b"X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.example\r\n",
+    ),
+]
+
+
+def names_seen(seen: Seen) -> list[str]:
+    return [name.lower() for name, _ in seen.fields]
+
+
+@pytest.mark.parametrize(
+    "spoof", [pytest.param(spoof, id=name) for name, spoof in SPOOFED_IDENTITY]
+)
+async def test_an_untrusted_peer_cannot_tell_the_target_who_the_client_is(
+    env: Env, spoof: bytes
+) -> None:
+    result = await env.exchange(
+        b"GET /who HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 9.9.9.9\r\n"
+        + spoof
+        + b"X-Kept: yes\r\nConnection: close\r\n\r\n"
+    )
+    assert [r.status for r in result.replies] == [200], result.raw[:300]
+    [seen] = env.app.seen
+    names = names_seen(seen)
+    assert "forwarded" not in names
+    assert "x-real-ip" not in names
+    assert not [name for name in names if "_" in name]
+    # X-Forwarded-For is kept and appended to; the rest is what this hop saw.
+    assert seen.headers["X-Forwarded-For"] == "9.9.9.9, 127.0.0.1"
+    assert names.count("x-forwarded-for") == 1
+    assert seen.headers["X-Forwarded-Proto"] == "http"
+    assert seen.headers["X-Forwarded-Host"] == "x"
+    assert seen.headers["X-Kept"] == "yes"
+
+
+async def test_a_trusted_peer_keeps_forwarded_and_x_real_ip_but_not_underscored_names(
+    make_env: EnvFactory,
+) -> None:
+    env = await make_env(trusted_proxies='["127.0.0.0/8"]')
+    result = await env.exchange(
+        b"GET /who HTTP/1.1\r\nHost: x\r\nForwarded: for=6.6.6.6;proto=https\r\n"
+        b"forwarded: for=7.7.7.7\r\nX-Real-IP: 6.6.6.6\r\nX_Real_IP: 8.8.8.8\r\n"
+        b"X_Forwarded_For: 8.8.8.8\r\nConnection: close\r\n\r\n"
+    )
+    assert [r.status for r in result.replies] == [200], result.raw[:300]
+    [seen] = env.app.seen
+    fields = [(name.lower(), value) for name, value in seen.fields]
+    # Kept as written: each line as it came.
+    assert [v for n, v in fields if n == "forwarded"] == ["for=6.6.6.6;proto=https", "for=7.7.7.7"]
+    assert [v for n, v in fields if n == "x-real-ip"] == ["6.6.6.6"]
+    assert not [n for n, _ in fields if "_" in n]
+    assert seen.headers["X-Forwarded-For"] == "127.0.0.1"
+
+
 # -- absolute-form -------------------------------------------------------------
 
 
@@ -747,20 +945,233 @@ async def test_bad_chunk_after_the_head_was_forwarded_aborts_the_upload_with_400
     assert box.snapshot.pools["app"].targets[0].breaker.consecutive_failures == 0
 
 
+# -- lingering close: a refusal survives the bytes the client sends after it ----
+
+FLOOD = b"f" * (1024 * 1024)
+# A well-formed chunked stream of as much: a body over max_body_bytes must
+# meet the 413, not trip over bad framing first.
+CHUNK_FLOOD = (b"400\r\n" + b"c" * 1024 + b"\r\n") * 1024
+CAPPED = b"POST /capped HTTP/1.1\r\nHost: x\r\n"
+
+# (id, parts ending in a 1 MiB flood, status, code). The client writes all of
+# it without reading, as a client streaming an upload does; only then does it
+# read. Closing with those bytes unread makes Linux send a reset, which
+# destroys the answer in the client's receive buffer (RFC 9112 9.6).
+UNREAD_AFTER_REFUSAL: list[tuple[str, tuple[Part, ...], int, str]] = [
+    ("bad-chunk-size", (CHUNKED + b"zz\r\n", FLOOD), 400, "bad_request"),
+    (
+        "bad-chunk-size-after-the-head-went-upstream",
+        (CHUNKED + b"5\r\nhello\r\n", 0.2, b"5x\r\n", FLOOD),
+        400,
+        "bad_request",
+    ),
+    (
+        "endless-trailer",
+        (CHUNKED + b"5\r\nhello\r\n0\r\nX-Trailer: ", 0.2, FLOOD),
+        400,
+        "bad_request",
+    ),
+    (
+        "cl-and-te",
+        (POST + b"Content-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n", FLOOD),
+        400,
+        "bad_request",
+    ),
+    (
+        "chunked-over-max-body-bytes",
+        (CAPPED + b"Transfer-Encoding: chunked\r\n\r\n", CHUNK_FLOOD),
+        413,
+        "body_too_large",
+    ),
+    (
+        "length-over-max-body-bytes",
+        (CAPPED + b"Content-Length: 2000000\r\n\r\n", FLOOD),
+        413,
+        "body_too_large",
+    ),
+    (
+        "header-field-too-large",
+        (GET + b"X-A: " + b"a" * 16400 + b"\r\n\r\n", FLOOD),
+        431,
+        "header_fields_too_large",
+    ),
+    (
+        "target-too-long",
+        (b"GET /" + b"a" * 8200 + b" HTTP/1.1\r\n", FLOOD),
+        414,
+        "uri_too_long",
+    ),
+]
+
+
+async def send_unread_then_read(gw: RunningGateway, parts: Sequence[Part]) -> tuple[bytes, str]:
+    """Send `parts` on a plain socket that reads nothing meanwhile, then read
+    to EOF; the bytes read and how the read ended ("eof", "reset", "timeout").
+
+    asyncio's streams read in the background: a plain socket leaves the
+    answer in the kernel's receive buffer, where a reset destroys it.
+    """
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    raw = bytearray()
+    try:
+        async with asyncio.timeout(EOF_WAIT):
+            await loop.sock_connect(sock, (gw.host, gw.port))
+        for part in parts:
+            if isinstance(part, float):
+                await asyncio.sleep(part)
+                continue
+            try:
+                async with asyncio.timeout(EOF_WAIT):
+                    await loop.sock_sendall(sock, part)
+            except (ConnectionError, TimeoutError):
+                break  # closed on us, or not reading at all: the read tells
+        try:
+            async with asyncio.timeout(EOF_WAIT):
+                while chunk := await loop.sock_recv(sock, 65536):
+                    raw += chunk
+        except ConnectionResetError:
+            return bytes(raw), "reset"
+        except TimeoutError:
+            return bytes(raw), "timeout"
+        return bytes(raw), "eof"
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize(
+    ("parts", "status", "code"),
+    [
+        pytest.param(parts, status, code, id=name)
+        for name, parts, status, code in UNREAD_AFTER_REFUSAL
+    ],
+)
+async def test_a_refusal_reaches_a_client_that_keeps_sending_without_reading(
+    env: Env, parts: tuple[Part, ...], status: int, code: str
+) -> None:
+    raw, ending = await send_unread_then_read(env.gw, parts)
+    assert ending == "eof", (ending, raw[:300])
+    replies = parse_replies(raw)
+    assert len(replies) == 1, raw[:500]
+    assert_gateway_error(replies[0], status, code)
+    assert replies[0].headers["connection"] == "close"
+    # Forwarded or not, no target saw a whole request.
+    assert all(seen.outcome != "complete" for seen in env.seen())
+    await env.assert_still_serving()
+
+
+async def test_a_lingering_connection_is_closed_after_the_linger_time(env: Env) -> None:
+    # A client that keeps sending after its refusal is read (and dropped) for
+    # LINGER_SECONDS, not for as long as it likes.
+    reader, writer = await asyncio.open_connection(env.gw.host, env.gw.port)
+    started = time.monotonic()
+    try:
+        writer.write(CHUNKED + b"zz\r\n")
+        async with asyncio.timeout(h1server.LINGER_SECONDS + EOF_WAIT):
+            answer = await reader.read()  # the 400, then EOF: the write side is shut
+            assert parse_replies(answer)[0].status == 400
+            with contextlib.suppress(ConnectionError):
+                while time.monotonic() - started < h1server.LINGER_SECONDS + 2.0:
+                    writer.write(b"x" * 1024)
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+        assert time.monotonic() - started < h1server.LINGER_SECONDS + 1.5
+    finally:
+        writer.close()
+
+
 # -- slow loris -----------------------------------------------------------------
 
 
-async def test_head_trickling_within_client_timeout_is_served(env: Env) -> None:
-    # client_timeout bounds silence, not the whole head: 9 pieces 0.2 s
-    # apart take 1.6 s (over 3 timeouts) and are served.
-    head = b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+def trickle(data: bytes, step: int, pause: float) -> list[Part]:
+    """`data` in pieces of `step` bytes, `pause` seconds apart."""
     parts: list[Part] = []
-    for i in range(0, len(head), 6):
-        parts += [head[i : i + 6], 0.2]
-    result = await env.exchange(*parts)
-    assert result.elapsed > 3 * CLIENT_TIMEOUT
+    for i in range(0, len(data), step):
+        parts += [data[i : i + step], pause]
+    return parts
+
+
+async def test_a_head_trickling_in_within_client_timeout_is_served(env: Env) -> None:
+    head = b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    result = await env.exchange(*trickle(head, 12, 0.05))  # 5 pieces in 0.25 s
     assert [r.status for r in result.replies] == [200], result.raw[:300]
     assert [s.raw_path for s in env.app.seen] == ["/slow"]
+
+
+FIRST = b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n"
+# Heads whose bytes each come well within client_timeout (0.2 s apart for a
+# 0.5 s timeout) but which as a whole would take seconds: client_timeout is a
+# deadline for the whole head, not a silence that every byte restarts
+# (CONTRACT.md; nginx's client_header_timeout).
+TRICKLED_HEADS: list[tuple[str, list[Part], list[int]]] = [
+    ("request-line-byte-by-byte", trickle(b"GET /slowly/and/slower HTTP/1.1\r\n", 1, 0.2), [408]),
+    (
+        "header-lines-one-by-one",
+        [
+            b"GET / HTTP/1.1\r\nHost: x\r\n",
+            0.2,
+            *trickle(b"".join(b"X-%d: v\r\n" % i for i in range(40)), 8, 0.2),
+        ],
+        [408],
+    ),
+    (
+        "header-value-byte-by-byte",
+        [b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ", *trickle(b"a" * 40, 1, 0.2)],
+        [408],
+    ),
+    (
+        "second-head-on-keep-alive",
+        [FIRST, 0.1, *trickle(b"GET /second HTTP/1.1\r\nHost: x\r\n", 1, 0.2)],
+        [200, 408],
+    ),
+    (
+        "second-head-pipelined-behind-the-first",
+        [FIRST + b"GET /sec", *trickle(b"ond HTTP/1.1\r\nHost: x\r\n", 1, 0.2)],
+        [200, 408],
+    ),
+    (
+        "second-head-after-a-chunked-body",
+        [
+            CHUNKED + b"5\r\nhello\r\n0\r\n\r\n",
+            0.1,
+            *trickle(b"GET /second HTTP/1.1\r\nHost: x\r\n", 1, 0.2),
+        ],
+        [200, 408],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("parts", "statuses"), [pytest.param(*case[1:], id=case[0]) for case in TRICKLED_HEADS]
+)
+async def test_a_head_trickled_past_client_timeout_gets_408_however_steady_the_trickle(
+    env: Env, parts: list[Part], statuses: list[int]
+) -> None:
+    result = await env.exchange(*parts, stop_at_eof=True)
+    assert [r.status for r in result.replies] == statuses, result.raw[:500]
+    assert_gateway_error(result.replies[-1], 408, "client_timeout")
+    assert result.replies[-1].headers["connection"] == "close"
+    assert result.closed
+    # From the head's start: the connect, or the first request's answer
+    # (0.1 s in at most); a sweep runs every client_timeout / 4.
+    assert result.elapsed < 0.1 + CLIENT_TIMEOUT * 1.25 + 0.5
+    # Only the whole heads before it reached a target.
+    assert len(env.seen()) == len(statuses) - 1
+    await env.assert_still_serving()
+
+
+async def test_one_header_byte_every_1_5_s_is_cut_at_a_client_timeout_of_2_s(
+    make_env: EnvFactory,
+) -> None:
+    # The report's own numbers: each byte within the timeout, the head never.
+    env = await make_env(client_timeout=2.0)
+    parts = [b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ", *trickle(b"a" * 10, 1, 1.5)]
+    result = await env.exchange(*parts, stop_at_eof=True, wait=5.0)
+    assert [r.status for r in result.replies] == [408], result.raw[:300]
+    assert result.closed
+    assert 2.0 <= result.elapsed < 2.0 + 0.5 + 0.5  # the deadline, one sweep, a margin
+    assert env.seen() == []
 
 
 async def test_head_stalled_past_client_timeout_gets_408_and_is_closed(env: Env) -> None:

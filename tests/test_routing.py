@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -13,7 +14,13 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.config import RouteConfig
 from gateway.errors import MethodNotAllowed, NoRoute
-from gateway.routing import RouteTable, forward_path, normalize_host, regex_literal_prefix
+from gateway.routing import (
+    RouteTable,
+    forward_path,
+    has_dot_segment,
+    normalize_host,
+    regex_literal_prefix,
+)
 
 NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 
@@ -546,3 +553,128 @@ def test_forward_path_join_never_doubles_or_drops_a_slash(
     out = forward_path(r, prefix + rest, None, base)
     assert out == base.removesuffix("/") + (rest or "/")
     assert out.startswith("/")
+
+
+# --- dot-segments (CONTRACT.md "On the wire": refused with 400) --------------
+
+
+def target_segments(raw_path: str, *, cut_fragment: bool = True) -> list[str]:
+    """The segments a lenient target may see once it decodes the raw path:
+    %2E as ".", %2F, %5C and "\\" as "/", a fragment cut off, ";params" dropped
+    from each segment (Tomcat, Jetty)."""
+    path = raw_path.split("#", 1)[0] if cut_fragment else raw_path.replace("#", "/")
+    path = re.sub("%2[eE]", ".", path)
+    path = re.sub(r"%2[fF]|%5[cC]|\\", "/", path)
+    return [segment.split(";", 1)[0] for segment in path.split("/")]
+
+
+def remove_dot_segments(segments: list[str]) -> list[str]:
+    """RFC 3986 §5.2.4 over a list of segments (the first is the empty root)."""
+    out: list[str] = []
+    for segment in segments[1:]:
+        if segment == "..":
+            if out:
+                out.pop()
+        elif segment != ".":
+            out.append(segment)
+    return ["", *out]
+
+
+REFUSED_PATHS = [
+    "/api/../internal/secret",
+    "/api/%2e%2e/internal/secret",
+    "/api/%2E%2E/x",
+    "/api/%2e./x",
+    "/api/.%2E/x",
+    "/api/%2E%2e",
+    "/api/..",
+    "/api/.",
+    "/api/x/..",
+    "/api/./x",
+    "/..",
+    "/.",
+    "/./",
+    "/api//../x",
+    "/api/..%2Fsecret",
+    "/api/..%2finternal",
+    "/api/x%2F..%2Fy",
+    "/api/..;/internal",
+    "/api/..;jsessionid=1/internal",
+    "/api/.;x",
+    "/api/..\\internal",
+    "/api/..%5Cinternal",
+    "/api/..%5cinternal",
+    "/api\\..\\internal",
+    "/api/..#",
+    "/api/%2e%2e#x",
+]
+ACCEPTED_PATHS = [
+    "/",
+    "/api",
+    "/api/",
+    "/api/...",
+    "/api/..../x",
+    "/api/.hidden",
+    "/api/a.b",
+    "/api/..a",
+    "/api/a..",
+    "/api/.%2e.",
+    "/api/%2e%2e%2e",
+    "/api/v1.2/x.json",
+    "/api/%252e%252e/x",  # an encoded "%": a dot only to a target decoding twice
+    "/api/%2e%2ex",
+    "/api/x%2E",
+    "/api/%2f/x",
+    "*",  # OPTIONS * has no path segments at all
+    "",
+]
+
+
+@pytest.mark.parametrize("raw_path", REFUSED_PATHS)
+def test_a_path_with_a_dot_segment_in_any_spelling_is_refused(raw_path: str) -> None:
+    assert has_dot_segment(raw_path)
+
+
+@pytest.mark.parametrize("raw_path", ACCEPTED_PATHS)
+def test_names_that_merely_contain_dots_are_not_dot_segments(raw_path: str) -> None:
+    assert not has_dot_segment(raw_path)
+
+
+_PATH_PIECES = st.sampled_from(
+    [
+        *("/", "a", "b.c", ".", "..", "...", "%2e", "%2E", "%2f", "%2F", "%5c", "%5C", "\\"),
+        *(";", ";x", "#", "%25", "%252e", ".x", "x.", "%", "2e", "e"),
+    ]
+)
+_RAW_PATHS = st.lists(_PATH_PIECES, max_size=12).map(lambda pieces: "/" + "".join(pieces))
+
+
+@given(raw_path=_RAW_PATHS)
+@example(raw_path="/api/../internal/secret")
+@example(raw_path="/api/%2e%2e/internal/secret")
+@example(raw_path="/api/..%2Fsecret")
+@example(raw_path="/api/..;/internal")
+@example(raw_path="/api/..#")
+@example(raw_path="/%2%2e%2e/x")
+def test_every_dot_segment_a_decoding_target_could_resolve_is_refused(raw_path: str) -> None:
+    # Sound: whatever a lenient target decodes, a path it would resolve is refused.
+    if any(segment in (".", "..") for segment in target_segments(raw_path)[1:]):
+        assert has_dot_segment(raw_path)
+    # Precise: refused only for a real dot-segment (under one of those readings).
+    if has_dot_segment(raw_path):
+        segments = target_segments(raw_path, cut_fragment=False)
+        assert any(segment in (".", "..") for segment in segments[1:])
+
+
+@given(rest=_RAW_PATHS)
+@example(rest="/../internal")
+@example(rest="/%2e%2e/internal")
+@example(rest="/x/../../internal")
+def test_a_prefix_confines_every_path_that_is_not_refused(rest: str) -> None:
+    # The reason for the rule: a path the "/api" route admits and the gateway
+    # forwards still starts with "/api" after the target removes dot-segments.
+    raw_path = "/api" + rest
+    if has_dot_segment(raw_path):
+        return
+    resolved = remove_dot_segments(target_segments(raw_path))
+    assert resolved[:2] == ["", "api"]
