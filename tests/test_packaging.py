@@ -45,6 +45,25 @@ def test_every_third_party_import_in_gateway_is_a_declared_dependency() -> None:
     assert undeclared == {}
 
 
+# Declared but loaded by another dependency rather than imported by name.
+_LOADED_INDIRECTLY = {
+    # aiohttp.resolver.AsyncResolver (the upstream client's DNS) imports it.
+    "aiodns",
+}
+
+
+def test_every_declared_dependency_is_imported_by_the_code() -> None:
+    # The reverse rule: nothing is declared that gateway/ does not use.
+    distributions = importlib.metadata.packages_distributions()
+    used = {
+        _name(dist)
+        for module in _imported_modules()
+        for dist in distributions.get(module, [module])
+    }
+    unused = {_name(r) for r in PROJECT["dependencies"]} - used - _LOADED_INDIRECTLY
+    assert unused == set()
+
+
 def test_version_flag_and_package_agree_with_pyproject() -> None:
     assert PROJECT["version"] == gateway.__version__
 
