@@ -28,7 +28,9 @@ def make(
 ) -> tuple[CircuitBreaker, Clock, list[tuple[str, str]]]:
     clock = Clock()
     changes: list[tuple[str, str]] = []
-    breaker = CircuitBreaker(failures, cooldown, clock, lambda old, new: changes.append((old, new)))
+    breaker = CircuitBreaker(
+        failures, cooldown, clock, lambda old, new, _why: changes.append((old, new))
+    )
     return breaker, clock, changes
 
 
@@ -236,6 +238,7 @@ class BreakerMachine(RuleBasedStateMachine):
     Each admitted request later reports exactly one verdict; a trial whose
     client goes away calls release() (and only a trial: see breaker.py rule 4).
     Requests admitted while closed may report long after the breaker tripped.
+    A pool in panic asks for early trials; active health checks end cooldowns.
     """
 
     requests = Bundle("requests")
@@ -249,15 +252,24 @@ class BreakerMachine(RuleBasedStateMachine):
         self.state = "closed"
         self.consecutive = 0
         self.open_until = 0.0
-        self.pending_trial: int | None = None
+        self.trial = False
         self.changes_expected: list[tuple[str, str]] = []
 
-    @initialize(failures=st.integers(1, 4), cooldown=st.sampled_from([0.0, 1.0, 5.0, 30.0]))
-    def setup(self, failures: int, cooldown: float) -> None:
+    @initialize(
+        failures=st.integers(1, 4),
+        cooldown=st.sampled_from([0.0, 1.0, 5.0, 30.0]),
+        growth=st.sampled_from([1.0, 2.0, 3.0, 12.0]),
+    )
+    def setup(self, failures: int, cooldown: float, growth: float) -> None:
         self.failures = failures
-        self.cooldown = cooldown
+        self.cooldown = self.cooldown_now = cooldown
+        self.max_cooldown = cooldown * growth
         self.breaker = CircuitBreaker(
-            failures, cooldown, self.clock, lambda old, new: self.changes.append((old, new))
+            failures,
+            cooldown,
+            self.clock,
+            lambda old, new, _why: self.changes.append((old, new)),
+            max_cooldown=self.max_cooldown,
         )
 
     def _move(self, new: str) -> None:
@@ -274,36 +286,39 @@ class BreakerMachine(RuleBasedStateMachine):
         # The edge is where an off-by-a-bit admission would hide.
         self.clock.now = max(self.clock.now, self.open_until - early)
 
-    @rule(target=requests)
-    def acquire(self) -> tuple[int, bool] | None:
+    @rule(target=requests, early=st.sampled_from([False, False, True]))
+    def acquire(self, early: bool) -> tuple[int, bool] | None:
         now = self.clock.now
         available = self.breaker.available()
+        triable = self.breaker.triable()
         assert self.breaker.state == self.state  # available() changed nothing
-        admitted = self.breaker.acquire()
-        assert available == admitted
+        admitted = self.breaker.acquire(early)
+        assert (triable if early else available) == admitted
         if self.state == "closed":
             assert admitted
             return self._admit(trial=False)
-        if self.state == "open" and now < self.open_until:
+        if self.trial:
+            assert not admitted, "a second trial beside the one in flight"
+            return None
+        if self.state == "open" and now < self.open_until and not early:
             assert not admitted, "admitted while open before the cooldown ended"
             return None
+        assert admitted
         if self.state == "open":
-            assert admitted
-            assert self.pending_trial is None, "a second concurrent trial"
             self._move("half_open")
-            admitted_request = self._admit(trial=True)
-            self.pending_trial = admitted_request[0]
-            return admitted_request
-        assert self.state == "half_open"
-        assert not admitted, "admitted beside the trial"
-        return None
+        self.trial = True
+        return self._admit(trial=True)
+
+    @rule()
+    def health_check_passes(self) -> None:
+        self.breaker.end_cooldown()
+        if self.state == "open":
+            self.open_until = min(self.open_until, self.clock.now)
+            self._move("half_open")
 
     def _admit(self, trial: bool) -> tuple[int, bool]:
         self.next_id += 1
         return (self.next_id, trial)
-
-    def _settle_trial(self) -> None:
-        self.pending_trial = None
 
     @rule(request=consumes(requests))
     def success(self, request: tuple[int, bool] | None) -> None:
@@ -314,7 +329,8 @@ class BreakerMachine(RuleBasedStateMachine):
             self.consecutive = 0
         elif self.state == "half_open":
             self.consecutive = 0
-            self._settle_trial()
+            self.trial = False
+            self.cooldown_now = self.cooldown
             self._move("closed")
 
     @rule(request=consumes(requests))
@@ -325,11 +341,12 @@ class BreakerMachine(RuleBasedStateMachine):
         if self.state == "closed":
             self.consecutive += 1
             if self.consecutive >= self.failures:
-                self.open_until = self.clock.now + self.cooldown
+                self.open_until = self.clock.now + self.cooldown_now
                 self._move("open")
         elif self.state == "half_open":
-            self.open_until = self.clock.now + self.cooldown
-            self._settle_trial()
+            self.cooldown_now = min(self.cooldown_now * 2, self.max_cooldown)
+            self.open_until = self.clock.now + self.cooldown_now
+            self.trial = False
             self._move("open")
 
     @rule(request=consumes(requests))
@@ -340,11 +357,10 @@ class BreakerMachine(RuleBasedStateMachine):
         if not trial:
             return  # not the trial: nothing to tell the breaker
         self.breaker.release()
-        # Any trial's release counts while half open, even one whose trial a
-        # straggler already settled: the breaker has no request identities.
-        if self.state == "half_open":
-            self.open_until = self.clock.now
-            self._settle_trial()
+        # Any trial's release counts while one is in flight, even one whose
+        # trial a straggler already settled: the breaker has no identities.
+        if self.state == "half_open" and self.trial:
+            self.trial = False
             self._move("open")
 
     @invariant()
@@ -357,10 +373,11 @@ class BreakerMachine(RuleBasedStateMachine):
         expected_wait = max(0.0, self.open_until - self.clock.now) if self.state == "open" else 0.0
         assert breaker.retry_after() == expected_wait
         assert self.changes == self.changes_expected
-        if self.state == "half_open":
-            assert self.pending_trial is not None
+        assert breaker.trial_in_flight == self.trial
+        assert self.cooldown <= breaker.current_cooldown == self.cooldown_now <= self.max_cooldown
         if self.state == "closed":
             assert breaker.consecutive_failures == self.consecutive < self.failures
+            assert breaker.current_cooldown == self.cooldown
 
 
 TestBreakerMachine = BreakerMachine.TestCase
