@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import example, given
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -12,7 +13,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from gateway.breaker import CircuitBreaker
+from gateway.breaker import CircuitBreaker, in_panic
 
 
 class Clock:
@@ -381,3 +382,139 @@ class BreakerMachine(RuleBasedStateMachine):
 
 
 TestBreakerMachine = BreakerMachine.TestCase
+
+
+# --- following the target: doubling, probes, early trials ---------------------
+
+
+def test_each_failed_trial_doubles_the_cooldown_up_to_max_cooldown() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(1, 5.0, clock, max_cooldown=60.0)
+    breaker.record_failure()
+    waits = []
+    for _ in range(6):
+        waits.append(breaker.retry_after())
+        clock.now += breaker.retry_after()
+        assert breaker.acquire()
+        breaker.record_failure()
+    assert waits == [5.0, 10.0, 20.0, 40.0, 60.0, 60.0]
+    assert breaker.current_cooldown == 60.0
+
+
+def test_a_successful_trial_resets_the_cooldown() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(1, 5.0, clock, max_cooldown=60.0)
+    breaker.record_failure()
+    clock.now += 5.0
+    assert breaker.acquire()
+    breaker.record_failure()
+    assert breaker.current_cooldown == 10.0
+    clock.now += 10.0
+    assert breaker.acquire()
+    breaker.record_success()
+    assert state_of(breaker) == "closed"
+    breaker.record_failure()
+    assert breaker.retry_after() == 5.0
+
+
+def test_a_passing_health_check_ends_the_cooldown_and_the_next_request_is_the_trial() -> None:
+    breaker, _, changes = make(cooldown=30.0)
+    trip(breaker)
+    breaker.end_cooldown()
+    assert state_of(breaker) == "half_open"
+    assert not breaker.trial_in_flight
+    assert breaker.retry_after() == 0.0
+    assert breaker.available()
+    assert breaker.acquire()  # the trial
+    assert not breaker.acquire()  # nothing beside it
+    breaker.record_success()
+    assert state_of(breaker) == "closed"
+    assert changes[1:] == [("open", "half_open"), ("half_open", "closed")]
+
+
+def test_a_passing_health_check_does_nothing_to_a_closed_or_half_open_breaker() -> None:
+    breaker, _, changes = make()
+    breaker.end_cooldown()
+    assert state_of(breaker) == "closed"
+    trip(breaker)
+    breaker.end_cooldown()
+    assert breaker.acquire()
+    breaker.end_cooldown()
+    assert breaker.trial_in_flight
+    assert changes == [("closed", "open"), ("open", "half_open")]
+
+
+def test_early_trial_is_granted_during_the_cooldown_one_at_a_time() -> None:
+    breaker, _, _ = make(cooldown=30.0)
+    trip(breaker)
+    assert not breaker.acquire()
+    assert breaker.triable()
+    assert breaker.acquire(early=True)
+    assert state_of(breaker) == "half_open"
+    assert not breaker.triable()
+    assert not breaker.acquire(early=True)  # a hung target holds one request
+    breaker.release()  # no verdict: the cooldown end stays where it was
+    assert state_of(breaker) == "open"
+    assert breaker.retry_after() == 30.0
+    assert breaker.acquire(early=True)
+    breaker.record_failure()
+    assert breaker.retry_after() == 30.0  # no max_cooldown given: no doubling
+
+
+def test_reasons_are_given_for_every_transition() -> None:
+    reasons: list[str] = []
+    clock = Clock()
+    breaker = CircuitBreaker(
+        2, 1.0, clock, lambda _o, _n, why: reasons.append(why), max_cooldown=4.0
+    )
+    breaker.record_failure()
+    breaker.record_failure()
+    assert breaker.acquire(early=True)
+    breaker.record_failure()
+    breaker.end_cooldown()
+    assert breaker.acquire()
+    breaker.release()
+    assert breaker.acquire()
+    breaker.record_success()
+    assert reasons == [
+        "2 consecutive failures, cooldown 1s",
+        "early trial: pool in panic",
+        "trial failed, cooldown 2s",
+        "active health check passed",
+        "trial ended without a verdict",
+        "cooldown over",
+        "trial succeeded",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("cooldown", "max_cooldown"), [(5.0, 4.0), (1.0, float("nan")), (1.0, float("inf"))]
+)
+def test_bad_max_cooldown_is_refused(cooldown: float, max_cooldown: float) -> None:
+    with pytest.raises(ValueError, match="max_cooldown"):
+        CircuitBreaker(1, cooldown, Clock(), max_cooldown=max_cooldown)
+
+
+# --- panic rule ----------------------------------------------------------------
+
+
+@given(
+    available=st.integers(0, 50),
+    total=st.integers(0, 50),
+    threshold=st.floats(0.0, 1.0),
+)
+@example(available=1, total=2, threshold=0.5)  # half left: not below the threshold
+@example(available=0, total=2, threshold=0.5)
+@example(available=0, total=0, threshold=1.0)
+def test_in_panic_is_below_the_share_of_available_targets(
+    available: int, total: int, threshold: float
+) -> None:
+    available = min(available, total)
+    panics = in_panic(available, total, threshold)
+    assert panics == (total > 0 and available / total < threshold)
+    if threshold == 0.0:
+        assert not panics  # 0 turns panic off
+    if total > 0 and available == 0 and threshold > 0.0:
+        assert panics  # nothing available and panic on: always panic
+    if available == total:
+        assert not panics  # everything available: never panic
