@@ -461,7 +461,7 @@ class ProxyHandler:
                         breaker.record_failure()
                         if not self._may_retry(route, attempt, failed, None, ex):
                             raise failed.error from failed
-                        held = True
+                        held = not failed.connect_failed
                         last_error = failed.error
                     except BaseException:
                         # No verdict on the target (client silent or over the
@@ -506,17 +506,24 @@ class ProxyHandler:
         status: int | None,
         ex: _Exchange,
     ) -> bool:
-        """Safe (contract "Retries"), within the route's count and the pool's budget."""
+        """Safe (contract "Retries"), within the route's count and the pool's budget.
+
+        A refused connect spends no budget: no request reached any target, so
+        its retry adds no load to protect an upstream from (the budget bounds
+        load amplification), and a target's crash must not spend the budget
+        the requests it held when it died need.
+        """
+        connect_failed = failed is not None and failed.connect_failed
         return (
             attempt < route.config.retries
             and may_retry(
                 ex.method,
-                connect_failed=failed is not None and failed.connect_failed,
+                connect_failed=connect_failed,
                 status=status,
                 body_started=ex.body_started,
                 no_answer=failed is not None and failed.no_answer,
             )
-            and route.pool.budget.try_spend()
+            and (connect_failed or route.pool.budget.try_spend())
         )
 
     async def _attempt(

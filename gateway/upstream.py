@@ -311,12 +311,20 @@ class Pool:
         self.panic.update(panicking, len(ready), len(targets), threshold)
         if not panicking:
             candidates = [t for t in ready if t not in exclude]
+            early = False
             if not candidates and exclude:
-                # Every untried target is out: a retry may go back to one
-                # tried before rather than fail outright.
-                candidates = ready
+                # Every untried target is out. A retry goes to an untried one
+                # whose breaker is open, as its early trial (one at a time),
+                # before going back to the one that just failed: in a rolling
+                # restart that is the target already back up.
+                candidates = [
+                    t for t in targets if t not in exclude and t.healthy and t.breaker.triable()
+                ]
+                early = bool(candidates)
+                if not candidates:
+                    candidates = ready
             chosen = self.balancer.pick(candidates, client)
-            return None if chosen is None else (chosen, False)
+            return None if chosen is None else (chosen, early)
         # Panic: every target whose breaker has no trial in flight, healthy or
         # not, balanced as if all were (Envoy). A retry takes an untried
         # ready target first: the one attempt left should go where an answer
