@@ -35,12 +35,20 @@ def status_document(snap: Snapshot) -> dict[str, Any]:
     for name, pool in snap.pools.items():
         upstreams[name] = {
             "balancer": pool.config.balancer,
+            "panic_threshold": pool.config.panic_threshold,
+            "panic": pool.panic.active,
             "targets": [
                 {
                     "url": t.url,
                     "weight": t.weight,
                     "healthy": t.healthy,
                     "breaker": t.breaker.state,
+                    # Consecutive failures counted while closed; the cooldown
+                    # the breaker opens (or is open) for, doubled per failed
+                    # trial; the seconds of it left.
+                    "breaker_failures": t.breaker.consecutive_failures,
+                    "breaker_cooldown": t.breaker.current_cooldown,
+                    "breaker_retry_after": round(t.breaker.retry_after(), 3),
                     "in_flight": t.in_flight,
                 }
                 for t in pool.targets

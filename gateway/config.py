@@ -66,7 +66,8 @@ class HealthConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 class BreakerConfig(msgspec.Struct, frozen=True, kw_only=True):
     failures: int = 5
-    cooldown: float = 30.0
+    cooldown: float = 5.0
+    max_cooldown: float = 60.0
 
 
 class UpstreamConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -74,7 +75,10 @@ class UpstreamConfig(msgspec.Struct, frozen=True, kw_only=True):
     balancer: BalancerName = "round_robin"
     targets: tuple[TargetConfig, ...]
     health: HealthConfig | None = None
+    # Without a [breaker] table the defaults apply: the breaker is the
+    # passive check every upstream has (as nginx's max_fails/fail_timeout).
     breaker: BreakerConfig = BreakerConfig()
+    panic_threshold: float = 0.5
 
 
 class RateLimitConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -164,6 +168,7 @@ class _RawHealth(_Raw):
 class _RawBreaker(_Raw):
     failures: int | UnsetType = UNSET
     cooldown: float | UnsetType = UNSET
+    max_cooldown: float | UnsetType = UNSET
 
 
 class _RawUpstream(_Raw):
@@ -171,6 +176,7 @@ class _RawUpstream(_Raw):
     targets: list[Any] | UnsetType = UNSET  # items decoded one by one
     health: dict[str, Any] | UnsetType = UNSET  # decoded as its own table
     breaker: dict[str, Any] | UnsetType = UNSET
+    panic_threshold: float | UnsetType = UNSET
 
 
 class _RawRateLimit(_Raw):
@@ -209,6 +215,7 @@ _TOP_LEVEL: Final = ("server", "defaults", "upstreams", "routes")
 _SERVER: Final = ServerConfig()
 _HEALTH: Final = HealthConfig()
 _BREAKER: Final = BreakerConfig()
+_PANIC_THRESHOLD: Final = 0.5
 _CORS: Final = CorsConfig()
 _ROUTE: Final = RouteConfig(index=0, name="", upstream="")
 
@@ -668,12 +675,17 @@ class _Loader:
         breaker = _BREAKER
         if not isinstance(upstream.breaker, UnsetType):
             breaker = self.breaker(upstream.breaker, f"{path}.breaker") or _BREAKER
+        panic = upstream.panic_threshold
+        if not isinstance(panic, UnsetType) and not 0.0 <= panic <= 1.0:  # NaN fails too
+            self.error(f"{path}.panic_threshold", "must be a share between 0 and 1")
+            panic = UNSET
         return UpstreamConfig(
             name=name,
             balancer=_or(upstream.balancer, "round_robin"),
             targets=tuple(targets),
             health=health,
             breaker=breaker,
+            panic_threshold=_or(panic, _PANIC_THRESHOLD),
         )
 
     def target(self, item: object, path: str) -> TargetConfig | None:
@@ -721,9 +733,23 @@ class _Loader:
             return None
         self.count(f"{path}.failures", breaker.failures, minimum=1)
         self.duration(f"{path}.cooldown", breaker.cooldown)
+        self.duration(f"{path}.max_cooldown", breaker.max_cooldown)
+        cooldown = _or(breaker.cooldown, _BREAKER.cooldown)
+        if isinstance(breaker.max_cooldown, UnsetType):
+            # A long cooldown alone is not an error: it just does not double.
+            max_cooldown = max(cooldown, _BREAKER.max_cooldown)
+        else:
+            max_cooldown = breaker.max_cooldown
+            if max_cooldown < cooldown:
+                self.error(f"{path}.max_cooldown", f"must be >= cooldown ({_seconds(cooldown)})")
+        if not (math.isfinite(cooldown) and cooldown > 0):
+            cooldown = _BREAKER.cooldown
+        if not (math.isfinite(max_cooldown) and max_cooldown >= cooldown):
+            max_cooldown = max(cooldown, _BREAKER.max_cooldown)
         return BreakerConfig(
             failures=_or(breaker.failures, _BREAKER.failures),
-            cooldown=_or(breaker.cooldown, _BREAKER.cooldown),
+            cooldown=cooldown,
+            max_cooldown=max_cooldown,
         )
 
     # -- [[routes]] ----------------------------------------------------------
@@ -1053,9 +1079,12 @@ def summary(config: Config) -> str:
         if upstream.health is not None:
             health = f"health {upstream.health.path} every {_seconds(upstream.health.interval)}"
         breaker = upstream.breaker
+        panic = upstream.panic_threshold
         lines.append(
             f"  {name}: {upstream.balancer}, {health}, "
             f"breaker {breaker.failures} failures/{_seconds(breaker.cooldown)}"
+            f"..{_seconds(breaker.max_cooldown)}, "
+            + (f"panic below {panic:.0%} available" if panic > 0 else "panic off")
         )
         for target in upstream.targets:
             lines.append(f"    {target.url} weight {target.weight}")

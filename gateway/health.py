@@ -20,15 +20,16 @@ way a new proxy connection would, and a keep-alive connection the target
 closed between two probes (gunicorn's keep-alive is 2 s, shorter than
 typical intervals) cannot fail a probe spuriously.
 
-**When every target of an upstream is unhealthy, the gateway fails fast:**
-`Pool.pick` finds no available target and the request gets `503
-no_healthy_target` with `Retry-After`, as nginx answers when every server of
-an upstream is down. There is no Envoy-style panic mode: sending traffic to
-targets known to fail hides the outage from clients' retry logic and loads
-targets that may be starting up. The risk panic mode guards against (a wrong
-`health.path` takes a whole upstream out) is made loud instead: the monitor
-logs a WARNING on "gateway.health" when the last healthy target of an
-upstream goes out, and `/status` and `gateway_target_healthy` show it.
+A passing probe also ends the cooldown of the target's open breaker at once
+(`Target.pass_probe`): the target answers again, so its next request is the
+breaker's trial instead of waiting out a cooldown that outlasted the restart.
+
+**When too few targets of an upstream are available, the pool panics**
+(upstream.py, `panic_threshold`): health verdicts are then ignored, as in
+Envoy, so a wrong `health.path` or a probe-only outage cannot take a whole
+upstream dark. The monitor still logs a WARNING on "gateway.health" when the
+last healthy target of an upstream goes out, and `/status` and
+`gateway_target_healthy` show it.
 
 `HealthMonitor.sync(snapshot)` runs right after each config load and keeps
 exactly one task per (upstream name, target URL) whose upstream has checks.
@@ -234,6 +235,7 @@ class HealthMonitor:
         if reason is None:
             probe.failures = 0
             probe.passes += 1
+            target.pass_probe()
             if not target.healthy and probe.passes >= health.healthy_threshold:
                 target.set_healthy(True)
                 log.info(
@@ -263,10 +265,10 @@ class HealthMonitor:
             )
             targets = self._pools.get(probe.upstream, ())
             if targets and not any(t.healthy for t in targets):
-                # No panic mode (module docstring): make the outage loud.
                 log.warning(
-                    "upstream %s has no healthy target left: its requests get 503 "
-                    "no_healthy_target until a target passes %d probes in a row",
+                    "upstream %s has no healthy target left: the pool panics unless "
+                    "panic_threshold is 0, then its requests get 503 no_healthy_target "
+                    "until a target passes %d probes in a row",
                     probe.upstream,
                     health.healthy_threshold,
                 )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 from collections.abc import Iterable, Sequence
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -175,6 +175,10 @@ def _le(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(float(bound))
 
 
+# The `to` label values of gateway_breaker_transitions_total (breaker.py's states).
+BREAKER_STATES: Final = ("closed", "open", "half_open")
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -235,6 +239,18 @@ class Metrics:
             ["upstream", "target"],
             registry=r,
         )
+        self.breaker_transitions = FastCounter(
+            "gateway_breaker_transitions_total",
+            "Circuit breaker state changes per target, by the state entered.",
+            ["upstream", "target", "to"],
+            r,
+        )
+        self.upstream_panic = FastCounter(
+            "gateway_upstream_panic_total",
+            "Times an upstream entered panic mode (too few targets available).",
+            ["upstream"],
+            r,
+        )
         self.target_healthy = Gauge(
             "gateway_target_healthy",
             "1 when the target is in rotation for active health checks, else 0.",
@@ -279,6 +295,9 @@ class Metrics:
         for outcome in ("ok", "error", "timeout"):
             with contextlib.suppress(KeyError):
                 self.upstream_requests.remove(upstream, target, outcome)
+        for state in BREAKER_STATES:
+            with contextlib.suppress(KeyError):
+                self.breaker_transitions.remove(upstream, target, state)
         for metric in (
             self.upstream_in_flight,
             self.breaker_state,

@@ -46,6 +46,7 @@ from gateway.h1client import (
     H1Error,
     H1ReadTimeout,
     H1Response,
+    H1ServerDisconnected,
 )
 from gateway.h1messages import Reply, Request, json_reply
 from gateway.headers import (
@@ -111,10 +112,12 @@ class _Exchange(AccessEntry):
 class _UpstreamFailed(Exception):
     """A failed attempt, before any response began; carries what retry needs."""
 
-    def __init__(self, error: GatewayError, connect_failed: bool) -> None:
+    def __init__(self, error: GatewayError, connect_failed: bool, no_answer: bool) -> None:
         super().__init__(error.message)
         self.error = error
         self.connect_failed = connect_failed
+        # Reset, closed or timed out before the first response byte.
+        self.no_answer = no_answer
 
 
 def asks_about_the_server(method: str, target: str) -> bool:
@@ -424,14 +427,17 @@ class ProxyHandler:
         scheme = "https" if request.secure else "http"
         tried: list[Target] = []
         attempt = 0
-        pool.budget.record_attempt()
+        budget = pool.budget
+        budget.enter()
+        # This attempt is a retry the budget counts until its verdict.
+        held = False
         handle = pool.handle
         handle.enter()
         last_error: GatewayError | None = None
         try:
             while True:
-                target = pool.pick(client, tuple(tried))
-                if target is None:
+                picked = pool.pick(client, tuple(tried))
+                if picked is None:
                     if last_error is not None:
                         # A retry found no target left (the failure may just
                         # have opened the last breaker): the failed attempt's
@@ -441,13 +447,14 @@ class ProxyHandler:
                         f"no healthy target in upstream {pool.name!r}",
                         {"Retry-After": str(math.ceil(pool.retry_after()))},
                     )
+                target, early = picked
                 tried.append(target)
                 ex.target = target
                 # One breaker for the whole attempt: a reload that changes the
                 # breaker settings replaces `target.breaker`, and a verdict of
                 # this attempt must land on the breaker that admitted it.
                 breaker = target.breaker
-                if not breaker.acquire():
+                if not breaker.acquire(early):
                     continue  # lost the half-open trial to another request
                 # Only the trial may hand the half-open state back: a request
                 # admitted before the trip must not free another's trial
@@ -455,24 +462,30 @@ class ProxyHandler:
                 trial = breaker.state == "half_open"
                 with target:
                     try:
-                        upstream = await self._attempt(
-                            request,
-                            route,
-                            target,
-                            ex,
-                            rid,
-                            peer,
-                            peer_trusted,
-                            scheme,
-                            host,
-                            raw_path,
-                            raw_query,
-                            has_body,
-                        )
+                        try:
+                            upstream = await self._attempt(
+                                request,
+                                route,
+                                target,
+                                ex,
+                                rid,
+                                peer,
+                                peer_trusted,
+                                scheme,
+                                host,
+                                raw_path,
+                                raw_query,
+                                has_body,
+                            )
+                        finally:
+                            if held:  # the retry has its verdict (or none will come)
+                                held = False
+                                budget.give_back()
                     except _UpstreamFailed as failed:
                         breaker.record_failure()
-                        if not self._may_retry(route, attempt, failed.connect_failed, None, ex):
+                        if not self._may_retry(route, attempt, failed, None, ex):
                             raise failed.error from failed
+                        held = not failed.connect_failed
                         last_error = failed.error
                     except BaseException:
                         # No verdict on the target (client silent or over the
@@ -491,25 +504,40 @@ class ProxyHandler:
                             return None
                         target.error_counter.inc()
                         breaker.record_failure()
-                        if not self._may_retry(route, attempt, False, upstream.status, ex):
+                        if not self._may_retry(route, attempt, None, upstream.status, ex):
                             # Out of retries: the target's own 5xx is the answer.
                             await self._relay(
                                 request, route, upstream, ex, rid, extra_headers, cors_headers
                             )
                             return None
+                        held = True
                         upstream.close()
                         last_error = None
                 # Back off outside `hold()`: the failed target is not in flight.
                 await asyncio.sleep(backoff(attempt))
                 attempt += 1
         finally:
+            if held:  # cancelled in the backoff sleep
+                budget.give_back()
+            budget.leave()
             handle.leave()
 
     @staticmethod
     def _may_retry(
-        route: RouteRuntime, attempt: int, connect_failed: bool, status: int | None, ex: _Exchange
+        route: RouteRuntime,
+        attempt: int,
+        failed: _UpstreamFailed | None,
+        status: int | None,
+        ex: _Exchange,
     ) -> bool:
-        """Safe (contract "Retries"), within the route's count and the pool's budget."""
+        """Safe (contract "Retries"), within the route's count and the pool's budget.
+
+        A refused connect spends no budget: no request reached any target, so
+        its retry adds no load to protect an upstream from (the budget bounds
+        load amplification), and a target's crash must not spend the budget
+        the requests it held when it died need.
+        """
+        connect_failed = failed is not None and failed.connect_failed
         return (
             attempt < route.config.retries
             and may_retry(
@@ -517,8 +545,9 @@ class ProxyHandler:
                 connect_failed=connect_failed,
                 status=status,
                 body_started=ex.body_started,
+                no_answer=failed is not None and failed.no_answer,
             )
-            and route.pool.budget.try_spend()
+            and (connect_failed or route.pool.budget.try_spend())
         )
 
     async def _attempt(
@@ -612,16 +641,22 @@ class ProxyHandler:
         internal topology. The log line has them all, as nginx's error log has
         "upstream: http://10.0.0.7:8080/" for the access log's 502.
         """
+        # `silent`: reset, closed or timed out before the first response byte
+        # (a garbled answer is an answer, and is not retried).
         if isinstance(exc, H1ConnectError):
-            connect, timed_out = True, exc.timed_out
+            connect, timed_out, silent = True, exc.timed_out, False
         elif isinstance(exc, H1Error):
-            connect, timed_out = False, isinstance(exc, H1ReadTimeout)
+            timed_out = isinstance(exc, H1ReadTimeout)
+            connect, silent = False, timed_out or isinstance(exc, H1ServerDisconnected)
         elif isinstance(exc, aiohttp.ConnectionTimeoutError):
-            connect, timed_out = True, True
+            connect, timed_out, silent = True, True, False
         elif isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-            connect, timed_out = False, True
+            connect, timed_out, silent = False, True, True
         else:
             connect, timed_out = isinstance(exc, aiohttp.ClientConnectorError), False
+            silent = not connect and isinstance(
+                exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+            )
         error: GatewayError
         upstream = _shown(target)
         if timed_out:
@@ -646,7 +681,7 @@ class ProxyHandler:
             type(exc).__name__,
             exc,
         )
-        return _UpstreamFailed(error, connect_failed=connect)
+        return _UpstreamFailed(error, connect_failed=connect, no_answer=silent)
 
     async def _body(self, request: Request, limit: int, ex: _Exchange) -> AsyncIterator[bytes]:
         """The client's body, chunk by chunk, as it arrives.

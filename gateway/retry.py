@@ -5,10 +5,10 @@
 - `backoff` is "full jitter" (AWS Architecture Blog, "Exponential Backoff And
   Jitter", 2015): uniform in [0, min(cap, base * 2**attempt)), so clients that
   failed together do not retry together.
-- `RetryBudget` bounds retries to a fraction of first attempts, like Finagle's
-  `RetryBudget` and Envoy's `retry_budget`: when a whole upstream is failing,
-  per-request retry counts alone would multiply its load by `retries + 1`
-  exactly when it can least take it.
+- `RetryBudget` bounds the retries in flight to a fraction of the requests in
+  flight, with a floor, as Envoy's `retry_budget` does: when a whole upstream
+  is failing, per-request retry counts alone would multiply its load by
+  `retries + 1` exactly when it can least take it.
 """
 
 from __future__ import annotations
@@ -29,11 +29,24 @@ IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT",
 RETRYABLE_STATUSES: Final = frozenset({502, 503, 504})
 
 
-def may_retry(method: str, *, connect_failed: bool, status: int | None, body_started: bool) -> bool:
+def may_retry(
+    method: str,
+    *,
+    connect_failed: bool,
+    status: int | None,
+    body_started: bool,
+    no_answer: bool = False,
+) -> bool:
     """Whether the attempt that just failed may be made again (CONTRACT.md, Retries).
 
     - `connect_failed`: no connection to the target, so no byte of the request
       reached it, and any method may go again.
+    - `no_answer`: the connection was reset or closed, or `read_timeout`
+      passed, before the first response byte. The target may have acted on
+      the request, so only an idempotent method may go again (RFC 9110
+      section 9.2.2: a client may retry it when "the communication failed
+      before receiving a response"; nginx's `proxy_next_upstream error
+      timeout` does the same for them by default).
     - `status`: a 502/503/504 from the target itself (None when it never
       answered). Only an idempotent method may go again: the target may have
       acted on the request before answering (RFC 9110 section 9.2.2).
@@ -42,14 +55,13 @@ def may_retry(method: str, *, connect_failed: bool, status: int | None, body_sta
       were streamed, not kept, so the request cannot be sent again whole;
       this refuses the retry even after a connect failure.
 
-    The gateway's own timeouts are not a `status` here: a read timeout means
-    the target may still be working on the request.
+    The gateway's own timeouts are not a `status` here but `no_answer`.
     """
     if body_started:
         return False
     if connect_failed:
         return True
-    return status in RETRYABLE_STATUSES and method in IDEMPOTENT_METHODS
+    return (no_answer or status in RETRYABLE_STATUSES) and method in IDEMPOTENT_METHODS
 
 
 # Past this the delay is `cap` for any sane base; clamping the exponent keeps
@@ -75,101 +87,62 @@ def backoff(
 
 
 class RetryBudget:
-    """At most `min_retries_per_window + ratio * first attempts` retries per window.
+    """Envoy's retry budget: a bound on retries *in flight*, not per window.
 
-    Call `record_attempt()` for every first attempt and `try_spend()` before
-    every retry; `try_spend()` counts the retry when it allows it. The
-    `min_retries_per_window` floor lets a quiet upstream still retry its rare
-    failure (a ratio of few requests is zero).
+    A retry may start while fewer than `max(min_concurrency, ratio * active)`
+    retries are running, `active` being the upstream's requests in flight
+    (Envoy's `retry_budget`: `budget_percent` 20%, `min_retry_concurrency` 3;
+    envoy/api/envoy/config/cluster/v3/circuit_breaker.proto). Under load,
+    retries stay a fifth of the traffic however many targets fail, so a
+    failing upstream is not sent `retries + 1` times its load (a retry
+    storm). A client alone, sending one request at a time, has at most one
+    retry running, always within the floor, so it is never refused a retry
+    while a healthy target is there: a floor counted per time window (3 per
+    10 s before) ran out after a few failures of a dead target and failed
+    requests a healthy target could have served.
 
-    The window slides in ten slots of `window / 10` seconds, each a pair of
-    counters, plus running totals: O(1) memory and work per call however
-    busy the upstream is. A slot leaves the totals as a whole, so the window
-    actually covered is between 0.9 and 1.0 times `window`.
+    Every `enter()` must be followed by one `leave()`, and every True from
+    `try_spend()` by one `give_back()` once that retry has its verdict, each
+    in a `finally` (a lost `leave()` would widen the budget for good, a lost
+    `give_back()` narrow it).
     """
 
-    SLOTS: Final = 10
+    __slots__ = ("_active", "_retrying", "min_concurrency", "ratio")
 
-    __slots__ = (
-        "_attempts",
-        "_clock",
-        "_head",
-        "_retries",
-        "_slot_width",
-        "_total_attempts",
-        "_total_retries",
-        "min_retries_per_window",
-        "ratio",
-        "window",
-    )
-
-    def __init__(
-        self,
-        ratio: float = 0.2,
-        min_retries_per_window: int = 3,
-        window: float = 10.0,
-        *,
-        clock: Callable[[], float],
-    ) -> None:
-        if not ratio >= 0.0:
-            raise ValueError("ratio must be >= 0")
-        if min_retries_per_window < 0:
-            raise ValueError("min_retries_per_window must be >= 0")
-        if not (window > 0.0 and math.isfinite(window)):
-            raise ValueError("window must be a positive number of seconds")
+    def __init__(self, ratio: float = 0.2, min_concurrency: int = 3) -> None:
+        if not (ratio >= 0.0 and math.isfinite(ratio)):
+            raise ValueError("ratio must be a finite number >= 0")
+        if min_concurrency < 0:
+            raise ValueError("min_concurrency must be >= 0")
         self.ratio: Final = ratio
-        self.min_retries_per_window: Final = min_retries_per_window
-        self.window: Final = window
-        self._clock = clock
-        self._slot_width = window / self.SLOTS
-        self._attempts = [0] * self.SLOTS
-        self._retries = [0] * self.SLOTS
-        self._total_attempts = 0
-        self._total_retries = 0
-        # Index (time // slot width) of the newest slot; older ones hold the
-        # slot indices head-9 .. head-1, modulo SLOTS.
-        self._head = math.floor(clock() / self._slot_width)
+        self.min_concurrency: Final = min_concurrency
+        self._active = 0
+        self._retrying = 0
 
-    def record_attempt(self) -> None:
-        slot = self._advance()
-        self._attempts[slot] += 1
-        self._total_attempts += 1
+    @property
+    def active(self) -> int:
+        """Requests of the upstream in flight."""
+        return self._active
+
+    @property
+    def retrying(self) -> int:
+        """Retries in flight."""
+        return self._retrying
+
+    def enter(self) -> None:
+        self._active += 1
+
+    def leave(self) -> None:
+        self._active -= 1
 
     def try_spend(self) -> bool:
-        """Count one retry and return True if the budget has room for it."""
-        slot = self._advance()
-        allowed = self.min_retries_per_window + self.ratio * self._total_attempts
-        if self._total_retries + 1 > allowed:
+        """Start one retry and return True if the budget has room for it."""
+        allowed = max(float(self.min_concurrency), self.ratio * self._active)
+        if self._retrying + 1 > allowed:
             return False
-        self._retries[slot] += 1
-        self._total_retries += 1
+        self._retrying += 1
         return True
 
-    def attempts(self) -> int:
-        """First attempts in the current window."""
-        self._advance()
-        return self._total_attempts
-
-    def retries(self) -> int:
-        """Retries spent in the current window."""
-        self._advance()
-        return self._total_retries
-
-    def _advance(self) -> int:
-        """Drop slots that slid out of the window; return the current slot."""
-        index = math.floor(self._clock() / self._slot_width)
-        head = self._head
-        if index > head:
-            attempts = self._attempts
-            retries = self._retries
-            # At most SLOTS slots to clear, however long the budget sat idle.
-            for old in range(head + 1, min(index, head + self.SLOTS) + 1):
-                slot = old % self.SLOTS
-                self._total_attempts -= attempts[slot]
-                self._total_retries -= retries[slot]
-                attempts[slot] = 0
-                retries[slot] = 0
-            self._head = head = index
-        # A clock that stepped back (it should not: monotonic) counts into the
-        # newest slot rather than into one already reused.
-        return head % self.SLOTS
+    def give_back(self) -> None:
+        """A retry got its verdict (or was abandoned): it no longer counts."""
+        self._retrying -= 1

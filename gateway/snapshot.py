@@ -23,7 +23,7 @@ from gateway.limits import BucketStore
 from gateway.metrics import CounterChild, HistogramChild, Metrics, RequestCounter
 from gateway.retry import RetryBudget
 from gateway.routing import RouteTable
-from gateway.upstream import Pool, SessionHandle, Target, new_session
+from gateway.upstream import PanicState, Pool, SessionHandle, Target, new_session
 
 Clock = Callable[[], float]
 
@@ -79,6 +79,7 @@ class Runtime:
     targets: dict[tuple[str, str], Target] = field(default_factory=dict)
     sessions: dict[str, SessionHandle] = field(default_factory=dict)
     budgets: dict[str, RetryBudget] = field(default_factory=dict)
+    panics: dict[str, PanicState] = field(default_factory=dict)
     buckets: dict[str, _BucketEntry] = field(default_factory=dict)
     closing: set[asyncio.Task[None]] = field(default_factory=set)
     # Sessions of removed upstreams, waiting for their last request to end.
@@ -136,8 +137,11 @@ class Runtime:
             self.sessions[up.name] = handle
         budget = self.budgets.get(up.name)
         if budget is None:
-            budget = self.budgets[up.name] = RetryBudget(clock=self.clock)
-        return Pool(up, tuple(targets), handle, budget)
+            budget = self.budgets[up.name] = RetryBudget()
+        panic = self.panics.get(up.name)
+        if panic is None:
+            panic = self.panics[up.name] = PanicState(up.name, self.metrics)
+        return Pool(up, tuple(targets), handle, budget, panic)
 
     def _buckets(self, route: RouteConfig) -> BucketStore | None:
         limit = route.rate_limit
@@ -158,6 +162,7 @@ class Runtime:
         for name in [n for n in self.sessions if n not in config.upstreams]:
             handle = self.sessions.pop(name)
             self.budgets.pop(name, None)
+            self.panics.pop(name, None)
             self.retired.add(handle)
             task = asyncio.get_running_loop().create_task(self._close_retired(handle))
             self.closing.add(task)

@@ -4,8 +4,16 @@ A `Target` is keyed by (upstream name, URL as written) and carries its
 breaker, health and in-flight count across reloads, behind one `available()`
 predicate (as Caddy's reverse proxy keeps host state outside its config).
 A `Pool` is one upstream of one snapshot: its balancer over those targets,
-its retry budget, and the `ClientSession` it shares with later snapshots of
-the same upstream.
+its retry budget, its panic state, and the `ClientSession` it shares with
+later snapshots of the same upstream.
+
+Never dark (CONTRACT.md): when fewer than `panic_threshold` of a pool's
+targets are available (healthy and breaker admitting), the pool panics as
+Envoy's does (`healthy_panic_threshold`, default 50%): health verdicts are
+ignored and an open breaker grants an early trial, one request at a time per
+target. A pool whose targets all restarted within one cooldown then serves
+from whichever is back on the next request, instead of answering 503 until
+a cooldown or a health interval runs out.
 """
 
 from __future__ import annotations
@@ -22,10 +30,10 @@ from prometheus_client import Gauge
 from yarl import URL
 
 from gateway.balancers import Balancer, make_balancer
-from gateway.breaker import CircuitBreaker
+from gateway.breaker import CircuitBreaker, in_panic
 from gateway.config import BreakerConfig, UpstreamConfig
 from gateway.h1client import ConnectionPool
-from gateway.metrics import Metrics
+from gateway.metrics import BREAKER_STATES, CounterChild, Metrics
 from gateway.retry import RetryBudget
 
 Clock = Callable[[], float]
@@ -93,12 +101,20 @@ class Target:
         self.ok_counter = metrics.upstream_requests.labels(upstream, url, "ok")
         self.error_counter = metrics.upstream_requests.labels(upstream, url, "error")
         self.timeout_counter = metrics.upstream_requests.labels(upstream, url, "timeout")
+        self._transitions: dict[str, CounterChild] = {
+            state: metrics.breaker_transitions.labels(upstream, url, state)
+            for state in BREAKER_STATES
+        }
         self._clock = clock
         self.breaker = self._new_breaker(breaker_config)
 
     def _new_breaker(self, config: BreakerConfig) -> CircuitBreaker:
         breaker = CircuitBreaker(
-            config.failures, config.cooldown, self._clock, on_change=self._breaker_moved
+            config.failures,
+            config.cooldown,
+            self._clock,
+            on_change=self._breaker_moved,
+            max_cooldown=config.max_cooldown,
         )
         self._breaker_gauge.set(breaker.numeric_state())
         return breaker
@@ -114,8 +130,19 @@ class Target:
         self.breaker_config = config
         self.breaker = self._new_breaker(config)
 
-    def _breaker_moved(self, old: str, new: str) -> None:
+    def _breaker_moved(self, old: str, new: str, reason: str) -> None:
         self._breaker_gauge.set(self.breaker.numeric_state())
+        self._transitions[new].inc()
+        # An opening is what an operator must see; the way back is routine.
+        log.log(
+            logging.WARNING if new == "open" else logging.INFO,
+            "upstream %s target %s breaker %s -> %s: %s",
+            self.upstream,
+            self.url,
+            old,
+            new,
+            reason,
+        )
 
     def set_healthy(self, healthy: bool) -> None:
         self.healthy = healthy
@@ -123,6 +150,10 @@ class Target:
 
     def available(self) -> bool:
         return self.healthy and self.breaker.available()
+
+    def pass_probe(self) -> None:
+        """An active health check passed: an open breaker's cooldown ends now."""
+        self.breaker.end_cooldown()
 
     def url_for(self, path_qs: str) -> URL:
         # encoded=True: the raw request target goes out byte-for-byte (no
@@ -213,6 +244,41 @@ class SessionHandle:
             await self.h1.close()
 
 
+class PanicState:
+    """Whether an upstream is in panic; outlives snapshots like the targets.
+
+    Entering and leaving are logged once each and entering is counted
+    (`gateway_upstream_panic_total`), not every request made in panic.
+    """
+
+    def __init__(self, upstream: str, metrics: Metrics) -> None:
+        self.upstream = upstream
+        self.active = False
+        self._counter = metrics.upstream_panic.labels(upstream)
+
+    def update(self, panicking: bool, available: int, total: int, threshold: float) -> None:
+        if panicking == self.active:
+            return
+        self.active = panicking
+        if panicking:
+            self._counter.inc()
+            log.warning(
+                "upstream %s target * panic: %d of %d targets available, below "
+                "panic_threshold %g; health verdicts ignored, open breakers get early trials",
+                self.upstream,
+                available,
+                total,
+                threshold,
+            )
+        else:
+            log.info(
+                "upstream %s target * panic over: %d of %d targets available",
+                self.upstream,
+                available,
+                total,
+            )
+
+
 class Pool:
     """One upstream as one snapshot sees it."""
 
@@ -222,21 +288,54 @@ class Pool:
         targets: tuple[Target, ...],
         handle: SessionHandle,
         budget: RetryBudget,
+        panic: PanicState,
     ) -> None:
         self.name = config.name
         self.config = config
         self.targets = targets
         self.handle = handle
         self.budget = budget
+        self.panic = panic
         self.balancer: Balancer[Target] = make_balancer(config.balancer)
 
-    def pick(self, client: str, exclude: tuple[Target, ...] = ()) -> Target | None:
-        candidates = [t for t in self.targets if t not in exclude and t.available()]
+    def pick(self, client: str, exclude: tuple[Target, ...] = ()) -> tuple[Target, bool] | None:
+        """The next target for this request, and whether it may take an early trial.
+
+        Pass the result's flag to `breaker.acquire(early=...)`, with no await
+        in between: then the acquire is granted. None: nothing can be tried.
+        """
+        targets = self.targets
+        ready = [t for t in targets if t.available()]
+        threshold = self.config.panic_threshold
+        panicking = in_panic(len(ready), len(targets), threshold)
+        self.panic.update(panicking, len(ready), len(targets), threshold)
+        if not panicking:
+            candidates = [t for t in ready if t not in exclude]
+            early = False
+            if not candidates and exclude:
+                # Every untried target is out. A retry goes to an untried one
+                # whose breaker is open, as its early trial (one at a time),
+                # before going back to the one that just failed: in a rolling
+                # restart that is the target already back up.
+                candidates = [
+                    t for t in targets if t not in exclude and t.healthy and t.breaker.triable()
+                ]
+                early = bool(candidates)
+                if not candidates:
+                    candidates = ready
+            chosen = self.balancer.pick(candidates, client)
+            return None if chosen is None else (chosen, early)
+        # Panic: every target whose breaker has no trial in flight, healthy or
+        # not, balanced as if all were (Envoy). A retry takes an untried
+        # ready target first: the one attempt left should go where an answer
+        # is likeliest.
+        candidates = [t for t in ready if t not in exclude] if exclude else []
+        if not candidates:
+            candidates = [t for t in targets if t not in exclude and t.breaker.triable()]
         if not candidates and exclude:
-            # Every untried target is out: a retry may go back to one tried
-            # before rather than fail outright.
-            candidates = [t for t in self.targets if t.available()]
-        return self.balancer.pick(candidates, client)
+            candidates = [t for t in targets if t.breaker.triable()]
+        chosen = self.balancer.pick(candidates, client)
+        return None if chosen is None else (chosen, True)
 
     def retry_after(self) -> float:
         """Seconds until the earliest breaker cooldown ends (at least 1)."""

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import example, given
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -12,7 +13,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from gateway.breaker import CircuitBreaker
+from gateway.breaker import CircuitBreaker, in_panic
 
 
 class Clock:
@@ -28,7 +29,9 @@ def make(
 ) -> tuple[CircuitBreaker, Clock, list[tuple[str, str]]]:
     clock = Clock()
     changes: list[tuple[str, str]] = []
-    breaker = CircuitBreaker(failures, cooldown, clock, lambda old, new: changes.append((old, new)))
+    breaker = CircuitBreaker(
+        failures, cooldown, clock, lambda old, new, _why: changes.append((old, new))
+    )
     return breaker, clock, changes
 
 
@@ -236,6 +239,7 @@ class BreakerMachine(RuleBasedStateMachine):
     Each admitted request later reports exactly one verdict; a trial whose
     client goes away calls release() (and only a trial: see breaker.py rule 4).
     Requests admitted while closed may report long after the breaker tripped.
+    A pool in panic asks for early trials; active health checks end cooldowns.
     """
 
     requests = Bundle("requests")
@@ -249,15 +253,24 @@ class BreakerMachine(RuleBasedStateMachine):
         self.state = "closed"
         self.consecutive = 0
         self.open_until = 0.0
-        self.pending_trial: int | None = None
+        self.trial = False
         self.changes_expected: list[tuple[str, str]] = []
 
-    @initialize(failures=st.integers(1, 4), cooldown=st.sampled_from([0.0, 1.0, 5.0, 30.0]))
-    def setup(self, failures: int, cooldown: float) -> None:
+    @initialize(
+        failures=st.integers(1, 4),
+        cooldown=st.sampled_from([0.0, 1.0, 5.0, 30.0]),
+        growth=st.sampled_from([1.0, 2.0, 3.0, 12.0]),
+    )
+    def setup(self, failures: int, cooldown: float, growth: float) -> None:
         self.failures = failures
-        self.cooldown = cooldown
+        self.cooldown = self.cooldown_now = cooldown
+        self.max_cooldown = cooldown * growth
         self.breaker = CircuitBreaker(
-            failures, cooldown, self.clock, lambda old, new: self.changes.append((old, new))
+            failures,
+            cooldown,
+            self.clock,
+            lambda old, new, _why: self.changes.append((old, new)),
+            max_cooldown=self.max_cooldown,
         )
 
     def _move(self, new: str) -> None:
@@ -274,36 +287,39 @@ class BreakerMachine(RuleBasedStateMachine):
         # The edge is where an off-by-a-bit admission would hide.
         self.clock.now = max(self.clock.now, self.open_until - early)
 
-    @rule(target=requests)
-    def acquire(self) -> tuple[int, bool] | None:
+    @rule(target=requests, early=st.sampled_from([False, False, True]))
+    def acquire(self, early: bool) -> tuple[int, bool] | None:
         now = self.clock.now
         available = self.breaker.available()
+        triable = self.breaker.triable()
         assert self.breaker.state == self.state  # available() changed nothing
-        admitted = self.breaker.acquire()
-        assert available == admitted
+        admitted = self.breaker.acquire(early)
+        assert (triable if early else available) == admitted
         if self.state == "closed":
             assert admitted
             return self._admit(trial=False)
-        if self.state == "open" and now < self.open_until:
+        if self.trial:
+            assert not admitted, "a second trial beside the one in flight"
+            return None
+        if self.state == "open" and now < self.open_until and not early:
             assert not admitted, "admitted while open before the cooldown ended"
             return None
+        assert admitted
         if self.state == "open":
-            assert admitted
-            assert self.pending_trial is None, "a second concurrent trial"
             self._move("half_open")
-            admitted_request = self._admit(trial=True)
-            self.pending_trial = admitted_request[0]
-            return admitted_request
-        assert self.state == "half_open"
-        assert not admitted, "admitted beside the trial"
-        return None
+        self.trial = True
+        return self._admit(trial=True)
+
+    @rule()
+    def health_check_passes(self) -> None:
+        self.breaker.end_cooldown()
+        if self.state == "open":
+            self.open_until = min(self.open_until, self.clock.now)
+            self._move("half_open")
 
     def _admit(self, trial: bool) -> tuple[int, bool]:
         self.next_id += 1
         return (self.next_id, trial)
-
-    def _settle_trial(self) -> None:
-        self.pending_trial = None
 
     @rule(request=consumes(requests))
     def success(self, request: tuple[int, bool] | None) -> None:
@@ -314,7 +330,8 @@ class BreakerMachine(RuleBasedStateMachine):
             self.consecutive = 0
         elif self.state == "half_open":
             self.consecutive = 0
-            self._settle_trial()
+            self.trial = False
+            self.cooldown_now = self.cooldown
             self._move("closed")
 
     @rule(request=consumes(requests))
@@ -325,11 +342,12 @@ class BreakerMachine(RuleBasedStateMachine):
         if self.state == "closed":
             self.consecutive += 1
             if self.consecutive >= self.failures:
-                self.open_until = self.clock.now + self.cooldown
+                self.open_until = self.clock.now + self.cooldown_now
                 self._move("open")
         elif self.state == "half_open":
-            self.open_until = self.clock.now + self.cooldown
-            self._settle_trial()
+            self.cooldown_now = min(self.cooldown_now * 2, self.max_cooldown)
+            self.open_until = self.clock.now + self.cooldown_now
+            self.trial = False
             self._move("open")
 
     @rule(request=consumes(requests))
@@ -340,11 +358,10 @@ class BreakerMachine(RuleBasedStateMachine):
         if not trial:
             return  # not the trial: nothing to tell the breaker
         self.breaker.release()
-        # Any trial's release counts while half open, even one whose trial a
-        # straggler already settled: the breaker has no request identities.
-        if self.state == "half_open":
-            self.open_until = self.clock.now
-            self._settle_trial()
+        # Any trial's release counts while one is in flight, even one whose
+        # trial a straggler already settled: the breaker has no identities.
+        if self.state == "half_open" and self.trial:
+            self.trial = False
             self._move("open")
 
     @invariant()
@@ -357,10 +374,147 @@ class BreakerMachine(RuleBasedStateMachine):
         expected_wait = max(0.0, self.open_until - self.clock.now) if self.state == "open" else 0.0
         assert breaker.retry_after() == expected_wait
         assert self.changes == self.changes_expected
-        if self.state == "half_open":
-            assert self.pending_trial is not None
+        assert breaker.trial_in_flight == self.trial
+        assert self.cooldown <= breaker.current_cooldown == self.cooldown_now <= self.max_cooldown
         if self.state == "closed":
             assert breaker.consecutive_failures == self.consecutive < self.failures
+            assert breaker.current_cooldown == self.cooldown
 
 
 TestBreakerMachine = BreakerMachine.TestCase
+
+
+# --- following the target: doubling, probes, early trials ---------------------
+
+
+def test_each_failed_trial_doubles_the_cooldown_up_to_max_cooldown() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(1, 5.0, clock, max_cooldown=60.0)
+    breaker.record_failure()
+    waits = []
+    for _ in range(6):
+        waits.append(breaker.retry_after())
+        clock.now += breaker.retry_after()
+        assert breaker.acquire()
+        breaker.record_failure()
+    assert waits == [5.0, 10.0, 20.0, 40.0, 60.0, 60.0]
+    assert breaker.current_cooldown == 60.0
+
+
+def test_a_successful_trial_resets_the_cooldown() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(1, 5.0, clock, max_cooldown=60.0)
+    breaker.record_failure()
+    clock.now += 5.0
+    assert breaker.acquire()
+    breaker.record_failure()
+    assert breaker.current_cooldown == 10.0
+    clock.now += 10.0
+    assert breaker.acquire()
+    breaker.record_success()
+    assert state_of(breaker) == "closed"
+    breaker.record_failure()
+    assert breaker.retry_after() == 5.0
+
+
+def test_a_passing_health_check_ends_the_cooldown_and_the_next_request_is_the_trial() -> None:
+    breaker, _, changes = make(cooldown=30.0)
+    trip(breaker)
+    breaker.end_cooldown()
+    assert state_of(breaker) == "half_open"
+    assert not breaker.trial_in_flight
+    assert breaker.retry_after() == 0.0
+    assert breaker.available()
+    assert breaker.acquire()  # the trial
+    assert not breaker.acquire()  # nothing beside it
+    breaker.record_success()
+    assert state_of(breaker) == "closed"
+    assert changes[1:] == [("open", "half_open"), ("half_open", "closed")]
+
+
+def test_a_passing_health_check_does_nothing_to_a_closed_or_half_open_breaker() -> None:
+    breaker, _, changes = make()
+    breaker.end_cooldown()
+    assert state_of(breaker) == "closed"
+    trip(breaker)
+    breaker.end_cooldown()
+    assert breaker.acquire()
+    breaker.end_cooldown()
+    assert breaker.trial_in_flight
+    assert changes == [("closed", "open"), ("open", "half_open")]
+
+
+def test_early_trial_is_granted_during_the_cooldown_one_at_a_time() -> None:
+    breaker, _, _ = make(cooldown=30.0)
+    trip(breaker)
+    assert not breaker.acquire()
+    assert breaker.triable()
+    assert breaker.acquire(early=True)
+    assert state_of(breaker) == "half_open"
+    assert not breaker.triable()
+    assert not breaker.acquire(early=True)  # a hung target holds one request
+    breaker.release()  # no verdict: the cooldown end stays where it was
+    assert state_of(breaker) == "open"
+    assert breaker.retry_after() == 30.0
+    assert breaker.acquire(early=True)
+    breaker.record_failure()
+    assert breaker.retry_after() == 30.0  # no max_cooldown given: no doubling
+
+
+def test_reasons_are_given_for_every_transition() -> None:
+    reasons: list[str] = []
+    clock = Clock()
+    breaker = CircuitBreaker(
+        2, 1.0, clock, lambda _o, _n, why: reasons.append(why), max_cooldown=4.0
+    )
+    breaker.record_failure()
+    breaker.record_failure()
+    assert breaker.acquire(early=True)
+    breaker.record_failure()
+    breaker.end_cooldown()
+    assert breaker.acquire()
+    breaker.release()
+    assert breaker.acquire()
+    breaker.record_success()
+    assert reasons == [
+        "2 consecutive failures, cooldown 1s",
+        "early trial: pool in panic",
+        "trial failed, cooldown 2s",
+        "active health check passed",
+        "trial ended without a verdict",
+        "cooldown over",
+        "trial succeeded",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("cooldown", "max_cooldown"), [(5.0, 4.0), (1.0, float("nan")), (1.0, float("inf"))]
+)
+def test_bad_max_cooldown_is_refused(cooldown: float, max_cooldown: float) -> None:
+    with pytest.raises(ValueError, match="max_cooldown"):
+        CircuitBreaker(1, cooldown, Clock(), max_cooldown=max_cooldown)
+
+
+# --- panic rule ----------------------------------------------------------------
+
+
+@given(
+    available=st.integers(0, 50),
+    total=st.integers(0, 50),
+    threshold=st.floats(0.0, 1.0),
+)
+@example(available=1, total=2, threshold=0.5)  # half left: not below the threshold
+@example(available=0, total=2, threshold=0.5)
+@example(available=0, total=0, threshold=1.0)
+def test_in_panic_is_below_the_share_of_available_targets(
+    available: int, total: int, threshold: float
+) -> None:
+    available = min(available, total)
+    panics = in_panic(available, total, threshold)
+    assert panics == (total > 0 and available / total < threshold)
+    if threshold == 0.0:
+        assert not panics  # 0 turns panic off
+    if total > 0 and available == 0 and threshold > 0.0:
+        assert panics  # nothing available and panic on: always panic
+    if available == total:
+        assert not panics  # everything available: never panic

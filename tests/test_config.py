@@ -1092,3 +1092,82 @@ def test_lines_are_not_fooled_by_strings_that_look_like_keys() -> None:
 def test_quoted_and_dotted_keys_get_their_lines() -> None:
     text = '[upstreams."a.b"]\ntargets = ["http://a:1"]\nhealth.path = "x"\n'
     assert located(text) == ['upstreams."a.b".health.path: must start with "/" (line 3)']
+
+
+# -- never dark: panic_threshold and the breaker's max_cooldown ----------------
+
+
+def test_breaker_and_panic_defaults_apply_without_their_keys() -> None:
+    upstream = parse(doc()).upstreams["users"]
+    assert upstream.panic_threshold == 0.5
+    assert (upstream.breaker.failures, upstream.breaker.cooldown) == (5, 5.0)
+    assert upstream.breaker.max_cooldown == 60.0
+
+
+@pytest.mark.parametrize("value", ["0", "0.0", "0.25", "1", "1.0"])
+def test_panic_threshold_accepts_shares_from_0_to_1(value: str) -> None:
+    upstream = UPSTREAM + f"panic_threshold = {value}\n"
+    assert parse(doc(upstream=upstream)).upstreams["users"].panic_threshold == float(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("-0.1", "must be a share between 0 and 1"),
+        ("1.01", "must be a share between 0 and 1"),
+        ("50", "must be a share between 0 and 1"),
+        ("nan", "must be a share between 0 and 1"),
+        ("inf", "must be a share between 0 and 1"),
+        ('"half"', "Expected `float`, got `str`"),
+        ("true", "Expected `float`, got `bool`"),
+    ],
+)
+def test_panic_threshold_outside_0_to_1_is_refused(value: str, message: str) -> None:
+    upstream = UPSTREAM + f"panic_threshold = {value}\n"
+    assert errors(doc(upstream=upstream)) == [f"upstreams.users.panic_threshold: {message}"]
+
+
+def test_max_cooldown_below_cooldown_is_refused_with_its_key_path() -> None:
+    upstream = UPSTREAM + "[upstreams.users.breaker]\ncooldown = 10.0\nmax_cooldown = 5.0\n"
+    assert errors(doc(upstream=upstream)) == [
+        "upstreams.users.breaker.max_cooldown: must be >= cooldown (10s)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", "must be > 0"),
+        ("-1.0", "must be > 0"),
+        ("nan", "must be a finite number of seconds"),
+        ("inf", "must be a finite number of seconds"),
+    ],
+)
+def test_hostile_max_cooldown_is_refused(value: str, message: str) -> None:
+    upstream = UPSTREAM + f"[upstreams.users.breaker]\ncooldown = 0.5\nmax_cooldown = {value}\n"
+    problems = errors(doc(upstream=upstream))
+    assert f"upstreams.users.breaker.max_cooldown: {message}" in problems
+
+
+def test_long_cooldown_alone_raises_max_cooldown_to_it() -> None:
+    upstream = UPSTREAM + "[upstreams.users.breaker]\ncooldown = 120.0\n"
+    breaker = parse(doc(upstream=upstream)).upstreams["users"].breaker
+    assert (breaker.cooldown, breaker.max_cooldown) == (120.0, 120.0)
+
+
+def test_every_never_dark_error_is_reported_at_once() -> None:
+    upstream = (
+        UPSTREAM
+        + "panic_threshold = 2\n[upstreams.users.breaker]\ncooldown = 10.0\nmax_cooldown = 1.0\n"
+    )
+    assert errors(doc(upstream=upstream)) == [
+        "upstreams.users.breaker.max_cooldown: must be >= cooldown (10s)",
+        "upstreams.users.panic_threshold: must be a share between 0 and 1",
+    ]
+
+
+def test_summary_shows_the_breaker_cooldowns_and_panic() -> None:
+    text = summary(parse(doc()))
+    assert "breaker 5 failures/5s..60s, panic below 50% available" in text
+    off = summary(parse(doc(upstream=UPSTREAM + "panic_threshold = 0\n")))
+    assert "panic off" in off

@@ -127,11 +127,13 @@ def toml(
     path: str = "/healthz",
     health: bool = True,
     breaker_failures: int = 5,
+    panic_threshold: float = 0.5,
 ) -> str:
     urls = ", ".join(f'"{url}"' for url in targets)
     text = f"""
 [upstreams.{name}]
 targets = [{urls}]
+panic_threshold = {panic_threshold}
 [upstreams.{name}.breaker]
 failures = {breaker_failures}
 """
@@ -384,7 +386,11 @@ async def test_sync_dropping_health_table_stops_probes_and_restores_target(
     # hand so that it is the monitor, not Runtime.build, that restores it.
     pool = snapshot.pools["users"]
     passive = Pool(
-        msgspec.structs.replace(pool.config, health=None), pool.targets, pool.handle, pool.budget
+        msgspec.structs.replace(pool.config, health=None),
+        pool.targets,
+        pool.handle,
+        pool.budget,
+        pool.panic,
     )
     gw.monitor.sync(Snapshot(**{**snapshot.__dict__, "pools": {"users": passive}}))
     assert target.healthy
@@ -486,12 +492,13 @@ async def test_upstream_with_every_target_out_logs_a_warning(
 ) -> None:
     a, b = await upstream(), await upstream()
     a.ok = b.ok = False
-    snapshot = gw.load(toml(a.url, b.url, unhealthy=1))
+    snapshot = gw.load(toml(a.url, b.url, unhealthy=1, panic_threshold=0))
     await until(lambda: not any(t.healthy for t in snapshot.pools["users"].targets))
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert [r.getMessage() for r in warnings] == [
-        "upstream users has no healthy target left: its requests get 503 "
-        "no_healthy_target until a target passes 2 probes in a row"
+        "upstream users has no healthy target left: the pool panics unless "
+        "panic_threshold is 0, then its requests get 503 no_healthy_target "
+        "until a target passes 2 probes in a row"
     ]
     assert snapshot.pools["users"].pick("127.0.0.1") is None
 

@@ -114,14 +114,33 @@ async def test_admin_endpoints_status_shape_and_every_contract_metric(
             assert abs(loaded_at.timestamp() - time.time()) < 60
             assert set(doc["upstreams"]) == {"users", "orders"}
             for upstream in doc["upstreams"].values():
-                assert set(upstream) == {"balancer", "targets"}
+                assert set(upstream) == {"balancer", "panic_threshold", "panic", "targets"}
                 for target in upstream["targets"]:
-                    assert set(target) == {"url", "weight", "healthy", "breaker", "in_flight"}
+                    assert set(target) == {
+                        "url",
+                        "weight",
+                        "healthy",
+                        "breaker",
+                        "breaker_failures",
+                        "breaker_cooldown",
+                        "breaker_retry_after",
+                        "in_flight",
+                    }
+            closed = {
+                "healthy": True,
+                "breaker": "closed",
+                "breaker_failures": 0,
+                "breaker_cooldown": 5.0,
+                "breaker_retry_after": 0.0,
+                "in_flight": 0,
+            }
             assert doc["upstreams"]["users"] == {
                 "balancer": "weighted",
+                "panic_threshold": 0.5,
+                "panic": False,
                 "targets": [
-                    {"url": u1, "weight": 1, "healthy": True, "breaker": "closed", "in_flight": 0},
-                    {"url": u2, "weight": 3, "healthy": True, "breaker": "closed", "in_flight": 0},
+                    {"url": u1, "weight": 1, **closed},
+                    {"url": u2, "weight": 3, **closed},
                 ],
             }
             routes = {r["name"]: r for r in doc["routes"]}

@@ -356,12 +356,14 @@ def state_config(a: str, flaky: str, sick: str, *, burst: int, failures: int, ex
 
         [upstreams.flaky]
         targets = ["{flaky}"]
+        panic_threshold = 0  # classic breaker: open means no traffic
         [upstreams.flaky.breaker]
         failures = {failures}
         cooldown = 600.0
 
         [upstreams.sick]
         targets = ["{sick}"]
+        panic_threshold = 0
         [upstreams.sick.health]
         path = "/health"
         interval = 0.05

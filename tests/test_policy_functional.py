@@ -36,13 +36,15 @@ BREAKER = f"""
     failures = 2
     cooldown = {COOLDOWN}
 """
+# Tests of the classic breaker (open means no traffic) turn panic mode off.
+CLASSIC = "panic_threshold = 0\n"
 # Retry tests must not have the breaker take failing targets out under them.
 NO_BREAKER = """
     [upstreams.app.breaker]
     failures = 1000
 """
 
-Mode = Literal["ok", "500", "503", "reset", "stall"]
+Mode = Literal["ok", "500", "503", "slow503", "reset", "stall"]
 
 
 @dataclass
@@ -98,7 +100,9 @@ class Backend:
             async with asyncio.timeout(WAIT * 2):
                 await self.release.wait()
             return web.Response(status=self.after_stall, text=f"{self.name} after stall")
-        if self.mode == "503":
+        if self.mode == "slow503":
+            await asyncio.sleep(0.2)  # an overloaded target: busy, and slow to say so
+        if self.mode in ("503", "slow503"):
             return web.Response(status=503, text=f"{self.name} busy")
         if self.mode == "500":
             return web.Response(status=500, text=f"{self.name} broke")
@@ -271,7 +275,7 @@ async def test_breaker_opens_after_consecutive_failures_and_answers_503(
         gateway_toml(
             [url],
             route="read_timeout = 0.2",
-            upstream_tables="[upstreams.app.breaker]\nfailures = 2\ncooldown = 2.5",
+            upstream_tables=CLASSIC + "[upstreams.app.breaker]\nfailures = 2\ncooldown = 2.5",
         )
     )
     await breaker_is(client, gw, url, "closed")
@@ -331,7 +335,7 @@ async def _open_one_target_breaker(
     """A gateway over one target whose breaker is open with its cooldown over."""
     backend = await backends("a")
     backend.mode = "503"
-    gw = await make_gateway(gateway_toml([backend.url], upstream_tables=BREAKER))
+    gw = await make_gateway(gateway_toml([backend.url], upstream_tables=CLASSIC + BREAKER))
     for _ in range(2):
         assert (await fetch(client, gw.url + "/x")).status == 503
     await breaker_is(client, gw, backend.url, "open")
@@ -392,8 +396,11 @@ async def test_half_open_trial_failure_opens_the_breaker_again(
     assert answer.error() == "no_healthy_target"
     assert answer.headers["Retry-After"] == "1"
     assert len(backend.hits) == 3
-    # A new cooldown, then a new trial.
+    # A new cooldown, doubled by the failed trial, then a new trial.
+    assert (await target_status(client, gw, backend.url))["breaker_cooldown"] == 2 * COOLDOWN
     await asyncio.sleep(COOLDOWN + 0.05)
+    assert (await fetch(client, gw.url + "/x")).error() == "no_healthy_target"
+    await asyncio.sleep(COOLDOWN)
     backend.mode = "ok"
     assert (await fetch(client, gw.url + "/x")).status == 200
     await breaker_is(client, gw, backend.url, "closed")
@@ -536,7 +543,7 @@ async def test_every_target_unhealthy_gets_503_no_healthy_target(
     make_gateway: GatewayFactory, backends: BackendFactory, client: aiohttp.ClientSession
 ) -> None:
     a, b = await backends("a"), await backends("b")
-    gw = await make_gateway(gateway_toml([a.url, b.url], upstream_tables=HEALTH))
+    gw = await make_gateway(gateway_toml([a.url, b.url], upstream_tables=CLASSIC + HEALTH))
     a.health = b.health = 500
     for backend in (a, b):
         await eventually(lambda: _healthy_is(client, gw, backend.url, False))  # noqa: B023
@@ -654,21 +661,72 @@ async def test_each_retry_goes_to_a_different_target(
     assert [len(t.hits) for t in targets] == [1, 1, 1]
 
 
-async def test_retry_budget_caps_retries(
+async def test_retry_budget_caps_concurrent_retries_under_load(
     make_gateway: GatewayFactory, backends: BackendFactory, client: aiohttp.ClientSession
 ) -> None:
     a, b = await backends("a"), await backends("b")
-    a.mode = b.mode = "503"
+    a.mode = b.mode = "slow503"
     gw = await make_gateway(
         gateway_toml([a.url, b.url], route="retries = 2", upstream_tables=NO_BREAKER)
     )
-    first_attempts = 30
-    for _ in range(first_attempts):
-        assert (await fetch(client, gw.url + "/x")).status == 503
+    first_attempts = 20
+    answers = await asyncio.gather(*(fetch(client, gw.url + "/x") for _ in range(first_attempts)))
+    assert {answer.status for answer in answers} == {503}
     retries = len(a.hits) + len(b.hits) - first_attempts
-    # RetryBudget defaults: 20 % of first attempts plus 3 per window. Without
-    # it, every request would have made 2 retries (60).
-    assert 3 <= retries <= 0.2 * first_attempts + 3
+    # Envoy's budget: retries in flight <= max(3, 20 % of requests in flight).
+    # The 20 fail together, so at most 4 retry (then at most 4 once more);
+    # without the budget every request would have made 2 retries (40).
+    assert 3 <= retries <= 8
+
+
+async def test_one_client_at_a_time_never_runs_out_of_retries_beside_a_dead_target(
+    make_gateway: GatewayFactory,
+    start_upstream: UpstreamFactory,
+    backends: BackendFactory,
+    client: aiohttp.ClientSession,
+) -> None:
+    # The low-rate budget defect: a floor of 3 retries per 10 s (plus 20 % of
+    # first attempts) was spent after a few requests to the refusing target,
+    # and the client got 502 while b was there all along.
+    dead = await refused_url(start_upstream)
+    b = await backends("b")
+    gw = await make_gateway(
+        gateway_toml([dead, b.url], route="retries = 1", upstream_tables=NO_BREAKER)
+    )
+    for _ in range(30):
+        answer = await fetch(client, gw.url + "/x")
+        assert answer.status == 200
+    assert len(b.hits) == 30
+
+
+async def test_target_answering_503_to_a_get_costs_a_lone_client_nothing(
+    make_gateway: GatewayFactory, backends: BackendFactory, client: aiohttp.ClientSession
+) -> None:
+    a, b = await backends("a"), await backends("b")
+    a.mode = "503"
+    gw = await make_gateway(
+        gateway_toml([a.url, b.url], route="retries = 1", upstream_tables=NO_BREAKER)
+    )
+    for _ in range(30):
+        assert (await fetch(client, gw.url + "/x")).status == 200
+    assert len(a.hits) == 15
+
+
+async def test_refusing_target_is_ejected_by_default_without_a_breaker_table(
+    make_gateway: GatewayFactory,
+    start_upstream: UpstreamFactory,
+    backends: BackendFactory,
+    client: aiohttp.ClientSession,
+) -> None:
+    dead = await refused_url(start_upstream)
+    b = await backends("b")
+    gw = await make_gateway(gateway_toml([dead, b.url]))  # retries = 0, no [breaker]
+    statuses = [(await fetch(client, gw.url + "/x")).status for _ in range(40)]
+    # The default breaker (failures = 5) takes the dead target out after its
+    # 5th refusal; without it, every other request would fail (20 of 40).
+    assert statuses.count(502) == 5
+    assert statuses.count(200) == 35
+    await breaker_is(client, gw, dead, "open")
 
 
 async def test_backoff_is_applied_between_attempts_and_bounded(

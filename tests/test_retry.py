@@ -10,15 +10,6 @@ from hypothesis import strategies as st
 
 from gateway.retry import IDEMPOTENT_METHODS, RetryBudget, backoff, may_retry
 
-
-class Clock:
-    def __init__(self, now: float = 0.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 # --- may_retry ---------------------------------------------------------------
 
 METHODS = ["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE", "POST", "PATCH", "CONNECT"]
@@ -51,7 +42,7 @@ def test_idempotent_methods_are_rfc_9110s() -> None:
         ("GET", False, 500, False, False),
         ("GET", False, 429, False, False),
         ("GET", False, 200, False, False),
-        # No connect failure and no status: e.g. a read timeout, target may be working.
+        # No connect failure, no status and no `no_answer`: e.g. a garbled head.
         ("GET", False, None, False, False),
         # Methods are case-sensitive (RFC 9110 section 9.1).
         ("get", False, 503, False, False),
@@ -65,21 +56,48 @@ def test_may_retry_rows(
 
 
 def test_may_retry_exhaustive_table() -> None:
-    for method, connect_failed, status, body_started in itertools.product(
-        METHODS, [False, True], STATUSES, [False, True]
+    for method, connect_failed, status, body_started, no_answer in itertools.product(
+        METHODS, [False, True], STATUSES, [False, True], [False, True]
     ):
-        # The CONTRACT's sentence, read literally: "on connect failure, or on a
-        # 502/503/504 from the target for an idempotent method whose request
-        # body (if any) was not yet sent" -- and a sent streamed body is gone.
+        # The CONTRACT's sentence, read literally: "on connect failure, or, for
+        # an idempotent method whose request body (if any) was not yet sent,
+        # on a reset or a read_timeout before the first response byte, or on a
+        # 502/503/504 from the target" -- and a sent streamed body is gone.
         safe = connect_failed or (
-            status in (502, 503, 504)
+            (no_answer or status in (502, 503, 504))
             and method in ("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE")
         )
         expected = safe and not body_started
         got = may_retry(
-            method, connect_failed=connect_failed, status=status, body_started=body_started
+            method,
+            connect_failed=connect_failed,
+            status=status,
+            body_started=body_started,
+            no_answer=no_answer,
         )
-        assert got is expected, (method, connect_failed, status, body_started)
+        assert got is expected, (method, connect_failed, status, body_started, no_answer)
+
+
+@pytest.mark.parametrize(
+    ("method", "body_started", "expected"),
+    [
+        ("GET", False, True),  # reset or timed out before a byte: safe to repeat
+        ("HEAD", False, True),
+        ("PUT", False, True),
+        ("DELETE", False, True),
+        ("PUT", True, False),  # its body went up and is gone
+        ("POST", False, False),  # the target may have acted on it
+        ("PATCH", False, False),
+        ("get", False, False),
+    ],
+)
+def test_may_retry_a_reset_or_timeout_before_the_first_response_byte(
+    method: str, body_started: bool, expected: bool
+) -> None:
+    got = may_retry(
+        method, connect_failed=False, status=None, body_started=body_started, no_answer=True
+    )
+    assert got is expected
 
 
 # --- backoff -----------------------------------------------------------------
@@ -122,110 +140,78 @@ def test_backoff_refuses_a_negative_attempt() -> None:
 # --- RetryBudget -------------------------------------------------------------
 
 
-def test_budget_allows_the_minimum_with_no_traffic() -> None:
-    budget = RetryBudget(ratio=0.2, min_retries_per_window=3, window=10.0, clock=Clock())
+def test_budget_allows_the_floor_with_no_traffic() -> None:
+    budget = RetryBudget(ratio=0.2, min_concurrency=3)
     assert [budget.try_spend() for _ in range(4)] == [True, True, True, False]
-    assert budget.retries() == 3
+    assert budget.retrying == 3
+    budget.give_back()
+    assert budget.try_spend()
 
 
-def test_budget_caps_retries_at_a_ratio_of_first_attempts() -> None:
-    clock = Clock(100.0)
-    budget = RetryBudget(ratio=0.2, min_retries_per_window=3, window=10.0, clock=clock)
+def test_budget_caps_concurrent_retries_at_a_ratio_of_requests_in_flight() -> None:
+    budget = RetryBudget(ratio=0.2, min_concurrency=3)
     for _ in range(100):
-        budget.record_attempt()
+        budget.enter()
     granted = 0
     while budget.try_spend():
         granted += 1
-    assert granted == 3 + 20
-    assert budget.attempts() == 100
-    # Fresh first attempts earn more room: five of them earn one retry.
+    assert granted == 20
+    # Five more requests in flight earn one more concurrent retry.
     for _ in range(5):
-        budget.record_attempt()
+        budget.enter()
     assert budget.try_spend()
     assert not budget.try_spend()
 
 
-def test_budget_recovers_after_the_window() -> None:
-    clock = Clock(100.0)
-    budget = RetryBudget(ratio=0.0, min_retries_per_window=2, window=10.0, clock=clock)
-    assert budget.try_spend()
-    assert budget.try_spend()
-    assert not budget.try_spend()
-    clock.now += 9.0  # still inside the window
-    assert not budget.try_spend()
-    clock.now += 1.0
-    assert budget.try_spend()
-    assert budget.retries() == 1
-
-
-def test_budget_slides_slot_by_slot() -> None:
-    clock = Clock(0.0)
-    budget = RetryBudget(ratio=1.0, min_retries_per_window=0, window=10.0, clock=clock)
-    for second in range(10):
-        clock.now = second + 0.5
-        budget.record_attempt()
-    assert budget.attempts() == 10
-    clock.now = 10.5  # the slot of second 0 leaves the window
-    assert budget.attempts() == 9
-    clock.now = 15.5
-    assert budget.attempts() == 4
-    clock.now = 1e6  # a long idle: every slot cleared, in bounded work
-    assert budget.attempts() == 0
-    assert budget.retries() == 0
+@pytest.mark.parametrize("requests", [1, 2, 10, 1000])
+def test_budget_never_refuses_a_client_with_one_request_at_a_time(requests: int) -> None:
+    # The low-rate defect: a floor counted per 10 s window ran out after a few
+    # retries; a floor of concurrent retries never does for a lone client.
+    budget = RetryBudget()
+    for _ in range(requests):
+        budget.enter()
+        assert budget.try_spend()
+        budget.give_back()
+        budget.leave()
+    assert (budget.active, budget.retrying) == (0, 0)
 
 
 def test_budget_refuses_bad_settings() -> None:
     with pytest.raises(ValueError, match="ratio"):
-        RetryBudget(ratio=-0.1, clock=Clock())
-    with pytest.raises(ValueError, match="min_retries"):
-        RetryBudget(min_retries_per_window=-1, clock=Clock())
-    with pytest.raises(ValueError, match="window"):
-        RetryBudget(window=0.0, clock=Clock())
+        RetryBudget(ratio=-0.1)
+    with pytest.raises(ValueError, match="ratio"):
+        RetryBudget(ratio=float("nan"))
+    with pytest.raises(ValueError, match="min_concurrency"):
+        RetryBudget(min_concurrency=-1)
 
 
 @given(
     ratio=st.sampled_from([0.0, 0.1, 0.2, 0.5, 1.0]),
     minimum=st.integers(0, 4),
     events=st.lists(
-        st.tuples(st.sampled_from(["attempt", "attempt", "retry"]), st.integers(0, 3000)),
-        max_size=120,
+        st.sampled_from(["enter", "enter", "leave", "spend", "give_back"]), max_size=200
     ),
 )
-@example(ratio=0.2, minimum=0, events=[("attempt", 0)] * 5 + [("retry", 0)] * 2)
-@example(ratio=0.0, minimum=1, events=[("retry", 0), ("retry", 9999), ("retry", 1)])
+@example(ratio=0.2, minimum=0, events=["enter"] * 5 + ["spend"] * 2)
+@example(ratio=0.0, minimum=1, events=["spend", "spend", "give_back", "spend"])
 @settings(max_examples=300)
-def test_budget_against_exact_windows(
-    ratio: float, minimum: int, events: list[tuple[str, int]]
-) -> None:
-    # Window 10 s in 1 s slots; times on a millisecond grid. The budget looks
-    # at the slots covering [floor(t) - 9, t], which lies within [t - 10, t]
-    # and contains [t - 9, t]. So a granted retry must fit the budget counted
-    # over the shorter span for retries and the longer one for attempts, and
-    # a retry that fits even when counted the strict way must be granted.
-    clock = Clock(1000.0)
-    budget = RetryBudget(ratio=ratio, min_retries_per_window=minimum, window=10.0, clock=clock)
-    now_ms = 1_000_000
-    attempts: list[int] = []
-    retries: list[int] = []
-
-    def count(times: list[int], since_ms: int) -> int:
-        return sum(1 for t in times if t >= since_ms)
-
-    for kind, gap_ms in events:
-        now_ms += gap_ms
-        clock.now = now_ms / 1000
-        if kind == "attempt":
-            budget.record_attempt()
-            attempts.append(now_ms)
-            continue
-        granted = budget.try_spend()
-        if granted:
-            retries.append(now_ms)
-            assert (
-                count(retries, now_ms - 9000)
-                <= minimum + ratio * count(attempts, now_ms - 10_000) + 1e-9
-            )
-        elif count(retries, now_ms - 10_000) + 1 <= minimum + ratio * count(
-            attempts, now_ms - 9000
-        ):
-            pytest.fail(f"refused a retry the budget had room for at {now_ms} ms")
+def test_budget_against_a_model(ratio: float, minimum: int, events: list[str]) -> None:
+    budget = RetryBudget(ratio=ratio, min_concurrency=minimum)
+    active = retrying = 0
+    for event in events:
+        if event == "enter":
+            budget.enter()
+            active += 1
+        elif event == "leave" and active > 0:
+            budget.leave()
+            active -= 1
+        elif event == "give_back" and retrying > 0:
+            budget.give_back()
+            retrying -= 1
+        elif event == "spend":
+            room = retrying + 1 <= max(minimum, ratio * active)
+            assert budget.try_spend() == room
+            retrying += room
+        # The storm bound: never more retries in flight than the budget allows
+        # at the moment each was granted, and never fewer than it could.
+        assert (budget.active, budget.retrying) == (active, retrying)
