@@ -16,8 +16,7 @@ from prometheus_client.exposition import choose_encoder
 
 from gateway.config import RouteConfig
 from gateway.metrics import Metrics
-from gateway.proxy import SnapshotBox
-from gateway.snapshot import Snapshot
+from gateway.snapshot import Snapshot, SnapshotBox
 
 _encoder = msgspec.json.Encoder()
 

@@ -4,7 +4,8 @@
 frames what it writes back (head held to join the first body bytes, bodies
 by Content-Length, chunked, or the connection's end for HTTP/1.0); `Reply` is
 a whole small response the server writes for the handler. The connection
-they belong to is h1server.py's `Connection`.
+they belong to is h1server.py's `Connection`, seen here only through the
+`ClientConnection` protocol, so that this module does not import the server.
 """
 
 from __future__ import annotations
@@ -14,15 +15,12 @@ import time
 from collections import deque
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.errors import GatewayError, json_body
 from gateway.headers import encode_head
-
-if TYPE_CHECKING:
-    from gateway.h1server import Connection
 
 # A request body buffer above this pauses reading the client socket; the
 # handler's next read (which takes the whole buffer) resumes it.
@@ -31,6 +29,24 @@ _BODY_HIGH: Final = 256 * 1024
 PAUSE_BODY: Final = 1
 PAUSE_QUEUE: Final = 2
 PAUSE_HANDOVER: Final = 4
+
+
+class ClientConnection(Protocol):
+    """What the request and response objects need of their connection."""
+
+    transport: asyncio.Transport | None
+    remote: str
+    closing_after_response: bool
+    last_batch: bool
+    #: Why the server aborted the connection ("drain"), for the access log.
+    cut: str | None
+
+    def queued(self) -> int: ...
+    async def drain(self) -> None: ...
+    def pause_reading(self, reason: int) -> None: ...
+    def resume_reading(self, reason: int) -> None: ...
+    def hand_over_body(self, request: Request) -> tuple[bytes, int]: ...
+    def body_spliced(self, request: Request) -> None: ...
 
 
 class Body:
@@ -42,7 +58,7 @@ class Body:
 
     __slots__ = ("_chunks", "_conn", "_eof", "_exc", "_size", "_waiter", "total_bytes")
 
-    def __init__(self, conn: Connection | None) -> None:
+    def __init__(self, conn: ClientConnection | None) -> None:
         self._conn = conn
         self._chunks: deque[bytes] = deque()
         self._size = 0
@@ -139,7 +155,7 @@ class Request:
 
     def __init__(
         self,
-        conn: Connection,
+        conn: ClientConnection,
         method: str,
         raw_path: str,
         version: tuple[int, int],
@@ -226,7 +242,7 @@ class ResponseWriter:
         "status",
     )
 
-    def __init__(self, conn: Connection, request: Request) -> None:
+    def __init__(self, conn: ClientConnection, request: Request) -> None:
         self._conn = conn
         self._request = request
         self._held: bytes | None = None

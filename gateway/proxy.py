@@ -60,7 +60,7 @@ from gateway.log import AccessEntry, AccessLog
 from gateway.metrics import Metrics, RequestCounter
 from gateway.retry import backoff, may_retry
 from gateway.routing import forward_path, has_dot_segment
-from gateway.snapshot import RouteRuntime, Snapshot
+from gateway.snapshot import RouteRuntime, Snapshot, SnapshotBox
 from gateway.upstream import Target
 
 log = logging.getLogger("gateway.proxy")
@@ -75,13 +75,6 @@ SERVER_CUT: Final = 503
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 # RFC 9110 5.5: no CTL but HTAB in a field value (or a name).
 _CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-
-
-class SnapshotBox:
-    """The one mutable reference to the current snapshot; swapped whole."""
-
-    def __init__(self, snapshot: Snapshot) -> None:
-        self.snapshot = snapshot
 
 
 class _Exchange(AccessEntry):

@@ -19,14 +19,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from msgspec import structs
 
 from gateway.config import Config, ConfigError, RouteConfig, UpstreamConfig, load
-
-if TYPE_CHECKING:
-    from gateway.server import Gateway
+from gateway.metrics import Metrics
+from gateway.systemd import Notifier
 
 log = logging.getLogger("gateway.reload")
 
@@ -99,8 +98,21 @@ def describe_changes(old: Config, new: Config) -> str:
     return "; ".join(parts) if parts else "no changes"
 
 
+class Reloadable(Protocol):
+    """What a reload needs of the running gateway (server.Gateway is one)."""
+
+    notifier: Notifier
+    metrics: Metrics
+
+    @property
+    def config(self) -> Config: ...
+
+    def apply(self, config: Config) -> None:
+        """Serve `config` from the next request on (no await: atomic)."""
+
+
 class Reloader:
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Reloadable) -> None:
         self._gateway = gateway
         self._wanted = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="reloader")
@@ -127,8 +139,7 @@ class Reloader:
         """One reload; True when the new config is serving. Raises only
         CancelledError (shutdown), and then sends no READY=1."""
         gw = self._gateway
-        assert gw.box is not None
-        path = gw.box.snapshot.config.path
+        path = gw.config.path
         # MONOTONIC_USEC travels with RELOADING=1 (systemd's notify-reload).
         gw.notifier.reloading(f"reloading {path}")
         try:
@@ -144,8 +155,7 @@ class Reloader:
         gw.notifier.ready(status)
         return ok
 
-    async def _reload(self, gw: Gateway, path: str) -> tuple[bool, str]:
-        assert gw.box is not None
+    async def _reload(self, gw: Reloadable, path: str) -> tuple[bool, str]:
         try:
             config = await asyncio.to_thread(load, path)
         except ConfigError as error:
@@ -157,12 +167,8 @@ class Reloader:
                 "\n  ".join(error.errors),
             )
             return False, f"reload rejected ({len(error.errors)} errors); old config serving"
-        # No await from here to the swap: atomic for every request.
-        old = gw.box.snapshot.config
-        snapshot = gw.runtime.build(config)
-        gw.box.snapshot = snapshot
-        gw.health.sync(snapshot)
-        gw.access_log.set_format(config.server.access_log)
+        old = gw.config
+        gw.apply(config)
         gw.metrics.config_reloads.labels("success").inc()
         gw.metrics.config_last_reload_success.set(time.time())
         if config.server.listen != old.server.listen or config.server.admin != old.server.admin:

@@ -32,9 +32,9 @@ from gateway.h1server import H1Server, sweep_slow_heads
 from gateway.health import HealthMonitor
 from gateway.log import AccessLog, journald_mode
 from gateway.metrics import Metrics
-from gateway.proxy import ProxyHandler, SnapshotBox
+from gateway.proxy import ProxyHandler
 from gateway.reload import Reloader
-from gateway.snapshot import Runtime
+from gateway.snapshot import Runtime, SnapshotBox
 from gateway.systemd import Notifier, listen_fds, socket_from_fd, watchdog_interval
 
 log = logging.getLogger("gateway.server")
@@ -92,6 +92,18 @@ class Gateway:
     def config(self) -> Config:
         assert self.box is not None
         return self.box.snapshot.config
+
+    def apply(self, config: Config) -> None:
+        """Serve `config` from the next request on (a reload's swap).
+
+        No await from the build to the swap: every request sees either the
+        old snapshot or the new one, whole.
+        """
+        assert self.box is not None
+        snapshot = self.runtime.build(config)
+        self.box.snapshot = snapshot
+        self.health.sync(snapshot)
+        self.access_log.set_format(config.server.access_log)
 
     def _client_timeout(self) -> float:
         return self.config.server.client_timeout

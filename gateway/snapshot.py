@@ -189,3 +189,10 @@ class Runtime:
         for handle in list(self.retired):
             await handle.close()
         self.retired.clear()
+
+
+class SnapshotBox:
+    """The one mutable reference to the current snapshot; swapped whole."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
