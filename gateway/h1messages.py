@@ -33,6 +33,16 @@ PAUSE_QUEUE: Final = 2
 PAUSE_HANDOVER: Final = 4
 
 
+class SendTimeout(ConnectionError):
+    """The client took none of a response for `send_timeout` seconds.
+
+    nginx's `send_timeout`: a client that stops reading holds its connection,
+    the target's and their buffers; after this long without progress the
+    connection is aborted like one the client reset (and the target's closed,
+    never pooled).
+    """
+
+
 class Body:
     """A request body as it arrives, read with `readany()` (aiohttp's StreamReader API).
 
@@ -223,6 +233,7 @@ class ResponseWriter:
         "eof_sent",
         "keep_alive",
         "output_size",
+        "send_timeout",
         "status",
     )
 
@@ -236,6 +247,10 @@ class ResponseWriter:
         self.keep_alive = request.keep_alive
         self.output_size = 0
         self.status = 0
+        #: How long the client may take none of the response before the
+        #: connection is aborted (SendTimeout); None waits for ever. The
+        #: handler sets it (`server.client_timeout`).
+        self.send_timeout: float | None = None
 
     @property
     def started(self) -> bool:
@@ -315,7 +330,7 @@ class ResponseWriter:
             data = b"%x\r\n%b\r\n" % (len(data), data)
         held, self._held = self._held, None
         self._send(held + data if held is not None else data)
-        await self._conn.drain()
+        await self._conn.drain(self.send_timeout)
 
     async def write_eof(self, data: bytes = b"") -> None:
         """The last piece (maybe none) and the end of the body."""
@@ -330,7 +345,7 @@ class ResponseWriter:
             out += b"0\r\n\r\n"
         if out:
             self._send(out)
-        await self._conn.drain()
+        await self._conn.drain(self.send_timeout)
 
     def spliced(self, count: int) -> None:
         """`count` body bytes went to the client's socket behind our back."""

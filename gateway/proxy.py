@@ -48,7 +48,7 @@ from gateway.h1client import (
     H1ReadTimeout,
     H1Response,
 )
-from gateway.h1messages import Reply, Request, json_reply
+from gateway.h1messages import Reply, Request, SendTimeout, json_reply
 from gateway.headers import (
     client_response_headers,
     new_request_id,
@@ -185,6 +185,9 @@ class ProxyHandler:
         the target's response has been streamed through `request.writer`."""
         snap = self._box.snapshot
         started = self._clock()
+        # A response the client does not read may stall this long, then the
+        # connection is aborted (CONTRACT.md client_timeout; nginx's send_timeout).
+        request.writer.send_timeout = self._client_timeout()
         rid = request_id(request.headers.get("X-Request-ID"), new_request_id)
         peer = request.remote or ""
         headers = request.headers
@@ -239,6 +242,11 @@ class ProxyHandler:
             except GatewayError as error:
                 error_code = error.code
                 response = self._error_response(request, error, rid)
+            except SendTimeout:
+                # The client stopped reading the response: logged as a client
+                # that left (499), with the reason.
+                error_code = ClientTimeout.code
+                raise
             except Exception as exc:
                 # The outer edge: a bug must still get the contract's JSON
                 # and this request's id, unless the response had begun.
@@ -769,21 +777,26 @@ class ProxyHandler:
             if relay is None:
                 return None  # at the cap, or out of descriptors: copy
             held.callback(relay.close)
+            send_timeout = request.writer.send_timeout
             try:
                 buffered, remaining = upstream.hand_over()
                 if buffered:
                     ex.bytes_out += len(buffered)
                     await request.writer.write(buffered)  # with the head, if it was held
-                await splice.wait_flushed(client, None)
+                # A client that takes nothing for client_timeout is cut, as
+                # in the copying loop's drain (nginx's send_timeout).
+                await splice.wait_flushed(client, send_timeout)
                 await relay.run(
                     source,
                     client,
                     remaining,
                     read_timeout=route.config.read_timeout,
-                    write_timeout=None,
+                    write_timeout=send_timeout,
                 )
             except splice.SinkFailed as exc:
                 raise ConnectionResetError(f"client connection lost: {exc}") from exc
+            except splice.SinkTimeout as exc:
+                raise SendTimeout(f"client took nothing for {send_timeout:g} s") from exc
             except splice.SpliceError:
                 # The target closed, reset or went silent mid-body: as in the
                 # copying loop, the only honest signal left is an aborted transfer.

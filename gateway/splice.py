@@ -38,6 +38,8 @@ import socket
 import struct
 from typing import ClassVar, Final
 
+from gateway.writeflow import kernel_unsent
+
 #: Whether this platform has splice(2) (Linux; Python >= 3.10).
 AVAILABLE: Final = hasattr(os, "splice") and hasattr(os, "SPLICE_F_NONBLOCK")
 #: Bodies smaller than this are relayed through Python as usual.
@@ -168,7 +170,7 @@ async def wait_flushed(dst: SocketDup, write_timeout: float | None) -> None:
             raise SinkFailed("the connection closed", 0)
         if transport is None or not transport.get_write_buffer_size():
             return
-        if not await _ready(loop, dst.fd, True, write_timeout):
+        if not await _writable(loop, dst.fd, write_timeout):
             raise SinkTimeout(f"the peer took nothing for {write_timeout:g} s", 0)
         # Writable: the transport's own callback runs in this same loop
         # iteration; yield once so it can flush before we look again.
@@ -340,7 +342,7 @@ class Relay:
             if in_pipe:
                 # The destination is full; the pipe must empty before more
                 # is read (what arrives meanwhile waits in the socket).
-                if not await _ready(loop, dst, True, write_timeout):
+                if not await _writable(loop, dst, write_timeout):
                     raise SinkTimeout(f"the peer took nothing for {write_timeout:g} s", self.moved)
             elif not await _ready(loop, src, False, read_timeout):
                 raise SourceTimeout(f"the peer sent nothing for {read_timeout:g} s", self.moved)
@@ -352,6 +354,25 @@ class Relay:
             if source.gone():
                 raise SourceClosed("the connection closed", self.moved)
         return self.moved
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, fd: int, patience: float | None) -> bool:
+    """Wait until `fd` is writable; False if the peer took nothing at all for
+    `patience` seconds.
+
+    Progress is the peer acknowledging bytes (the send queue shrinking), not
+    only the socket turning writable: Linux wakes a writer when a third of a
+    full send buffer is free, which a slow reader behind a large buffer
+    takes long to free, though it keeps reading (nginx's send_timeout
+    likewise counts from the last progress, not per response).
+    """
+    while True:
+        before = kernel_unsent(fd)
+        if await _ready(loop, fd, True, patience):
+            return True
+        # Each further round follows a strictly shorter queue: bounded.
+        if kernel_unsent(fd) >= before:
+            return False
 
 
 async def _ready(
