@@ -177,14 +177,15 @@ class DirectBody:
     """A request body that writes itself into the connection's socket.
 
     For a zero-copy upload (splice.py): `ConnectionPool.request` takes one in
-    place of the chunk iterator. `pour` gets the transport (empty, the head
-    flushed) and its socket's descriptor, and must write exactly the request's
+    place of the chunk iterator. `pour` gets a duplicate of the connection's
+    socket (its transport empty, the head flushed), owned by the caller and
+    valid for the whole call, and must write exactly the request's
     Content-Length bytes; splice errors from the socket side are the target's
     (SinkFailed: it closed; SinkTimeout: it took nothing for `write_timeout`),
     any other exception is the body's own failure.
     """
 
-    async def pour(self, transport: asyncio.WriteTransport, fd: int, write_timeout: float) -> None:
+    async def pour(self, sink: splice.SocketDup, write_timeout: float) -> None:
         raise NotImplementedError
 
 
@@ -226,10 +227,11 @@ class H1Response:
         conn = self._conn
         return 0 if conn is None else conn.unread()
 
-    def socket_fd(self) -> int | None:
-        """The connection's descriptor while a body is being read, else None."""
+    def dup_socket(self) -> splice.SocketDup | None:
+        """A duplicate of the connection's socket while a Content-Length body
+        is being read, else None; the caller closes it."""
         conn = self._conn
-        return None if conn is None else conn.body_socket_fd()
+        return None if conn is None else conn.dup_body_socket()
 
     def hand_over(self) -> tuple[bytes, int]:
         """Give the rest of a Content-Length body to a zero-copy relay.
@@ -504,11 +506,16 @@ class _Connection(WriteFlow):
         deliver. Checked when a pooled connection is taken: bytes that came
         while it was idle would otherwise be read as the next request's
         response (urllib3 polls before reuse for the same reason)."""
-        fd = splice.socket_fd(self._transport)
-        if fd is None:
+        transport = self._transport
+        if transport is None or transport.get_extra_info("sslcontext") is not None:
+            # Under TLS the socket also carries records that are no response
+            # (TLS 1.3 session tickets arrive after the handshake).
+            return False
+        sock = transport.get_extra_info("socket")
+        if sock is None:
             return False
         poller = select.poll()
-        poller.register(fd, select.POLLIN)
+        poller.register(sock.fileno(), select.POLLIN)  # no await: the fd is still this one
         return bool(poller.poll(0))
 
     def stale(self) -> bool:
@@ -613,12 +620,18 @@ class _Connection(WriteFlow):
     async def _pour_body(self, body: DirectBody) -> None:
         self._body_pulled = True  # spent for a retry from here on
         transport = self._transport
-        fd = splice.socket_fd(transport)
+        if transport is None or transport.is_closing():
+            return  # the target closed before the body began: the reader decides
+        # Duplicated before any await, and only that duplicate is used: the
+        # transport closes its descriptor when the target resets, and the
+        # number may then be a new client's socket (splice.py's rule).
+        sink = splice.dup_socket(transport)
+        if sink is None:
+            self._body_failed(H1BodyError("the connection cannot take a zero-copy body"))
+            return
         try:
-            if transport is None or fd is None:
-                raise H1BodyError("the connection cannot take a zero-copy body")
-            await splice.wait_flushed(transport, fd, self._timeout)
-            await body.pour(transport, fd, self._timeout)
+            await splice.wait_flushed(sink, self._timeout)
+            await body.pour(sink, self._timeout)
             if self._transport is None or self._error is not None:
                 return
             self._body_done = True
@@ -633,6 +646,8 @@ class _Connection(WriteFlow):
             )
         except Exception as exc:
             self._body_failed(exc)
+        finally:
+            sink.close()
 
     def _body_failed(self, exc: Exception) -> None:
         """The body's own failure (its source, or a length that does not match)."""
@@ -666,10 +681,10 @@ class _Connection(WriteFlow):
             return 0
         return length - self._body_received
 
-    def body_socket_fd(self) -> int | None:
+    def dup_body_socket(self) -> splice.SocketDup | None:
         if self._state != _BODY or self._error is not None or self._content_length is None:
             return None
-        return splice.socket_fd(self._transport)
+        return splice.dup_socket(self._transport)
 
     def _pause_reading(self) -> None:
         if not self._reading_paused:

@@ -42,11 +42,21 @@ class ClientConnection(Protocol):
     cut: str | None
 
     def queued(self) -> int: ...
-    async def drain(self) -> None: ...
+    async def drain(self, stall_timeout: float | None = None) -> None: ...
     def pause_reading(self, reason: int) -> None: ...
     def resume_reading(self, reason: int) -> None: ...
     def hand_over_body(self, request: Request) -> tuple[bytes, int]: ...
     def body_spliced(self, request: Request) -> None: ...
+
+
+class SendTimeout(ConnectionError):
+    """The client took none of a response for `send_timeout` seconds.
+
+    nginx's `send_timeout`: a client that stops reading holds its connection,
+    the target's and their buffers; after this long without progress the
+    connection is aborted like one the client reset (and the target's closed,
+    never pooled).
+    """
 
 
 class Body:
@@ -239,6 +249,7 @@ class ResponseWriter:
         "eof_sent",
         "keep_alive",
         "output_size",
+        "send_timeout",
         "status",
     )
 
@@ -252,6 +263,10 @@ class ResponseWriter:
         self.keep_alive = request.keep_alive
         self.output_size = 0
         self.status = 0
+        #: How long the client may take none of the response before the
+        #: connection is aborted (SendTimeout); None waits for ever. The
+        #: handler sets it (`server.client_timeout`).
+        self.send_timeout: float | None = None
 
     @property
     def started(self) -> bool:
@@ -331,7 +346,7 @@ class ResponseWriter:
             data = b"%x\r\n%b\r\n" % (len(data), data)
         held, self._held = self._held, None
         self._send(held + data if held is not None else data)
-        await self._conn.drain()
+        await self._conn.drain(self.send_timeout)
 
     async def write_eof(self, data: bytes = b"") -> None:
         """The last piece (maybe none) and the end of the body."""
@@ -346,7 +361,7 @@ class ResponseWriter:
             out += b"0\r\n\r\n"
         if out:
             self._send(out)
-        await self._conn.drain()
+        await self._conn.drain(self.send_timeout)
 
     def spliced(self, count: int) -> None:
         """`count` body bytes went to the client's socket behind our back."""

@@ -56,6 +56,7 @@ from gateway.h1messages import (
     PAUSE_QUEUE,
     Reply,
     Request,
+    SendTimeout,
     http_date,
     json_reply,
     reason_phrase,
@@ -68,7 +69,7 @@ from gateway.vetting import (
     section_limit,
     vet_head,
 )
-from gateway.writeflow import WriteFlow
+from gateway.writeflow import WriteFlow, unsent
 
 log = logging.getLogger("gateway.server")
 
@@ -535,10 +536,38 @@ class Connection(WriteFlow):
         if not self.busy() and not self.in_head:
             self._finish()
 
-    async def drain(self) -> None:
-        if not self._write_paused or self.transport is None:
+    async def drain(self, stall_timeout: float | None = None) -> None:
+        """Until the client has taken enough of what was written (the
+        transport is under its low-water mark).
+
+        Raises SendTimeout when the client took nothing at all for
+        `stall_timeout` seconds: as nginx's send_timeout, it bounds the time
+        between two steps of progress, not the whole response, so a slow
+        client that keeps reading is never cut.
+        """
+        transport = self.transport
+        if not self._write_paused or transport is None:
             return
-        await self._wait_for_drain(self._loop)
+        if stall_timeout is None:
+            await self._wait_for_drain(self._loop)
+        else:
+            size = unsent(transport)
+            # Each round either ends the wait or follows progress (less
+            # unsent), so the rounds are bounded by the bytes written.
+            while True:
+                try:
+                    async with asyncio.timeout(stall_timeout):
+                        await self._wait_for_drain(self._loop)
+                    break
+                except TimeoutError:
+                    if self._lost:
+                        break
+                    now = unsent(transport)
+                    if now >= size:
+                        raise SendTimeout(
+                            f"the client took nothing for {stall_timeout:g} s"
+                        ) from None
+                    size = now
         if self._lost:
             raise ConnectionResetError("the client connection was lost")
 

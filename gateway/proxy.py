@@ -16,6 +16,7 @@ a whole body.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import re
@@ -48,7 +49,7 @@ from gateway.h1client import (
     H1Response,
     H1ServerDisconnected,
 )
-from gateway.h1messages import Reply, Request, json_reply
+from gateway.h1messages import Reply, Request, SendTimeout, json_reply
 from gateway.headers import (
     client_response_headers,
     new_request_id,
@@ -188,6 +189,9 @@ class ProxyHandler:
         that really left."""
         snap = self._box.snapshot
         started = self._clock()
+        # A response the client does not read may stall this long, then the
+        # connection is aborted (CONTRACT.md client_timeout; nginx's send_timeout).
+        request.writer.send_timeout = self._client_timeout()
         rid = request_id(request.headers.get("X-Request-ID"), new_request_id)
         peer = request.remote or ""
         headers = request.headers
@@ -245,6 +249,11 @@ class ProxyHandler:
             except GatewayError as error:
                 error_code = error.code
                 response = self._error_response(request, error, rid)
+            except SendTimeout:
+                # The client stopped reading the response: logged as cut by
+                # the client, with the status it had been sent and the reason.
+                ex.error = ClientTimeout.code
+                raise
             except Exception as exc:
                 # The outer edge: a bug must still get the contract's JSON
                 # and this request's id, unless the response had begun.
@@ -712,13 +721,16 @@ class ProxyHandler:
         length = request.content_length
         if not splice.AVAILABLE or length is None or length < splice.MIN_BYTES:
             return None
-        fd = splice.socket_fd(request.transport)
-        if fd is None:
-            return None
-        relay = splice.Relay.open(fd)
+        # Held from here to the end of the pour: the client may vanish while
+        # the target connects, and its number then be another socket's.
+        source = splice.dup_socket(request.transport)
+        if source is None:
+            return None  # TLS, or out of descriptors: copy
+        relay = splice.Relay.open()
         if relay is None:
+            source.close()
             return None  # at the cap, or out of descriptors: copy
-        return _SplicedUpload(request, ex, relay, self._client_timeout())
+        return _SplicedUpload(request, ex, relay, source, self._client_timeout())
 
     async def _relay(
         self,
@@ -828,35 +840,51 @@ class ProxyHandler:
         False: the target failed mid-body and the client connection was
         aborted, as in the copying loop. A client gone raises ConnectionError.
         """
-        transport = request.transport
-        client_fd = splice.socket_fd(transport)
-        upstream_fd = upstream.socket_fd()
-        if client_fd is None or upstream_fd is None or transport is None:
-            return None
-        relay = splice.Relay.open(upstream_fd)
-        if relay is None:
-            return None  # at the cap, or out of descriptors: copy
-        try:
-            buffered, remaining = upstream.hand_over()
-            if buffered:
-                ex.bytes_out += len(buffered)
-                await request.writer.write(buffered)  # with the head, if it was held
-            await splice.wait_flushed(transport, client_fd, None)
-            await relay.run(
-                client_fd, remaining, read_timeout=route.config.read_timeout, write_timeout=None
-            )
-        except (splice.SinkFailed, splice.SetupFailed) as exc:
-            raise ConnectionResetError(f"client connection lost: {exc}") from exc
-        except splice.SpliceError:
-            # The target closed, reset or went silent mid-body: as in the
-            # copying loop, the only honest signal left is an aborted transfer.
-            _abort(request)
-            ex.aborted = True
-            return False
-        finally:
-            ex.bytes_out += relay.moved
-            request.writer.spliced(relay.moved)
-            relay.close()
+        # Both duplicates are taken now, before any await, and only they are
+        # used: after an await either transport may have closed its socket,
+        # and its number may be a new connection's (splice.py's rule).
+        with contextlib.ExitStack() as held:
+            client = splice.dup_socket(request.transport)
+            if client is None:
+                return None  # TLS, or out of descriptors: copy
+            held.callback(client.close)
+            source = upstream.dup_socket()
+            if source is None:
+                return None
+            held.callback(source.close)
+            relay = splice.Relay.open()
+            if relay is None:
+                return None  # at the cap, or out of descriptors: copy
+            held.callback(relay.close)
+            send_timeout = request.writer.send_timeout
+            try:
+                buffered, remaining = upstream.hand_over()
+                if buffered:
+                    ex.bytes_out += len(buffered)
+                    await request.writer.write(buffered)  # with the head, if it was held
+                # A client that takes nothing for client_timeout is cut, as
+                # in the copying loop's drain (nginx's send_timeout).
+                await splice.wait_flushed(client, send_timeout)
+                await relay.run(
+                    source,
+                    client,
+                    remaining,
+                    read_timeout=route.config.read_timeout,
+                    write_timeout=send_timeout,
+                )
+            except splice.SinkFailed as exc:
+                raise ConnectionResetError(f"client connection lost: {exc}") from exc
+            except splice.SinkTimeout as exc:
+                raise SendTimeout(f"client took nothing for {send_timeout:g} s") from exc
+            except splice.SpliceError:
+                # The target closed, reset or went silent mid-body: as in the
+                # copying loop, the only honest signal left is an aborted transfer.
+                _abort(request)
+                ex.aborted = True
+                return False
+            finally:
+                ex.bytes_out += relay.moved
+                request.writer.spliced(relay.moved)
         upstream.spliced()
         await request.writer.write_eof()  # a Content-Length body: nothing more to send
         return True
@@ -873,27 +901,36 @@ class _SplicedUpload(DirectBody):
     """
 
     def __init__(
-        self, request: Request, ex: _Exchange, relay: splice.Relay, timeout: float
+        self,
+        request: Request,
+        ex: _Exchange,
+        relay: splice.Relay,
+        source: splice.SocketDup,
+        timeout: float,
     ) -> None:
         self._request = request
         self._ex = ex
         self._relay = relay
+        self._source = source
         self._timeout = timeout
         self._started = False
 
     def discard(self) -> None:
         """The attempt ended without pouring (it failed to connect): release the relay."""
         if not self._started:
-            self._relay.close()
+            self._release()
 
-    async def pour(self, transport: asyncio.WriteTransport, fd: int, write_timeout: float) -> None:
+    def _release(self) -> None:
+        self._relay.close()
+        self._source.close()
+
+    async def pour(self, sink: splice.SocketDup, write_timeout: float) -> None:
         self._started = True
-        request, ex, relay = self._request, self._ex, self._relay
+        request, ex, relay, source = self._request, self._ex, self._relay, self._source
         received = 0
         done = False
         try:
-            client = request.transport
-            if client is None or client.is_closing():
+            if source.gone():
                 raise ConnectionResetError("the client is gone")
             _invite_body(request, ex)
             # From here the socket's bytes belong to the relay.
@@ -901,11 +938,17 @@ class _SplicedUpload(DirectBody):
             received = len(prefix)
             ex.body_started = True
             if prefix:
-                transport.write(prefix)
-                await splice.wait_flushed(transport, fd, write_timeout)
+                if sink.transport is None or sink.gone():
+                    raise splice.SinkFailed("the connection closed", 0)
+                sink.transport.write(prefix)
+                await splice.wait_flushed(sink, write_timeout)
             try:
                 await relay.run(
-                    fd, remaining, read_timeout=self._timeout, write_timeout=write_timeout
+                    source,
+                    sink,
+                    remaining,
+                    read_timeout=self._timeout,
+                    write_timeout=write_timeout,
                 )
                 done = True
             except splice.SourceTimeout:
@@ -916,14 +959,9 @@ class _SplicedUpload(DirectBody):
                 # the connection, which cancels this request like any other.
                 _abort(request)
                 raise ConnectionResetError(f"client connection lost: {exc}") from exc
-            except splice.SetupFailed as exc:
-                # The reason names descriptors of the target's connection: log only.
-                log.warning("cannot relay a request body: %s", exc)
-                ex.body_error = GatewayError("cannot relay the request body")
-                raise ex.body_error from exc
         finally:
             ex.bytes_in += received + relay.moved
-            relay.close()
+            self._release()
             if done:
                 request.connection.body_spliced(request)
 

@@ -11,8 +11,19 @@ handing the sockets over is small against the transfer.
 The sockets stay owned by their asyncio transports, which must not read
 (`pause_reading()`) or hold unsent bytes while the relay runs. asyncio and
 uvloop both refuse `add_reader` on a transport's descriptor, so the relay
-waits on duplicates (`os.dup`): same socket, own descriptor number, closed
-before it returns, so the socket itself closes with its transport as usual.
+works on duplicates (`os.dup`): same socket, own descriptor number.
+
+The one rule: a transport's descriptor number is never kept, only a
+duplicate taken from it at once (`dup_socket`, with no `await` between
+looking at the transport and duplicating). A number names a socket only
+while its transport is open: when the peer resets, the transport closes it,
+and the next socket the process opens (a new client's, a new upstream
+connection's) gets the same number; bytes sent "to the target" after an
+`await` would then go to that stranger. A duplicate keeps naming this socket
+until it is closed, and its holder checks that the transport is still open
+(`SocketDup.gone`) before and while writing through it. Holders close their
+duplicates when the relay ends, so the socket itself closes with its
+transport as usual.
 """
 
 from __future__ import annotations
@@ -26,6 +37,8 @@ import os
 import socket
 import struct
 from typing import ClassVar, Final
+
+from gateway.writeflow import kernel_unsent
 
 #: Whether this platform has splice(2) (Linux; Python >= 3.10).
 AVAILABLE: Final = hasattr(os, "splice") and hasattr(os, "SPLICE_F_NONBLOCK")
@@ -77,8 +90,48 @@ class SinkTimeout(SpliceError):
     """The destination took nothing for `write_timeout` seconds."""
 
 
-def socket_fd(transport: asyncio.BaseTransport | None) -> int | None:
-    """The descriptor of a plain TCP transport; None for TLS or anything else."""
+class SocketDup:
+    """An owned duplicate of a socket's descriptor, and the transport it came from.
+
+    Take one with `dup_socket()`; close it (or use `with`) when done. The
+    descriptor stays this socket's whatever happens to the transport, so
+    writing through it never reaches another connection; `gone()` says
+    whether the transport has closed meanwhile, after which nothing more may
+    be written: the socket may be the peer's reset one, or one we abandoned.
+    """
+
+    __slots__ = ("fd", "transport")
+
+    def __init__(self, fd: int, transport: asyncio.Transport | None = None) -> None:
+        self.fd = fd
+        #: None for a bare socket (tests): then only the descriptor counts.
+        self.transport = transport
+
+    def gone(self) -> bool:
+        """Whether the transport this socket belongs to is closing or closed."""
+        return self.fd < 0 or (self.transport is not None and self.transport.is_closing())
+
+    def close(self) -> None:
+        """Close the duplicate (idempotent); the socket stays its transport's."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> SocketDup:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def dup_socket(transport: asyncio.Transport | None) -> SocketDup | None:
+    """A duplicate of an open plain-TCP transport's socket; None for TLS, a
+    closing transport, or when the process is out of descriptors.
+
+    Synchronous on purpose: the transport is seen open and its number
+    duplicated in one step, so the number cannot have been closed and given
+    to another socket in between (see the module's docstring).
+    """
     if transport is None or transport.is_closing():
         return None
     if transport.get_extra_info("sslcontext") is not None:
@@ -90,34 +143,38 @@ def socket_fd(transport: asyncio.BaseTransport | None) -> int | None:
         fd = sock.fileno()
     except (OSError, AttributeError):
         return None
-    return fd if isinstance(fd, int) and fd >= 0 else None
+    if not isinstance(fd, int) or fd < 0:
+        return None
+    try:
+        return SocketDup(os.dup(fd), transport)
+    except OSError as exc:
+        log.warning("zero-copy relay unavailable, copying instead: %s", exc)
+        return None
 
 
-async def wait_flushed(
-    transport: asyncio.WriteTransport, fd: int, write_timeout: float | None
-) -> None:
+async def wait_flushed(dst: SocketDup, write_timeout: float | None) -> None:
     """Until the transport has handed every byte it holds to the kernel.
 
     The relay writes to the socket behind the transport's back, so anything
     the transport still buffers (a response head, body bytes read before the
     hand-over) must leave first. The transport flushes when the socket turns
-    writable: wait for that, as it does, until nothing is left.
+    writable: wait for that, as it does, until nothing is left. A transport
+    that closes meanwhile (the peer reset: its buffer is dropped, not
+    flushed) raises SinkFailed; one that takes nothing for `write_timeout`
+    seconds, SinkTimeout.
     """
-    if not transport.get_write_buffer_size():
-        return
+    transport = dst.transport
     loop = asyncio.get_running_loop()
-    dup = os.dup(fd)
-    try:
-        while transport.get_write_buffer_size():
-            if transport.is_closing():
-                raise SinkFailed("the connection closed", 0)
-            if not await _ready(loop, dup, True, write_timeout):
-                raise SinkTimeout(f"the peer took nothing for {write_timeout:g} s", 0)
-            # Writable: the transport's own callback runs in this same loop
-            # iteration; yield once so it can flush before we look again.
-            await asyncio.sleep(0)
-    finally:
-        os.close(dup)
+    while True:
+        if dst.gone():
+            raise SinkFailed("the connection closed", 0)
+        if transport is None or not transport.get_write_buffer_size():
+            return
+        if not await _writable(loop, dst.fd, write_timeout):
+            raise SinkTimeout(f"the peer took nothing for {write_timeout:g} s", 0)
+        # Writable: the transport's own callback runs in this same loop
+        # iteration; yield once so it can flush before we look again.
+        await asyncio.sleep(0)
 
 
 def fit_short_path_buffers(
@@ -169,17 +226,15 @@ def _path_rtt_us(sock: socket.socket) -> int | None:
     return int(rtt) or None
 
 
-class SetupFailed(SpliceError):
-    """The destination's descriptor could not be duplicated (out of descriptors)."""
-
-
 class Relay:
-    """One zero-copy transfer: the source's duplicate and a pipe, then the run.
+    """One zero-copy transfer: a pipe, then the run between two `SocketDup`s.
 
     `open()` returns None when no relay can be had now: `MAX_ACTIVE` are
     running (each holds a pipe of up to 1 MiB; an unprivileged user gets
     16384 pipe pages in all, `fs.pipe-user-pages-soft`), or the process is
-    out of descriptors. The caller then copies the body as usual.
+    out of descriptors. The caller then copies the body as usual. The
+    sockets' duplicates are the caller's (taken with `dup_socket` the moment
+    it looked at the transports, closed by it after the run).
 
     `run()` first holds the two sockets' buffers to `SHORT_PATH_BUFFER`
     where the path is short (`fit_short_path_buffers`).
@@ -187,8 +242,7 @@ class Relay:
 
     active: ClassVar[int] = 0
 
-    def __init__(self, src: int, pipe_r: int, pipe_w: int, pipe_bytes: int) -> None:
-        self._src = src
+    def __init__(self, pipe_r: int, pipe_w: int, pipe_bytes: int) -> None:
         self._pipe_r = pipe_r
         self._pipe_w = pipe_w
         self._pipe_bytes = pipe_bytes
@@ -199,105 +253,126 @@ class Relay:
         Relay.active += 1
 
     @classmethod
-    def open(cls, src_fd: int) -> Relay | None:
+    def open(cls) -> Relay | None:
         if not AVAILABLE or cls.active >= MAX_ACTIVE:
             return None
-        opened: list[int] = []
         try:
-            opened.append(os.dup(src_fd))
-            opened.extend(os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC))
+            pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
-            for fd in opened:
-                os.close(fd)
             log.warning("zero-copy relay unavailable, copying instead: %s", exc)
             return None
-        src, pipe_r, pipe_w = opened
         with contextlib.suppress(OSError):
             fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         try:
             pipe_bytes = fcntl.fcntl(pipe_w, fcntl.F_GETPIPE_SZ)
         except OSError:
             pipe_bytes = 65536
-        return cls(src, pipe_r, pipe_w, pipe_bytes)
+        return cls(pipe_r, pipe_w, pipe_bytes)
 
     def close(self) -> None:
-        """Release the descriptors (idempotent); the sockets stay their owners'."""
+        """Release the pipe (idempotent); the sockets' duplicates are the caller's."""
         if self._closed:
             return
         self._closed = True
         Relay.active -= 1
-        for fd in (self._pipe_r, self._pipe_w, self._src):
+        for fd in (self._pipe_r, self._pipe_w):
             os.close(fd)
 
     async def run(
         self,
-        dst_fd: int,
+        source: SocketDup,
+        sink: SocketDup,
         count: int,
         *,
         read_timeout: float | None,
         write_timeout: float | None,
     ) -> int:
-        """Move exactly `count` bytes from the source to `dst_fd`; return `count`.
+        """Move exactly `count` bytes from `source` to `sink`; return `count`.
 
         Raises a `SpliceError` subclass (with the bytes delivered so far) when
-        either side fails or stalls for its timeout. Cancellation stops at
-        once; either way the bytes still in the pipe are lost, so the caller
-        must abort both connections after any exception.
+        either side fails or stalls for its timeout, or when its transport
+        closes meanwhile (SourceClosed, SinkFailed): a closed transport's
+        socket is abandoned, and the duplicate must not keep writing into
+        it. Cancellation stops at once; either way the bytes still in the
+        pipe are lost, so the caller must abort both connections after any
+        exception.
         """
         loop = asyncio.get_running_loop()
-        try:
-            dst = os.dup(dst_fd)
-        except OSError as exc:
-            raise SetupFailed(f"cannot duplicate the destination: {exc}", 0) from exc
-        src, pipe_r, pipe_w, chunk = self._src, self._pipe_r, self._pipe_w, self._pipe_bytes
+        pipe_r, pipe_w, chunk = self._pipe_r, self._pipe_w, self._pipe_bytes
         left = count  # still to take from the source
         in_pipe = 0
-        try:
-            fit_short_path_buffers(src, dst)
-            while left or in_pipe:
-                drained = filled = False
-                if in_pipe:
-                    try:
-                        n = os.splice(pipe_r, dst, in_pipe, flags=_FLAGS)
-                    except BlockingIOError:
-                        pass
-                    except OSError as exc:
-                        raise SinkFailed(f"writing failed: {_reason(exc)}", self.moved) from exc
-                    else:
-                        in_pipe -= n
-                        self.moved += n
-                        drained = n > 0
-                if left:
-                    try:
-                        # Never ask for more than is left: the bytes after this
-                        # body (a next response, pipelined request) are not ours.
-                        n = os.splice(src, pipe_w, min(left, chunk), flags=_FLAGS)
-                    except BlockingIOError:
-                        pass  # nothing to read, or the pipe is full
-                    except OSError as exc:
-                        raise SourceClosed(f"reading failed: {_reason(exc)}", self.moved) from exc
-                    else:
-                        if n == 0:
-                            raise SourceClosed(
-                                f"closed after {count - left} of {count} bytes", self.moved
-                            )
-                        left -= n
-                        in_pipe += n
-                        filled = True
-                if drained or filled:
-                    continue
-                if in_pipe:
-                    # The destination is full; the pipe must empty before more
-                    # is read (what arrives meanwhile waits in the socket).
-                    if not await _ready(loop, dst, True, write_timeout):
-                        raise SinkTimeout(
-                            f"the peer took nothing for {write_timeout:g} s", self.moved
+        if sink.gone():
+            raise SinkFailed("the connection closed", 0)
+        if source.gone():
+            raise SourceClosed("the connection closed", 0)
+        src, dst = source.fd, sink.fd
+        fit_short_path_buffers(src, dst)
+        while left or in_pipe:
+            drained = filled = False
+            if in_pipe:
+                try:
+                    n = os.splice(pipe_r, dst, in_pipe, flags=_FLAGS)
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    raise SinkFailed(f"writing failed: {_reason(exc)}", self.moved) from exc
+                else:
+                    in_pipe -= n
+                    self.moved += n
+                    drained = n > 0
+            if left:
+                try:
+                    # Never ask for more than is left: the bytes after this
+                    # body (a next response, pipelined request) are not ours.
+                    n = os.splice(src, pipe_w, min(left, chunk), flags=_FLAGS)
+                except BlockingIOError:
+                    pass  # nothing to read, or the pipe is full
+                except OSError as exc:
+                    raise SourceClosed(f"reading failed: {_reason(exc)}", self.moved) from exc
+                else:
+                    if n == 0:
+                        raise SourceClosed(
+                            f"closed after {count - left} of {count} bytes", self.moved
                         )
-                elif not await _ready(loop, src, False, read_timeout):
-                    raise SourceTimeout(f"the peer sent nothing for {read_timeout:g} s", self.moved)
-            return self.moved
-        finally:
-            os.close(dst)
+                    left -= n
+                    in_pipe += n
+                    filled = True
+            if drained or filled:
+                continue
+            if in_pipe:
+                # The destination is full; the pipe must empty before more
+                # is read (what arrives meanwhile waits in the socket).
+                if not await _writable(loop, dst, write_timeout):
+                    raise SinkTimeout(f"the peer took nothing for {write_timeout:g} s", self.moved)
+            elif not await _ready(loop, src, False, read_timeout):
+                raise SourceTimeout(f"the peer sent nothing for {read_timeout:g} s", self.moved)
+            # Either transport may have closed while we waited (our own side
+            # gave the connection up, or the peer reset and asyncio noticed
+            # first): its socket is no longer one to write to or read from.
+            if sink.gone():
+                raise SinkFailed("the connection closed", self.moved)
+            if source.gone():
+                raise SourceClosed("the connection closed", self.moved)
+        return self.moved
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, fd: int, patience: float | None) -> bool:
+    """Wait until `fd` is writable; False if the peer took nothing at all for
+    `patience` seconds.
+
+    Progress is the peer acknowledging bytes (the send queue shrinking), not
+    only the socket turning writable: Linux wakes a writer when a third of a
+    full send buffer is free, which a slow reader behind a large buffer
+    takes long to free, though it keeps reading (nginx's send_timeout
+    likewise counts from the last progress, not per response).
+    """
+    while True:
+        before = kernel_unsent(fd)
+        if await _ready(loop, fd, True, patience):
+            return True
+        # Each further round follows a strictly shorter queue: bounded.
+        if kernel_unsent(fd) >= before:
+            return False
 
 
 async def _ready(

@@ -9,6 +9,42 @@ the connection is gone and its protocol calls `_release_drain()`.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import struct
+import termios
+from typing import Final
+
+_INT: Final = struct.Struct("i")
+
+
+def kernel_unsent(fd: int) -> int:
+    """Bytes in a socket's send queue that the peer has not acknowledged yet
+    (SIOCOUTQ, Linux's TIOCOUTQ on a TCP socket); 0 when it cannot be told."""
+    try:
+        return int(_INT.unpack(fcntl.ioctl(fd, termios.TIOCOUTQ, bytes(_INT.size)))[0])
+    except OSError:
+        return 0
+
+
+def unsent(transport: asyncio.WriteTransport) -> int:
+    """What a transport has written that its peer has not taken yet: the
+    transport's own buffer and its socket's send queue.
+
+    A peer that reads makes this shrink at once. The transport's buffer
+    alone would not: the kernel wakes a writer only when a third of a full
+    send buffer (up to 4 MiB on loopback, Linux's tcp_wmem) is free again,
+    so a slow reader can take a long while to move it.
+    """
+    size = transport.get_write_buffer_size()
+    if transport.is_closing():
+        return size
+    sock = transport.get_extra_info("socket")
+    try:
+        fd = sock.fileno()
+    except (OSError, AttributeError):
+        return size
+    # Used at once, with no await: the number is this transport's socket.
+    return size + kernel_unsent(fd) if isinstance(fd, int) and fd >= 0 else size
 
 
 class WriteFlow(asyncio.Protocol):

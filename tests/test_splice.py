@@ -48,15 +48,17 @@ def new_pair(
 async def relay(
     src_fd: int, dst_fd: int, count: int, *, read_timeout: float, write_timeout: float
 ) -> int:
-    """One Relay from `src_fd`, run to `dst_fd` and closed, as the proxy uses it."""
-    opened = splice.Relay.open(src_fd)
+    """One Relay between duplicates of `src_fd` and `dst_fd`, run and closed,
+    as the proxy uses it."""
+    opened = splice.Relay.open()
     assert opened is not None
-    try:
-        return await opened.run(
-            dst_fd, count, read_timeout=read_timeout, write_timeout=write_timeout
-        )
-    finally:
-        opened.close()
+    with splice.SocketDup(os.dup(src_fd)) as src, splice.SocketDup(os.dup(dst_fd)) as dst:
+        try:
+            return await opened.run(
+                src, dst, count, read_timeout=read_timeout, write_timeout=write_timeout
+            )
+        finally:
+            opened.close()
 
 
 async def read_exactly(sock: socket.socket, size: int) -> bytes:
@@ -170,26 +172,22 @@ async def test_relay_closes_its_descriptors_whatever_happens(
 
 
 def test_relay_open_gives_way_when_descriptors_run_out(
-    pairs: list[tuple[socket.socket, socket.socket]], monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    src, _ = new_pair(pairs)
     before = len(os.listdir("/proc/self/fd"))
 
     def no_more_descriptors(flags: int) -> tuple[int, int]:
         raise OSError(errno.EMFILE, "Too many open files")
 
     monkeypatch.setattr(os, "pipe2", no_more_descriptors)
-    assert splice.Relay.open(src.fileno()) is None  # the caller copies instead
-    assert len(os.listdir("/proc/self/fd")) == before  # the duplicate was closed
+    assert splice.Relay.open() is None  # the caller copies instead
+    assert len(os.listdir("/proc/self/fd")) == before
     assert splice.Relay.active == 0
 
 
-def test_relay_open_refuses_beyond_the_cap(
-    pairs: list[tuple[socket.socket, socket.socket]], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    src, _ = new_pair(pairs)
+def test_relay_open_refuses_beyond_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(splice, "MAX_ACTIVE", splice.Relay.active + 2)
-    opened = [splice.Relay.open(src.fileno()) for _ in range(3)]
+    opened = [splice.Relay.open() for _ in range(3)]
     assert [r is not None for r in opened] == [True, True, False]
     for r in opened:
         if r is not None:

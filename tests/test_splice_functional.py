@@ -10,13 +10,17 @@ connection kept alive after a spliced upload, aborts visible, timeouts enforced.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import io
 import json
 import os
 import socket
+import struct
+import termios
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import ClassVar
 
 import aiohttp
 import pytest
@@ -42,9 +46,15 @@ def relays(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     real = splice.Relay.run
 
-    async def spy(self: splice.Relay, dst: int, count: int, **kwargs: float | None) -> int:
+    async def spy(
+        self: splice.Relay,
+        source: splice.SocketDup,
+        sink: splice.SocketDup,
+        count: int,
+        **kwargs: float | None,
+    ) -> int:
         calls.append(count)
-        return await real(self, dst, count, **kwargs)
+        return await real(self, source, sink, count, **kwargs)
 
     monkeypatch.setattr(splice.Relay, "run", spy)
     return calls
@@ -455,3 +465,177 @@ async def test_bodies_are_copied_when_no_relay_can_be_had(
     gw = await make_gateway(one_upstream_config(upstream.port))
     await download_then_upload(gw.host, gw.port)
     assert relays == []
+
+
+# -- a target that resets a spliced upload it never read --------------------------------
+#
+# The gateway's upload path holds the target socket's descriptor across awaits
+# (flushing the body bytes read before the hand-over). When the target resets,
+# asyncio closes that descriptor; the number is free for the next socket the
+# process opens, a new client's. Only a duplicate taken at once keeps naming
+# the target's socket (splice.py).
+
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+
+
+class ResettingTarget:
+    """A raw target on 127.0.0.1 that accepts, reads nothing, and resets on cue.
+
+    Its listening socket advertises a small MSS (the 1460 bytes of a real
+    Ethernet path instead of loopback's 64 KiB) and a small receive buffer, so
+    the gateway's send buffer to it stays small, as on a real network: a few
+    hundred KiB of body cannot leave the gateway's transport at once, which is
+    the window in which the reset must land.
+    """
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1000)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.setblocking(False)
+        self.port: int = self.sock.getsockname()[1]
+
+    async def reset_next_once_body_arrives(self) -> None:
+        """Accept one connection, wait (bounded) until body bytes sit unread
+        in its receive queue (the gateway is flushing a spliced body), reset it."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(10):
+            conn, _ = await loop.sock_accept(self.sock)
+        try:
+            await wait_for(lambda: _unread(conn) >= 1024, within=10)  # the head is ~100 bytes
+        finally:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes waiting in `sock`'s receive queue (FIONREAD)."""
+    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0])
+
+
+def _upload_head(size: int) -> bytes:
+    return f"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode()
+
+
+async def test_target_resetting_an_unread_spliced_upload_gets_502_json_not_500(
+    make_gateway: GatewayFactory, relays: list[int]
+) -> None:
+    target = ResettingTarget()
+    try:
+        gw = await make_gateway(one_upstream_config(target.port))
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection(gw.host, gw.port)
+            writer.write(_upload_head(2 * MiB) + b"a" * (2 * MiB))
+            await target.reset_next_once_body_arrives()
+            async with asyncio.timeout(10):
+                status, headers, body = await read_response(reader)
+            writer.transport.abort()
+            assert status == 502, body
+            assert headers["content-type"] == "application/json"
+            assert json.loads(body)["error"] == "bad_gateway"
+        assert len(relays) <= 3  # the reset may come before the relay ran
+        await wait_for(lambda: splice.Relay.active == 0)
+        log = [json.loads(line) for line in gw.log_lines()]
+        assert [entry["status"] for entry in log] == [502, 502, 502]
+    finally:
+        target.close()
+
+
+async def test_a_new_client_never_receives_the_upload_a_reset_target_left(
+    tmp_path: Path,
+) -> None:
+    """The reviewer's leak, in the real process (uvloop, its own descriptor
+    table): while a target resets an upload it never read, new clients keep
+    arriving; each must get its own response and nothing else."""
+    target = ResettingTarget()
+    loop = asyncio.get_running_loop()
+    ok_server = await loop.create_server(StrictOkTarget, "127.0.0.1", 0)
+    ok_port = ok_server.sockets[0].getsockname()[1]
+    toml = (
+        SERVER_HEADER
+        + one_upstream_config(
+            target.port, extra_upstream="[upstreams.app.breaker]\nfailures = 1000"
+        )
+        + f"""
+        [upstreams.ok]
+        targets = ["http://127.0.0.1:{ok_port}"]
+
+        [[routes]]
+        name = "ok"
+        path = "/ok"
+        upstream = "ok"
+        """
+    )
+    answers: list[bytes] = []
+    statuses: list[int] = []
+    try:
+        async with run_gateway(tmp_path, toml) as gw:
+            host, _, port = gw.url.removeprefix("http://").rpartition(":")
+
+            async def bystander(delay: float) -> None:
+                await asyncio.sleep(delay)
+                reader, writer = await asyncio.open_connection(host, int(port))
+                try:
+                    writer.write(b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    async with asyncio.timeout(10):
+                        answers.append(await reader.read(-1))
+                finally:
+                    writer.close()
+
+            for _ in range(20):
+                reader, writer = await asyncio.open_connection(host, int(port))
+                writer.write(_upload_head(2 * MiB) + b"a" * (2 * MiB))
+                # New clients around the reset, one every 0.2 ms for 6 ms.
+                crowd = [asyncio.create_task(bystander(i * 0.0002)) for i in range(30)]
+                await target.reset_next_once_body_arrives()
+                async with asyncio.timeout(10):
+                    status, _, _ = await read_response(reader)
+                    await asyncio.gather(*crowd)
+                writer.transport.abort()
+                statuses.append(status)
+    finally:
+        ok_server.close()
+        target.close()
+    strangers = [answer[:40] for answer in answers if not _just_ok(answer)]
+    assert strangers == []
+    assert len(answers) == 20 * 30
+    assert statuses == [502] * 20
+    assert StrictOkTarget.garbage == []
+
+
+def _just_ok(answer: bytes) -> bool:
+    """Whether `answer` is one 200 response with body `ok` and nothing else."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return (
+        head.startswith(b"HTTP/1.1 200 OK\r\n")
+        and b"\r\nContent-Length: 2\r\n" in head
+        and body == b"ok"
+    )
+
+
+class StrictOkTarget(asyncio.Protocol):
+    """Answers every request head with `ok`; keeps whatever is not a request
+    (another client's upload reaching it would be) in `garbage`."""
+
+    garbage: ClassVar[list[bytes]] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:
+            head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+            if not head.startswith(b"GET /ok HTTP/1.1\r\n"):
+                StrictOkTarget.garbage.append(head[:40])
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        if len(self.buffer) > 16384:
+            StrictOkTarget.garbage.append(self.buffer[:40])
+            self.transport.abort()
