@@ -384,7 +384,7 @@ async def test_sync_dropping_health_table_stops_probes_and_restores_target(
     # hand so that it is the monitor, not Runtime.build, that restores it.
     pool = snapshot.pools["users"]
     passive = Pool(
-        msgspec.structs.replace(pool.config, health=None), pool.targets, pool.handle, pool.budget
+        msgspec.structs.replace(pool.config, health=None), pool.targets, pool.client, pool.budget
     )
     gw.monitor.sync(Snapshot(**{**snapshot.__dict__, "pools": {"users": passive}}))
     assert target.healthy

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+
 from gateway.config import parse
+from gateway.h1client import H1Error
 from gateway.metrics import Metrics
 from gateway.snapshot import Runtime
 
@@ -59,17 +64,38 @@ async def test_breaker_settings_change_keeps_the_target_with_a_fresh_breaker() -
         await runtime.close()
 
 
-async def test_close_closes_sessions_of_removed_upstreams_still_in_use() -> None:
+async def test_a_reload_removing_an_upstream_keeps_its_running_request_until_close() -> None:
+    """Every snapshot shares one connection pool: removing an upstream cuts
+    none of its requests; shutdown (`close`) ends what is still running."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf.")  # 5 of 10
+        await writer.drain()
+        await reader.read()  # until the gateway closes
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
     runtime = Runtime(Metrics())
-    first = runtime.build(parse(config(with_other=True)))
-    handle = first.pools["other"].handle
-    handle.enter()  # a request on `other` still runs ...
-    runtime.build(parse(config(with_other=False)))  # ... when a reload removes it
-    assert handle in runtime.retired
-    assert not handle.session.closed
-    await runtime.close()  # shutdown does not wait for it
-    assert handle.session.closed
-    assert not runtime.retired
+    try:
+        first = runtime.build(parse(config(with_other=True)))
+        client = first.pools["other"].client
+        assert client is first.pools["app"].client
+        async with asyncio.timeout(5):
+            response = await client.request(
+                "GET", "127.0.0.1", port, "/", [("Host", "x")], None, None, 5.0, 5.0
+            )
+            runtime.build(parse(config(with_other=False)))  # a reload removes `other`
+            assert client.open_count == 1
+            assert await response.read_chunk() == b"half."
+            await runtime.close()  # shutdown does not wait for it
+            assert client.open_count == 0
+            with pytest.raises(H1Error):
+                await response.read_chunk()
+    finally:
+        await runtime.close()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_a_reload_drops_the_metric_series_of_removed_routes_and_targets() -> None:
