@@ -26,7 +26,7 @@ import trustme
 from aiohttp import web
 
 from tests.gateway_process import SERVER_HEADER, metric_value, named_app, run_gateway
-from tests.wire import hash_sink, read_head
+from tests.wire import hash_sink, read_head, read_response
 
 MiB = 1024 * 1024
 BIG = 8 * MiB + 3  # streamed both ways; https bodies are copied, never spliced
@@ -147,6 +147,10 @@ class RawTlsUpstream:
         self.server_names: list[str | None] = []
         self.connections = 0
         self.answer: Callable[[asyncio.StreamWriter], Awaitable[bool]] = self.ok
+        # False: after a head, read nothing more until closed (a stalled upload).
+        self.read_bodies = True
+        self.stalled = 0
+        self._closing = asyncio.Event()
         self._server: asyncio.Server | None = None
 
     def _sni(self, _obj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
@@ -167,6 +171,10 @@ class RawTlsUpstream:
         try:
             for _ in range(100):  # bounded: a test sends a handful
                 _, headers = await read_head(reader)
+                if not self.read_bodies:
+                    self.stalled += 1
+                    await self._closing.wait()
+                    return
                 await reader.readexactly(int(headers.get("content-length", "0")))
                 if not await self.answer(writer):
                     return
@@ -176,6 +184,7 @@ class RawTlsUpstream:
             writer.transport.abort()
 
     async def close(self) -> None:
+        self._closing.set()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -389,3 +398,36 @@ async def test_a_failed_tls_handshake_is_a_connect_failure_retried_on_another_ta
     )
     assert errors is not None
     assert errors >= 1
+
+
+async def test_an_https_target_that_takes_none_of_an_upload_is_a_504_after_read_timeout(
+    tmp_path: Path, ca: trustme.CA, raw_localhost: tuple[RawTlsUpstream, int]
+) -> None:
+    """nginx's proxy_send_timeout, as on plain-http targets: the body waits on
+    a target that reads nothing, and read_timeout bounds the wait."""
+    upstream, port = raw_localhost
+    upstream.read_bodies = False
+    toml = config(port, "localhost", route="read_timeout = 1.0\n")
+    size = 64 * MiB  # far beyond what the socket buffers hold
+    async with run_gateway(tmp_path, toml, env=trusting(ca, tmp_path)) as gw:
+        host, _, gw_port = gw.url.removeprefix("http://").rpartition(":")
+        reader, writer = await asyncio.open_connection(host, int(gw_port))
+
+        async def send_until_refused() -> None:
+            writer.write(b"POST /up HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n" % size)
+            block = b"z" * MiB
+            for _ in range(size // MiB):
+                writer.write(block)
+                await writer.drain()
+
+        sending = asyncio.create_task(send_until_refused())
+        try:
+            async with asyncio.timeout(20):
+                status, _, body = await read_response(reader)
+        finally:
+            writer.transport.abort()
+            (sent,) = await asyncio.gather(sending, return_exceptions=True)
+    assert status == 504
+    assert json.loads(body)["error"] == "upstream_timeout"
+    assert sent is not None  # the body was never taken whole
+    assert upstream.stalled == 1
