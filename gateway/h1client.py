@@ -957,6 +957,9 @@ class ConnectionPool:
         self._all: set[_Connection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
+        # The keys of the configured targets (None: any). A connection to
+        # another is closed once its request ends instead of pooled.
+        self._live: frozenset[_Key] | None = None
 
     @property
     def idle_count(self) -> int:
@@ -1075,8 +1078,18 @@ class ConnectionPool:
             return transport
         raise last or OSError(f"no address for {host}")
 
+    def retain(self, keys: Collection[_Key]) -> None:
+        """Keep connections to these (scheme, host, port) keys only: a reload
+        removed the others' targets. Idle ones close now, busy ones when
+        their request ends (a running stream is never cut)."""
+        live = self._live = frozenset(keys)
+        for key in [k for k in self._idle if k not in live]:
+            for conn in self._idle.pop(key):
+                conn.abort()
+
     def put(self, conn: _Connection) -> None:
-        if self._closed:
+        live = self._live
+        if self._closed or (live is not None and conn._key not in live):
             conn.abort()
             return
         loop = conn._loop

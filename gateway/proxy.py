@@ -538,25 +538,25 @@ class ProxyHandler:
         )
         headers.popall("Expect", None)
         path_qs = forward_path(config, raw_path, raw_query, target.base_path)
-        https = target.scheme == "https"
+        target_scheme, target_host, port = target.pool_key
         body: AsyncIterator[bytes] | DirectBody | None = None
         if has_body:
             # Zero-copy only to plain-http targets: TLS records are not the body.
-            body = (not https and self._spliced_body(request, ex)) or self._body(
+            body = (target_scheme == "http" and self._spliced_body(request, ex)) or self._body(
                 request, config.max_body_bytes, ex
             )
         try:
             upstream = await route.pool.client.request(
                 request.method,
-                target.host,
-                target.port or (443 if https else 80),
+                target_host,
+                port,
                 path_qs,
                 headers,
                 body,
                 request.content_length if has_body else None,
                 config.connect_timeout,
                 config.read_timeout,
-                scheme=target.scheme,
+                scheme=target_scheme,
             )
         except asyncio.CancelledError:
             if isinstance(body, _SplicedUpload):

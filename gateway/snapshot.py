@@ -146,6 +146,7 @@ class Runtime:
         for key in [k for k in self.targets if k not in live_targets]:
             del self.targets[key]
             self.metrics.forget_target(*key)
+        self.client.retain({t.pool_key for t in self.targets.values()})
         for name in [n for n in self.budgets if n not in config.upstreams]:
             del self.budgets[name]
         route_names = {r.name for r in config.routes}

@@ -52,6 +52,8 @@ class Target:
         self.base_path = parsed.raw_path.rstrip("/") if parsed.raw_path != "/" else ""
         host_sub = parsed.host_subcomponent or self.host
         default_port = 443 if self.scheme == "https" else 80
+        # Where the upstream client connects, and its pool key.
+        self.pool_key = (self.scheme, self.host, self.port or default_port)
         self.host_header = (
             host_sub if parsed.explicit_port in (None, default_port) else f"{host_sub}:{self.port}"
         )
