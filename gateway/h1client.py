@@ -1,9 +1,15 @@
-"""A lean HTTP/1.1 client for proxying plain-http targets: asyncio + httptools.
+"""A lean HTTP/1.1 client for proxying to http and https targets: asyncio + httptools.
 
 aiohttp's ClientSession does much a proxy never needs (auto headers, cookies,
 redirects, per-request timeout handles, connector bookkeeping): about a third
 of the gateway's CPU per small request. This client does only what a proxy
 hop needs (RFC 9112):
+
+- https targets: asyncio's own TLS on the connection (`create_connection(ssl=,
+  server_hostname=)`), SNI and certificate name = the target URL's host,
+  verified against the system's trust store (`ssl.create_default_context()`,
+  which honours OpenSSL's SSL_CERT_FILE / SSL_CERT_DIR), one context per pool.
+  Pooled per (scheme, host, port) beside plain http; never spliced.
 
 - One head serialized by hand into one `write()`; bodies framed as the caller
   says (`Content-Length` kept, else `Transfer-Encoding: chunked`), streamed
@@ -29,8 +35,9 @@ hop needs (RFC 9112):
   nothing of the response arrived and nothing of the body was asked for
   (RFC 9112 9.3.1).
 
-Errors are this module's own (`H1Error` and subclasses); the proxy translates
-them in one place, as it does aiohttp's.
+Errors are this module's own (`H1Error` and subclasses): the foreign ones
+(OSError, ssl.SSLError, TimeoutError) are mapped in one place, `_mapped_errors`
+(as httpcore's `map_exceptions`), so the proxy translates only these.
 """
 
 from __future__ import annotations
@@ -40,7 +47,8 @@ import contextlib
 import ipaddress
 import select
 import socket
-from collections.abc import AsyncIterator, Collection
+import ssl
+from collections.abc import AsyncIterator, Collection, Iterator
 from typing import Final, cast
 
 import aiohttp
@@ -78,6 +86,11 @@ JOIN_BELOW: Final = 64 * 1024
 # RFC 9110 9.2.2: the methods a client may repeat on its own (RFC 9112 9.3.1).
 _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
+# A pool key: (scheme, host, port). Connections are interchangeable only
+# within one key: http and https to the same host and port are not.
+_Key = tuple[str, str, int]
+_SCHEMES: Final = frozenset({"http", "https"})
+
 _IDLE: Final = 0  # no request on the connection (pooled or fresh)
 _HEAD: Final = 1  # request sent, response head not in yet
 _BODY: Final = 2  # head handed out, body being read
@@ -95,6 +108,14 @@ class H1ConnectError(H1Error):
     def __init__(self, message: str, timed_out: bool) -> None:
         super().__init__(message)
         self.timed_out = timed_out
+
+
+class H1TLSError(H1ConnectError):
+    """The TLS handshake failed: a certificate not trusted or not for the
+    target's name, or a target that does not speak TLS. A connect failure."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, timed_out=False)
 
 
 class H1ServerDisconnected(H1Error):
@@ -265,10 +286,13 @@ class H1Response:
 class _Connection(WriteFlow):
     """One TCP connection to a target and the exchange running on it."""
 
-    def __init__(self, pool: ConnectionPool, key: tuple[str, int]) -> None:
+    def __init__(self, pool: ConnectionPool, key: _Key) -> None:
         super().__init__()
         self._pool = pool
         self._key = key
+        # Zero-copy (splice.py) moves raw socket bytes: never on TLS, whose
+        # bytes on the socket are records, not the body.
+        self._tls = key[0] == "https"
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._made = False
@@ -505,11 +529,12 @@ class _Connection(WriteFlow):
         """Whether the socket holds bytes (or an EOF) the loop has yet to
         deliver. Checked when a pooled connection is taken: bytes that came
         while it was idle would otherwise be read as the next request's
-        response (urllib3 polls before reuse for the same reason)."""
+        response (urllib3 polls before reuse for the same reason). Not on
+        TLS: the socket may hold records without data (a TLS 1.3 session
+        ticket); decrypted stray bytes still end an idle connection through
+        data_received."""
         transport = self._transport
-        if transport is None or transport.get_extra_info("sslcontext") is not None:
-            # Under TLS the socket also carries records that are no response
-            # (TLS 1.3 session tickets arrive after the handshake).
+        if transport is None or self._tls:
             return False
         sock = transport.get_extra_info("socket")
         if sock is None:
@@ -682,6 +707,8 @@ class _Connection(WriteFlow):
         return length - self._body_received
 
     def dup_body_socket(self) -> splice.SocketDup | None:
+        if self._tls:
+            return None  # never spliced: the socket carries TLS records
         if self._state != _BODY or self._error is not None or self._content_length is None:
             return None
         return splice.dup_socket(self._transport)
@@ -902,16 +929,50 @@ class _CachingResolver:
             self._resolver = None
 
 
-class ConnectionPool:
-    """Keep-alive connections of one upstream, per (host, port), last used first."""
+@contextlib.contextmanager
+def _mapped_errors(scheme: str, host: str, port: int) -> Iterator[None]:
+    """Foreign exceptions of opening a connection, as this module's own.
 
-    def __init__(self, idle_timeout: float = IDLE_TIMEOUT) -> None:
+    The one place they are mapped (as httpcore's `map_exceptions`): DNS, TCP
+    connect and the TLS handshake. Once a connection is open, its failures
+    reach the protocol callbacks, which raise H1 errors themselves.
+    """
+    where = f"{scheme}://{host}:{port}"
+    try:
+        yield
+    except TimeoutError as exc:
+        # asyncio.timeout's, or the kernel's ETIMEDOUT: both are a timeout
+        # (checked first: TimeoutError is an OSError).
+        raise H1ConnectError(f"connect to {where} timed out", timed_out=True) from exc
+    except ssl.SSLError as exc:
+        # SSLCertVerificationError included (untrusted, expired, another
+        # name), and a target that answers a ClientHello in plain text.
+        raise H1TLSError(f"TLS handshake with {where} failed: {exc}") from exc
+    except OSError as exc:
+        # Refused, unreachable, reset (during the handshake too), DNS.
+        raise H1ConnectError(f"cannot connect to {where}: {exc}", timed_out=False) from exc
+
+
+class ConnectionPool:
+    """Keep-alive connections per (scheme, host, port), last used first.
+
+    One TLS context for every https connection of the pool, built on the
+    first one (loading the trust store costs milliseconds), unless given.
+    """
+
+    def __init__(
+        self, idle_timeout: float = IDLE_TIMEOUT, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self._idle_timeout = idle_timeout
+        self._ssl_context = ssl_context
         self._resolver = _CachingResolver()
-        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self._idle: dict[_Key, list[_Connection]] = {}
         self._all: set[_Connection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
+        # The keys of the configured targets (None: any). A connection to
+        # another is closed once its request ends instead of pooled.
+        self._live: frozenset[_Key] | None = None
 
     @property
     def idle_count(self) -> int:
@@ -920,6 +981,14 @@ class ConnectionPool:
     @property
     def open_count(self) -> int:
         return len(self._all)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        context = self._ssl_context
+        if context is None:
+            # CERT_REQUIRED, check_hostname, TLS 1.2 or later, the system's
+            # CAs (OpenSSL's SSL_CERT_FILE / SSL_CERT_DIR override them).
+            context = self._ssl_context = ssl.create_default_context()
+        return context
 
     async def request(
         self,
@@ -932,18 +1001,22 @@ class ConnectionPool:
         content_length: int | None,
         connect_timeout: float,
         read_timeout: float,
+        *,
+        scheme: str = "http",
     ) -> H1Response:
         """Send one request; return once the response head is in.
 
-        Raises H1ConnectError, H1ServerDisconnected, H1ProtocolError,
-        H1ReadTimeout or H1BodyError; on any of them, or on cancellation, the
-        connection is closed.
+        Raises H1ConnectError (H1TLSError for a failed handshake),
+        H1ServerDisconnected, H1ProtocolError, H1ReadTimeout or H1BodyError;
+        on any of them, or on cancellation, the connection is closed.
         """
+        if scheme not in _SCHEMES:
+            raise ValueError(f"scheme must be http or https, got {scheme!r}")
         if self._closed:
             raise H1ConnectError("connection pool is closed", timed_out=False)
         items = headers.items() if isinstance(headers, CIMultiDict) else headers
         head = serialize_head(method, path_qs, items, body is not None and content_length is None)
-        key = (host, port)
+        key = (scheme, host, port)
         conn = self._take(key)
         if conn is not None:
             try:
@@ -956,7 +1029,7 @@ class ConnectionPool:
         conn = await self._connect(key, connect_timeout)
         return await conn.send(method, head, body, content_length, read_timeout)
 
-    def _take(self, key: tuple[str, int]) -> _Connection | None:
+    def _take(self, key: _Key) -> _Connection | None:
         stack = self._idle.get(key)
         while stack:
             conn = stack.pop()
@@ -966,19 +1039,13 @@ class ConnectionPool:
             conn.abort()  # closed by the target while idle, or it sent stray bytes
         return None
 
-    async def _connect(self, key: tuple[str, int], connect_timeout: float) -> _Connection:
-        host, port = key
+    async def _connect(self, key: _Key, connect_timeout: float) -> _Connection:
         conn = _Connection(self, key)
-        try:
+        with _mapped_errors(*key):
+            # The handshake counts toward the connect timeout, as in nginx
+            # (proxy_connect_timeout covers the SSL handshake).
             async with asyncio.timeout(connect_timeout):
-                transport = await self._open(conn, host, port)
-        except TimeoutError as exc:
-            # asyncio.timeout's, or the kernel's ETIMEDOUT: both are a timeout.
-            raise H1ConnectError(f"connect to {host}:{port} timed out", timed_out=True) from exc
-        except OSError as exc:
-            raise H1ConnectError(
-                f"cannot connect to {host}:{port}: {exc}", timed_out=False
-            ) from exc
+                transport = await self._open(conn, key, connect_timeout)
         # uvloop may call connection_made only after create_connection returned.
         conn.connection_made(transport)
         self._all.add(conn)
@@ -987,21 +1054,55 @@ class ConnectionPool:
             raise H1ConnectError("connection pool is closed", timed_out=False)
         return conn
 
-    async def _open(self, conn: _Connection, host: str, port: int) -> asyncio.BaseTransport:
-        """Connect to the first address of `host` that answers."""
+    async def _open(
+        self, conn: _Connection, key: _Key, connect_timeout: float
+    ) -> asyncio.BaseTransport:
+        """Connect to the first address of the host that answers (and, for
+        https, complete the handshake with it)."""
+        scheme, host, port = key
         loop = asyncio.get_running_loop()
+        context: ssl.SSLContext | None = None
+        handshake_timeout: float | None = None
+        if scheme == "https":
+            context = self._tls_context()
+            # Past the caller's own deadline, so that a slow handshake is its
+            # timeout (a 504), not asyncio's ConnectionAbortedError (default 60 s).
+            handshake_timeout = connect_timeout + 1.0
         last: OSError | None = None
         for address in await self._resolver.resolve(host, port):
             try:
-                transport, _ = await loop.create_connection(lambda: conn, address, port)
+                transport, _ = await loop.create_connection(
+                    lambda: conn,
+                    address,
+                    port,
+                    ssl=context,
+                    # SNI and the name the certificate must carry: the host of
+                    # the target URL, not the address it resolved to (Python
+                    # sends no SNI for an IP literal, RFC 6066 3, and checks
+                    # the certificate's IP address entries instead).
+                    server_hostname=host if context is not None else None,
+                    ssl_handshake_timeout=handshake_timeout,
+                )
+            except ssl.SSLError:
+                raise  # the certificate or the protocol: another address would not help
             except OSError as exc:
                 last = exc
                 continue
             return transport
         raise last or OSError(f"no address for {host}")
 
+    def retain(self, keys: Collection[_Key]) -> None:
+        """Keep connections to these (scheme, host, port) keys only: a reload
+        removed the others' targets. Idle ones close now, busy ones when
+        their request ends (a running stream is never cut)."""
+        live = self._live = frozenset(keys)
+        for key in [k for k in self._idle if k not in live]:
+            for conn in self._idle.pop(key):
+                conn.abort()
+
     def put(self, conn: _Connection) -> None:
-        if self._closed:
+        live = self._live
+        if self._closed or (live is not None and conn._key not in live):
             conn.abort()
             return
         loop = conn._loop

@@ -19,13 +19,10 @@ import asyncio
 import contextlib
 import logging
 import math
-import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Final
 
-import aiohttp
-from aiohttp import hdrs
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import splice
@@ -74,8 +71,6 @@ CLIENT_CLOSED: Final = 499
 # before its response began: the status a client asking now would get.
 SERVER_CUT: Final = 503
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
-# RFC 9110 5.5: no CTL but HTAB in a field value (or a name).
-_CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class _Exchange(AccessEntry):
@@ -201,7 +196,7 @@ class ProxyHandler:
         else:
             client, peer_trusted = peer, False
         authority, raw_path, raw_query = split_target(request.raw_path)
-        host = authority if authority is not None else headers.get(hdrs.HOST)
+        host = authority if authority is not None else headers.get("Host")
         method = request.method
         ex = _Exchange(request, rid, client, method, started)
         self._live.add(ex)
@@ -417,14 +412,14 @@ class ProxyHandler:
         if (
             has_body
             and request.version >= (1, 1)
-            and request.headers.get(hdrs.EXPECT, "").lower() == "100-continue"
+            and request.headers.get("Expect", "").lower() == "100-continue"
         ):
             # The gateway owns Expect: it invites the body only when an
             # attempt reads it (`_body`), i.e. once a target was picked and
             # connected, so an upload refused for any reason (503 included)
             # is refused before the client sends it. Upstream never sees
-            # Expect, so no second 100 can reach the client (both upstream
-            # clients skip 1xx responses).
+            # Expect, so no second 100 can reach the client (the upstream
+            # client skips 1xx responses).
             ex.expect_continue = True
         scheme = "https" if request.secure else "http"
         tried: list[Target] = []
@@ -433,8 +428,6 @@ class ProxyHandler:
         budget.enter()
         # This attempt is a retry the budget counts until its verdict.
         held = False
-        handle = pool.handle
-        handle.enter()
         last_error: GatewayError | None = None
         try:
             while True:
@@ -522,7 +515,6 @@ class ProxyHandler:
             if held:  # cancelled in the backoff sleep
                 budget.give_back()
             budget.leave()
-            handle.leave()
 
     @staticmethod
     def _may_retry(
@@ -566,7 +558,7 @@ class ProxyHandler:
         raw_path: str,
         raw_query: str | None,
         has_body: bool,
-    ) -> aiohttp.ClientResponse | H1Response:
+    ) -> H1Response:
         """Send one attempt; return once the target's response head is in."""
         ex.tried(target.url)
         config = route.config
@@ -580,43 +572,28 @@ class ProxyHandler:
             preserve_host=config.preserve_host,
             target_host=target.host_header,
         )
-        headers.popall(hdrs.EXPECT, None)
+        headers.popall("Expect", None)
         path_qs = forward_path(config, raw_path, raw_query, target.base_path)
-        handle = route.pool.handle
-        lean = handle.h1 is not None and target.scheme == "http"
+        target_scheme, target_host, port = target.pool_key
         body: AsyncIterator[bytes] | DirectBody | None = None
         if has_body:
-            body = (lean and self._spliced_body(request, ex)) or self._body(
+            # Zero-copy only to plain-http targets: TLS records are not the body.
+            body = (target_scheme == "http" and self._spliced_body(request, ex)) or self._body(
                 request, config.max_body_bytes, ex
             )
-        upstream: aiohttp.ClientResponse | H1Response
         try:
-            if lean:
-                assert handle.h1 is not None
-                # The lean client (GATEWAY_UPSTREAM_CLIENT=aiohttp turns it
-                # off): same head, body and timeouts, without ClientSession's
-                # per-request machinery.
-                upstream = await handle.h1.request(
-                    request.method,
-                    target.host,
-                    target.port or 80,
-                    path_qs,
-                    headers,
-                    body,
-                    request.content_length if has_body else None,
-                    config.connect_timeout,
-                    config.read_timeout,
-                )
-            else:
-                assert not isinstance(body, DirectBody)
-                upstream = await handle.session.request(
-                    request.method,
-                    target.url_for(path_qs),
-                    headers=headers,
-                    data=body,
-                    timeout=route.timeout,
-                    allow_redirects=False,
-                )
+            upstream = await route.pool.client.request(
+                request.method,
+                target_host,
+                port,
+                path_qs,
+                headers,
+                body,
+                request.content_length if has_body else None,
+                config.connect_timeout,
+                config.read_timeout,
+                scheme=target_scheme,
+            )
         except asyncio.CancelledError:
             if isinstance(body, _SplicedUpload):
                 body.discard()
@@ -636,7 +613,10 @@ class ProxyHandler:
         return upstream
 
     def _translate(self, exc: BaseException, target: Target, rid: str) -> _UpstreamFailed:
-        """Either upstream client's errors, mapped once to the contract's 502/504.
+        """The upstream client's errors, mapped once to the contract's 502/504.
+
+        h1client maps every foreign exception (OSError, ssl.SSLError, ...) to
+        its own H1Error types; anything else is a bug, and a 502 all the same.
 
         The client learns the upstream's name, never the target's URL, address
         or port (nor the exception's text, which carries them): those are
@@ -645,20 +625,11 @@ class ProxyHandler:
         """
         # `silent`: reset, closed or timed out before the first response byte
         # (a garbled answer is an answer, and is not retried).
-        if isinstance(exc, H1ConnectError):
+        if isinstance(exc, H1ConnectError):  # H1TLSError too: a failed handshake
             connect, timed_out, silent = True, exc.timed_out, False
-        elif isinstance(exc, H1Error):
+        else:
             timed_out = isinstance(exc, H1ReadTimeout)
             connect, silent = False, timed_out or isinstance(exc, H1ServerDisconnected)
-        elif isinstance(exc, aiohttp.ConnectionTimeoutError):
-            connect, timed_out, silent = True, True, False
-        elif isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-            connect, timed_out, silent = False, True, True
-        else:
-            connect, timed_out = isinstance(exc, aiohttp.ClientConnectorError), False
-            silent = not connect and isinstance(
-                exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
-            )
         error: GatewayError
         upstream = _shown(target)
         if timed_out:
@@ -736,7 +707,7 @@ class ProxyHandler:
         self,
         request: Request,
         route: RouteRuntime,
-        upstream: aiohttp.ClientResponse | H1Response,
+        upstream: H1Response,
         ex: _Exchange,
         rid: str,
         extra_headers: list[tuple[str, str]],
@@ -749,26 +720,13 @@ class ProxyHandler:
         if cors_headers:
             merge_headers(headers, cors_headers)
         writer = request.writer
-        read: Callable[[], Awaitable[bytes]]
-        read_errors: tuple[type[Exception], ...]
-        complete: Callable[[], bool]
-        if isinstance(upstream, H1Response):
-            read, read_errors = upstream.read_chunk, (H1Error,)
-            complete = upstream.complete
-            # When the body (or its first piece) is already here, the head
-            # waits for it and both leave in one write: one segment and one
-            # wake-up of the client instead of two. Otherwise the head goes
-            # at once, so that a client of a slow stream (SSE) sees it.
-            hold = upstream.ready()
-        else:
-            read, read_errors = upstream.content.readany, (TimeoutError, aiohttp.ClientError)
-            complete = _never
-            hold = False
-            # llhttp (the lean client) refuses control bytes in a response
-            # head; aiohttp's client lets some through (DEL, for one).
-            for name, value in headers.items():
-                if _CONTROL.search(name) or _CONTROL.search(value):
-                    raise BadGateway("the target's response head has control bytes in a header")
+        read = upstream.read_chunk
+        complete = upstream.complete
+        # When the body (or its first piece) is already here, the head
+        # waits for it and both leave in one write: one segment and one
+        # wake-up of the client instead of two. Otherwise the head goes
+        # at once, so that a client of a slow stream (SSE) sees it.
+        hold = upstream.ready()
         completed = False
         last_chunk = b""
         try:
@@ -788,11 +746,7 @@ class ProxyHandler:
                 raise BadGateway(
                     f"the response head of {_shown(target)} cannot be forwarded"
                 ) from exc
-            if (
-                isinstance(upstream, H1Response)
-                and splice.AVAILABLE
-                and upstream.unread() >= splice.MIN_BYTES
-            ):
+            if splice.AVAILABLE and upstream.unread() >= splice.MIN_BYTES:
                 spliced = await self._splice_down(request, route, upstream, ex)
                 if spliced is not None:
                     completed = spliced
@@ -800,7 +754,7 @@ class ProxyHandler:
             while True:
                 try:
                     chunk = await read()
-                except read_errors:
+                except H1Error:
                     # The target failed after the response began: the status
                     # is gone, so the only honest signal is an aborted
                     # transfer (no final chunk, short Content-Length).
@@ -988,10 +942,6 @@ def _cut_status(ex: _Exchange) -> int:
     if writer.started:
         return writer.status
     return CLIENT_CLOSED if ex.cut == "client" else SERVER_CUT
-
-
-def _never() -> bool:
-    return False
 
 
 def _abort(request: Request) -> None:

@@ -1,29 +1,28 @@
 """An immutable runtime view of one Config, and the state that outlives it.
 
 `Runtime` owns what must survive a reload: targets (breaker, health,
-in-flight), rate-limit buckets, retry budgets and client sessions, keyed by
-route name and by upstream name + target URL. `Runtime.build(config)` makes a
+in-flight), rate-limit buckets, retry budgets and the one upstream client
+(a connection pool every snapshot shares), keyed by route name and by
+upstream name + target URL. `Runtime.build(config)` makes a
 `Snapshot` that reuses state for everything unchanged; the proxy reads the
 current snapshot once per request, so each request runs wholly on one config.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import aiohttp
-
 from gateway.config import Config, RateLimitConfig, RouteConfig, UpstreamConfig
 from gateway.cors import CorsPolicy
+from gateway.h1client import ConnectionPool
 from gateway.headers import TrustedProxies
 from gateway.limits import BucketStore
 from gateway.metrics import CounterChild, HistogramChild, Metrics, RequestCounter
 from gateway.retry import RetryBudget
 from gateway.routing import RouteTable
-from gateway.upstream import PanicState, Pool, SessionHandle, Target, new_session
+from gateway.upstream import PanicState, Pool, Target
 
 Clock = Callable[[], float]
 
@@ -39,9 +38,6 @@ class RouteRuntime:
         self.pool = pool
         self.buckets = buckets
         self.cors = CorsPolicy(config.cors) if config.cors is not None else None
-        self.timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
-        )
         rate_limit = config.rate_limit
         self.limit_header: str | None = None
         if rate_limit is not None and rate_limit.key.startswith("header:"):
@@ -77,13 +73,13 @@ class Runtime:
     metrics: Metrics
     clock: Clock = time.monotonic
     targets: dict[tuple[str, str], Target] = field(default_factory=dict)
-    sessions: dict[str, SessionHandle] = field(default_factory=dict)
     budgets: dict[str, RetryBudget] = field(default_factory=dict)
     panics: dict[str, PanicState] = field(default_factory=dict)
     buckets: dict[str, _BucketEntry] = field(default_factory=dict)
-    closing: set[asyncio.Task[None]] = field(default_factory=set)
-    # Sessions of removed upstreams, waiting for their last request to end.
-    retired: set[SessionHandle] = field(default_factory=set)
+    # Every upstream of every snapshot: connections are per (scheme, host,
+    # port), so a reload that removes an upstream cuts none of its running
+    # requests, and its idle connections age out like any (IDLE_TIMEOUT).
+    client: ConnectionPool = field(default_factory=ConnectionPool)
     # Routes of the current snapshot: a reload forgets the metric series of
     # the ones it removes.
     _routes_seen: set[str] = field(default_factory=set, init=False)
@@ -91,8 +87,7 @@ class Runtime:
     def build(self, config: Config) -> Snapshot:
         """A snapshot for `config`, reusing state for what did not change.
 
-        Must run on the event loop (client sessions bind to it). Nothing here
-        awaits, so the swap the caller does afterwards is atomic.
+        Nothing here awaits, so the swap the caller does afterwards is atomic.
         """
         # What can still fail (regex compilation, CIDRs) comes before any
         # shared state changes, so a failure leaves the old snapshot whole.
@@ -131,17 +126,13 @@ class Runtime:
                 target.replace_breaker(up.breaker)
             target.weight = t.weight
             targets.append(target)
-        handle = self.sessions.get(up.name)
-        if handle is None:
-            handle = SessionHandle(new_session())
-            self.sessions[up.name] = handle
         budget = self.budgets.get(up.name)
         if budget is None:
             budget = self.budgets[up.name] = RetryBudget()
         panic = self.panics.get(up.name)
         if panic is None:
             panic = self.panics[up.name] = PanicState(up.name, self.metrics)
-        return Pool(up, tuple(targets), handle, budget, panic)
+        return Pool(up, tuple(targets), self.client, budget, panic)
 
     def _buckets(self, route: RouteConfig) -> BucketStore | None:
         limit = route.rate_limit
@@ -159,36 +150,18 @@ class Runtime:
         for key in [k for k in self.targets if k not in live_targets]:
             del self.targets[key]
             self.metrics.forget_target(*key)
-        for name in [n for n in self.sessions if n not in config.upstreams]:
-            handle = self.sessions.pop(name)
-            self.budgets.pop(name, None)
+        self.client.retain({t.pool_key for t in self.targets.values()})
+        for name in [n for n in self.budgets if n not in config.upstreams]:
+            del self.budgets[name]
             self.panics.pop(name, None)
-            self.retired.add(handle)
-            task = asyncio.get_running_loop().create_task(self._close_retired(handle))
-            self.closing.add(task)
-            task.add_done_callback(self.closing.discard)
         route_names = {r.name for r in config.routes}
         for name in [n for n in self.buckets if n not in route_names]:
             del self.buckets[name]
 
-    async def _close_retired(self, handle: SessionHandle) -> None:
-        await handle.close_when_idle()
-        # Not in a `finally`: a cancelled wait leaves it for close().
-        self.retired.discard(handle)
-
     async def close(self) -> None:
-        for handle in self.sessions.values():
-            await handle.close()
-        self.sessions.clear()
-        if self.closing:
-            for task in list(self.closing):
-                task.cancel()
-            await asyncio.gather(*self.closing, return_exceptions=True)
-        # Shutdown does not wait for the last request of a removed upstream
-        # (the drain already ended or aborted it): close what is left.
-        for handle in list(self.retired):
-            await handle.close()
-        self.retired.clear()
+        """Close every upstream connection, idle or busy (shutdown: the drain
+        already ended or aborted the requests on them)."""
+        await self.client.close()
 
 
 class SnapshotBox:

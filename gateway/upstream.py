@@ -4,8 +4,9 @@ A `Target` is keyed by (upstream name, URL as written) and carries its
 breaker, health and in-flight count across reloads, behind one `available()`
 predicate (as Caddy's reverse proxy keeps host state outside its config).
 A `Pool` is one upstream of one snapshot: its balancer over those targets,
-its retry budget, its panic state, and the `ClientSession` it shares with
-later snapshots of the same upstream.
+its retry budget, its panic state, and the process's one upstream client
+(`h1client.ConnectionPool`, keyed by scheme, host and port), which every
+snapshot shares.
 
 Never dark (CONTRACT.md): when fewer than `panic_threshold` of a pool's
 targets are available (healthy and breaker admitting), the pool panics as
@@ -18,14 +19,10 @@ a cooldown or a health interval runs out.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
 import time
 from collections.abc import Callable
-from typing import Final, Literal
 
-import aiohttp
 from prometheus_client import Gauge
 from yarl import URL
 
@@ -36,29 +33,9 @@ from gateway.h1client import ConnectionPool
 from gateway.metrics import BREAKER_STATES, CounterChild, Metrics
 from gateway.retry import RetryBudget
 
-Clock = Callable[[], float]
-
 log = logging.getLogger("gateway.upstream")
 
-
-def _upstream_client() -> Literal["aiohttp", "h1"]:
-    value = os.environ.get("GATEWAY_UPSTREAM_CLIENT", "h1").strip().lower() or "h1"
-    if value == "aiohttp":
-        return "aiohttp"
-    if value != "h1":
-        log.warning("GATEWAY_UPSTREAM_CLIENT=%r is unknown; using h1", value)
-    return "h1"
-
-
-# Which client carries plain-http requests to targets: the lean
-# `gateway.h1client` (the default: about half the CPU per small request), or
-# aiohttp's ClientSession with GATEWAY_UPSTREAM_CLIENT=aiohttp. https targets
-# always use the session. Read once at import: the whole process uses one.
-UPSTREAM_CLIENT: Final = _upstream_client()
-
-# Headers aiohttp's client would otherwise invent: a proxy sends what the
-# client sent, nothing more (RFC 9110 7.6: intermediaries forward, not add).
-SKIP_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
+Clock = Callable[[], float]
 
 
 class Target:
@@ -87,6 +64,8 @@ class Target:
         self.base_path = parsed.raw_path.rstrip("/") if parsed.raw_path != "/" else ""
         host_sub = parsed.host_subcomponent or self.host
         default_port = 443 if self.scheme == "https" else 80
+        # Where the upstream client connects, and its pool key.
+        self.pool_key = (self.scheme, self.host, self.port or default_port)
         self.host_header = (
             host_sub if parsed.explicit_port in (None, default_port) else f"{host_sub}:{self.port}"
         )
@@ -171,79 +150,6 @@ class Target:
         self.in_flight -= 1
 
 
-def new_session(read_bufsize: int = 2**18) -> aiohttp.ClientSession:
-    """One pooled client per upstream: aiodns, no cookies, bodies passed raw."""
-    # aiohttp picks its aiodns-backed AsyncResolver by default when aiodns is
-    # installed, and then owns (and closes) it; passing one in would leak it.
-    connector = aiohttp.TCPConnector(
-        limit=0,  # a gateway must not queue requests behind an arbitrary pool cap
-        limit_per_host=0,
-        # Below the common upstream idle timeouts (aiohttp 75 s, nginx 75 s) so
-        # we close an idle connection before the target does.
-        keepalive_timeout=60.0,
-        ttl_dns_cache=10,
-        enable_cleanup_closed=False,
-    )
-    session = aiohttp.ClientSession(
-        connector=connector,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=False,
-        skip_auto_headers=SKIP_AUTO_HEADERS,
-        # The session default (total=300 s) would cut every long stream; each
-        # request passes its own sock_connect / sock_read instead.
-        timeout=aiohttp.ClientTimeout(total=None),
-        read_bufsize=read_bufsize,
-        max_line_size=16384,
-        max_field_size=16384,
-        raise_for_status=False,
-        trust_env=False,
-    )
-    # aiohttp silently sends an idempotent request a second time, to the same
-    # target, when the connection drops before the response (aio-libs/aiohttp
-    # #7363; no public switch, see #10790; its own TestClient turns it off the
-    # same way). Retries are the proxy's decision (CONTRACT.md "Retries": only
-    # on connect failure or a 502/503/504, within the budget, to another
-    # target): a hidden one would double a request that crashes its target
-    # with `retries = 0` and escape the breaker, the budget and the metrics.
-    session._retry_connection = False
-    return session
-
-
-class SessionHandle:
-    """A ClientSession shared by the snapshots that use one upstream name.
-
-    It closes once the upstream is gone from the config *and* its last
-    request has ended, so a reload never cuts a running stream.
-    """
-
-    def __init__(self, session: aiohttp.ClientSession) -> None:
-        self.session = session
-        # Plain-http targets go through this pool unless
-        # GATEWAY_UPSTREAM_CLIENT=aiohttp; the session serves https targets.
-        self.h1: ConnectionPool | None = ConnectionPool() if UPSTREAM_CLIENT == "h1" else None
-        self.active = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    def enter(self) -> None:
-        self.active += 1
-        self._idle.clear()
-
-    def leave(self) -> None:
-        self.active -= 1
-        if self.active == 0:
-            self._idle.set()
-
-    async def close_when_idle(self) -> None:
-        await self._idle.wait()
-        await self.close()
-
-    async def close(self) -> None:
-        await self.session.close()
-        if self.h1 is not None:
-            await self.h1.close()
-
-
 class PanicState:
     """Whether an upstream is in panic; outlives snapshots like the targets.
 
@@ -286,14 +192,14 @@ class Pool:
         self,
         config: UpstreamConfig,
         targets: tuple[Target, ...],
-        handle: SessionHandle,
+        client: ConnectionPool,
         budget: RetryBudget,
         panic: PanicState,
     ) -> None:
         self.name = config.name
         self.config = config
         self.targets = targets
-        self.handle = handle
+        self.client = client
         self.budget = budget
         self.panic = panic
         self.balancer: Balancer[Target] = make_balancer(config.balancer)

@@ -388,7 +388,7 @@ async def test_sync_dropping_health_table_stops_probes_and_restores_target(
     passive = Pool(
         msgspec.structs.replace(pool.config, health=None),
         pool.targets,
-        pool.handle,
+        pool.client,
         pool.budget,
         pool.panic,
     )

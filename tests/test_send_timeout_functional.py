@@ -143,8 +143,7 @@ async def test_a_client_that_stops_reading_is_cut_after_client_timeout_and_the_t
     # The target's connection was closed, not pooled.
     pool = gw.gateway.box.snapshot.pools["app"] if gw.gateway.box else None
     assert pool is not None
-    assert pool.handle.h1 is not None
-    await wait_for(lambda: pool.handle.h1 is not None and pool.handle.h1.open_count == 0)
+    await wait_for(lambda: pool.client.open_count == 0)
     await wait_for(lambda: bool(gw.log_lines()))
     entry = json.loads(gw.log_lines()[-1])
     # The status the client was sent (the response had begun), cut on its account.

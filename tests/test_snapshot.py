@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+
 from gateway.config import parse
+from gateway.h1client import H1Error
 from gateway.metrics import Metrics
 from gateway.snapshot import Runtime
 
@@ -59,17 +64,78 @@ async def test_breaker_settings_change_keeps_the_target_with_a_fresh_breaker() -
         await runtime.close()
 
 
-async def test_close_closes_sessions_of_removed_upstreams_still_in_use() -> None:
+def config_with_other_at(port: int | None) -> str:
+    """Upstream `app` (port 9), and `other` at 127.0.0.1:`port` unless None."""
+    text = config(with_other=False)
+    if port is not None:
+        text += f"""
+        [upstreams.other]
+        targets = ["http://127.0.0.1:{port}"]
+        """
+    return text
+
+
+async def half_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Per request: a head and 5 of 10 body bytes, the rest on the next line."""
+    for _ in range(10):
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf.")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(b"rest.")
+        await writer.drain()
+
+
+async def test_a_reload_removing_a_target_closes_its_connection_once_its_request_ends() -> None:
+    """Every snapshot shares one connection pool: a reload that removes a
+    target cuts none of its requests, and pools none of its connections."""
+    server = await asyncio.start_server(half_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
     runtime = Runtime(Metrics())
-    first = runtime.build(parse(config(with_other=True)))
-    handle = first.pools["other"].handle
-    handle.enter()  # a request on `other` still runs ...
-    runtime.build(parse(config(with_other=False)))  # ... when a reload removes it
-    assert handle in runtime.retired
-    assert not handle.session.closed
-    await runtime.close()  # shutdown does not wait for it
-    assert handle.session.closed
-    assert not runtime.retired
+    try:
+        first = runtime.build(parse(config_with_other_at(port)))
+        client = first.pools["other"].client
+        assert client is first.pools["app"].client
+        async with asyncio.timeout(5):
+            response = await client.request(
+                "GET", "127.0.0.1", port, "/", [("Host", "x")], None, None, 5.0, 5.0
+            )
+            runtime.build(parse(config_with_other_at(None)))  # a reload removes `other`
+            assert client.open_count == 1
+            assert await response.read_chunk() == b"half."
+            assert await response.read_chunk() == b"rest."
+            assert await response.read_chunk() == b""
+            response.release()
+        assert client.open_count == 0
+        assert client.idle_count == 0
+    finally:
+        await runtime.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_close_ends_a_running_request_of_a_removed_target() -> None:
+    server = await asyncio.start_server(half_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    runtime = Runtime(Metrics())
+    try:
+        client = runtime.build(parse(config_with_other_at(port))).pools["other"].client
+        async with asyncio.timeout(5):
+            response = await client.request(
+                "GET", "127.0.0.1", port, "/", [("Host", "x")], None, None, 5.0, 5.0
+            )
+            runtime.build(parse(config_with_other_at(None)))
+            await runtime.close()  # shutdown does not wait for it
+            assert client.open_count == 0
+            with pytest.raises(H1Error):
+                await response.read_chunk()
+    finally:
+        await runtime.close()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_a_reload_drops_the_metric_series_of_removed_routes_and_targets() -> None:
