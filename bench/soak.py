@@ -83,20 +83,30 @@ HEALTH: Final = {"interval": 1.0, "timeout": 1.0, "healthy_threshold": 1, "unhea
 WRK_LUA: Final = """\
 local threads = {}
 function setup(thread) table.insert(threads, thread) end
-function init(args) non2xx = 0 end
+function init(args) non2xx = 0; t0 = os.time(); bysecond = {} end
 function response(status, headers, body)
-  if status < 200 or status > 299 then non2xx = non2xx + 1 end
+  if status < 200 or status > 299 then
+    non2xx = non2xx + 1
+    local s = os.time() - t0
+    bysecond[s] = (bysecond[s] or 0) + 1
+  end
 end
 function done(summary, latency, requests)
-  local bad = 0
-  for _, t in ipairs(threads) do bad = bad + t:get("non2xx") end
+  local bad, seconds = 0, {}
+  for _, t in ipairs(threads) do
+    bad = bad + t:get("non2xx")
+    for s, n in pairs(t:get("bysecond")) do seconds[#seconds + 1] = s .. ":" .. n end
+  end
+  table.sort(seconds, function(x, y) return tonumber(x:match("%d+")) < tonumber(y:match("%d+")) end)
   local e = summary.errors
   io.write(string.format(
     "SOAK requests=%d non2xx=%d connect=%d read=%d write=%d timeout=%d latency_max_us=%d\\n",
     summary.requests, bad, e.connect, e.read, e.write, e.timeout, latency.max))
+  io.write("SOAKSECONDS " .. table.concat(seconds, " ") .. "\\n")
 end
 """
 _SOAK_LINE: Final = re.compile(r"^SOAK (.*)$", re.M)
+_SECONDS_LINE: Final = re.compile(r"^SOAKSECONDS ?(.*)$", re.M)
 
 
 def log(message: str) -> None:
@@ -302,6 +312,11 @@ def run_soak(
         result.latency_max_s = counts["latency_max_us"] / 1e6
     else:
         result.error = f"no SOAK line from the wrk script: {text[-300:]}"
+    if match := _SECONDS_LINE.search(text):
+        result.details.append(
+            "non-2xx by second of the run (wrk's clock, 1 s resolution): "
+            + (match[1].strip() or "none")
+        )
     return result
 
 
@@ -390,7 +405,8 @@ def summarize_gateway_log(path: Path) -> list[str]:
                 if "breaker" in low or "panic" in low or "health" in low:
                     lifecycle.append(line.strip())
                 continue
-            if '"status":200,' in line and '"aborted":null' in line:
+            # A 200 the client got whole (`aborted` is null, or absent in older logs).
+            if '"status":200,' in line and '"aborted":"' not in line:
                 if '"attempts":1,' in line and '"duration_ms":' not in line:
                     continue
                 with contextlib.suppress(ValueError):
@@ -588,6 +604,9 @@ def main() -> int:
     parser.add_argument(
         "--source", type=Path, default=REPO_DIR, help="checkout the gateway is run from"
     )
+    parser.add_argument(
+        "--keep", type=Path, help="keep configs and logs (gateway access logs) in this directory"
+    )
     args = parser.parse_args()
     if not 10 <= args.seconds <= 3600:
         parser.error("--seconds must be between 10 and 3600")
@@ -608,8 +627,12 @@ def main() -> int:
     results: dict[str, dict[str, RunResult]] = {}
     targets: list[Target] = []
     try:
-        with tempfile.TemporaryDirectory(prefix="gateway-soak-") as tmpdir:
-            tmp = Path(tmpdir)
+        with contextlib.ExitStack() as stack:
+            if args.keep is None:
+                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gateway-soak-")))
+            else:
+                tmp = args.keep.resolve()
+                tmp.mkdir(parents=True, exist_ok=True)
             log(f"deadline {deadline} s; gateway from {source}")
             for scenario in SCENARIOS:
                 targets = [Target(procs, tmp, "a"), Target(procs, tmp, "b")]
