@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from typing import Final
 
 from gateway import __version__
-from gateway.config import DEFAULT_CONFIG_PATH, ConfigError, load, summary
-from gateway.log import configure_logging
+from gateway.core.config import DEFAULT_CONFIG_PATH, ConfigError, load, summary
+from gateway.state.log import configure_logging
 
 log = logging.getLogger("gateway.cli")
 

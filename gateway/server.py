@@ -26,16 +26,16 @@ from typing import Final
 
 from aiohttp import web
 
-from gateway.admin import admin_app
-from gateway.config import Config, parse_listen_address
-from gateway.h1server import H1Server, sweep_slow_heads
-from gateway.health import HealthMonitor
-from gateway.log import AccessLog, journald_mode
-from gateway.metrics import Metrics
-from gateway.proxy import ProxyHandler
-from gateway.reload import Reloader
-from gateway.snapshot import Runtime, SnapshotBox
-from gateway.systemd import Notifier, listen_fds, socket_from_fd, watchdog_interval
+from gateway.core.config import Config, parse_listen_address
+from gateway.core.systemd import Notifier, listen_fds, socket_from_fd, watchdog_interval
+from gateway.edges.admin import admin_app
+from gateway.edges.proxy import ProxyHandler
+from gateway.edges.reload import Reloader
+from gateway.state.health import HealthMonitor
+from gateway.state.log import AccessLog, journald_mode
+from gateway.state.metrics import Metrics
+from gateway.state.snapshot import Runtime, SnapshotBox
+from gateway.wire.h1server import H1Server, sweep_slow_heads
 
 log = logging.getLogger("gateway.server")
 

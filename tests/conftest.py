@@ -14,9 +14,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.config import parse
-from gateway.log import AccessLog
+from gateway.core.config import parse
 from gateway.server import Gateway
+from gateway.state.log import AccessLog
 
 # hypothesis is imported here, at collection, and not first by its plugin's
 # end-of-session summary: pytest's assertion rewriter compiling it that late,

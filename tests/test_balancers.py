@@ -9,7 +9,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from gateway.balancers import (
+from gateway.core.balancers import (
     Balancer,
     BalancerName,
     IpHash,

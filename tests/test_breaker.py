@@ -13,7 +13,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from gateway.breaker import CircuitBreaker, in_panic
+from gateway.core.breaker import CircuitBreaker, in_panic
 
 
 class Clock:

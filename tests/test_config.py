@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.config import (
+from gateway.core.config import (
     Config,
     ConfigError,
     HealthConfig,

@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from gateway.config import CorsConfig, parse
-from gateway.cors import PREFLIGHT_STATUS, CorsPolicy, is_preflight, merge_headers
+from gateway.core.config import CorsConfig, parse
+from gateway.core.cors import PREFLIGHT_STATUS, CorsPolicy, is_preflight, merge_headers
 
 APP = "https://app.example.com"
 EVIL = "https://evil.example.net"

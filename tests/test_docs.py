@@ -13,7 +13,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from gateway import config
+from gateway.core import config
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from aiohttp import web
 
-from gateway.h1client import (
+from gateway.wire.h1client import (
     MAX_BUFFERED,
     ConnectionPool,
     H1BodyError,
@@ -569,7 +569,7 @@ async def test_a_reused_connection_closed_once_the_body_was_asked_for_is_not_ret
 async def test_idle_connections_close_after_the_idle_timeout(
     raw: Callable[[Handler], Awaitable[RawServer]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("gateway.h1client._SWEEP_EVERY", 0.05)
+    monkeypatch.setattr("gateway.wire.h1client._SWEEP_EVERY", 0.05)
     pool = ConnectionPool(idle_timeout=0.1)
     try:
         server = await raw(answer(b"HTTP/1.1 204 No Content\r\n\r\n"))
@@ -1066,7 +1066,7 @@ async def test_a_closed_pool_refuses_and_closes_what_is_left(
 
 async def test_host_names_are_resolved_and_cached() -> None:
     """`localhost` goes through aiodns once, then the cache answers."""
-    from gateway.h1client import _CachingResolver
+    from gateway.wire.h1client import _CachingResolver
 
     resolver = _CachingResolver()
     try:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 import trustme
 
-from gateway.h1client import ConnectionPool, H1ConnectError, H1Error, H1Response, H1TLSError
+from gateway.wire.h1client import ConnectionPool, H1ConnectError, H1Error, H1Response, H1TLSError
 from tests.wire import read_head
 
 HOST = "127.0.0.1"

@@ -14,7 +14,7 @@ import re
 import pytest
 from aiohttp import web
 
-from gateway import h1server
+from gateway.wire import h1server
 from tests.conftest import GatewayFactory, RunningGateway, UpstreamFactory, one_upstream_config
 from tests.wire import read_head
 

@@ -11,7 +11,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.headers import (
+from gateway.core.headers import (
     HOP_BY_HOP,
     TrustedProxies,
     client_response_headers,

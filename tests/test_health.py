@@ -22,11 +22,11 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from pytest_aiohttp import AiohttpServer
 
-from gateway.config import parse
-from gateway.health import USER_AGENT, HealthMonitor
-from gateway.metrics import Metrics
-from gateway.snapshot import Runtime, Snapshot
-from gateway.upstream import Pool, Target
+from gateway.core.config import parse
+from gateway.state.health import USER_AGENT, HealthMonitor
+from gateway.state.metrics import Metrics
+from gateway.state.snapshot import Runtime, Snapshot
+from gateway.state.upstream import Pool, Target
 
 # Every wait in this file is bounded by this.
 WAIT = 5.0

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
-from gateway import h1server
+from gateway.wire import h1server
 from tests.conftest import GatewayFactory, RunningGateway, UpstreamFactory, wait_for
 
 CLIENT_TIMEOUT = 0.5

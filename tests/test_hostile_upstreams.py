@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
-from gateway.h1client import ConnectionPool, H1Response
+from gateway.wire.h1client import ConnectionPool, H1Response
 from tests.conftest import GatewayFactory, RunningGateway, UpstreamFactory, wait_for
 from tests.wire import read_head
 

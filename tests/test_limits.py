@@ -8,7 +8,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from gateway.limits import DEFAULT_MAX_KEYS, BucketStore, TokenBucket, rate_limit_headers
+from gateway.core.limits import DEFAULT_MAX_KEYS, BucketStore, TokenBucket, rate_limit_headers
 
 
 class Clock:

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from gateway import log
-from gateway.log import AccessEntry, AccessLog, configure_logging
+from gateway.state import log
+from gateway.state.log import AccessEntry, AccessLog, configure_logging
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -316,7 +316,7 @@ def test_aiohttp_warnings_share_the_handler_but_not_its_info_chatter() -> None:
 def test_real_journal_stream_in_a_subprocess(tmp_path: Path) -> None:
     # As under systemd: stderr is a file whose device:inode is in JOURNAL_STREAM.
     script = (
-        "import logging; from gateway.log import configure_logging, AccessLog;"
+        "import logging; from gateway.state.log import configure_logging, AccessLog;"
         "configure_logging(); logging.getLogger('gateway.server').info('listening');"
         "AccessLog('text', journald=True).write(request_id='r', client='::1', method='GET',"
         " path='/', route=None, target=None, status=404, bytes_in=0, bytes_out=9,"

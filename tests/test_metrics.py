@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from gateway.metrics import FastCounter, FastHistogram
+from gateway.state.metrics import FastCounter, FastHistogram
 
 BUCKETS = (0.001, 0.01, 0.1, 1.0, 10.0, float("inf"))
 values = st.floats(min_value=0, max_value=1e6, allow_nan=False, allow_infinity=False)

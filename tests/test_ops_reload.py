@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gateway.config import parse
-from gateway.reload import describe_changes
+from gateway.core.config import parse
+from gateway.edges.reload import describe_changes
 from tests.conftest import UpstreamFactory, wait_for
 from tests.gateway_process import (
     GatewayProcess,

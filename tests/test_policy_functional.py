@@ -24,8 +24,8 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDictProxy
 from prometheus_client.parser import text_string_to_metric_families
 
-import gateway.proxy
-from gateway import retry
+import gateway.edges.proxy
+from gateway.core import retry
 from tests.conftest import GatewayFactory, RunningGateway, UpstreamFactory, wait_for
 
 # Every wait in this file is bounded by this.
@@ -742,7 +742,7 @@ async def test_backoff_is_applied_between_attempts_and_bounded(
         delays.append((attempt, delay))
         return delay
 
-    monkeypatch.setattr(gateway.proxy, "backoff", longest_backoff)
+    monkeypatch.setattr(gateway.edges.proxy, "backoff", longest_backoff)
     targets = [await backends(name) for name in "abc"]
     for backend in targets:
         backend.mode = "503"

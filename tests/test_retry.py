@@ -8,7 +8,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from gateway.retry import IDEMPOTENT_METHODS, RetryBudget, backoff, may_retry
+from gateway.core.retry import IDEMPOTENT_METHODS, RetryBudget, backoff, may_retry
 
 # --- may_retry ---------------------------------------------------------------
 

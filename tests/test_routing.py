@@ -12,9 +12,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.config import RouteConfig
-from gateway.errors import MethodNotAllowed, NoRoute
-from gateway.routing import (
+from gateway.core.config import RouteConfig
+from gateway.core.errors import MethodNotAllowed, NoRoute
+from gateway.core.routing import (
     RouteTable,
     forward_path,
     has_dot_segment,

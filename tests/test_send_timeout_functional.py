@@ -18,7 +18,7 @@ import socket
 import pytest
 from aiohttp import web
 
-from gateway import splice
+from gateway.wire import splice
 from tests.conftest import GatewayFactory, UpstreamFactory, one_upstream_config, wait_for
 from tests.wire import read_head
 

@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from gateway.config import parse
-from gateway.h1client import H1Error
-from gateway.metrics import Metrics
-from gateway.snapshot import Runtime
+from gateway.core.config import parse
+from gateway.state.metrics import Metrics
+from gateway.state.snapshot import Runtime
+from gateway.wire.h1client import H1Error
 
 
 def config(breaker_failures: int = 1, with_other: bool = True) -> str:

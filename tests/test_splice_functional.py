@@ -26,7 +26,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway import splice
+from gateway.wire import splice
 from tests.conftest import GatewayFactory, UpstreamFactory, one_upstream_config, wait_for
 from tests.gateway_process import SERVER_HEADER, run_gateway
 from tests.test_splice import held_buffer_sizes

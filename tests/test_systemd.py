@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yarl
 
-from gateway import systemd
-from gateway.config import load
-from gateway.systemd import Notifier
+from gateway.core import systemd
+from gateway.core.config import load
+from gateway.core.systemd import Notifier
 
 REPO = Path(__file__).resolve().parents[1]
 UNITS = REPO / "contrib" / "systemd"
@@ -156,7 +156,7 @@ def test_watchdog_interval_is_half_of_watchdog_usec_for_this_pid(
 # them with LISTEN_PID = its own pid, and reports what listen_fds() made of them.
 CHILD = r"""
 import fcntl, json, os, socket, sys
-from gateway import systemd
+from gateway.core import systemd
 
 src = [int(a) for a in sys.argv[1:]]
 # Out of the way first: one of the inherited fds may itself be 3 or 4.

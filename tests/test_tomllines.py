@@ -8,7 +8,7 @@ import tomllib
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from gateway.tomllines import key_lines, line_of
+from gateway.core.tomllines import key_lines, line_of
 
 # Control characters and DEL must be escaped in TOML; json.dumps leaves DEL raw.
 TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=8)

@@ -50,9 +50,9 @@ from typing import Final
 import aiohttp
 from prometheus_async import aio
 
-from gateway.config import HealthConfig
-from gateway.snapshot import Snapshot
-from gateway.upstream import Target
+from gateway.core.config import HealthConfig
+from gateway.state.snapshot import Snapshot
+from gateway.state.upstream import Target
 
 log = logging.getLogger("gateway.health")
 

@@ -25,8 +25,8 @@ from typing import Final, TextIO
 
 import msgspec
 
-from gateway import systemd
-from gateway.config import AccessLogFormat
+from gateway.core import systemd
+from gateway.core.config import AccessLogFormat
 
 __all__ = [
     "AccessEntry",

@@ -56,10 +56,10 @@ import httptools
 from cachetools import TTLCache
 from multidict import CIMultiDict
 
-from . import splice
-from .headers import encode_head
-from .vetting import MAX_HEAD_BYTES, MAX_REQUEST_LINE, section_limit
-from .writeflow import WriteFlow
+from gateway.core.headers import encode_head
+from gateway.wire import splice
+from gateway.wire.vetting import MAX_HEAD_BYTES, MAX_REQUEST_LINE, section_limit
+from gateway.wire.writeflow import WriteFlow
 
 # Unread response bytes above which the socket stops being read; reading
 # resumes when the reader takes them (read_chunk takes the whole buffer).

@@ -80,7 +80,7 @@ from typing import Final
 
 from multidict import CIMultiDict
 
-from gateway.config import CorsConfig
+from gateway.core.config import CorsConfig
 
 __all__ = ["PREFLIGHT_STATUS", "CorsPolicy", "is_preflight", "merge_headers"]
 

@@ -19,8 +19,8 @@ from typing import Final, Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.errors import GatewayError, json_body
-from gateway.headers import encode_head
+from gateway.core.errors import GatewayError, json_body
+from gateway.core.headers import encode_head
 
 # A request body buffer above this pauses reading the client socket; the
 # handler's next read (which takes the whole buffer) resumes it.

@@ -16,7 +16,7 @@ from typing import Final
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.errors import (
+from gateway.core.errors import (
     BadRequest,
     ConnectRefused,
     GatewayError,

@@ -43,14 +43,15 @@ from typing import Final, cast
 import httptools
 from multidict import CIMultiDict
 
-from gateway.errors import (
+from gateway.core.errors import (
     BadRequest,
     ClientTimeout,
     GatewayError,
     HeadersTooLarge,
     UriTooLong,
 )
-from gateway.h1messages import (
+from gateway.core.headers import encode_head, new_request_id, request_id
+from gateway.wire.h1messages import (
     PAUSE_BODY,
     PAUSE_HANDOVER,
     PAUSE_QUEUE,
@@ -61,15 +62,14 @@ from gateway.h1messages import (
     json_reply,
     reason_phrase,
 )
-from gateway.headers import encode_head, new_request_id, request_id
-from gateway.vetting import (
+from gateway.wire.vetting import (
     MAX_FIELD_SIZE,
     MAX_HEAD_BYTES,
     MAX_REQUEST_LINE,
     section_limit,
     vet_head,
 )
-from gateway.writeflow import WriteFlow, unsent
+from gateway.wire.writeflow import WriteFlow, unsent
 
 log = logging.getLogger("gateway.server")
 

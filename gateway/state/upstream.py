@@ -26,12 +26,12 @@ from collections.abc import Callable
 from prometheus_client import Gauge
 from yarl import URL
 
-from gateway.balancers import Balancer, make_balancer
-from gateway.breaker import CircuitBreaker, in_panic
-from gateway.config import BreakerConfig, UpstreamConfig
-from gateway.h1client import ConnectionPool
-from gateway.metrics import BREAKER_STATES, CounterChild, Metrics
-from gateway.retry import RetryBudget
+from gateway.core.balancers import Balancer, make_balancer
+from gateway.core.breaker import CircuitBreaker, in_panic
+from gateway.core.config import BreakerConfig, UpstreamConfig
+from gateway.core.retry import RetryBudget
+from gateway.state.metrics import BREAKER_STATES, CounterChild, Metrics
+from gateway.wire.h1client import ConnectionPool
 
 log = logging.getLogger("gateway.upstream")
 

@@ -60,8 +60,8 @@ from typing import Final, TypeAlias
 
 from multidict import MultiMapping
 
-from gateway.config import RouteConfig
-from gateway.errors import MethodNotAllowed, NoRoute
+from gateway.core.config import RouteConfig
+from gateway.core.errors import MethodNotAllowed, NoRoute
 
 __all__ = [
     "RouteTable",

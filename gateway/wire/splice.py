@@ -38,7 +38,7 @@ import socket
 import struct
 from typing import ClassVar, Final
 
-from gateway.writeflow import kernel_unsent
+from gateway.wire.writeflow import kernel_unsent
 
 #: Whether this platform has splice(2) (Linux; Python >= 3.10).
 AVAILABLE: Final = hasattr(os, "splice") and hasattr(os, "SPLICE_F_NONBLOCK")

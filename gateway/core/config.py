@@ -26,7 +26,7 @@ import msgspec
 import yarl
 from msgspec import UNSET, UnsetType
 
-from gateway.tomllines import key_lines, line_of
+from gateway.core.tomllines import key_lines, line_of
 
 BalancerName = Literal["round_robin", "weighted", "least_connections", "ip_hash"]
 AccessLogFormat = Literal["json", "text", "off"]

@@ -25,9 +25,8 @@ from typing import Final
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway import splice
-from gateway.cors import is_preflight, merge_headers
-from gateway.errors import (
+from gateway.core.cors import is_preflight, merge_headers
+from gateway.core.errors import (
     BadGateway,
     BadRequest,
     BodyTooLarge,
@@ -37,7 +36,21 @@ from gateway.errors import (
     RateLimited,
     UpstreamTimeout,
 )
-from gateway.h1client import (
+from gateway.core.headers import (
+    client_response_headers,
+    new_request_id,
+    request_id,
+    upstream_request_headers,
+)
+from gateway.core.limits import rate_limit_headers
+from gateway.core.retry import backoff, may_retry
+from gateway.core.routing import forward_path, has_dot_segment
+from gateway.state.log import AccessEntry, AccessLog
+from gateway.state.metrics import Metrics, RequestCounter
+from gateway.state.snapshot import RouteRuntime, Snapshot, SnapshotBox
+from gateway.state.upstream import Target
+from gateway.wire import splice
+from gateway.wire.h1client import (
     JOIN_BELOW,
     DirectBody,
     H1ConnectError,
@@ -46,20 +59,7 @@ from gateway.h1client import (
     H1Response,
     H1ServerDisconnected,
 )
-from gateway.h1messages import Reply, Request, SendTimeout, json_reply
-from gateway.headers import (
-    client_response_headers,
-    new_request_id,
-    request_id,
-    upstream_request_headers,
-)
-from gateway.limits import rate_limit_headers
-from gateway.log import AccessEntry, AccessLog
-from gateway.metrics import Metrics, RequestCounter
-from gateway.retry import backoff, may_retry
-from gateway.routing import forward_path, has_dot_segment
-from gateway.snapshot import RouteRuntime, Snapshot, SnapshotBox
-from gateway.upstream import Target
+from gateway.wire.h1messages import Reply, Request, SendTimeout, json_reply
 
 log = logging.getLogger("gateway.proxy")
 

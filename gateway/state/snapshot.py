@@ -14,15 +14,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gateway.config import Config, RateLimitConfig, RouteConfig, UpstreamConfig
-from gateway.cors import CorsPolicy
-from gateway.h1client import ConnectionPool
-from gateway.headers import TrustedProxies
-from gateway.limits import BucketStore
-from gateway.metrics import CounterChild, HistogramChild, Metrics, RequestCounter
-from gateway.retry import RetryBudget
-from gateway.routing import RouteTable
-from gateway.upstream import PanicState, Pool, Target
+from gateway.core.config import Config, RateLimitConfig, RouteConfig, UpstreamConfig
+from gateway.core.cors import CorsPolicy
+from gateway.core.headers import TrustedProxies
+from gateway.core.limits import BucketStore
+from gateway.core.retry import RetryBudget
+from gateway.core.routing import RouteTable
+from gateway.state.metrics import CounterChild, HistogramChild, Metrics, RequestCounter
+from gateway.state.upstream import PanicState, Pool, Target
+from gateway.wire.h1client import ConnectionPool
 
 Clock = Callable[[], float]
 

@@ -14,9 +14,9 @@ import msgspec
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-from gateway.config import RouteConfig
-from gateway.metrics import Metrics
-from gateway.snapshot import Snapshot, SnapshotBox
+from gateway.core.config import RouteConfig
+from gateway.state.metrics import Metrics
+from gateway.state.snapshot import Snapshot, SnapshotBox
 
 _encoder = msgspec.json.Encoder()
 

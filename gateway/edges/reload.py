@@ -23,9 +23,9 @@ from typing import Protocol
 
 from msgspec import structs
 
-from gateway.config import Config, ConfigError, RouteConfig, UpstreamConfig, load
-from gateway.metrics import Metrics
-from gateway.systemd import Notifier
+from gateway.core.config import Config, ConfigError, RouteConfig, UpstreamConfig, load
+from gateway.core.systemd import Notifier
+from gateway.state.metrics import Metrics
 
 log = logging.getLogger("gateway.reload")
 

@@ -1,0 +1,1 @@
+"""The edges: the proxy handler, the admin app and reload."""

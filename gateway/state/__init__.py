@@ -1,0 +1,3 @@
+"""Runtime state: targets and pools, health checks, the config snapshot, metrics
+and logs.
+"""
