@@ -78,7 +78,8 @@ class Runtime:
     buckets: dict[str, _BucketEntry] = field(default_factory=dict)
     # Every upstream of every snapshot: connections are per (scheme, host,
     # port), so a reload that removes an upstream cuts none of its running
-    # requests, and its idle connections age out like any (IDLE_TIMEOUT).
+    # requests; `build` then closes (`retain`) the removed targets' idle
+    # connections at once and their busy ones when their request ends.
     client: ConnectionPool = field(default_factory=ConnectionPool)
     # Routes of the current snapshot: a reload forgets the metric series of
     # the ones it removes.
