@@ -20,11 +20,12 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Final
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.core.breaker import CircuitBreaker
 from gateway.core.cors import is_preflight, merge_headers
 from gateway.core.errors import (
     BadGateway,
@@ -70,32 +71,97 @@ CLIENT_CLOSED: Final = 499
 # What the log says of a request the gateway itself cut (drain, shutdown)
 # before its response began: the status a client asking now would get.
 SERVER_CUT: Final = 503
-_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+# No headers to add (shared: most requests have no limit or CORS headers).
+_NO_HEADERS: Final[Sequence[tuple[str, str]]] = ()
 
 
 class _Exchange(AccessEntry):
-    """Per-request bookkeeping, filled in as the request moves along; the
-    access-log line is written from it (`AccessEntry` holds what it says)."""
+    """One request and its response: the per-request object of the handler.
+
+    Set once at the start: the request, the snapshot it runs on, its id, the
+    client (and the TCP peer, and whether the peer is a trusted proxy), the
+    Host, the raw path and query, the scheme. Set by routing: the route
+    (`runtime`; `route` is its name, for the log) and the headers every
+    response on it carries (`limit_headers`, `cors_headers`). Filled in by
+    the attempts: targets picked, the retry state, body progress. The
+    access-log line is written from it (`AccessEntry` holds what the line
+    says: status, bytes, error, cut, targets and their statuses).
+    """
 
     __slots__ = (
         "aborted",
+        "attempt",
         "body_error",
         "body_started",
-        "expect_continue",
+        "breaker",
+        "cors_headers",
+        "held",
+        "host",
+        "last_error",
+        "limit_headers",
+        "peer",
+        "peer_trusted",
+        "picked",
+        "raw_path",
+        "raw_query",
         "request",
+        "runtime",
+        "scheme",
+        "snap",
         "target",
+        "trial",
     )
 
-    def __init__(
-        self, request: Request, rid: str, client: str, method: str, started_at: float
-    ) -> None:
-        super().__init__(rid, client, method, request.raw_path, started_at)
+    def __init__(self, request: Request, snap: Snapshot, started_at: float) -> None:
+        headers = request.headers
+        peer = request.remote or ""
+        if snap.trusted.is_trusted(peer):
+            client = snap.trusted.client_ip(peer, headers.getall("X-Forwarded-For", None))
+            peer_trusted = True
+        else:
+            client, peer_trusted = peer, False
+        rid = request_id(headers.get("X-Request-ID"), new_request_id)
+        super().__init__(rid, client, request.method, request.raw_path, started_at)
         self.request = request
+        self.snap = snap
+        self.peer = peer
+        self.peer_trusted = peer_trusted
+        authority, self.raw_path, self.raw_query = split_target(request.raw_path)
+        self.host = authority if authority is not None else headers.get("Host")
+        self.scheme = "https" if request.secure else "http"
+        self.runtime: RouteRuntime | None = None
+        self.limit_headers = _NO_HEADERS
+        self.cors_headers = _NO_HEADERS
+        # The attempts: targets picked so far (the next pick excludes them),
+        # the current one and the breaker that admitted it (a reload may
+        # replace `target.breaker`: the verdict goes to the admitting one).
+        self.picked: tuple[Target, ...] = ()
+        self.target: Target | None = None
+        self.breaker: CircuitBreaker | None = None
+        self.trial = False  # the attempt holds its breaker's half-open trial
+        self.attempt = 0  # retries so far
+        self.held = False  # a retry the pool's budget counts until its verdict
+        self.last_error: GatewayError | None = None  # the failed attempt's 502/504
         self.aborted = False  # the target failed after the response began
-        self.expect_continue = False  # a 100 is owed before the body is read
         self.body_started = False
         self.body_error: GatewayError | None = None
-        self.target: Target | None = None
+
+    def settle(self, cut: str | None) -> None:
+        """Decide the logged status, once, at the end (or at a second SIGTERM).
+
+        `cut`: who ended the request before its response was whole, None if
+        it went out whole. The status is what the client got if a response
+        began; else 499 (client gone, as nginx) or 503 (cut by us).
+        """
+        if cut is not None:
+            self.cut = cut
+        elif self.aborted:
+            self.error, self.cut = "upstream_aborted", "upstream"
+        writer = self.request.writer
+        if writer.started:
+            self.status = writer.status
+        else:
+            self.status = CLIENT_CLOSED if self.cut == "client" else SERVER_CUT
 
 
 class _UpstreamFailed(Exception):
@@ -187,63 +253,18 @@ class ProxyHandler:
         # A response the client does not read may stall this long, then the
         # connection is aborted (CONTRACT.md client_timeout; nginx's send_timeout).
         request.writer.send_timeout = self._client_timeout()
-        rid = request_id(request.headers.get("X-Request-ID"), new_request_id)
-        peer = request.remote or ""
-        headers = request.headers
-        if snap.trusted.is_trusted(peer):
-            client = snap.trusted.client_ip(peer, headers.getall("X-Forwarded-For", None))
-            peer_trusted = True
-        else:
-            client, peer_trusted = peer, False
-        authority, raw_path, raw_query = split_target(request.raw_path)
-        host = authority if authority is not None else headers.get("Host")
-        method = request.method
-        ex = _Exchange(request, rid, client, method, started)
+        ex = _Exchange(request, snap, started)
         self._live.add(ex)
-        route: RouteRuntime | None = None
-        error_code: str | None = None
-        cors_headers: list[tuple[str, str]] = []
-        limit_headers: list[tuple[str, str]] = []
-        response: Reply | None
+        whole = False  # the response went out whole (or was aborted for the target)
         try:
+            reply: Reply | None
             try:
-                if request.raw_path[0] != "/" and asks_about_the_server(method, request.raw_path):
-                    # The gateway is that server: no route serves "*", and
-                    # forwarding it would pick a target at random.
-                    return self._send(ex, Reply(200, headers=CIMultiDict({"X-Request-ID": rid})))
-                if has_dot_segment(raw_path):
-                    # Before routing and CORS: the prefix matched would not confine it.
-                    raise BadRequest("a dot-segment in the request path")
-                if method == "OPTIONS" and is_preflight(method, headers):
-                    preflight = self._preflight(snap, host, raw_path, headers, rid, client)
-                    if preflight is not None:
-                        route, answer = preflight
-                        ex.route = route.name
-                        return self._send(ex, answer)
-                route_config = snap.table.match(method, host, raw_path, headers)
-                route = snap.routes[route_config.name]
-                ex.route = route.name
-                if route.cors is not None:
-                    cors_headers = route.cors.response_headers(headers)
-                limit_headers = self._admit(request, route, client)
-                response = await self._forward(
-                    request,
-                    snap,
-                    route,
-                    ex,
-                    rid=rid,
-                    client=client,
-                    peer=peer,
-                    peer_trusted=peer_trusted,
-                    host=host,
-                    raw_path=raw_path,
-                    raw_query=raw_query,
-                    extra_headers=limit_headers,
-                    cors_headers=cors_headers,
-                )
+                reply = self._route(ex)
+                if reply is None:
+                    await self._forward(ex)
             except GatewayError as error:
-                error_code = error.code
-                response = self._error_response(request, error, rid)
+                ex.error = error.code
+                reply = self._error_reply(ex, error)
             except SendTimeout:
                 # The client stopped reading the response: logged as cut by
                 # the client, with the status it had been sent and the reason.
@@ -254,52 +275,65 @@ class ProxyHandler:
                 # and this request's id, unless the response had begun.
                 if request.writer.started or isinstance(exc, ConnectionError):
                     raise
-                log.exception("request %s failed", rid)
+                log.exception("request %s failed", ex.request_id)
                 internal = GatewayError("internal error")
-                error_code = internal.code
-                response = self._error_response(request, internal, rid)
-            if error_code is not None and response is not None:
-                for name, value in limit_headers:
-                    # Admitted, then failed (502/503/504, 413 mid-body): every
-                    # response on a limited route carries the limit headers.
-                    response.headers[name] = value
-                if cors_headers:
-                    # Without them the browser hides the error (and its
-                    # Retry-After) from the page.
-                    merge_headers(response.headers, cors_headers)
-            if response is not None:
-                ex.error = error_code
-                return self._send(ex, response)
-            ex.status = request.writer.status
-            if ex.aborted:
-                ex.error, ex.cut = "upstream_aborted", "upstream"
+                ex.error = internal.code
+                reply = self._error_reply(ex, internal)
+            if reply is not None:
+                self._send(ex, reply)
+            whole = True
             return None
         finally:
             self._live.discard(ex)
-            if not ex.status:
-                # Cancelled or failed before the response was whole: the
-                # server aborted it (drain), or else the client went away.
-                ex.cut = request.connection.cut or "client"
-                ex.status = _cut_status(ex)
+            # Cancelled or failed before the response was whole: the server
+            # aborted it (drain), or else the client went away.
+            ex.settle(None if whole else request.connection.cut or "client")
             duration = self._clock() - started
             status = ex.status
+            route = ex.runtime
             if route is not None:
-                route.count(method, status)
+                route.count(ex.method, status)
                 route.duration.observe(duration)
                 if ex.bytes_in:
                     route.bytes_in.inc(ex.bytes_in)
                 if ex.bytes_out:
                     route.bytes_out.inc(ex.bytes_out)
             else:
-                self._count_unrouted(method, status)
+                self._count_unrouted(ex.method, status)
             self._access_log.record(ex, duration)
 
-    @staticmethod
-    def _send(ex: _Exchange, reply: Reply) -> None:
+    def _route(self, ex: _Exchange) -> Reply | None:
+        """Route and admit the request; a Reply when the gateway answers it
+        itself (OPTIONS *, a CORS preflight), None when it goes to `_forward`.
+        Refusals (400, 404, 405, 413, 429) are raised."""
+        request = ex.request
+        method = ex.method
+        if request.raw_path[0] != "/" and asks_about_the_server(method, request.raw_path):
+            # The gateway is that server: no route serves "*", and
+            # forwarding it would pick a target at random.
+            return Reply(200)
+        if has_dot_segment(ex.raw_path):
+            # Before routing and CORS: the prefix matched would not confine it.
+            raise BadRequest("a dot-segment in the request path")
+        headers = request.headers
+        if method == "OPTIONS" and is_preflight(method, headers):
+            preflight = self._preflight(ex)
+            if preflight is not None:
+                return preflight
+        route_config = ex.snap.table.match(method, ex.host, ex.raw_path, headers)
+        route = ex.snap.routes[route_config.name]
+        ex.runtime = route
+        ex.route = route.name
+        if route.cors is not None:
+            ex.cors_headers = route.cors.response_headers(headers)
+        ex.limit_headers = self._admit(ex)
+        return None
+
+    def _send(self, ex: _Exchange, reply: Reply) -> None:
         """Write a gateway-made response now, so that its line counts the body
         bytes that really left (none after a HEAD, or if the client is gone)."""
+        _finish_headers(ex, reply.headers)
         ex.bytes_out += ex.request.writer.send_reply(reply)
-        ex.status = reply.status
 
     def log_in_flight(self, cut: str) -> int:
         """Write the line of every request still running, as cut by `cut`;
@@ -309,43 +343,36 @@ class ProxyHandler:
         live = list(self._live)
         self._live.clear()
         for ex in live:
-            ex.cut = cut
-            ex.status = _cut_status(ex)
+            ex.settle(cut)
             self._access_log.record(ex, now - ex.started_at)
         self._access_log.flush()
         return len(live)
 
-    def _preflight(
-        self,
-        snap: Snapshot,
-        host: str | None,
-        raw_path: str,
-        headers: CIMultiDictProxy[str],
-        rid: str,
-        client: str,
-    ) -> tuple[RouteRuntime, Reply] | None:
+    def _preflight(self, ex: _Exchange) -> Reply | None:
         """Answer a CORS preflight locally, for the route of the announced request.
 
         The route's `methods` are ignored here: OPTIONS is rarely listed, and
         the preflight asks about the method it announces. A route without a
         CORS policy lets the OPTIONS through to its target like any request.
         """
+        headers = ex.request.headers
         try:
-            config = snap.table.match(None, host, raw_path, headers)
+            config = ex.snap.table.match(None, ex.host, ex.raw_path, headers)
         except GatewayError:
             return None
-        route = snap.routes[config.name]
+        route = ex.snap.routes[config.name]
         if route.cors is None:
             return None
+        ex.runtime = route
+        ex.route = route.name
         status, cors = route.cors.preflight(headers)
         response = Reply(status)
         for name, value in cors:
             response.headers.add(name, value)
         # A preflight is answered here and takes no token.
-        for name, value in self._shown_limits(route, _bucket_key(route, headers, client)):
+        for name, value in self._shown_limits(route, _bucket_key(route, headers, ex.client)):
             response.headers[name] = value
-        response.headers["X-Request-ID"] = rid
-        return route, response
+        return response
 
     def record_refusal(self, error: GatewayError, rid: str, client: str, bytes_out: int) -> None:
         """A request refused before it reached this handler (see h1server.py),
@@ -357,18 +384,22 @@ class ProxyHandler:
         entry.error = error.code
         self._access_log.record(entry, 0.0)
 
-    def _shown_limits(self, route: RouteRuntime, key: str) -> list[tuple[str, str]]:
+    def _shown_limits(self, route: RouteRuntime, key: str) -> Sequence[tuple[str, str]]:
         """The rate-limit headers of a response that takes no token: every
         response on a limited route shows the limit (CONTRACT.md "Rate limits")."""
         if route.buckets is None:
-            return []
+            return _NO_HEADERS
         bucket = route.buckets.peek(key)
         return rate_limit_headers(route.name, bucket, self._clock(), True)
 
-    def _admit(self, request: Request, route: RouteRuntime, client: str) -> list[tuple[str, str]]:
-        """Body-size and rate-limit checks, before any upstream work."""
+    def _admit(self, ex: _Exchange) -> Sequence[tuple[str, str]]:
+        """Body-size and rate-limit checks, before any upstream work; the
+        rate-limit headers every response to the request then carries."""
+        route = ex.runtime
+        assert route is not None
+        request = ex.request
         buckets = route.buckets
-        key = _bucket_key(route, request.headers, client)
+        key = _bucket_key(route, request.headers, ex.client)
         limit = route.config.max_body_bytes
         length = request.content_length
         if limit and length is not None and length > limit:
@@ -377,7 +408,7 @@ class ProxyHandler:
                 dict(self._shown_limits(route, key)),  # this refusal takes no token
             )
         if buckets is None:
-            return []
+            return _NO_HEADERS
         allowed, bucket = buckets.take(key)
         headers = rate_limit_headers(route.name, bucket, self._clock(), allowed)
         if not allowed:
@@ -385,145 +416,128 @@ class ProxyHandler:
             raise RateLimited("rate limit exceeded", dict(headers))
         return headers
 
-    def _error_response(self, request: Request, error: GatewayError, rid: str) -> Reply:
+    @staticmethod
+    def _error_reply(ex: _Exchange, error: GatewayError) -> Reply:
         # A body left unread (refused before upload, or cut short) may still
         # be on its way: end the connection rather than read what nobody wants.
-        return json_reply(error, rid, close=not request.content.at_eof())
+        return json_reply(error, ex.request_id, close=not ex.request.content.at_eof())
 
-    async def _forward(
-        self,
-        request: Request,
-        snap: Snapshot,
-        route: RouteRuntime,
-        ex: _Exchange,
-        *,
-        rid: str,
-        client: str,
-        peer: str,
-        peer_trusted: bool,
-        host: str | None,
-        raw_path: str,
-        raw_query: str | None,
-        extra_headers: list[tuple[str, str]],
-        cors_headers: list[tuple[str, str]],
-    ) -> Reply | None:
-        pool = route.pool
-        has_body = request.body_exists
-        if (
-            has_body
-            and request.version >= (1, 1)
-            and request.headers.get("Expect", "").lower() == "100-continue"
-        ):
-            # The gateway owns Expect: it invites the body only when an
-            # attempt reads it (`_body`), i.e. once a target was picked and
-            # connected, so an upload refused for any reason (503 included)
-            # is refused before the client sends it. Upstream never sees
-            # Expect, so no second 100 can reach the client (the upstream
-            # client skips 1xx responses).
-            ex.expect_continue = True
-        scheme = "https" if request.secure else "http"
-        tried: list[Target] = []
-        attempt = 0
-        budget = pool.budget
+    async def _forward(self, ex: _Exchange) -> None:
+        """Pick a target, try it, decide: relay its answer, or retry on
+        another. Gives up with the last failure's 502/504, or 503 when no
+        target is left to pick."""
+        # The gateway owns Expect: the writer sends `100 Continue` only when
+        # an attempt reads the body (`_body`), i.e. once a target was picked
+        # and connected, so an upload refused for any reason (503 included)
+        # is refused before the client sends it. Upstream never sees Expect,
+        # so no second 100 can reach the client (the upstream client skips
+        # 1xx responses).
+        route = ex.runtime
+        assert route is not None
+        budget = route.pool.budget
         budget.enter()
-        # This attempt is a retry the budget counts until its verdict.
-        held = False
-        last_error: GatewayError | None = None
         try:
             while True:
-                picked = pool.pick(client, tuple(tried))
-                if picked is None:
-                    if last_error is not None:
-                        # A retry found no target left (the failure may just
-                        # have opened the last breaker): the failed attempt's
-                        # own 502/504 says more than a 503 would.
-                        raise last_error
-                    raise NoHealthyTarget(
-                        f"no healthy target in upstream {pool.name!r}",
-                        {"Retry-After": str(math.ceil(pool.retry_after()))},
-                    )
-                target, early = picked
-                tried.append(target)
-                ex.target = target
-                # One breaker for the whole attempt: a reload that changes the
-                # breaker settings replaces `target.breaker`, and a verdict of
-                # this attempt must land on the breaker that admitted it.
-                breaker = target.breaker
-                if not breaker.acquire(early):
+                target = self._pick(ex)
+                if target is None:
                     continue  # lost the half-open trial to another request
-                # Only the trial may hand the half-open state back: a request
-                # admitted before the trip must not free another's trial
-                # (breaker.py, rule 4), or two trials would run at once.
-                trial = breaker.state == "half_open"
                 with target:
-                    try:
-                        try:
-                            upstream = await self._attempt(
-                                request,
-                                route,
-                                target,
-                                ex,
-                                rid,
-                                peer,
-                                peer_trusted,
-                                scheme,
-                                host,
-                                raw_path,
-                                raw_query,
-                                has_body,
-                            )
-                        finally:
-                            if held:  # the retry has its verdict (or none will come)
-                                held = False
-                                budget.give_back()
-                    except _UpstreamFailed as failed:
-                        breaker.record_failure()
-                        if not self._may_retry(route, attempt, failed, None, ex):
-                            raise failed.error from failed
-                        held = not failed.connect_failed
-                        last_error = failed.error
-                    except BaseException:
-                        # No verdict on the target (client silent or over the
-                        # body limit, or cancelled): hand back a half-open
-                        # trial so that the breaker cannot stay stuck in it.
-                        if trial:
-                            breaker.release()
-                        raise
-                    else:
-                        if upstream.status not in GATEWAY_FAILURE_STATUSES:
-                            target.ok_counter.inc()
-                            breaker.record_success()
-                            await self._relay(
-                                request, route, upstream, ex, rid, extra_headers, cors_headers
-                            )
-                            return None
-                        target.error_counter.inc()
-                        breaker.record_failure()
-                        if not self._may_retry(route, attempt, None, upstream.status, ex):
-                            # Out of retries: the target's own 5xx is the answer.
-                            await self._relay(
-                                request, route, upstream, ex, rid, extra_headers, cors_headers
-                            )
-                            return None
-                        held = True
-                        upstream.close()
-                        last_error = None
+                    upstream = await self._try(ex, target)
+                    if upstream is not None and self._decide(ex, target, upstream):
+                        await self._relay(ex, upstream)
+                        return
                 # Back off outside `hold()`: the failed target is not in flight.
-                await asyncio.sleep(backoff(attempt))
-                attempt += 1
+                await asyncio.sleep(backoff(ex.attempt))
+                ex.attempt += 1
         finally:
-            if held:  # cancelled in the backoff sleep
+            if ex.held:  # cancelled in the backoff sleep
+                ex.held = False
                 budget.give_back()
             budget.leave()
 
     @staticmethod
-    def _may_retry(
-        route: RouteRuntime,
-        attempt: int,
-        failed: _UpstreamFailed | None,
-        status: int | None,
-        ex: _Exchange,
-    ) -> bool:
+    def _pick(ex: _Exchange) -> Target | None:
+        """The next target, admitted by its breaker; None if another request
+        took the half-open trial it offered (pick again). Raises when nothing
+        is left to pick."""
+        route = ex.runtime
+        assert route is not None
+        pool = route.pool
+        picked = pool.pick(ex.client, ex.picked)
+        if picked is None:
+            if ex.last_error is not None:
+                # A retry found no target left (the failure may just have
+                # opened the last breaker): the failed attempt's own 502/504
+                # says more than a 503 would.
+                raise ex.last_error
+            raise NoHealthyTarget(
+                f"no healthy target in upstream {pool.name!r}",
+                {"Retry-After": str(math.ceil(pool.retry_after()))},
+            )
+        target, early = picked
+        ex.picked += (target,)
+        ex.target = target
+        # One breaker for the whole attempt: a reload that changes the
+        # breaker settings replaces `target.breaker`, and a verdict of this
+        # attempt must land on the breaker that admitted it.
+        breaker = target.breaker
+        ex.breaker = breaker
+        if not breaker.acquire(early):
+            return None
+        # Only the trial may hand the half-open state back: a request
+        # admitted before the trip must not free another's trial
+        # (breaker.py, rule 4), or two trials would run at once.
+        ex.trial = breaker.state == "half_open"
+        return target
+
+    async def _try(self, ex: _Exchange, target: Target) -> H1Response | None:
+        """One attempt on `target`: its response head, or None when it failed
+        before answering and may be retried (raises when it may not)."""
+        breaker = ex.breaker
+        assert breaker is not None
+        try:
+            try:
+                return await self._attempt(ex, target)
+            finally:
+                if ex.held:  # the retry has its verdict (or none will come)
+                    ex.held = False
+                    assert ex.runtime is not None
+                    ex.runtime.pool.budget.give_back()
+        except _UpstreamFailed as failed:
+            breaker.record_failure()
+            if not self._may_retry(ex, failed, None):
+                raise failed.error from failed
+            ex.held = not failed.connect_failed
+            ex.last_error = failed.error
+            return None
+        except BaseException:
+            # No verdict on the target (client silent or over the body
+            # limit, or cancelled): hand back a half-open trial so that the
+            # breaker cannot stay stuck in it.
+            if ex.trial:
+                breaker.release()
+            raise
+
+    def _decide(self, ex: _Exchange, target: Target, upstream: H1Response) -> bool:
+        """The verdict on a target that answered: True to relay its answer,
+        False to retry (`upstream` is then closed)."""
+        breaker = ex.breaker
+        assert breaker is not None
+        if upstream.status not in GATEWAY_FAILURE_STATUSES:
+            target.ok_counter.inc()
+            breaker.record_success()
+            return True
+        target.error_counter.inc()
+        breaker.record_failure()
+        if not self._may_retry(ex, None, upstream.status):
+            return True  # out of retries: the target's own 5xx is the answer
+        ex.held = True
+        upstream.close()
+        ex.last_error = None
+        return False
+
+    @staticmethod
+    def _may_retry(ex: _Exchange, failed: _UpstreamFailed | None, status: int | None) -> bool:
         """Safe (contract "Retries"), within the route's count and the pool's budget.
 
         A refused connect spends no budget: no request reached any target, so
@@ -531,9 +545,11 @@ class ProxyHandler:
         load amplification), and a target's crash must not spend the budget
         the requests it held when it died need.
         """
+        route = ex.runtime
+        assert route is not None
         connect_failed = failed is not None and failed.connect_failed
         return (
-            attempt < route.config.retries
+            ex.attempt < route.config.retries
             and may_retry(
                 ex.method,
                 connect_failed=connect_failed,
@@ -544,42 +560,32 @@ class ProxyHandler:
             and (connect_failed or route.pool.budget.try_spend())
         )
 
-    async def _attempt(
-        self,
-        request: Request,
-        route: RouteRuntime,
-        target: Target,
-        ex: _Exchange,
-        rid: str,
-        peer: str,
-        peer_trusted: bool,
-        scheme: str,
-        host: str | None,
-        raw_path: str,
-        raw_query: str | None,
-        has_body: bool,
-    ) -> H1Response:
+    async def _attempt(self, ex: _Exchange, target: Target) -> H1Response:
         """Send one attempt; return once the target's response head is in."""
         ex.tried(target.url)
+        request = ex.request
+        route = ex.runtime
+        assert route is not None
         config = route.config
         headers: CIMultiDict[str] = upstream_request_headers(
             request.headers,
-            peer=peer,
-            peer_trusted=peer_trusted,
-            scheme=scheme,
-            host=host,
-            request_id=rid,
+            peer=ex.peer,
+            peer_trusted=ex.peer_trusted,
+            scheme=ex.scheme,
+            host=ex.host,
+            request_id=ex.request_id,
             preserve_host=config.preserve_host,
             target_host=target.host_header,
         )
         headers.popall("Expect", None)
-        path_qs = forward_path(config, raw_path, raw_query, target.base_path)
+        path_qs = forward_path(config, ex.raw_path, ex.raw_query, target.base_path)
         target_scheme, target_host, port = target.pool_key
+        has_body = request.body_exists
         body: AsyncIterator[bytes] | DirectBody | None = None
         if has_body:
             # Zero-copy only to plain-http targets: TLS records are not the body.
-            body = (target_scheme == "http" and self._spliced_body(request, ex)) or self._body(
-                request, config.max_body_bytes, ex
+            body = (target_scheme == "http" and self._spliced_body(ex)) or self._body(
+                ex, config.max_body_bytes
             )
         try:
             upstream = await route.pool.client.request(
@@ -603,7 +609,7 @@ class ProxyHandler:
                 body.discard()
             if ex.body_error is not None:
                 raise ex.body_error from exc
-            raise self._translate(exc, target, rid) from exc
+            raise self._translate(exc, target, ex.request_id) from exc
         # A gateway-made refusal of the body (413, client silent) wins over
         # whatever the target managed to answer meanwhile.
         ex.answered(upstream.status)
@@ -656,16 +662,17 @@ class ProxyHandler:
         )
         return _UpstreamFailed(error, connect_failed=connect, no_answer=silent)
 
-    async def _body(self, request: Request, limit: int, ex: _Exchange) -> AsyncIterator[bytes]:
+    async def _body(self, ex: _Exchange, limit: int) -> AsyncIterator[bytes]:
         """The client's body, chunk by chunk, as it arrives.
 
         The per-read timeout is the slow-loris guard for bodies: a client
         silent for `client_timeout` mid-body is cut off. It only runs while we
         actually wait on the client, so upstream backpressure never counts.
         """
+        request = ex.request
         content = request.content
         timeout = self._client_timeout()
-        _invite_body(request, ex)
+        request.writer.send_continue()
         while True:
             try:
                 async with asyncio.timeout(timeout):
@@ -687,8 +694,9 @@ class ProxyHandler:
             ex.body_started = True
             yield chunk
 
-    def _spliced_body(self, request: Request, ex: _Exchange) -> _SplicedUpload | None:
+    def _spliced_body(self, ex: _Exchange) -> _SplicedUpload | None:
         """A large Content-Length body goes up zero-copy (splice.py), if it can."""
+        request = ex.request
         length = request.content_length
         if not splice.AVAILABLE or length is None or length < splice.MIN_BYTES:
             return None
@@ -701,25 +709,13 @@ class ProxyHandler:
         if relay is None:
             source.close()
             return None  # at the cap, or out of descriptors: copy
-        return _SplicedUpload(request, ex, relay, source, self._client_timeout())
+        return _SplicedUpload(ex, relay, source, self._client_timeout())
 
-    async def _relay(
-        self,
-        request: Request,
-        route: RouteRuntime,
-        upstream: H1Response,
-        ex: _Exchange,
-        rid: str,
-        extra_headers: list[tuple[str, str]],
-        cors_headers: list[tuple[str, str]],
-    ) -> None:
+    async def _relay(self, ex: _Exchange, upstream: H1Response) -> None:
         """Copy the target's response to the client as it arrives."""
-        headers = client_response_headers(upstream.headers, request_id=rid)
-        for name, value in extra_headers:
-            headers[name] = value
-        if cors_headers:
-            merge_headers(headers, cors_headers)
-        writer = request.writer
+        headers = client_response_headers(upstream.headers, request_id=ex.request_id)
+        _finish_headers(ex, headers)
+        writer = ex.request.writer
         read = upstream.read_chunk
         complete = upstream.complete
         # When the body (or its first piece) is already here, the head
@@ -739,7 +735,7 @@ class ProxyHandler:
                 target = ex.target
                 log.warning(
                     "request %s: target %s: response head not forwarded: %s",
-                    rid,
+                    ex.request_id,
                     target.url if target is not None else "-",
                     exc,
                 )
@@ -747,7 +743,7 @@ class ProxyHandler:
                     f"the response head of {_shown(target)} cannot be forwarded"
                 ) from exc
             if splice.AVAILABLE and upstream.unread() >= splice.MIN_BYTES:
-                spliced = await self._splice_down(request, route, upstream, ex)
+                spliced = await self._splice_down(ex, upstream)
                 if spliced is not None:
                     completed = spliced
                     return None
@@ -758,7 +754,7 @@ class ProxyHandler:
                     # The target failed after the response began: the status
                     # is gone, so the only honest signal is an aborted
                     # transfer (no final chunk, short Content-Length).
-                    _abort(request)
+                    writer.abort()
                     ex.aborted = True
                     return None
                 if not chunk:
@@ -781,13 +777,7 @@ class ProxyHandler:
                 # connection is in an unknown state and must not be pooled.
                 upstream.close()
 
-    async def _splice_down(
-        self,
-        request: Request,
-        route: RouteRuntime,
-        upstream: H1Response,
-        ex: _Exchange,
-    ) -> bool | None:
+    async def _splice_down(self, ex: _Exchange, upstream: H1Response) -> bool | None:
         """Relay the rest of a large Content-Length body zero-copy.
 
         None: not for this response (copy it as usual). True: relayed whole.
@@ -797,6 +787,9 @@ class ProxyHandler:
         # Both duplicates are taken now, before any await, and only they are
         # used: after an await either transport may have closed its socket,
         # and its number may be a new connection's (splice.py's rule).
+        request = ex.request
+        route = ex.runtime
+        assert route is not None
         with contextlib.ExitStack() as held:
             client = splice.dup_socket(request.transport)
             if client is None:
@@ -833,7 +826,7 @@ class ProxyHandler:
             except splice.SpliceError:
                 # The target closed, reset or went silent mid-body: as in the
                 # copying loop, the only honest signal left is an aborted transfer.
-                _abort(request)
+                request.writer.abort()
                 ex.aborted = True
                 return False
             finally:
@@ -855,14 +848,9 @@ class _SplicedUpload(DirectBody):
     """
 
     def __init__(
-        self,
-        request: Request,
-        ex: _Exchange,
-        relay: splice.Relay,
-        source: splice.SocketDup,
-        timeout: float,
+        self, ex: _Exchange, relay: splice.Relay, source: splice.SocketDup, timeout: float
     ) -> None:
-        self._request = request
+        self._request = ex.request
         self._ex = ex
         self._relay = relay
         self._source = source
@@ -886,7 +874,7 @@ class _SplicedUpload(DirectBody):
         try:
             if source.gone():
                 raise ConnectionResetError("the client is gone")
-            _invite_body(request, ex)
+            request.writer.send_continue()
             # From here the socket's bytes belong to the relay.
             prefix, remaining = request.connection.hand_over_body(request)
             received = len(prefix)
@@ -911,7 +899,7 @@ class _SplicedUpload(DirectBody):
             except splice.SourceClosed as exc:
                 # The server, no longer reading, cannot see the client go: end
                 # the connection, which cancels this request like any other.
-                _abort(request)
+                request.writer.abort()
                 raise ConnectionResetError(f"client connection lost: {exc}") from exc
         finally:
             ex.bytes_in += received + relay.moved
@@ -920,31 +908,21 @@ class _SplicedUpload(DirectBody):
                 request.connection.body_spliced(request)
 
 
-def _invite_body(request: Request, ex: _Exchange) -> None:
-    """The `100 Continue` owed to an `Expect: 100-continue` client, sent once
-    (whatever the retries), when an attempt is about to read the body."""
-    if ex.expect_continue:
-        ex.expect_continue = False
-        transport = request.transport
-        if transport is not None:
-            transport.write(_CONTINUE)
+def _finish_headers(ex: _Exchange, headers: CIMultiDict[str]) -> None:
+    """What every response to a request carries, gateway-made or relayed, put
+    in here and nowhere else: its X-Request-ID, and on a route with limits or
+    CORS the rate-limit headers (every response on a limited route shows the
+    limit, errors after admission included) and the CORS headers (without
+    them the browser hides the response, an error's Retry-After too, from the
+    page). Via is a forwarding proxy's mark (RFC 9110 7.6.3): only relayed
+    responses get it, from `client_response_headers`."""
+    headers["X-Request-ID"] = ex.request_id
+    for name, value in ex.limit_headers:
+        headers[name] = value
+    if ex.cors_headers:
+        merge_headers(headers, ex.cors_headers)
 
 
 def _shown(target: Target | None) -> str:
     """How an error body names a target: by its upstream, never by URL or address."""
     return f'upstream "{target.upstream}"' if target is not None else "the upstream"
-
-
-def _cut_status(ex: _Exchange) -> int:
-    """The logged status of a request cut short: what the client got if its
-    response began, else 499 (client gone, as nginx) or 503 (cut by us)."""
-    writer = ex.request.writer
-    if writer.started:
-        return writer.status
-    return CLIENT_CLOSED if ex.cut == "client" else SERVER_CUT
-
-
-def _abort(request: Request) -> None:
-    transport = request.transport
-    if transport is not None:
-        transport.abort()

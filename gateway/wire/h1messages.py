@@ -22,6 +22,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway.core.errors import GatewayError, json_body
 from gateway.core.headers import encode_head
 
+# RFC 9110 10.1.1: the interim answer to `Expect: 100-continue`.
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 # A request body buffer above this pauses reading the client socket; the
 # handler's next read (which takes the whole buffer) resumes it.
 _BODY_HIGH: Final = 256 * 1024
@@ -243,6 +245,7 @@ class ResponseWriter:
     __slots__ = (
         "_chunked",
         "_conn",
+        "_continue_done",
         "_empty",
         "_held",
         "_request",
@@ -259,6 +262,7 @@ class ResponseWriter:
         self._held: bytes | None = None
         self._chunked = False
         self._empty = False
+        self._continue_done = False
         self.eof_sent = False
         self.keep_alive = request.keep_alive
         self.output_size = 0
@@ -324,6 +328,35 @@ class ResponseWriter:
             self._held = head
         else:
             self._send(head)
+
+    def send_continue(self) -> None:
+        """The `100 Continue` an HTTP/1.1 client with a body and
+        `Expect: 100-continue` waits for (RFC 9110 10.1.1), at most once.
+
+        The caller invites the body only when it is about to read it, so that
+        an upload refused first (413, 429, 503) is never sent; a retry that
+        reads it again must not write a second 100."""
+        if self._continue_done:
+            return
+        self._continue_done = True
+        request = self._request
+        if (
+            request.body_exists
+            and request.version >= (1, 1)
+            and request.headers.get("Expect", "").lower() == "100-continue"
+        ):
+            transport = request.transport
+            if transport is not None:
+                transport.write(_CONTINUE)
+
+    def abort(self) -> None:
+        """End the connection at once, without a proper end of the body: the
+        only honest signal left when a response that began cannot be finished
+        (no final chunk, a short Content-Length), and the way to cancel a
+        request whose socket the server no longer reads."""
+        transport = self._request.transport
+        if transport is not None:
+            transport.abort()
 
     def _send(self, data: bytes) -> None:
         transport = self._conn.transport
