@@ -665,18 +665,83 @@ async def test_retry_budget_caps_concurrent_retries_under_load(
     make_gateway: GatewayFactory, backends: BackendFactory, client: aiohttp.ClientSession
 ) -> None:
     a, b = await backends("a"), await backends("b")
-    a.mode = b.mode = "slow503"
+    a.mode = b.mode = "503"
     gw = await make_gateway(
         gateway_toml([a.url, b.url], route="retries = 2", upstream_tables=NO_BREAKER)
     )
+    # A lone client spends the rate rule's window (10 retries/s over 10 s
+    # plus 20 % of first attempts: 112 after 60 requests) on 120 retries;
+    # the concurrency rule's floor (3 in flight) still lets every one go.
+    lone = 60
+    for _ in range(lone):
+        assert (await fetch(client, gw.url + "/x")).status == 503
+    assert len(a.hits) + len(b.hits) == 3 * lone
+    # The window spent, 20 requests failing together get what the
+    # concurrency rule has room for: retries in flight <= max(3, 20 % of
+    # 20 in flight) = 4, so 4 retry (then at most 4 once more); without
+    # the budget every request would have made 2 retries (40).
+    a.mode = b.mode = "slow503"
     first_attempts = 20
     answers = await asyncio.gather(*(fetch(client, gw.url + "/x") for _ in range(first_attempts)))
     assert {answer.status for answer in answers} == {503}
-    retries = len(a.hits) + len(b.hits) - first_attempts
-    # Envoy's budget: retries in flight <= max(3, 20 % of requests in flight).
-    # The 20 fail together, so at most 4 retry (then at most 4 once more);
-    # without the budget every request would have made 2 retries (40).
+    retries = len(a.hits) + len(b.hits) - 3 * lone - first_attempts
     assert 3 <= retries <= 8
+
+
+async def test_requests_parked_on_a_hung_target_all_retry_when_it_times_out_together(
+    make_gateway: GatewayFactory, backends: BackendFactory, client: aiohttp.ClientSession
+) -> None:
+    # A frozen target (SIGSTOP): it accepts and never answers, and every
+    # request parked on it reaches read_timeout within milliseconds of the
+    # others. A budget of concurrent retries alone (max(3, 20 % of 16 in
+    # flight)) retried 3 of 16 and answered the rest 504; the rate rule's
+    # floor has room for all of them.
+    hung, ok = await backends("hung"), await backends("ok")
+    hung.mode = "stall"
+    gw = await make_gateway(
+        gateway_toml(
+            [hung.url, ok.url], route="retries = 1\nread_timeout = 0.3", upstream_tables=NO_BREAKER
+        )
+    )
+    parked = 16
+    # Round robin: every other request parks on the hung target; those on
+    # `ok` finish at once, so the 16 parked ones are all that is in flight.
+    answers = await asyncio.gather(*(fetch(client, gw.url + "/x") for _ in range(2 * parked)))
+    assert [answer.status for answer in answers] == [200] * (2 * parked)
+    assert len(hung.hits) == parked
+    assert len(ok.hits) == 2 * parked
+
+
+async def test_a_retry_storm_stays_within_a_fifth_of_the_first_attempts_plus_the_floor(
+    make_gateway: GatewayFactory, backends: BackendFactory, client: aiohttp.ClientSession
+) -> None:
+    # Every target answers 503 to everything; 50 clients keep 1000 GETs
+    # going. Without a budget each request would be tried on all 3 targets
+    # (3000 upstream requests); the rate rule allows 20 % of the first
+    # attempts plus its floor of 10 retries/s over 10 s, and the concurrency
+    # rule 20 % of the requests in flight: whichever has room, not both.
+    targets = [await backends(name) for name in "abc"]
+    for backend in targets:
+        backend.mode = "503"
+    gw = await make_gateway(
+        gateway_toml([t.url for t in targets], route="retries = 2", upstream_tables=NO_BREAKER)
+    )
+    first_attempts, connections = 1000, 50
+    gate = asyncio.Semaphore(connections)
+
+    async def one() -> int:
+        async with gate:
+            return (await fetch(client, gw.url + "/x")).status
+
+    async with asyncio.timeout(WAIT * 4):
+        statuses = await asyncio.gather(*(one() for _ in range(first_attempts)))
+    assert set(statuses) == {503}
+    seen = sum(len(t.hits) for t in targets)
+    floor = 10 * 10
+    # The rule that lets a retry in counts it for both, so the two add up
+    # only by what the concurrency rule has room for once the window is
+    # spent: 20 % of the 50 in flight (1 to 3 over the bound were measured).
+    assert first_attempts + floor <= seen <= first_attempts * 1.2 + floor + connections * 0.2
 
 
 async def test_one_client_at_a_time_never_runs_out_of_retries_beside_a_dead_target(

@@ -5,10 +5,11 @@
 - `backoff` is "full jitter" (AWS Architecture Blog, "Exponential Backoff And
   Jitter", 2015): uniform in [0, min(cap, base * 2**attempt)), so clients that
   failed together do not retry together.
-- `RetryBudget` bounds the retries in flight to a fraction of the requests in
-  flight, with a floor, as Envoy's `retry_budget` does: when a whole upstream
-  is failing, per-request retry counts alone would multiply its load by
-  `retries + 1` exactly when it can least take it.
+- `RetryBudget` bounds retries to about a fifth of the traffic, with floors
+  (Envoy's concurrent `retry_budget` or Finagle's windowed `RetryBudget`,
+  whichever has room): when a whole upstream is failing, per-request retry
+  counts alone would multiply its load by `retries + 1` exactly when it can
+  least take it.
 """
 
 from __future__ import annotations
@@ -87,37 +88,90 @@ def backoff(
 
 
 class RetryBudget:
-    """Envoy's retry budget: a bound on retries *in flight*, not per window.
+    """A retry may start when the concurrency rule OR the rate rule has room.
 
-    A retry may start while fewer than `max(min_concurrency, ratio * active)`
-    retries are running, `active` being the upstream's requests in flight
-    (Envoy's `retry_budget`: `budget_percent` 20%, `min_retry_concurrency` 3;
-    envoy/api/envoy/config/cluster/v3/circuit_breaker.proto). Under load,
-    retries stay a fifth of the traffic however many targets fail, so a
-    failing upstream is not sent `retries + 1` times its load (a retry
-    storm). A client alone, sending one request at a time, has at most one
-    retry running, always within the floor, so it is never refused a retry
-    while a healthy target is there: a floor counted per time window (3 per
-    10 s before) ran out after a few failures of a dead target and failed
-    requests a healthy target could have served.
+    - Concurrency (Envoy's `retry_budget`, `budget_percent` 20 %,
+      `min_retry_concurrency` 3; envoy/config/cluster/v3/circuit_breaker.proto):
+      fewer than `max(min_concurrency, ratio * active)` retries in flight,
+      `active` being the upstream's requests in flight. A client alone,
+      sending one request at a time, has at most one retry running, always
+      within the floor, however fast it goes and however many of its
+      requests meet a failing target.
+    - Rate (Finagle's `RetryBudget(ttl = 10.s, minRetriesPerSec = 10,
+      percentCanRetry = 0.2)`, its default): at most
+      `min_per_sec * window + ratio * first attempts` retries in the last
+      `window` seconds. A burst of requests that fail together (a frozen
+      target: every request parked on it times out within milliseconds)
+      retries all at once on what the window has earned, where the
+      concurrency rule alone let only 3 of 16 retry.
 
-    Every `enter()` must be followed by one `leave()`, and every True from
-    `try_spend()` by one `give_back()` once that retry has its verdict, each
-    in a `finally` (a lost `leave()` would widen the budget for good, a lost
-    `give_back()` narrow it).
+    Each rule alone failed one of those two cases (a window with a floor of
+    3 retries per 10 s failed the lone client; the concurrency rule alone
+    the burst). Under a storm (every target failing, many requests) both are
+    exceeded, so retries stay about a fifth of the traffic: the larger of
+    `ratio` of first attempts plus the floor per window (the rate rule) and
+    `ratio` of the requests in flight (the concurrency rule), instead of the
+    `retries + 1` times its load a failing upstream would get without one.
+
+    `enter()` counts a request (its first attempt) and must be followed by
+    one `leave()`; every True from `try_spend()` counts a retry in flight
+    until one `give_back()` once that retry has its verdict, each in a
+    `finally` (a lost `leave()` would widen the concurrency rule for good, a
+    lost `give_back()` narrow it). The window slides in `SLOTS` slots: O(1)
+    memory and work per call however busy the upstream is; a slot leaves as
+    a whole, so the window covered is between 0.9 and 1.0 times `window`.
     """
 
-    __slots__ = ("_active", "_retrying", "min_concurrency", "ratio")
+    SLOTS: Final = 10
 
-    def __init__(self, ratio: float = 0.2, min_concurrency: int = 3) -> None:
+    __slots__ = (
+        "_active",
+        "_clock",
+        "_firsts",
+        "_head",
+        "_retries",
+        "_retrying",
+        "_slot_width",
+        "_total_firsts",
+        "_total_retries",
+        "min_concurrency",
+        "min_per_sec",
+        "ratio",
+        "window",
+    )
+
+    def __init__(
+        self,
+        ratio: float = 0.2,
+        min_concurrency: int = 3,
+        min_per_sec: float = 10.0,
+        window: float = 10.0,
+        *,
+        clock: Callable[[], float],
+    ) -> None:
         if not (ratio >= 0.0 and math.isfinite(ratio)):
             raise ValueError("ratio must be a finite number >= 0")
         if min_concurrency < 0:
             raise ValueError("min_concurrency must be >= 0")
+        if not (min_per_sec >= 0.0 and math.isfinite(min_per_sec)):
+            raise ValueError("min_per_sec must be a finite number >= 0")
+        if not (window > 0.0 and math.isfinite(window)):
+            raise ValueError("window must be a positive number of seconds")
         self.ratio: Final = ratio
         self.min_concurrency: Final = min_concurrency
+        self.min_per_sec: Final = min_per_sec
+        self.window: Final = window
+        self._clock = clock
         self._active = 0
         self._retrying = 0
+        self._slot_width = window / self.SLOTS
+        self._firsts = [0] * self.SLOTS
+        self._retries = [0] * self.SLOTS
+        self._total_firsts = 0
+        self._total_retries = 0
+        # Index (time // slot width) of the newest slot; the older ones hold
+        # slot indices head-9 .. head-1, modulo SLOTS.
+        self._head = math.floor(clock() / self._slot_width)
 
     @property
     def active(self) -> int:
@@ -129,20 +183,61 @@ class RetryBudget:
         """Retries in flight."""
         return self._retrying
 
+    def firsts(self) -> int:
+        """First attempts in the current window."""
+        self._advance()
+        return self._total_firsts
+
+    def retries(self) -> int:
+        """Retries started in the current window."""
+        self._advance()
+        return self._total_retries
+
     def enter(self) -> None:
+        """A request starts: one more in flight, one more first attempt."""
         self._active += 1
+        self._firsts[self._advance()] += 1
+        self._total_firsts += 1
 
     def leave(self) -> None:
         self._active -= 1
 
     def try_spend(self) -> bool:
-        """Start one retry and return True if the budget has room for it."""
-        allowed = max(float(self.min_concurrency), self.ratio * self._active)
-        if self._retrying + 1 > allowed:
-            return False
+        """Start one retry and return True if either rule has room for it."""
+        slot = self._advance()
+        concurrent = self._retrying + 1 <= max(
+            float(self.min_concurrency), self.ratio * self._active
+        )
+        if not concurrent:
+            floor = self.min_per_sec * self.window
+            if self._total_retries + 1 > floor + self.ratio * self._total_firsts:
+                return False
+        # Both rules count every retry, whichever rule let it in.
         self._retrying += 1
+        self._retries[slot] += 1
+        self._total_retries += 1
         return True
 
     def give_back(self) -> None:
-        """A retry got its verdict (or was abandoned): it no longer counts."""
+        """A retry got its verdict (or was abandoned): no longer in flight.
+
+        It stays counted in the window it started in.
+        """
         self._retrying -= 1
+
+    def _advance(self) -> int:
+        """Drop the slots that slid out of the window; return the current one."""
+        index = math.floor(self._clock() / self._slot_width)
+        head = self._head
+        if index > head:
+            # At most SLOTS slots to clear, however long the budget sat idle.
+            for old in range(head + 1, min(index, head + self.SLOTS) + 1):
+                slot = old % self.SLOTS
+                self._total_firsts -= self._firsts[slot]
+                self._total_retries -= self._retries[slot]
+                self._firsts[slot] = 0
+                self._retries[slot] = 0
+            self._head = head = index
+        # A clock that stepped back (it should not: monotonic) counts into
+        # the newest slot rather than into one already reused.
+        return head % self.SLOTS

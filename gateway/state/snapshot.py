@@ -129,7 +129,7 @@ class Runtime:
             targets.append(target)
         budget = self.budgets.get(up.name)
         if budget is None:
-            budget = self.budgets[up.name] = RetryBudget()
+            budget = self.budgets[up.name] = RetryBudget(clock=self.clock)
         panic = self.panics.get(up.name)
         if panic is None:
             panic = self.panics[up.name] = PanicState(up.name, self.metrics)
