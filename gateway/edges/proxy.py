@@ -45,6 +45,7 @@ from gateway.core.headers import (
 from gateway.core.limits import rate_limit_headers
 from gateway.core.retry import backoff, may_retry
 from gateway.core.routing import forward_path, has_dot_segment
+from gateway.edges.auth import AuthStep, RequestAuth
 from gateway.state.log import AccessEntry, AccessLog
 from gateway.state.metrics import Metrics, RequestCounter
 from gateway.state.snapshot import RouteRuntime, Snapshot, SnapshotBox
@@ -79,6 +80,7 @@ class _Exchange(AccessEntry):
 
     __slots__ = (
         "aborted",
+        "auth",
         "body_error",
         "body_started",
         "expect_continue",
@@ -96,6 +98,7 @@ class _Exchange(AccessEntry):
         self.body_started = False
         self.body_error: GatewayError | None = None
         self.target: Target | None = None
+        self.auth: RequestAuth | None = None  # set by the auth hook after routing
 
 
 class _UpstreamFailed(Exception):
@@ -147,10 +150,18 @@ def split_target(raw: str) -> tuple[str | None, str, str | None]:
     return authority, path, (query if sep else None)
 
 
-def _bucket_key(route: RouteRuntime, headers: CIMultiDictProxy[str], client: str) -> str:
+def _bucket_key(
+    route: RouteRuntime,
+    headers: CIMultiDictProxy[str],
+    client: str,
+    consumer: str | None = None,
+) -> str:
     """The rate-limit bucket a request draws from on `route`."""
     if route.buckets is None or route.limit_by_route:
         return ""
+    if route.limit_by_consumer:
+        # JWT `sub` or key consumer; prefixed so that no name can be an address.
+        return f"consumer {consumer}" if consumer else client
     value = headers.get(route.limit_header) if route.limit_header else None
     # Header values are the client's to choose: prefixed, one spelled like an
     # address cannot drain (or reuse) that client's bucket.
@@ -175,6 +186,7 @@ class ProxyHandler:
         self._count_unrouted = RequestCounter(metrics, "").count
         # The requests running now: a second SIGTERM logs them before exiting.
         self._live: set[_Exchange] = set()
+        self._auth = AuthStep()
 
     async def __call__(self, request: Request) -> Reply | None:
         """Answer one request through `request.writer`; always None.
@@ -219,13 +231,25 @@ class ProxyHandler:
                     if preflight is not None:
                         route, answer = preflight
                         ex.route = route.name
+                        self._auth.check_ip(route, client)  # auth hook: IP access first
                         return self._send(ex, answer)
                 route_config = snap.table.match(method, host, raw_path, headers)
                 route = snap.routes[route_config.name]
                 ex.route = route.name
                 if route.cors is not None:
                     cors_headers = route.cors.response_headers(headers)
-                limit_headers = self._admit(request, route, client)
+                # auth hook: IP access (403), auth (401), scopes/claims (403)
+                ex.auth = await self._auth.check(
+                    snap, route, headers, client=client, rid=rid, host=host, raw_path=raw_path
+                )
+                ex.consumer = ex.auth.consumer
+                limit_headers = self._admit(request, route, client, ex.consumer)
+                if route.config.redirect is not None:  # auth hook: a redirect route
+                    answer = self._auth.redirect(route, ex.auth, raw_path, raw_query)
+                    for name, value in limit_headers:
+                        answer.headers[name] = value
+                    merge_headers(answer.headers, cors_headers)
+                    return self._send(ex, answer)
                 response = await self._forward(
                     request,
                     snap,
@@ -365,10 +389,12 @@ class ProxyHandler:
         bucket = route.buckets.peek(key)
         return rate_limit_headers(route.name, bucket, self._clock(), True)
 
-    def _admit(self, request: Request, route: RouteRuntime, client: str) -> list[tuple[str, str]]:
+    def _admit(
+        self, request: Request, route: RouteRuntime, client: str, consumer: str | None = None
+    ) -> list[tuple[str, str]]:
         """Body-size and rate-limit checks, before any upstream work."""
         buckets = route.buckets
-        key = _bucket_key(route, request.headers, client)
+        key = _bucket_key(route, request.headers, client, consumer)
         limit = route.config.max_body_bytes
         length = request.content_length
         if limit and length is not None and length > limit:
@@ -573,7 +599,9 @@ class ProxyHandler:
             target_host=target.host_header,
         )
         headers.popall("Expect", None)
-        path_qs = forward_path(config, raw_path, raw_query, target.base_path)
+        if ex.auth is not None:  # auth hook: identity headers, strip_credentials, transforms
+            self._auth.request_headers(headers, route, ex.auth)
+        path_qs = forward_path(config, raw_path, raw_query, target.base_path, route.rewrite)
         target_scheme, target_host, port = target.pool_key
         body: AsyncIterator[bytes] | DirectBody | None = None
         if has_body:
@@ -719,6 +747,8 @@ class ProxyHandler:
             headers[name] = value
         if cors_headers:
             merge_headers(headers, cors_headers)
+        if ex.auth is not None:  # auth hook: [routes.response_headers]
+            self._auth.response_headers(headers, route, ex.auth)
         writer = request.writer
         read = upstream.read_chunk
         complete = upstream.complete
