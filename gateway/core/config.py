@@ -1266,9 +1266,11 @@ class _Loader:
         if jwks_file is not None and jwks_url is not None:
             self.error(f"{path}.jwks_url", "cannot be set together with jwks_file")
         elif public_wanted and jwks_file is None and jwks_url is None:
-            self.error(f"{path}.jwks_file", "required (or jwks_url) for " + ", ".join(
-                alg for alg in algorithms if alg not in HMAC_ALGORITHMS
-            ))
+            self.error(
+                f"{path}.jwks_file",
+                "required (or jwks_url) for "
+                + ", ".join(alg for alg in algorithms if alg not in HMAC_ALGORITHMS),
+            )
         if jwks_file is not None:
             jwks = self.read(f"{path}.jwks_file", jwks_file, base)
             if jwks is not None:

@@ -293,4 +293,3 @@ class AuthStep:
                     headers[name] = value
                 else:
                     headers.add(name, value)
-

@@ -198,7 +198,9 @@ class JwtKeys:
             vouching.add(secret_fingerprint(self.policy.secret))
         dropped = self.cache.retain(vouching)
         if dropped:
-            log.info("auth %s: %d cached token(s) dropped with their key", self.policy.name, dropped)
+            log.info(
+                "auth %s: %d cached token(s) dropped with their key", self.policy.name, dropped
+            )
 
 
 @dataclass
