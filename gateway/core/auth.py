@@ -59,7 +59,7 @@ MAX_KID_CHARS: Final = 256
 MAX_API_KEY_CHARS: Final = 512
 
 PLACEHOLDERS: Final = ("client_ip", "request_id", "route", "host", "consumer")
-_PLACEHOLDER: Final = re.compile(r"\{([^{}]*)\}")
+_PLACEHOLDER: Final = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.:-]*)\}")
 _CLAIM_NAME: Final = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _UNSENDABLE: Final = re.compile(r"[\r\n\x00]")
 CONSUMER_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
