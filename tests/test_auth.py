@@ -204,18 +204,20 @@ def test_verify_jwt_refuses_what_the_contract_refuses() -> None:
 def test_token_cache_is_bounded_and_expires_with_the_token() -> None:
     now = [1000.0]
     cache = TokenCache(maxsize=3, clock=lambda: now[0])
-    from gateway.core.auth import Verified
+    from gateway.core.auth import Identity, Verified
 
+    nobody = Identity("p", None, frozenset(), {})
     for i in range(10):
-        cache.put(TokenCache.key(f"t{i}"), Verified({}, "f", 1010.0))
+        cache.put(TokenCache.key(f"t{i}"), Verified(nobody, "f", 1010.0))
     assert len(cache) == 3
     assert cache.get(TokenCache.key("t9")) is not None
     now[0] = 1011.0
     assert cache.get(TokenCache.key("t9")) is None
-    cache.put(TokenCache.key("a"), Verified({}, "old", 2000.0))
-    cache.put(TokenCache.key("b"), Verified({}, "new", 2000.0))
-    assert cache.retain({"new"}) == 1
+    cache.put(TokenCache.key("a"), Verified(nobody, "old", 2000.0))
+    cache.put(TokenCache.key("b"), Verified(nobody, "new", 2000.0))
+    assert cache.retain({"new"}) == 2  # "a" and the one "f" token still held
     assert cache.get(TokenCache.key("a")) is None
+    assert cache.get(TokenCache.key("b")) is not None
 
 
 def test_bearer_token_reading() -> None:

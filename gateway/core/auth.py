@@ -465,10 +465,36 @@ def secret_fingerprint(secret: str) -> str:
     return "hs:" + hashlib.sha256(secret.encode()).hexdigest()
 
 
-class Verified(msgspec.Struct, frozen=True):
-    claims: dict[str, Any]
-    fingerprint: str  # of the key that vouched for it
-    expires_at: float  # unix time (`exp`)
+class Identity:
+    """Who a request authenticated as: the policy, the consumer (JWT `sub`
+    or the key's consumer name), its scopes and the token's claims. Built
+    once per verified token and shared by every request that repeats it."""
+
+    __slots__ = ("claims", "consumer", "policy", "scopes")
+
+    def __init__(
+        self, policy: str, consumer: str | None, scopes: frozenset[str], claims: dict[str, Any]
+    ) -> None:
+        self.policy = policy
+        self.consumer = consumer
+        self.scopes = scopes
+        self.claims = claims
+
+
+class Verified:
+    """A token that passed: its identity, the key that vouched for it and
+    until when (unix time: `exp` + leeway)."""
+
+    __slots__ = ("expires_at", "fingerprint", "identity")
+
+    def __init__(self, identity: Identity, fingerprint: str, expires_at: float) -> None:
+        self.identity = identity
+        self.fingerprint = fingerprint
+        self.expires_at = expires_at
+
+    @property
+    def claims(self) -> dict[str, Any]:
+        return self.identity.claims
 
 
 def verify_jwt(
@@ -547,7 +573,8 @@ def verify_jwt(
         sub = claims.get("sub")
         if sub is not None and not isinstance(sub, str):
             raise TokenRejected("invalid", "sub is not a string")
-        return Verified(claims, fingerprint, float(exp) + policy.leeway)
+        identity = Identity(policy.name, sub, token_scopes(claims), claims)
+        return Verified(identity, fingerprint, float(exp) + policy.leeway)
     raise TokenRejected("invalid", f"signature: {last}")
 
 

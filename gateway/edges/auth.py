@@ -19,6 +19,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.core.auth import (
     HeaderTransform,
+    Identity,
     TokenRejected,
     UnknownKid,
     api_key_challenge,
@@ -29,7 +30,6 @@ from gateway.core.auth import (
     expand,
     has_scopes,
     sendable,
-    token_scopes,
     verify_jwt,
 )
 from gateway.core.errors import BadRequest, Forbidden, Unauthorized
@@ -41,20 +41,6 @@ from gateway.wire.h1messages import Reply
 log = logging.getLogger("gateway.auth")
 
 _EMPTY: Final[dict[str, Any]] = {}
-
-
-class Identity:
-    """Who a request authenticated as."""
-
-    __slots__ = ("claims", "consumer", "policy", "scopes")
-
-    def __init__(
-        self, policy: str, consumer: str | None, scopes: frozenset[str], claims: dict[str, Any]
-    ) -> None:
-        self.policy = policy
-        self.consumer = consumer
-        self.scopes = scopes
-        self.claims = claims
 
 
 class RequestAuth:
@@ -180,9 +166,7 @@ class AuthStep:
                     raise
                 verified = verify_jwt(token, keys.policy, keys.keys, self._clock())
             cache.put(cache_key, verified)
-        claims = verified.claims
-        sub = claims.get("sub")
-        return Identity(keys.policy.name, sub, token_scopes(claims), claims)
+        return verified.identity
 
     def _authorize(self, route: RouteRuntime, identity: Identity, jwt: bool) -> None:
         access = route.config.access
