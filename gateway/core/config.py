@@ -1485,6 +1485,8 @@ def _route_limits(route: RouteConfig) -> str:
         parts.append(f"rate_limit {limit.rate:g}/s burst {limit.burst} by {limit.key}")
     if route.cors is not None:
         parts.append(f"cors {' '.join(route.cors.allow_origins)}")
+    if route.auth:
+        parts.append(f"auth {'|'.join(route.auth)}")
     return ", ".join(parts)
 
 
@@ -1514,8 +1516,20 @@ def summary(config: Config) -> str:
         )
         for target in upstream.targets:
             lines.append(f"    {target.url} weight {target.weight}")
+    if config.auth:
+        lines.append(f"auth       {len(config.auth)}")
+    for name, policy in config.auth.items():
+        if isinstance(policy, JwtPolicy):
+            source = policy.jwks_file or policy.jwks_url or "secret_env"
+            lines.append(f"  {name}: jwt {','.join(policy.algorithms)} keys from {source}")
+        else:
+            lines.append(
+                f"  {name}: api_key in {policy.header}, {len(policy.consumers)} consumers "
+                f"from {policy.keys_file}"
+            )
     lines.append(f"routes     {len(config.routes)}")
     for route in config.routes:
-        lines.append(f"  {route.name}: {_route_match(route)} -> {route.upstream}")
+        answer = route.upstream or f"redirect {route.redirect_status}"
+        lines.append(f"  {route.name}: {_route_match(route)} -> {answer}")
         lines.append(f"    {_route_limits(route)}")
     return "\n".join(lines)
