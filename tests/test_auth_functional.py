@@ -587,3 +587,19 @@ async def test_public_routes_work_without_any_auth_configured(
     )
     status, _, _ = await _get(client, f"{gw.url}/x")
     assert status == 200
+
+
+async def test_two_authorization_or_key_fields_are_never_believed(
+    gw: tuple[Gateway, str, Any], keys: dict[str, KeyPair]
+) -> None:
+    _, url, _ = gw
+    good = keys["RS256"].token().encode()
+    for twice in (
+        b"Authorization: Bearer " + good + b"\r\nAuthorization: Bearer forged\r\n",
+        b"Authorization: Bearer forged\r\nAuthorization: Bearer " + good + b"\r\n",
+        b"X-Api-Key: " + KEY.encode() + b"\r\nX-Api-Key: other\r\n",
+    ):
+        answer = await _raw(
+            url, b"GET /orders HTTP/1.1\r\nHost: a\r\nConnection: close\r\n" + twice + b"\r\n"
+        )
+        assert answer.startswith(b"HTTP/1.1 401"), answer[:60]

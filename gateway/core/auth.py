@@ -541,7 +541,9 @@ def verify_jwt(
         else:
             chosen = fitting
         if not chosen:
-            raise TokenRejected("invalid", f"no key for {alg}")
+            # No key of the set fits (an empty set before the first fetch, or a
+            # rotation to a new key type): worth a refetch, as an unknown kid is.
+            raise UnknownKid(kid or "")
         candidates = [(k.key, k.fingerprint) for k in chosen[:8]]
     options: dict[str, Any] = {
         "require": ["exp"],

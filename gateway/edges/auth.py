@@ -121,7 +121,12 @@ class AuthStep:
         presented = False
         expired = False
         challenges: list[str] = []
-        token = bearer_token(headers.get("Authorization"))
+        authorization = headers.getall("Authorization", ())
+        # Two Authorization fields: we would check one and the target might
+        # read the other; neither is believed (RFC 9110 5.3: not a list field).
+        token = bearer_token(authorization[0]) if len(authorization) == 1 else None
+        if len(authorization) > 1:
+            token = "duplicated"  # presented, and never valid (not a compact JWS)
         for name in route.config.auth:
             keys = policies.jwt.get(name)
             if keys is not None:
@@ -133,15 +138,17 @@ class AuthStep:
                     return await self._verify(keys, token), True
                 except TokenRejected as rejected:
                     expired = expired or rejected.reason == "expired"
-                    log.info("auth %s on route %s: %s", name, route.name, rejected)
+                    # debug: a flood of bad tokens must not flood the log (the metric counts them)
+                    log.debug("auth %s on route %s: %s", name, route.name, rejected)
                 continue
             policy, table = policies.api_keys[name]
             challenges.append(api_key_challenge(policy.header))
-            key = headers.get(policy.header)
-            if key is None:
+            keys_sent = headers.getall(policy.header, ())
+            if not keys_sent:
                 continue
             presented = True
-            consumer = table.find(key)
+            # One key field only, for the same reason as Authorization above.
+            consumer = table.find(keys_sent[0]) if len(keys_sent) == 1 else None
             if consumer is not None:
                 return Identity(name, consumer.name, frozenset(consumer.scopes), {}), False
         reason = "expired" if expired else "invalid" if presented else "missing"
