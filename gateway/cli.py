@@ -11,13 +11,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.metadata
+import json
 import logging
 import os
+import secrets
 import sys
 from collections.abc import Sequence
 from typing import Final
 
 from gateway import __version__
+from gateway.core.auth import CONSUMER_NAME, hash_key, sendable
 from gateway.core.config import DEFAULT_CONFIG_PATH, ConfigError, load, summary
 from gateway.state.log import configure_logging
 
@@ -48,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (("run", "serve"), ("check", "validate the config only")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("-c", "--config", metavar="PATH", help="routes.toml to use")
+    apikey = sub.add_parser("apikey", help="print a new API key and its [consumers.NAME] block")
+    apikey.add_argument("name", help="the consumer's name (A-Z a-z 0-9 . _ : @ -)")
+    apikey.add_argument("--scopes", default="", help="comma-separated scopes, e.g. a,b")
     sub.choices["run"].add_argument(
         "--loop",
         choices=("auto", "uvloop", "asyncio"),
@@ -67,6 +73,35 @@ def check(path: str) -> int:
         return EXIT_CONFIG
     print(summary(config))
     print(f"{path}: ok")
+    return EXIT_OK
+
+
+def apikey(name: str, scopes: str) -> int:
+    """A new random key (256 bits, URL-safe), printed once, and the block to
+    paste into the keys file: only the key's SHA-256 is ever stored."""
+    if not CONSUMER_NAME.fullmatch(name):
+        print(
+            f"gateway apikey: bad name {name!r}: use 1-128 of A-Z a-z 0-9 . _ : @ -",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    wanted = [scope.strip() for scope in scopes.split(",") if scope.strip()]
+    if any(
+        not sendable(scope) or " " in scope or '"' in scope or "\\" in scope for scope in wanted
+    ):
+        print("gateway apikey: a scope is one word", file=sys.stderr)
+        return EXIT_USAGE
+    key = secrets.token_urlsafe(32)
+    print(f"key: {key}")
+    print("(shown once; give it to the consumer, keep only the block below)")
+    print()
+    print(
+        f"[consumers.{json.dumps(name)}]"
+        if "." in name or ":" in name or "@" in name
+        else f"[consumers.{name}]"
+    )
+    print(f'key_sha256 = "{hash_key(key)}"')
+    print("scopes = [" + ", ".join(json.dumps(scope) for scope in wanted) + "]")
     return EXIT_OK
 
 
@@ -114,6 +149,8 @@ def run(path: str, loop_choice: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "apikey":
+        return apikey(args.name, args.scopes)
     path = config_path(args.config)
     if args.command == "check":
         return check(path)

@@ -102,6 +102,7 @@ class Gateway:
         assert self.box is not None
         snapshot = self.runtime.build(config)
         self.box.snapshot = snapshot
+        self.runtime.auth.start()  # JWKS URL fetchers of new policies
         self.health.sync(snapshot)
         self.access_log.set_format(config.server.access_log)
 
@@ -122,6 +123,8 @@ class Gateway:
     async def start(self) -> None:
         config = self._initial_config
         self.box = SnapshotBox(self.runtime.build(config))
+        # JWKS URLs are fetched in the background: start-up does not wait (CONTRACT.md).
+        self.runtime.auth.start()
         self.metrics.config_last_reload_success.set(time.time())
         self.health.sync(self.box.snapshot)
         handler = ProxyHandler(self.box, self.metrics, self.access_log, self._client_timeout)

@@ -453,13 +453,13 @@ def test_regex_route_keeps_its_pattern() -> None:
         pytest.param(
             doc("[routes.rate_limit]\nrate = 1\nburst = 1\nkey = 'ip'"),
             'routes[0] ("r").rate_limit.key: '
-            'must be "client_ip", "route" or "header:NAME", got "ip"',
+            'must be "client_ip", "route", "consumer" or "header:NAME", got "ip"',
             id="rate-key-unknown",
         ),
         pytest.param(
             doc("[routes.rate_limit]\nrate = 1\nburst = 1\nkey = 'header:X Api'"),
             'routes[0] ("r").rate_limit.key: '
-            'must be "client_ip", "route" or "header:NAME", got "header:X Api"',
+            'must be "client_ip", "route", "consumer" or "header:NAME", got "header:X Api"',
             id="rate-key-bad-header-name",
         ),
         pytest.param(
@@ -978,17 +978,20 @@ def test_path_and_regex_with_strip_prefix_does_not_claim_path_is_missing() -> No
         ),
         (
             doc("[routes.rate_limit]\nrate = 1\nburst = 1\nkey = 'client-ip'"),
-            'routes[0] ("r").rate_limit.key: must be "client_ip", "route" or "header:NAME", '
+            'routes[0] ("r").rate_limit.key: must be "client_ip", "route", "consumer" or '
+            '"header:NAME", '
             'got "client-ip"; did you mean "client_ip"?',
         ),
         (
             doc("[routes.rate_limit]\nrate = 1\nburst = 1\nkey = 'headers:X-Api-Key'"),
-            'routes[0] ("r").rate_limit.key: must be "client_ip", "route" or "header:NAME", '
+            'routes[0] ("r").rate_limit.key: must be "client_ip", "route", "consumer" or '
+            '"header:NAME", '
             'got "headers:X-Api-Key"; did you mean "header:X-Api-Key"?',
         ),
         (
             doc("[routes.rate_limit]\nrate = 1\nburst = 1\nkey = 'Header:X-Api-Key'"),
-            'routes[0] ("r").rate_limit.key: must be "client_ip", "route" or "header:NAME", '
+            'routes[0] ("r").rate_limit.key: must be "client_ip", "route", "consumer" or '
+            '"header:NAME", '
             'got "Header:X-Api-Key"; did you mean "header:X-Api-Key"?',
         ),
     ],

@@ -57,6 +57,7 @@ def test_json_line_has_every_key_in_order() -> None:
         "method": "GET",
         "path": "/api/users/7?x=1",
         "route": "users",
+        "consumer": None,
         "target": "http://127.0.0.1:9001",
         "status": 200,
         "bytes_in": 0,
@@ -69,8 +70,8 @@ def test_json_line_has_every_key_in_order() -> None:
         "upstream_status": [None],
     }
     assert list(json.loads(line)) == [
-        "ts", "request_id", "client", "method", "path", "route", "target",
-        "status", "bytes_in", "bytes_out", "duration_ms", "error",
+        "ts", "request_id", "client", "method", "path", "route", "consumer",
+        "target", "status", "bytes_in", "bytes_out", "duration_ms", "error",
         "aborted", "attempts", "targets", "upstream_status",
     ]  # fmt: skip
 

@@ -887,17 +887,27 @@ async def test_rate_limit_headers_on_gateway_errors_of_a_limited_route(
 ) -> None:
     dead = await refused_url(start_upstream)
     gw = await make_gateway(limited_toml(dead, route="max_body_bytes = 10"))
-    # Refused before the bucket: the 413 shows the bucket, takes nothing from it.
+    # The contract's order: rate limit, then body size; the 413 took its token.
     answer = await fetch(client, gw.url + "/x", "POST", data=b"x" * 11)
     assert answer.status == 413
-    assert answer.headers["RateLimit"] == '"limited";r=3;t=0'
-    assert answer.headers["X-RateLimit-Remaining"] == "3"
+    assert answer.headers["RateLimit"] == '"limited";r=2;t=1'
+    assert answer.headers["X-RateLimit-Remaining"] == "2"
     answer = await fetch(client, gw.url + "/x")
     assert answer.status == 502
     assert answer.error() == "bad_gateway"
     assert answer.headers["RateLimit-Policy"] == '"limited";q=3;w=3'
-    assert answer.headers["RateLimit"] == '"limited";r=2;t=1'
-    assert answer.headers["X-RateLimit-Remaining"] == "2"
+    assert answer.headers["RateLimit"] == '"limited";r=1;t=2'
+    assert answer.headers["X-RateLimit-Remaining"] == "1"
+
+
+async def test_an_oversized_body_over_the_rate_limit_is_a_429_not_a_413(
+    make_gateway: GatewayFactory, start_upstream: UpstreamFactory, client: aiohttp.ClientSession
+) -> None:
+    # CONTRACT.md, order of the checks: rate limit (429) before body size (413).
+    dead = await refused_url(start_upstream)
+    gw = await make_gateway(limited_toml(dead, route="max_body_bytes = 10"))
+    codes = [(await fetch(client, gw.url + "/x", "POST", data=b"x" * 11)).status for _ in range(4)]
+    assert codes == [413, 413, 413, 429]
 
 
 async def test_rate_limit_by_header_keeps_a_bucket_per_key(

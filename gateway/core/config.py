@@ -17,15 +17,31 @@ import hashlib
 import ipaddress
 import json
 import math
+import os
 import re
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Final, Literal, TypeVar, get_args
 
 import msgspec
 import yarl
 from msgspec import UNSET, UnsetType
 
+from gateway.core.auth import (
+    HMAC_ALGORITHMS,
+    JWT_ALGORITHMS,
+    AccessConfig,
+    ApiKeyPolicy,
+    AuthPolicy,
+    HeaderTransform,
+    JwtPolicy,
+    RewriteConfig,
+    Template,
+    parse_cidr,
+    parse_jwks,
+    parse_keys_file,
+    parse_template,
+)
 from gateway.core.tomllines import key_lines, line_of
 
 BalancerName = Literal["round_robin", "weighted", "least_connections", "ip_hash"]
@@ -115,6 +131,16 @@ class RouteConfig(msgspec.Struct, frozen=True, kw_only=True):
     retries: int = 0
     rate_limit: RateLimitConfig | None = None
     cors: CorsConfig | None = None
+    # Identity and access (CONTRACT.md "Identity and access")
+    auth: tuple[str, ...] = ()  # policy names; any one may accept
+    strip_credentials: bool = False
+    access: AccessConfig | None = None
+    # Transforms (CONTRACT.md "Header transforms, rewrites, redirects")
+    request_headers: HeaderTransform | None = None
+    response_headers: HeaderTransform | None = None
+    rewrite: RewriteConfig | None = None
+    redirect: Template | None = None  # instead of upstream (which is then "")
+    redirect_status: int = 308
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):
@@ -123,6 +149,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     routes: tuple[RouteConfig, ...]
     path: str  # where it was read from ("<string>" for parse())
     sha256: str  # of the file's bytes
+    auth: dict[str, AuthPolicy] = {}
 
 
 # --------------------------------------------------------------------------
@@ -207,9 +234,76 @@ class _RawRoute(_RawDefaults):
     priority: int | UnsetType = UNSET
     rate_limit: dict[str, Any] | UnsetType = UNSET  # decoded as its own table
     cors: dict[str, Any] | UnsetType = UNSET
+    auth: str | list[str] | UnsetType = UNSET
+    strip_credentials: bool | UnsetType = UNSET
+    access: dict[str, Any] | UnsetType = UNSET
+    request_headers: dict[str, Any] | UnsetType = UNSET
+    response_headers: dict[str, Any] | UnsetType = UNSET
+    rewrite: dict[str, Any] | UnsetType = UNSET
+    redirect: str | UnsetType = UNSET
+    redirect_status: int | UnsetType = UNSET
 
 
-_TOP_LEVEL: Final = ("server", "defaults", "upstreams", "routes")
+class _RawAuth(_Raw):
+    type: Literal["jwt", "api_key"] | UnsetType = UNSET
+    # jwt
+    algorithms: list[str] | UnsetType = UNSET
+    jwks_file: str | UnsetType = UNSET
+    jwks_url: str | UnsetType = UNSET
+    jwks_refresh: float | UnsetType = UNSET
+    secret_env: str | UnsetType = UNSET
+    issuer: str | UnsetType = UNSET
+    audiences: list[str] | UnsetType = UNSET
+    leeway: float | UnsetType = UNSET
+    forward_claims: dict[str, str] | UnsetType = UNSET
+    # api_key
+    header: str | UnsetType = UNSET
+    keys_file: str | UnsetType = UNSET
+    forward_consumer: str | UnsetType = UNSET
+
+
+_JWT_ONLY: Final = (
+    "algorithms",
+    "jwks_file",
+    "jwks_url",
+    "jwks_refresh",
+    "secret_env",
+    "issuer",
+    "audiences",
+    "leeway",
+    "forward_claims",
+)
+_API_KEY_ONLY: Final = ("header", "keys_file", "forward_consumer")
+
+
+class _RawAccess(_Raw):
+    scopes: list[str] | UnsetType = UNSET
+    claims: dict[str, Any] | UnsetType = UNSET
+    allow_ips: list[str] | UnsetType = UNSET
+    deny_ips: list[str] | UnsetType = UNSET
+
+
+class _RawHeaderTransform(_Raw):
+    set: dict[str, str] | UnsetType = UNSET
+    add: dict[str, str] | UnsetType = UNSET
+    remove: list[str] | UnsetType = UNSET
+
+
+class _RawRewrite(_Raw):
+    pattern: str | UnsetType = UNSET
+    replace: str | UnsetType = UNSET
+
+
+_TOP_LEVEL: Final = ("server", "defaults", "upstreams", "routes", "auth")
+_REDIRECT_STATUSES: Final = (301, 302, 303, 307, 308)
+_PLACEHOLDER_NAMES: Final = ("client_ip", "request_id", "route", "host", "consumer", "claim.NAME")
+MAX_KEY_FILE_BYTES: Final = 4 << 20
+_GROUP_REF: Final = re.compile(r"\\(?P<number>[0-9]+)|\\g<(?P<name>[^>]*)>")
+# Headers a transform may not touch: framing and the hop's own (RFC 9112 6,
+# RFC 9110 7.6.1); changing them would desynchronise the exchange.
+_UNTOUCHABLE: Final = frozenset(
+    {"content-length", "transfer-encoding", "connection", "host", "upgrade", "te", "trailer"}
+)
 
 # Defaults live once, on the resolved Structs above.
 _SERVER: Final = ServerConfig()
@@ -223,6 +317,7 @@ _ROUTE: Final = RouteConfig(index=0, name="", upstream="")
 _CHOICES: Final[dict[str, tuple[str, ...]]] = {
     "balancer": get_args(BalancerName),
     "access_log": get_args(AccessLogFormat),
+    "type": ("jwt", "api_key"),
 }
 
 # RFC 9110 section 5.6.2: token = 1*tchar
@@ -294,7 +389,7 @@ _REGISTERED_METHODS: Final = frozenset(
         "PURGE",
     )
 )
-_RATE_LIMIT_KEYS: Final = ("client_ip", "route")
+_RATE_LIMIT_KEYS: Final = ("client_ip", "route", "consumer")
 
 _S = TypeVar("_S", bound=msgspec.Struct)
 _T = TypeVar("_T")
@@ -452,12 +547,23 @@ def _target_problem(url: str) -> str | None:
     return None
 
 
+def _jwks_url_problem(url: str) -> str | None:
+    try:
+        parsed = yarl.URL(url)
+    except ValueError as exc:
+        return f"invalid URL {_quote(url)}: {exc}"
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        return f"must be an http or https URL, got {_quote(url)}"
+    return None
+
+
 class _Loader:
     """One pass over a parsed TOML document, collecting every error."""
 
-    def __init__(self, text: str = "") -> None:
+    def __init__(self, text: str = "", environ: Mapping[str, str] | None = None) -> None:
         self.errors: list[str] = []
         self.text = text
+        self.environ = os.environ if environ is None else environ
         self._lines: dict[tuple[str | int, ...], int] | None = None
 
     def error(self, path: str, message: str, did_you_mean: Iterable[str] = ()) -> None:
@@ -761,6 +867,7 @@ class _Loader:
         defaults: _RawDefaults,
         upstream_names: set[str],
         names: dict[str, int],
+        auth_names: Iterable[str] = (),
     ) -> RouteConfig | None:
         path = f"routes[{index}]"
         if isinstance(raw, dict) and isinstance(raw.get("name"), str) and raw["name"]:
@@ -789,7 +896,22 @@ class _Loader:
                 names[name] = index
 
         upstream = ""
-        if isinstance(route.upstream, UnsetType):
+        redirect: Template | None = None
+        if not isinstance(route.redirect, UnsetType):
+            if not isinstance(route.upstream, UnsetType):
+                self.error(f"{path}.redirect", "cannot be set together with upstream")
+            redirect = self.template(f"{path}.redirect", route.redirect, redirect=True)
+        if not isinstance(route.redirect_status, UnsetType):
+            if route.redirect_status not in _REDIRECT_STATUSES:
+                self.error(
+                    f"{path}.redirect_status",
+                    f"must be one of {', '.join(map(str, _REDIRECT_STATUSES))}",
+                )
+            elif isinstance(route.redirect, UnsetType):
+                self.error(f"{path}.redirect_status", "needs redirect")
+        if not isinstance(route.redirect, UnsetType):
+            pass
+        elif isinstance(route.upstream, UnsetType):
             if "upstream" not in dropped:
                 self.error(f"{path}.upstream", "required")
         elif route.upstream not in upstream_names:
@@ -865,6 +987,36 @@ class _Loader:
         if not isinstance(route.cors, UnsetType):
             cors = self.cors(route.cors, f"{path}.cors")
 
+        auth: tuple[str, ...] = ()
+        if not isinstance(route.auth, UnsetType):
+            wanted = [route.auth] if isinstance(route.auth, str) else route.auth
+            known = list(auth_names)
+            if not wanted:
+                self.error(f"{path}.auth", "must name at least one policy (leave it out for none)")
+            for position, policy in enumerate(wanted):
+                here = f"{path}.auth" if isinstance(route.auth, str) else f"{path}.auth[{position}]"
+                if policy not in known:
+                    self.error(here, f"unknown auth policy {_quote(policy)}", _close(policy, known))
+            auth = tuple(dict.fromkeys(wanted))
+        if route.strip_credentials is True and not auth:
+            self.error(f"{path}.strip_credentials", "needs auth")
+        if rate_limit is not None and rate_limit.key == "consumer" and not auth:
+            self.error(f"{path}.rate_limit.key", '"consumer" needs auth on the route')
+        access: AccessConfig | None = None
+        if not isinstance(route.access, UnsetType):
+            access = self.access(route.access, f"{path}.access", bool(auth))
+        request_headers: HeaderTransform | None = None
+        if not isinstance(route.request_headers, UnsetType):
+            request_headers = self.transform(route.request_headers, f"{path}.request_headers")
+        response_headers: HeaderTransform | None = None
+        if not isinstance(route.response_headers, UnsetType):
+            response_headers = self.transform(route.response_headers, f"{path}.response_headers")
+        rewrite: RewriteConfig | None = None
+        if not isinstance(route.rewrite, UnsetType):
+            rewrite = self.rewrite(route.rewrite, f"{path}.rewrite")
+            if rewrite is not None and redirect is not None:
+                self.error(f"{path}.rewrite", "has no effect on a redirect route")
+
         return RouteConfig(
             index=index,
             name=name,
@@ -887,6 +1039,268 @@ class _Loader:
             retries=_or(route.retries, _or(defaults.retries, _ROUTE.retries)),
             rate_limit=rate_limit,
             cors=cors,
+            auth=auth,
+            strip_credentials=_or(route.strip_credentials, False),
+            access=access,
+            request_headers=request_headers,
+            response_headers=response_headers,
+            rewrite=rewrite,
+            redirect=redirect,
+            redirect_status=_or(route.redirect_status, 308),
+        )
+
+    # -- identity, access and transforms --------------------------------------
+
+    def template(self, path: str, text: str, *, redirect: bool = False) -> Template | None:
+        try:
+            template = parse_template(text, ("path",) if redirect else ())
+        except ValueError as exc:
+            known = ["path"] if redirect else []
+            name = str(exc).partition("{")[2].rstrip("}")
+            self.error(
+                path,
+                str(exc),
+                [f"{{{m}}}" for m in _close(name, [*known, *_PLACEHOLDER_NAMES])],
+            )
+            return None
+        if _CONTROL.search(text):
+            self.error(path, "must not contain control characters")
+            return None
+        return template
+
+    def access(self, raw: object, path: str, has_auth: bool) -> AccessConfig | None:
+        access, _ = self.decode(raw, _RawAccess, path)
+        if access is None:
+            return None
+        scopes = _or(access.scopes, [])
+        for position, scope in enumerate(scopes):
+            if not scope or " " in scope or _CONTROL.search(scope):
+                self.error(f"{path}.scopes[{position}]", "a scope is one word")
+        claims: list[tuple[str, tuple[str | int | bool, ...]]] = []
+        for name, value in _or(access.claims, {}).items():
+            here = f"{path}.claims.{_key(name)}"
+            values = value if isinstance(value, list) else [value]
+            if not values or not all(isinstance(v, str | int | bool) for v in values):
+                self.error(here, "must be a string, number or boolean, or an array of them")
+                continue
+            claims.append((name, tuple(values)))
+        if (scopes or claims) and not has_auth:
+            self.error(f"{path}.scopes" if scopes else f"{path}.claims", "needs auth on the route")
+        allow = _or(access.allow_ips, [])
+        deny = _or(access.deny_ips, [])
+        for key, cidrs in (("allow_ips", allow), ("deny_ips", deny)):
+            for position, cidr in enumerate(cidrs):
+                try:
+                    parse_cidr(cidr)
+                except ValueError:
+                    self.error(f"{path}.{key}[{position}]", f"invalid CIDR {_quote(cidr)}")
+        return AccessConfig(
+            scopes=tuple(scopes),
+            claims=tuple(claims),
+            allow_ips=tuple(allow),
+            deny_ips=tuple(deny),
+        )
+
+    def transform(self, raw: object, path: str) -> HeaderTransform | None:
+        transform, _ = self.decode(raw, _RawHeaderTransform, path)
+        if transform is None:
+            return None
+        parts: dict[str, list[tuple[str, Template]]] = {"set": [], "add": []}
+        for kind in ("set", "add"):
+            values: dict[str, str] = _or(getattr(transform, kind), {})
+            for name, text in values.items():
+                here = f"{path}.{kind}.{_key(name)}"
+                if not self.header_name(here, name):
+                    continue
+                template = self.template(here, text)
+                if template is not None:
+                    parts[kind].append((name, template))
+        remove = _or(transform.remove, [])
+        for position, name in enumerate(remove):
+            self.header_name(f"{path}.remove[{position}]", name)
+        return HeaderTransform(
+            set=tuple(parts["set"]), add=tuple(parts["add"]), remove=tuple(remove)
+        )
+
+    def header_name(self, path: str, name: str) -> bool:
+        if not _TOKEN.fullmatch(name):
+            self.error(path, f"{_quote(name)} is not a valid header name")
+            return False
+        if name.lower() in _UNTOUCHABLE:
+            self.error(path, f"{name} belongs to the connection and cannot be changed")
+            return False
+        return True
+
+    def rewrite(self, raw: object, path: str) -> RewriteConfig | None:
+        rewrite, dropped = self.decode(raw, _RawRewrite, path)
+        if rewrite is None:
+            return None
+        ok = True
+        for key in ("pattern", "replace"):
+            if isinstance(getattr(rewrite, key), UnsetType):
+                ok = False
+                if key not in dropped:
+                    self.error(f"{path}.{key}", "required")
+        if not ok:
+            return None
+        pattern, replace = str(rewrite.pattern), str(rewrite.replace)
+        try:
+            compiled = re.compile(pattern)
+        except re.error as exc:
+            self.error(f"{path}.pattern", f"invalid regex: {exc}")
+            return None
+        for ref in _GROUP_REF.finditer(replace):
+            number, named = ref["number"], ref["name"]
+            if number is not None and int(number) > compiled.groups:
+                self.error(f"{path}.replace", f"no group {number} in the pattern")
+                return None
+            if named is not None and not (
+                named in compiled.groupindex or (named.isdigit() and int(named) <= compiled.groups)
+            ):
+                self.error(f"{path}.replace", f"no group {_quote(named)} in the pattern")
+                return None
+        if _CONTROL.search(replace) or " " in replace:
+            self.error(f"{path}.replace", "must not contain spaces or control characters")
+            return None
+        return RewriteConfig(pattern=pattern, replace=replace)
+
+    def policy(self, name: str, raw: object, base: str) -> AuthPolicy | None:
+        path = f"auth.{_key(name)}"
+        policy, dropped = self.decode(raw, _RawAuth, path)
+        if policy is None:
+            return None
+        if isinstance(policy.type, UnsetType):
+            if "type" not in dropped:
+                self.error(f"{path}.type", 'required ("jwt" or "api_key")')
+            return None
+        wrong = _API_KEY_ONLY if policy.type == "jwt" else _JWT_ONLY
+        for key in wrong:
+            if not isinstance(getattr(policy, key), UnsetType):
+                self.error(f"{path}.{key}", f"not a key of a {policy.type} policy")
+        if policy.type == "api_key":
+            return self.api_key_policy(name, policy, path, base)
+        return self.jwt_policy(name, policy, path, base)
+
+    def read(self, path: str, file: str, base: str) -> str | None:
+        full = os.path.join(base, file)
+        try:
+            with open(full, "rb") as handle:
+                data = handle.read(MAX_KEY_FILE_BYTES + 1)
+        except OSError as exc:
+            self.error(path, f"cannot read {_quote(full)}: {exc.strerror or exc}")
+            return None
+        if len(data) > MAX_KEY_FILE_BYTES:
+            self.error(path, f"{_quote(full)} is over {MAX_KEY_FILE_BYTES} bytes")
+            return None
+        try:
+            return data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            self.error(path, f"{_quote(full)} is not UTF-8 (byte {exc.start})")
+            return None
+
+    def forwarded_header(self, path: str, name: str) -> None:
+        if self.header_name(path, name) and "_" in name:
+            # Dropped from requests as nginx does (CONTRACT.md "Headers").
+            self.error(path, "a header name with '_' would be dropped on the way")
+
+    def api_key_policy(
+        self, name: str, policy: _RawAuth, path: str, base: str
+    ) -> ApiKeyPolicy | None:
+        header = _or(policy.header, "X-Api-Key")
+        self.header_name(f"{path}.header", header)
+        forward = _or(policy.forward_consumer, None)
+        if forward is not None:
+            self.forwarded_header(f"{path}.forward_consumer", forward)
+        if isinstance(policy.keys_file, UnsetType):
+            self.error(f"{path}.keys_file", "required")
+            return None
+        text = self.read(f"{path}.keys_file", policy.keys_file, base)
+        if text is None:
+            return None
+        consumers, errors = parse_keys_file(text)
+        for problem in errors:
+            self.error(f"{path}.keys_file", f"{policy.keys_file}: {problem}")
+        return ApiKeyPolicy(
+            name=name,
+            header=header,
+            keys_file=policy.keys_file,
+            consumers=tuple(consumers),
+            forward_consumer=forward,
+        )
+
+    def jwt_policy(self, name: str, policy: _RawAuth, path: str, base: str) -> JwtPolicy | None:
+        algorithms = _or(policy.algorithms, [])
+        if isinstance(policy.algorithms, UnsetType):
+            self.error(f"{path}.algorithms", "required")
+        elif not algorithms:
+            self.error(f"{path}.algorithms", "must name at least one algorithm")
+        for position, alg in enumerate(algorithms):
+            if alg not in JWT_ALGORITHMS:
+                why = '"none" is never accepted' if alg.lower() == "none" else "unknown algorithm"
+                self.error(
+                    f"{path}.algorithms[{position}]",
+                    f"{why}: {_quote(alg)}",
+                    _close(alg, JWT_ALGORITHMS),
+                )
+        hmac_wanted = any(alg in HMAC_ALGORITHMS for alg in algorithms)
+        public_wanted = any(alg not in HMAC_ALGORITHMS for alg in algorithms)
+        secret: str | None = None
+        secret_env = _or(policy.secret_env, None)
+        if secret_env is not None:
+            if not hmac_wanted:
+                self.error(f"{path}.secret_env", "only HS256/384/512 use a secret")
+            secret = self.environ.get(secret_env)
+            if not secret:
+                self.error(f"{path}.secret_env", f"environment variable {secret_env} is not set")
+            elif len(secret.encode()) < 32:
+                # RFC 7518 3.2: a key of at least the hash's size (HS256: 32 bytes).
+                self.error(f"{path}.secret_env", f"{secret_env} must hold at least 32 bytes")
+        elif hmac_wanted:
+            self.error(
+                f"{path}.algorithms",
+                "HS256/384/512 need secret_env (an HS key is never read from a JWKS)",
+            )
+        jwks_file = _or(policy.jwks_file, None)
+        jwks_url = _or(policy.jwks_url, None)
+        jwks: str | None = None
+        if jwks_file is not None and jwks_url is not None:
+            self.error(f"{path}.jwks_url", "cannot be set together with jwks_file")
+        elif public_wanted and jwks_file is None and jwks_url is None:
+            self.error(
+                f"{path}.jwks_file",
+                "required (or jwks_url) for "
+                + ", ".join(alg for alg in algorithms if alg not in HMAC_ALGORITHMS),
+            )
+        if jwks_file is not None:
+            jwks = self.read(f"{path}.jwks_file", jwks_file, base)
+            if jwks is not None:
+                try:
+                    if not parse_jwks(jwks):
+                        self.error(f"{path}.jwks_file", f"{jwks_file}: no usable signature key")
+                except ValueError as exc:
+                    self.error(f"{path}.jwks_file", f"{jwks_file}: {exc}")
+        if jwks_url is not None and (problem := _jwks_url_problem(jwks_url)):
+            self.error(f"{path}.jwks_url", problem)
+        self.duration(f"{path}.jwks_refresh", policy.jwks_refresh)
+        self.duration(f"{path}.leeway", policy.leeway, zero_ok=True)
+        forward: list[tuple[str, str]] = []
+        for claim, header in _or(policy.forward_claims, {}).items():
+            self.forwarded_header(f"{path}.forward_claims.{_key(claim)}", header)
+            forward.append((claim, header))
+        audiences = _or(policy.audiences, [])
+        return JwtPolicy(
+            name=name,
+            algorithms=tuple(algorithms),
+            jwks_file=jwks_file,
+            jwks=jwks,
+            jwks_url=jwks_url,
+            jwks_refresh=_or(policy.jwks_refresh, 300.0),
+            secret_env=secret_env,
+            secret=secret,
+            issuer=_or(policy.issuer, None),
+            audiences=tuple(audiences),
+            leeway=_or(policy.leeway, 30.0),
+            forward_claims=tuple(forward),
         )
 
     def rate_limit(self, raw: object, path: str) -> RateLimitConfig | None:
@@ -914,7 +1328,7 @@ class _Loader:
                 meant = [f"header:{name}"]  # "headers:X-Api-Key", "Header:X-Api-Key"
             self.error(
                 f"{path}.key",
-                f'must be "client_ip", "route" or "header:NAME", got {_quote(key)}',
+                f'must be "client_ip", "route", "consumer" or "header:NAME", got {_quote(key)}',
                 meant,
             )
         return RateLimitConfig(rate=_or(limit.rate, 1.0), burst=_or(limit.burst, 1), key=key)
@@ -969,6 +1383,13 @@ class _Loader:
             if (upstream := self.upstream(name, raw)) is not None:
                 upstreams[name] = upstream
 
+        policies: dict[str, AuthPolicy] = {}
+        raw_auth = self.table(doc.get("auth", {}), "auth") or {}
+        base = os.path.dirname(path) if path != "<string>" else ""
+        for name, raw in raw_auth.items():
+            if (policy := self.policy(name, raw, base)) is not None:
+                policies[name] = policy
+
         routes: list[RouteConfig] = []
         raw_routes = doc.get("routes", [])
         if not isinstance(raw_routes, list):
@@ -976,14 +1397,19 @@ class _Loader:
             raw_routes = []
         names: dict[str, int] = {}
         for index, raw in enumerate(raw_routes):
-            route = self.route(index, raw, defaults, set(raw_upstreams), names)
+            route = self.route(index, raw, defaults, set(raw_upstreams), names, raw_auth)
             if route is not None:
                 routes.append(route)
 
         if self.errors or server is None:
             return None
         return Config(
-            server=server, upstreams=upstreams, routes=tuple(routes), path=path, sha256=sha256
+            server=server,
+            upstreams=upstreams,
+            routes=tuple(routes),
+            path=path,
+            sha256=sha256,
+            auth=policies,
         )
 
 
@@ -1059,6 +1485,8 @@ def _route_limits(route: RouteConfig) -> str:
         parts.append(f"rate_limit {limit.rate:g}/s burst {limit.burst} by {limit.key}")
     if route.cors is not None:
         parts.append(f"cors {' '.join(route.cors.allow_origins)}")
+    if route.auth:
+        parts.append(f"auth {'|'.join(route.auth)}")
     return ", ".join(parts)
 
 
@@ -1088,8 +1516,20 @@ def summary(config: Config) -> str:
         )
         for target in upstream.targets:
             lines.append(f"    {target.url} weight {target.weight}")
+    if config.auth:
+        lines.append(f"auth       {len(config.auth)}")
+    for name, policy in config.auth.items():
+        if isinstance(policy, JwtPolicy):
+            source = policy.jwks_file or policy.jwks_url or "secret_env"
+            lines.append(f"  {name}: jwt {','.join(policy.algorithms)} keys from {source}")
+        else:
+            lines.append(
+                f"  {name}: api_key in {policy.header}, {len(policy.consumers)} consumers "
+                f"from {policy.keys_file}"
+            )
     lines.append(f"routes     {len(config.routes)}")
     for route in config.routes:
-        lines.append(f"  {route.name}: {_route_match(route)} -> {route.upstream}")
+        answer = route.upstream or f"redirect {route.redirect_status}"
+        lines.append(f"  {route.name}: {_route_match(route)} -> {answer}")
         lines.append(f"    {_route_limits(route)}")
     return "\n".join(lines)

@@ -14,6 +14,8 @@ import msgspec
 class GatewayError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
+    # `WWW-Authenticate` challenges, one field line each (RFC 9110 11.6.1).
+    challenges: tuple[str, ...] = ()
 
     def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -33,6 +35,28 @@ class MethodNotAllowed(GatewayError):
     def __init__(self, allowed: tuple[str, ...]) -> None:
         super().__init__("method not allowed on this route", {"Allow": ", ".join(allowed)})
         self.allowed = allowed
+
+
+class Unauthorized(GatewayError):
+    """No credentials, or none that a policy of the route accepts (RFC 9110 15.5.2)."""
+
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str, challenges: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.challenges = challenges
+
+
+class Forbidden(GatewayError):
+    """Authenticated but not allowed, or an address the route refuses."""
+
+    status = 403
+    code = "forbidden"
+
+    def __init__(self, message: str, challenges: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.challenges = challenges
 
 
 class BodyTooLarge(GatewayError):

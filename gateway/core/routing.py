@@ -55,7 +55,7 @@ candidate, so the trie only filters and never changes the result.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final, TypeAlias
 
 from multidict import MultiMapping
@@ -393,7 +393,13 @@ def has_dot_segment(raw_path: str) -> bool:
     return _DOT_SEGMENT.search(raw_path) is not None
 
 
-def forward_path(route: RouteConfig, raw_path: str, raw_query: str | None, base_path: str) -> str:
+def forward_path(
+    route: RouteConfig,
+    raw_path: str,
+    raw_query: str | None,
+    base_path: str,
+    rewrite: Callable[[str], str] | None = None,
+) -> str:
     """The request target sent upstream: raw bytes in, raw bytes out.
 
     CONTRACT.md "On the wire": no re-encoding, no dot-segment removal, no %2F
@@ -416,8 +422,13 @@ def forward_path(route: RouteConfig, raw_path: str, raw_query: str | None, base_
         # have matched ("/api/usersX") is left whole rather than cut mid-segment.
         if path.startswith(prefix) and (not rest or rest[0] == "/"):
             path = rest
+    if rewrite is not None:
+        # `[routes.rewrite]`: on the raw path, after strip_prefix (CONTRACT.md).
+        path = rewrite(path or "/")
     if not path:
         path = "/"  # RFC 9112 §3.2.1: origin-form is at least "/"
+    elif rewrite is not None and path[0] != "/":
+        path = "/" + path
 
     if base_path.endswith("/"):
         base_path = base_path[:-1]

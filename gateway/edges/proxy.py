@@ -46,6 +46,7 @@ from gateway.core.headers import (
 from gateway.core.limits import rate_limit_headers
 from gateway.core.retry import backoff, may_retry
 from gateway.core.routing import forward_path, has_dot_segment
+from gateway.edges.auth import AuthStep, RequestAuth
 from gateway.state.log import AccessEntry, AccessLog
 from gateway.state.metrics import Metrics, RequestCounter
 from gateway.state.snapshot import RouteRuntime, Snapshot, SnapshotBox
@@ -91,6 +92,7 @@ class _Exchange(AccessEntry):
     __slots__ = (
         "aborted",
         "attempt",
+        "auth",
         "body_error",
         "body_started",
         "breaker",
@@ -145,6 +147,7 @@ class _Exchange(AccessEntry):
         self.aborted = False  # the target failed after the response began
         self.body_started = False
         self.body_error: GatewayError | None = None
+        self.auth: RequestAuth | None = None  # who the client is, once auth ran
 
     def settle(self, cut: str | None) -> None:
         """Decide the logged status, once, at the end (or at a second SIGTERM).
@@ -213,10 +216,18 @@ def split_target(raw: str) -> tuple[str | None, str, str | None]:
     return authority, path, (query if sep else None)
 
 
-def _bucket_key(route: RouteRuntime, headers: CIMultiDictProxy[str], client: str) -> str:
+def _bucket_key(
+    route: RouteRuntime,
+    headers: CIMultiDictProxy[str],
+    client: str,
+    consumer: str | None = None,
+) -> str:
     """The rate-limit bucket a request draws from on `route`."""
     if route.buckets is None or route.limit_by_route:
         return ""
+    if route.limit_by_consumer:
+        # JWT `sub` or key consumer; prefixed so that no name can be an address.
+        return f"consumer {consumer}" if consumer else client
     value = headers.get(route.limit_header) if route.limit_header else None
     # Header values are the client's to choose: prefixed, one spelled like an
     # address cannot drain (or reuse) that client's bucket.
@@ -241,6 +252,7 @@ class ProxyHandler:
         self._count_unrouted = RequestCounter(metrics, "").count
         # The requests running now: a second SIGTERM logs them before exiting.
         self._live: set[_Exchange] = set()
+        self._auth = AuthStep()
 
     async def __call__(self, request: Request) -> Reply | None:
         """Answer one request through `request.writer`; always None.
@@ -259,7 +271,7 @@ class ProxyHandler:
         try:
             reply: Reply | None
             try:
-                reply = self._route(ex)
+                reply = await self._route(ex)
                 if reply is None:
                     await self._forward(ex)
             except GatewayError as error:
@@ -302,10 +314,12 @@ class ProxyHandler:
                 self._count_unrouted(ex.method, status)
             self._access_log.record(ex, duration)
 
-    def _route(self, ex: _Exchange) -> Reply | None:
+    async def _route(self, ex: _Exchange) -> Reply | None:
         """Route and admit the request; a Reply when the gateway answers it
-        itself (OPTIONS *, a CORS preflight), None when it goes to `_forward`.
-        Refusals (400, 404, 405, 413, 429) are raised."""
+        itself (OPTIONS *, a CORS preflight, a redirect route), None when it
+        goes to `_forward`. Refusals (400, 401, 403, 404, 405, 413, 429) are
+        raised, in the contract's order: route, method, IP access, preflight,
+        auth, scopes/claims, rate limit, body size, redirect."""
         request = ex.request
         method = ex.method
         if request.raw_path[0] != "/" and asks_about_the_server(method, request.raw_path):
@@ -326,7 +340,20 @@ class ProxyHandler:
         ex.route = route.name
         if route.cors is not None:
             ex.cors_headers = route.cors.response_headers(headers)
+        # IP access (403), credentials (401), scopes and claims (403).
+        ex.auth = auth = await self._auth.check(
+            ex.snap,
+            route,
+            headers,
+            client=ex.client,
+            rid=ex.request_id,
+            host=ex.host,
+            raw_path=ex.raw_path,
+        )
+        ex.consumer = auth.consumer
         ex.limit_headers = self._admit(ex)
+        if route.config.redirect is not None:
+            return self._auth.redirect(route, auth, ex.raw_path, ex.raw_query)
         return None
 
     def _send(self, ex: _Exchange, reply: Reply) -> None:
@@ -365,6 +392,7 @@ class ProxyHandler:
             return None
         ex.runtime = route
         ex.route = route.name
+        self._auth.check_ip(route, ex.client)  # IP access comes before the preflight
         status, cors = route.cors.preflight(headers)
         response = Reply(status)
         for name, value in cors:
@@ -393,27 +421,27 @@ class ProxyHandler:
         return rate_limit_headers(route.name, bucket, self._clock(), True)
 
     def _admit(self, ex: _Exchange) -> Sequence[tuple[str, str]]:
-        """Body-size and rate-limit checks, before any upstream work; the
-        rate-limit headers every response to the request then carries."""
+        """Rate-limit, then body-size checks (the contract's order: a request
+        over its limit is a 429 whatever its size), before any upstream work;
+        the rate-limit headers every response to the request then carries."""
         route = ex.runtime
         assert route is not None
         request = ex.request
+        headers: Sequence[tuple[str, str]] = _NO_HEADERS
         buckets = route.buckets
-        key = _bucket_key(route, request.headers, ex.client)
+        if buckets is not None:
+            key = _bucket_key(route, request.headers, ex.client, ex.consumer)
+            allowed, bucket = buckets.take(key)
+            headers = rate_limit_headers(route.name, bucket, self._clock(), allowed)
+            if not allowed:
+                route.rate_limited.inc()
+                raise RateLimited("rate limit exceeded", dict(headers))
         limit = route.config.max_body_bytes
         length = request.content_length
         if limit and length is not None and length > limit:
             raise BodyTooLarge(
-                f"request body of {length} bytes is over the {limit} byte limit",
-                dict(self._shown_limits(route, key)),  # this refusal takes no token
+                f"request body of {length} bytes is over the {limit} byte limit", dict(headers)
             )
-        if buckets is None:
-            return _NO_HEADERS
-        allowed, bucket = buckets.take(key)
-        headers = rate_limit_headers(route.name, bucket, self._clock(), allowed)
-        if not allowed:
-            route.rate_limited.inc()
-            raise RateLimited("rate limit exceeded", dict(headers))
         return headers
 
     @staticmethod
@@ -578,7 +606,9 @@ class ProxyHandler:
             target_host=target.host_header,
         )
         headers.popall("Expect", None)
-        path_qs = forward_path(config, ex.raw_path, ex.raw_query, target.base_path)
+        if ex.auth is not None:  # identity headers, strip_credentials, transforms
+            self._auth.request_headers(headers, route, ex.auth)
+        path_qs = forward_path(config, ex.raw_path, ex.raw_query, target.base_path, route.rewrite)
         target_scheme, target_host, port = target.pool_key
         has_body = request.body_exists
         body: AsyncIterator[bytes] | DirectBody | None = None
@@ -715,6 +745,8 @@ class ProxyHandler:
         """Copy the target's response to the client as it arrives."""
         headers = client_response_headers(upstream.headers, request_id=ex.request_id)
         _finish_headers(ex, headers)
+        if ex.auth is not None and ex.runtime is not None:  # [routes.response_headers]
+            self._auth.response_headers(headers, ex.runtime, ex.auth)
         writer = ex.request.writer
         read = upstream.read_chunk
         complete = upstream.complete

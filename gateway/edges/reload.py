@@ -93,6 +93,14 @@ def describe_changes(old: Config, new: Config) -> str:
         ),
     )
     parts = [f"{label}: {', '.join(items)}" for label, items in sections if items]
+    # Key files are part of their policy: a re-read JWKS or keys file shows here.
+    auth_changed = sorted(
+        name
+        for name in new.auth.keys() | old.auth.keys()
+        if new.auth.get(name) != old.auth.get(name)
+    )
+    if auth_changed:
+        parts.append(f"auth policies changed: {', '.join(auth_changed)}")
     if old.server != new.server:
         parts.append("server settings changed")
     return "; ".join(parts) if parts else "no changes"

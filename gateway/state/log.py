@@ -167,6 +167,7 @@ class AccessEntry:
         "bytes_in",
         "bytes_out",
         "client",
+        "consumer",
         "cut",
         "error",
         "method",
@@ -193,6 +194,8 @@ class AccessEntry:
         self.bytes_out = 0  # body bytes, without the head
         self.error: str | None = None
         self.cut: str | None = None
+        # Who the request authenticated as (JWT `sub` or API-key consumer).
+        self.consumer: str | None = None
         self.targets: list[str] = []
         self.upstream_status: list[int | None] = []
 
@@ -216,6 +219,7 @@ class _AccessRecord(msgspec.Struct, kw_only=True):
     method: str
     path: str
     route: str | None
+    consumer: str | None
     target: str | None
     status: int
     bytes_in: int
@@ -348,6 +352,7 @@ class AccessLog:
                 method=entry.method,
                 path=entry.path,
                 route=entry.route,
+                consumer=entry.consumer,
                 target=target,
                 status=entry.status,
                 bytes_in=entry.bytes_in,
@@ -362,7 +367,16 @@ class AccessLog:
             try:
                 data = _encode(record)
             except UnicodeEncodeError:
-                for field in ("request_id", "client", "method", "path", "route", "target", "error"):
+                for field in (
+                    "request_id",
+                    "client",
+                    "method",
+                    "path",
+                    "route",
+                    "consumer",
+                    "target",
+                    "error",
+                ):
                     value = getattr(record, field)
                     if value is not None:
                         setattr(record, field, _unsurrogate(value))
@@ -376,6 +390,8 @@ class AccessLog:
                 f"{duration * 1000:.1f}ms route={_bare(entry.route)} "
                 f"target={_bare(target)} id={_bare(entry.request_id)}"
             )
+            if entry.consumer is not None:
+                line += f" consumer={_bare(entry.consumer)}"
             if entry.error is not None:
                 line += f" error={_bare(entry.error)}"
             if entry.cut is not None:

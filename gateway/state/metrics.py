@@ -233,6 +233,13 @@ class Metrics:
             ["route"],
             r,
         )
+        self.auth_failures = FastCounter(
+            "gateway_auth_failures_total",
+            "Requests refused by identity and access checks, by reason "
+            "(missing, invalid, expired, forbidden, ip_denied).",
+            ["route", "reason"],
+            r,
+        )
         self.breaker_state = Gauge(
             "gateway_breaker_state",
             "Circuit breaker per target: 0 closed, 1 open, 2 half-open.",
@@ -288,6 +295,7 @@ class Metrics:
             self.response_bytes,
             self.rate_limited,
             self.duration,
+            self.auth_failures,
         ):
             family.remove_where("route", route)
 

@@ -10,16 +10,19 @@ current snapshot once per request, so each request runs wholly on one config.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from gateway.core.auth import IpRules
 from gateway.core.config import Config, RateLimitConfig, RouteConfig, UpstreamConfig
 from gateway.core.cors import CorsPolicy
 from gateway.core.headers import TrustedProxies
 from gateway.core.limits import BucketStore
 from gateway.core.retry import RetryBudget
 from gateway.core.routing import RouteTable
+from gateway.state.auth import AuthState, PolicySet
 from gateway.state.metrics import CounterChild, HistogramChild, Metrics, RequestCounter
 from gateway.state.upstream import PanicState, Pool, Target
 from gateway.wire.h1client import ConnectionPool
@@ -43,6 +46,18 @@ class RouteRuntime:
         if rate_limit is not None and rate_limit.key.startswith("header:"):
             self.limit_header = rate_limit.key.removeprefix("header:")
         self.limit_by_route = rate_limit is not None and rate_limit.key == "route"
+        self.limit_by_consumer = rate_limit is not None and rate_limit.key == "consumer"
+        access = config.access
+        self.ip_rules: IpRules | None = None
+        if access is not None and (access.allow_ips or access.deny_ips):
+            self.ip_rules = IpRules(access.allow_ips, access.deny_ips)
+        # Compiled once here, never per request.
+        self.rewrite: Callable[[str], str] | None = None
+        if config.rewrite is not None:
+            pattern = re.compile(config.rewrite.pattern)
+            template = config.rewrite.replace
+            self.rewrite = lambda path: pattern.sub(template, path, count=1)
+        self.auth_failures = metrics.auth_failures
         self.duration: HistogramChild = metrics.duration.labels(config.name)
         self.bytes_in: CounterChild = metrics.request_bytes.labels(config.name)
         self.bytes_out: CounterChild = metrics.response_bytes.labels(config.name)
@@ -58,6 +73,7 @@ class Snapshot:
     pools: dict[str, Pool]
     trusted: TrustedProxies
     loaded_at: float  # unix time, for /status
+    auth: PolicySet = field(default_factory=PolicySet)
 
 
 @dataclass
@@ -81,6 +97,8 @@ class Runtime:
     # requests; `build` then closes (`retain`) the removed targets' idle
     # connections at once and their busy ones when their request ends.
     client: ConnectionPool = field(default_factory=ConnectionPool)
+    # JWKS stores, fetchers and token caches, by policy name.
+    auth: AuthState = field(default_factory=AuthState)
     # Routes of the current snapshot: a reload forgets the metric series of
     # the ones it removes.
     _routes_seen: set[str] = field(default_factory=set, init=False)
@@ -97,9 +115,11 @@ class Runtime:
         pools = {name: self._pool(up) for name, up in config.upstreams.items()}
         routes: dict[str, RouteRuntime] = {}
         for route in config.routes:
-            routes[route.name] = RouteRuntime(
-                route, pools[route.upstream], self._buckets(route), self.metrics
-            )
+            # A redirect route has no upstream; it answers before any pool
+            # is used, so an empty one stands in (never in `pools`, never probed).
+            pool = pools.get(route.upstream) or self._no_pool()
+            routes[route.name] = RouteRuntime(route, pool, self._buckets(route), self.metrics)
+        auth = self.auth.build(config.auth)
         self._forget_missing(config)
         for gone in self._routes_seen - routes.keys():
             self.metrics.forget_route(gone)
@@ -111,6 +131,16 @@ class Runtime:
             pools=pools,
             trusted=trusted,
             loaded_at=time.time(),
+            auth=auth,
+        )
+
+    def _no_pool(self) -> Pool:
+        return Pool(
+            UpstreamConfig(name="", targets=()),
+            (),
+            self.client,
+            RetryBudget(clock=self.clock),
+            PanicState("", self.metrics),
         )
 
     def _pool(self, up: UpstreamConfig) -> Pool:
@@ -162,6 +192,7 @@ class Runtime:
     async def close(self) -> None:
         """Close every upstream connection, idle or busy (shutdown: the drain
         already ended or aborted the requests on them)."""
+        await self.auth.close()
         await self.client.close()
 
 

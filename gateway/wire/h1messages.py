@@ -213,6 +213,8 @@ class Reply:
 def json_reply(error: GatewayError, rid: str, close: bool = True) -> Reply:
     """The contract's JSON error body, with the request id in body and header."""
     headers: CIMultiDict[str] = CIMultiDict(error.headers)
+    for challenge in error.challenges:
+        headers.add("WWW-Authenticate", challenge)
     headers["Content-Type"] = "application/json"
     headers["X-Request-ID"] = rid
     # Framing of anything after a refused message cannot be trusted

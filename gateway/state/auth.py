@@ -1,0 +1,295 @@
+"""Key stores: JWKS (file or URL), API-key tables, and the verified-token cache.
+
+`AuthState` outlives snapshots, as `Runtime` does: a policy whose rules did
+not change keeps its token cache and its JWKS fetcher across a reload, and
+the cache drops only the tokens that the new key set no longer vouches for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from hashlib import sha256
+from typing import Final
+
+import aiohttp
+
+from gateway.core.auth import (
+    MAX_JWKS_BYTES,
+    ApiKeyPolicy,
+    ApiKeyTable,
+    AuthPolicy,
+    JwtPolicy,
+    Verified,
+    VerifyingKey,
+    parse_jwks,
+    secret_fingerprint,
+)
+
+log = logging.getLogger("gateway.auth")
+
+# A token with an unknown `kid` refetches the JWKS at most this often (CONTRACT.md).
+KID_REFETCH_FLOOR: Final = 30.0
+FETCH_TIMEOUT: Final = 10.0
+# How long a request with an unknown kid waits for the refetch it triggered.
+KID_WAIT: Final = 5.0
+TOKEN_CACHE_SIZE: Final = 10_000
+
+
+class TokenCache:
+    """Verified tokens by SHA-256 of their bytes, each until its `exp` (+leeway).
+
+    Bounded: past `maxsize` the oldest entry goes (insertion order), so ten
+    thousand distinct tokens cost at most `maxsize` entries of 32-byte keys,
+    never the tokens themselves. Only tokens that passed are stored: a bad
+    one is re-checked each time, which costs the sender as much as us.
+
+    Not cachetools' TTLCache: every token has its own expiry (its `exp`),
+    which one TTL cannot say, and the hit path here is one dict probe and a
+    comparison; TLRUCache, which can say it, spent more per request than the
+    whole budget of a cached check (bench/auth.py).
+    """
+
+    def __init__(self, maxsize: int = TOKEN_CACHE_SIZE, clock: Callable[[], float] = time.time):
+        self._entries: dict[bytes, Verified] = {}
+        self._maxsize = maxsize
+        self._clock = clock
+
+    @staticmethod
+    def key(token: str) -> bytes:
+        return sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+    def get(self, key: bytes) -> Verified | None:
+        verified = self._entries.get(key)
+        if verified is None:
+            return None
+        if verified.expires_at <= self._clock():
+            del self._entries[key]
+            return None
+        return verified
+
+    def put(self, key: bytes, verified: Verified) -> None:
+        entries = self._entries
+        if key not in entries and len(entries) >= self._maxsize:
+            del entries[next(iter(entries))]
+        entries[key] = verified
+
+    def retain(self, fingerprints: set[str]) -> int:
+        """Drop tokens verified by a key not in `fingerprints`; returns how many."""
+        gone = [k for k, v in self._entries.items() if v.fingerprint not in fingerprints]
+        for key in gone:
+            del self._entries[key]
+        return len(gone)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class JwksFetcher:
+    """A JWKS URL, fetched with aiohttp at start-up and every `refresh` seconds.
+
+    Start-up does not wait on it. A failed fetch keeps the last good set and
+    is logged. `refetch()` (a token with an unknown kid) joins a fetch that
+    is running, or starts one if none started in the last 30 s.
+    """
+
+    def __init__(
+        self,
+        policy: str,
+        url: str,
+        refresh: float,
+        on_keys: Callable[[list[VerifyingKey]], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.policy = policy
+        self.url = url
+        self.refresh = refresh
+        self._on_keys = on_keys
+        self._clock = clock
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._inflight: asyncio.Task[bool] | None = None
+        self._last_started_at = -KID_REFETCH_FLOOR
+        self.fetches = 0
+        self.failures = 0
+
+    def start(self) -> None:
+        """Begin the refresh loop (needs a running loop; later calls do nothing)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"jwks {self.policy}"
+            )
+
+    async def _run(self) -> None:
+        while True:
+            await self._fetch_shared()
+            await asyncio.sleep(self.refresh)
+
+    def _fetch_shared(self) -> asyncio.Future[bool]:
+        if self._inflight is None or self._inflight.done():
+            self._last_started_at = self._clock()
+            self._inflight = asyncio.get_running_loop().create_task(self._fetch())
+        return asyncio.shield(self._inflight)
+
+    async def refetch(self) -> bool:
+        """For an unknown kid: True when a fetch brought a new key set in time."""
+        self.start()
+        if (self._inflight is None or self._inflight.done()) and (
+            self._clock() - self._last_started_at < KID_REFETCH_FLOOR
+        ):
+            return False
+        try:
+            async with asyncio.timeout(KID_WAIT):
+                return await self._fetch_shared()
+        except TimeoutError:
+            return False
+
+    async def _fetch(self) -> bool:
+        self.fetches += 1
+        try:
+            if self._session is None:
+                self._session = aiohttp.ClientSession(
+                    timeout=aiohttp.ClientTimeout(total=FETCH_TIMEOUT)
+                )
+            async with self._session.get(self.url, allow_redirects=False) as response:
+                if response.status != 200:
+                    raise ValueError(f"HTTP {response.status}")
+                body = await response.content.read(MAX_JWKS_BYTES + 1)
+            keys = parse_jwks(body)
+            if not keys:
+                raise ValueError("no usable signature key")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # any failure: keep the last good set (CONTRACT.md)
+            self.failures += 1
+            log.warning(
+                "auth %s: JWKS fetch from %s failed, keeping the last good key set: %s",
+                self.policy,
+                self.url,
+                exc or type(exc).__name__,
+            )
+            return False
+        self._on_keys(keys)
+        return True
+
+    async def close(self) -> None:
+        for task in (self._task, self._inflight):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self._session is not None:
+            await self._session.close()
+
+
+class JwtKeys:
+    """One JWT policy's keys and token cache."""
+
+    def __init__(self, policy: JwtPolicy) -> None:
+        self.policy = policy
+        self.cache = TokenCache()
+        self.keys: list[VerifyingKey] = []
+        self.fetcher: JwksFetcher | None = None
+        self.update(policy)
+
+    def update(self, policy: JwtPolicy) -> None:
+        """New key material for the same rules (a reload re-read the file)."""
+        self.policy = policy
+        if policy.jwks is not None:
+            self.set_keys(parse_jwks(policy.jwks))
+        else:  # a URL's keys stay until its next fetch; a changed secret still prunes
+            self.set_keys(self.keys if policy.jwks_url is not None else [])
+
+    def set_keys(self, keys: list[VerifyingKey]) -> None:
+        self.keys = keys
+        vouching = {k.fingerprint for k in keys}
+        if self.policy.secret:
+            vouching.add(secret_fingerprint(self.policy.secret))
+        dropped = self.cache.retain(vouching)
+        if dropped:
+            log.info(
+                "auth %s: %d cached token(s) dropped with their key", self.policy.name, dropped
+            )
+
+
+@dataclass
+class PolicySet:
+    """The policies of one snapshot, by name; `forwarded` holds the lower-cased
+    names of every header any policy sends to targets (removed from every
+    incoming request, on every route)."""
+
+    jwt: dict[str, JwtKeys] = field(default_factory=dict)
+    api_keys: dict[str, tuple[ApiKeyPolicy, ApiKeyTable]] = field(default_factory=dict)
+    forwarded: frozenset[str] = frozenset()
+    # What each policy sends: (claim, header); claim None = the consumer's name.
+    forwards: dict[str, tuple[tuple[str | None, str], ...]] = field(default_factory=dict)
+    # The header each key policy reads its key from.
+    key_headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class AuthState:
+    """Key stores kept across reloads, by policy name."""
+
+    jwt: dict[str, JwtKeys] = field(default_factory=dict)
+    _closing: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def build(self, policies: dict[str, AuthPolicy]) -> PolicySet:
+        out = PolicySet()
+        forwarded: set[str] = set()
+        for name, policy in policies.items():
+            if isinstance(policy, ApiKeyPolicy):
+                out.api_keys[name] = (policy, ApiKeyTable(policy.consumers))
+                out.key_headers[name] = policy.header
+                if policy.forward_consumer:
+                    forwarded.add(policy.forward_consumer.lower())
+                    out.forwards[name] = ((None, policy.forward_consumer),)
+                continue
+            forwarded.update(header.lower() for _, header in policy.forward_claims)
+            out.forwards[name] = policy.forward_claims
+            keys = self.jwt.get(name)
+            if keys is not None and keys.policy.rules() == policy.rules():
+                keys.update(policy)
+            else:
+                if keys is not None:
+                    self._retire(keys)
+                keys = JwtKeys(policy)
+                if policy.jwks_url is not None:
+                    keys.fetcher = JwksFetcher(
+                        name, policy.jwks_url, policy.jwks_refresh, keys.set_keys
+                    )
+                self.jwt[name] = keys
+            out.jwt[name] = keys
+        for name in [n for n in self.jwt if n not in out.jwt]:
+            self._retire(self.jwt.pop(name))
+        out.forwarded = frozenset(forwarded)
+        return out
+
+    def start(self) -> None:
+        """Start the JWKS URL fetchers (needs the running loop)."""
+        for keys in self.jwt.values():
+            if keys.fetcher is not None:
+                keys.fetcher.start()
+
+    def _retire(self, keys: JwtKeys) -> None:
+        fetcher = keys.fetcher
+        if fetcher is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        task = loop.create_task(fetcher.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        for keys in self.jwt.values():
+            if keys.fetcher is not None:
+                await keys.fetcher.close()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
