@@ -305,6 +305,67 @@ async def test_interim_responses_are_skipped(
     assert server.connections == 1
 
 
+async def test_interim_responses_but_100_reach_on_interim_in_order_before_the_final_head(
+    pool: ConnectionPool, raw: Callable[[Handler], Awaitable[RawServer]]
+) -> None:
+    seen: list[tuple[int, str, list[tuple[str, str]]]] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(2):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n"
+                b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+            )
+            await writer.drain()
+            await asyncio.sleep(0.01)
+            writer.write(b"HTTP/1.1 199\r\nX-Odd: 1\r\nContent-Length: 0\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nend")
+
+    server = await raw(handler)
+    for _ in range(2):
+        seen.clear()
+        response = await pool.request(
+            "GET", HOST, server.port, "/", [("Host", "u")], None, None, 5.0, 5.0,
+            on_interim=lambda status, reason, fields: seen.append((status, reason, fields)),
+        )  # fmt: skip
+        assert [status for status, _, _ in seen] == [102, 103, 199]
+        assert seen[1] == (103, "Early Hints", [("Link", "</a.css>; rel=preload")])
+        assert seen[2] == (199, "", [("X-Odd", "1"), ("Content-Length", "0")])
+        assert (response.status, await read_all(response)) == (200, b"end")
+        assert "Link" not in response.headers
+        assert "X-Odd" not in response.headers
+        response.release()
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize(
+    "interim",
+    [
+        b"HTTP/1.1 199 Odd\r\nContent-Length: 5\r\n\r\nHTTP/",
+        b"HTTP/1.1 103 Early Hints\r\nContent-Length: 5\r\n\r\n",
+        b"HTTP/1.1 103 Early Hints\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\nContent-Length: 1\r\n\r\n",
+        b"HTTP/1.1 099 Zero\r\n\r\n",
+    ],
+    ids=["199 with a body", "103 content-length", "103 chunked", "100 content-length", "099"],
+)
+async def test_an_interim_response_with_body_framing_or_a_bad_code_is_refused(
+    pool: ConnectionPool, raw: Callable[[Handler], Awaitable[RawServer]], interim: bytes
+) -> None:
+    # RFC 9112 6.3: a 1xx ends at its empty line; llhttp reads a body after
+    # the codes it does not know. The framing is ambiguous: never guessed.
+    seen: list[int] = []
+    server = await raw(answer(interim + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+    with pytest.raises(H1ProtocolError):
+        await pool.request(
+            "GET", HOST, server.port, "/", [("Host", "u")], None, None, 5.0, 5.0,
+            on_interim=lambda status, reason, fields: seen.append(status),
+        )  # fmt: skip
+    assert seen == []
+    assert pool.open_count == 0
+
+
 async def test_head_response_with_content_length_has_no_body_and_reuses(
     pool: ConnectionPool, raw: Callable[[Handler], Awaitable[RawServer]]
 ) -> None:

@@ -68,11 +68,12 @@ def test_json_line_has_every_key_in_order() -> None:
         "attempts": 1,
         "targets": ["http://127.0.0.1:9001"],
         "upstream_status": [None],
+        "interim": 0,
     }
     assert list(json.loads(line)) == [
         "ts", "request_id", "client", "method", "path", "route", "consumer",
         "target", "status", "bytes_in", "bytes_out", "duration_ms", "error",
-        "aborted", "attempts", "targets", "upstream_status",
+        "aborted", "attempts", "targets", "upstream_status", "interim",
     ]  # fmt: skip
 
 
@@ -108,6 +109,22 @@ def test_text_line_shows_retries_and_who_cut_the_request() -> None:
         "id=abc aborted=drain attempts=2 targets=http://10.0.0.1:9001,http://10.0.0.2:9001 "
         "upstream_status=-,200\n"
     )
+
+
+def test_relayed_interim_responses_are_counted_beside_the_final_status() -> None:
+    entry = _retried_entry()
+    entry.interim = 3
+    stream = io.StringIO()
+    AccessLog("json", stream, journald=True).record(entry, 0.002)
+    record = json.loads(stream.getvalue())
+    assert (record["status"], record["interim"]) == (200, 3)
+    stream = io.StringIO()
+    AccessLog("text", stream, journald=True).record(entry, 0.002)
+    assert stream.getvalue().endswith(" upstream_status=-,200 interim=3\n")
+
+
+def test_text_line_leaves_out_a_zero_interim_count() -> None:
+    assert "interim" not in _line("text")
 
 
 def test_a_request_without_attempts_logs_empty_lists() -> None:

@@ -45,6 +45,7 @@ __all__ = [
     "client_response_headers",
     "connection_tokens",
     "encode_head",
+    "interim_response_headers",
     "new_request_id",
     "request_id",
     "upstream_request_headers",
@@ -183,6 +184,21 @@ def client_response_headers(
     # The gateway's id wins over whatever the target echoed, so the client,
     # the access log and the target's request all carry the same one.
     out["X-Request-ID"] = request_id
+    return out
+
+
+def interim_response_headers(
+    fields: Collection[tuple[str, str]], *, request_id: str
+) -> CIMultiDict[str]:
+    """The headers sent to the client for a target's interim (1xx) response.
+
+    The rules of any response (hop-by-hop fields and the ones Connection
+    names removed, Via, the gateway's X-Request-ID), and no framing fields:
+    RFC 9110 8.6 forbids Content-Length in a 1xx, which has no body
+    (RFC 9112 6.3). A `Link` of 103 Early Hints passes as it came.
+    """
+    out = client_response_headers(CIMultiDict(fields), request_id=request_id)
+    out.popall("Content-Length", None)
     return out
 
 

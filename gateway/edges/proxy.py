@@ -39,6 +39,7 @@ from gateway.core.errors import (
 )
 from gateway.core.headers import (
     client_response_headers,
+    interim_response_headers,
     new_request_id,
     request_id,
     upstream_request_headers,
@@ -161,10 +162,25 @@ class _Exchange(AccessEntry):
         elif self.aborted:
             self.error, self.cut = "upstream_aborted", "upstream"
         writer = self.request.writer
+        self.interim = writer.interim
         if writer.started:
             self.status = writer.status
         else:
             self.status = CLIENT_CLOSED if self.cut == "client" else SERVER_CUT
+
+    def relay_interim(self, status: int, reason: str, fields: list[tuple[str, str]]) -> None:
+        """A target's interim (1xx) response, relayed to the client now.
+
+        h1client calls this (a bound method of the exchange, no closure) from its
+        parser, for every 1xx but 100 and 101, before the final head. RFC
+        9110 15.2: a proxy forwards the 1xx it did not ask for. It is not the
+        response: the writer's final head, the retry and breaker verdicts and
+        the logged status all wait for the final one, which any attempt may
+        still send (a client may get several 1xx, then one final response).
+        The 1xx's fields go to the client only, never into the final head.
+        """
+        headers = interim_response_headers(fields, request_id=self.request_id)
+        self.request.writer.send_interim(status, reason, headers)
 
 
 class _UpstreamFailed(Exception):
@@ -458,8 +474,8 @@ class ProxyHandler:
         # an attempt reads the body (`_body`), i.e. once a target was picked
         # and connected, so an upload refused for any reason (503 included)
         # is refused before the client sends it. Upstream never sees Expect,
-        # so no second 100 can reach the client (the upstream client skips
-        # 1xx responses).
+        # so no second 100 can reach the client (the upstream client never
+        # hands a target's 100 on; other 1xx go through `relay_interim`).
         route = ex.runtime
         assert route is not None
         budget = route.pool.budget
@@ -629,6 +645,8 @@ class ProxyHandler:
                 config.connect_timeout,
                 config.read_timeout,
                 scheme=target_scheme,
+                # RFC 9110 15.2: no 1xx to an HTTP/1.0 client, so none to build.
+                on_interim=ex.relay_interim if request.version >= (1, 1) else None,
             )
         except asyncio.CancelledError:
             if isinstance(body, _SplicedUpload):

@@ -170,6 +170,7 @@ class AccessEntry:
         "consumer",
         "cut",
         "error",
+        "interim",
         "method",
         "path",
         "request_id",
@@ -198,6 +199,7 @@ class AccessEntry:
         self.consumer: str | None = None
         self.targets: list[str] = []
         self.upstream_status: list[int | None] = []
+        self.interim = 0  # interim (1xx) responses relayed to the client
 
     def tried(self, target: str) -> None:
         """An attempt on `target` begins (its status is filled in by `answered`)."""
@@ -230,6 +232,7 @@ class _AccessRecord(msgspec.Struct, kw_only=True):
     attempts: int
     targets: list[str]
     upstream_status: list[int | None]
+    interim: int
 
 
 _encode = msgspec.json.Encoder().encode
@@ -263,14 +266,17 @@ class AccessLog:
 
     json: `{"ts", "request_id", "client", "method", "path", "route", "target", "status",
     "bytes_in", "bytes_out", "duration_ms", "error", "aborted", "attempts", "targets",
-    "upstream_status"}` in that order; `route`, `target`, `error` and `aborted` are null
-    when absent; `target` is the last target tried; `ts` is the ISO-8601 UTC time the
-    line was written (the request's end; its start is `ts - duration_ms`), left out under
-    journald, whose entry carries the time. See `AccessEntry` for the meaning of each.
+    "upstream_status", "interim"}` in that order; `route`, `target`, `error` and
+    `aborted` are null when absent; `target` is the last target tried; `interim` counts
+    the targets' 1xx responses relayed to the client (`status` is the final one's);
+    `ts` is the ISO-8601 UTC time the line was written (the request's end; its start is
+    `ts - duration_ms`), left out under journald, whose entry carries the time. See
+    `AccessEntry` for the meaning of each.
 
     text: `[TS ]CLIENT "METHOD PATH" STATUS in=N out=N 7.1ms route=R target=T id=ID[ error=E]
-    [ aborted=A][ attempts=N targets=T1,T2 upstream_status=S1,S2]` with "-" for an absent
-    route, target or upstream status; the attempts part only when there was a retry.
+    [ aborted=A][ attempts=N targets=T1,T2 upstream_status=S1,S2][ interim=N]` with "-"
+    for an absent route, target or upstream status; the attempts part only when there was
+    a retry, `interim` only when some 1xx was relayed.
 
     off: `write()` returns at once; callers on the hot path may test `enabled` first to
     skip gathering the arguments.
@@ -363,6 +369,7 @@ class AccessLog:
                 attempts=len(targets),
                 targets=targets,
                 upstream_status=entry.upstream_status,
+                interim=entry.interim,
             )
             try:
                 data = _encode(record)
@@ -402,6 +409,8 @@ class AccessLog:
                     f" attempts={len(targets)} targets={_bare(','.join(targets))}"
                     f" upstream_status={statuses}"
                 )
+            if entry.interim:
+                line += f" interim={entry.interim}"
             line = f"{line}\n" if self._journald else f"{self._timestamp()} {line}\n"
         try:  # noqa: SIM105 - a bare try costs less than contextlib.suppress per request
             self._stream.write(line)

@@ -16,8 +16,9 @@ hop needs (RFC 9112):
   with write backpressure, concurrently with waiting for the response head (a
   target may answer early, e.g. 413, before it read the whole body).
 - Responses parsed by llhttp (`httptools`, as uvicorn does); 1xx interim
-  responses skipped; bodies handed out chunk by chunk, reading paused above
-  `MAX_BUFFERED` unread bytes.
+  responses handed to the caller's `on_interim` as they arrive (100 and 101
+  never: see `on_headers_complete`), else skipped; bodies handed out chunk by
+  chunk, reading paused above `MAX_BUFFERED` unread bytes.
 - Keep-alive: a connection goes back to its (host, port) stack (LIFO) only if
   the response ended cleanly, both sides kept it alive and the request body
   was sent whole; anything else (cancellation included) aborts it. So does
@@ -48,7 +49,7 @@ import ipaddress
 import select
 import socket
 import ssl
-from collections.abc import AsyncIterator, Collection, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from typing import Final, cast
 
 import aiohttp
@@ -82,6 +83,11 @@ _MAX_STALLED: Final = MAX_HEAD_BYTES + MAX_REQUEST_LINE
 #: Larger pieces go out on their own rather than be copied. The proxy joins
 #: by the same rule, so `H1Response.ready()` reports "small" by it.
 JOIN_BELOW: Final = 64 * 1024
+
+#: Called with (status, reason, head fields) for each interim (1xx) response
+#: but 100 and 101, synchronously from the parser, before the final head.
+#: It must not raise (an exception would read as the target's garbage).
+OnInterim = Callable[[int, str, list[tuple[str, str]]], None]
 
 # RFC 9110 9.2.2: the methods a client may repeat on its own (RFC 9112 9.3.1).
 _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -301,6 +307,7 @@ class _Connection(WriteFlow):
         self._error: H1Error | None = None
         # the exchange
         self._is_head = False
+        self._on_interim: OnInterim | None = None
         self._reason = b""
         self._raw_headers: list[tuple[str, str]] = []
         self._head_bytes = 0  # raw bytes read while waiting for the head
@@ -455,19 +462,14 @@ class _Connection(WriteFlow):
         parser = self._parser
         status = parser.get_status_code()
         if status < 200:
-            # 1xx: interim, skipped whole (RFC 9110 15.2); the gateway owns
-            # Expect, so no 100 may reach the client. 101 never: we send no
-            # Upgrade, and llhttp stops on it with an error. Their heads add
-            # up toward the head limit (CONTRACT.md "Interim responses").
-            self._raw_headers = []
-            self._reason = b""
-            self._deadline = self._loop.time() + self._timeout  # a sign of life
+            self._interim(status)
             return
         headers = CIMultiDict(self._raw_headers)
         problem = framing_problem(headers)
         if problem is not None:
             raise _Refused(problem)
         self._section_size = 0  # from here on: the trailers'
+        self._on_interim = None  # the final head: no interim may follow (nor the caller be kept)
         self._response = H1Response(self, status, _decode(self._reason), headers)
         self._state = _BODY
         self._body_received = 0
@@ -491,6 +493,39 @@ class _Connection(WriteFlow):
             self._state = _DONE
             self._parser = httptools.HttpResponseParser(self)
         self._wake()
+
+    def _interim(self, status: int) -> None:
+        """A 1xx head is in: hand it to the caller, then wait for the next head.
+
+        RFC 9110 15.2: a proxy forwards the 1xx it did not ask for itself.
+        Not 100: the gateway owns Expect and never sends it upstream, so a
+        100 from the target is unsolicited and must not reach the client
+        beside the gateway's own. Not 101: we send no Upgrade (llhttp stops
+        on it with an error). Their heads add up toward the head limit
+        (CONTRACT.md "Interim responses"), checked before this.
+        """
+        if status < 100:
+            # llhttp takes any three digits: 0xx is no status (RFC 9110 15).
+            raise _Refused(f"invalid status code {status:03d}")
+        fields = self._raw_headers
+        for name, value in fields:
+            lowered = name.lower()
+            # RFC 9112 6.3: a 1xx ends at its empty line, whatever its fields
+            # say; llhttp reads a body after codes it does not know (104,
+            # 199) when they announce one. Where the two readings differ the
+            # stream's framing is ambiguous (as with Content-Length beside
+            # Transfer-Encoding): refused, never guessed. RFC 9110 8.6: no
+            # Content-Length in a 1xx at all; a "0" is harmless and dropped.
+            if lowered == "transfer-encoding" or (
+                lowered == "content-length" and value.strip(" \t") != "0"
+            ):
+                raise _Refused(f"a {status} interim response with {name}: {value[:64]!r}")
+        self._raw_headers = []
+        reason, self._reason = self._reason, b""
+        self._deadline = self._loop.time() + self._timeout  # a sign of life
+        on_interim = self._on_interim
+        if on_interim is not None and status != 100 and status != 101:
+            on_interim(status, _decode(reason), fields)
 
     def on_body(self, body: bytes) -> None:
         if self._state != _BODY:
@@ -556,12 +591,14 @@ class _Connection(WriteFlow):
         body: AsyncIterator[bytes] | DirectBody | None,
         content_length: int | None,
         read_timeout: float,
+        on_interim: OnInterim | None = None,
     ) -> H1Response:
         transport = self._transport
         assert transport is not None
         assert self._state == _IDLE
         self._state = _HEAD
         self._is_head = method == "HEAD"
+        self._on_interim = on_interim
         self._timeout = read_timeout
         self._reason = b""
         self._raw_headers = []
@@ -1003,8 +1040,13 @@ class ConnectionPool:
         read_timeout: float,
         *,
         scheme: str = "http",
+        on_interim: OnInterim | None = None,
     ) -> H1Response:
         """Send one request; return once the response head is in.
+
+        `on_interim` gets each interim response but 100 and 101 (status,
+        reason, its fields as received) while the final head is awaited,
+        synchronously from the parser: it must not raise or block.
 
         Raises H1ConnectError (H1TLSError for a failed handshake),
         H1ServerDisconnected, H1ProtocolError, H1ReadTimeout or H1BodyError;
@@ -1020,14 +1062,14 @@ class ConnectionPool:
         conn = self._take(key)
         if conn is not None:
             try:
-                return await conn.send(method, head, body, content_length, read_timeout)
+                return await conn.send(method, head, body, content_length, read_timeout, on_interim)
             except H1ServerDisconnected:
                 if method not in _IDEMPOTENT or not conn.stale():
                     raise
             # The target closed the connection as we reused it: once more on
             # a fresh one (never again: a fresh connection closed is an answer).
         conn = await self._connect(key, connect_timeout)
-        return await conn.send(method, head, body, content_length, read_timeout)
+        return await conn.send(method, head, body, content_length, read_timeout, on_interim)
 
     def _take(self, key: _Key) -> _Connection | None:
         stack = self._idle.get(key)

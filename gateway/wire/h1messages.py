@@ -24,6 +24,10 @@ from gateway.core.headers import encode_head
 
 # RFC 9110 10.1.1: the interim answer to `Expect: 100-continue`.
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Interim responses are not written while this much output waits for a
+# client that is not reading: a target's 64 KiB of 1xx heads (h1client's cap)
+# would otherwise grow into several times that here, per request.
+_INTERIM_HIGH: Final = 64 * 1024
 # A request body buffer above this pauses reading the client socket; the
 # handler's next read (which takes the whole buffer) resumes it.
 _BODY_HIGH: Final = 256 * 1024
@@ -252,6 +256,7 @@ class ResponseWriter:
         "_held",
         "_request",
         "eof_sent",
+        "interim",
         "keep_alive",
         "output_size",
         "send_timeout",
@@ -266,6 +271,7 @@ class ResponseWriter:
         self._empty = False
         self._continue_done = False
         self.eof_sent = False
+        self.interim = 0  # interim (1xx) heads written before this response
         self.keep_alive = request.keep_alive
         self.output_size = 0
         self.status = 0
@@ -350,6 +356,45 @@ class ResponseWriter:
             transport = request.transport
             if transport is not None:
                 transport.write(_CONTINUE)
+
+    def send_interim(self, status: int, reason: str, headers: CIMultiDict[str]) -> bool:
+        """Write an interim (1xx) response now, ahead of the final one; whether
+        it was written. Never raises for the client's state.
+
+        RFC 9110 15.2: not to an HTTP/1.0 client (it cannot tell the 1xx from
+        the answer), so for one this writes nothing. `headers` are a 1xx's
+        own, already stripped of hop-by-hop fields: no Content-Length or
+        Transfer-Encoding is added (nor kept: a 1xx has no body, RFC 9112
+        6.3). Also nothing once the client is gone or has
+        `_INTERIM_HIGH` bytes unread (the 1xx is advice; the final response
+        follows), or when a field holds a CR or LF. 100 (the writer's own,
+        `send_continue`) and 101 (a protocol switch, not interim) are no
+        interim responses to relay: refused like a final head already begun.
+        """
+        if self.status != 0 or self._held is not None:
+            raise RuntimeError("an interim response after the final head")
+        if not 102 <= status <= 199:
+            raise ValueError(f"not an interim response to relay: {status}")
+        request = self._request
+        if request.version < (1, 1):
+            return False
+        transport = self._conn.transport
+        if (
+            transport is None
+            or transport.is_closing()
+            or transport.get_write_buffer_size() > _INTERIM_HIGH
+        ):
+            return False
+        headers.popall("Content-Length", None)
+        headers.popall("Transfer-Encoding", None)
+        try:
+            head = encode_head(f"HTTP/1.1 {status} {reason}", headers.items())
+        except ValueError:
+            return False  # a CR or LF inside a field: not forwarded
+        self.output_size += len(head)
+        self.interim += 1
+        transport.write(head)
+        return True
 
     def abort(self) -> None:
         """End the connection at once, without a proper end of the body: the
