@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -35,8 +34,8 @@ from pathlib import Path
 from harness import (
     HOST,
     REPO_DIR,
-    Processes,
     Proc,
+    Processes,
     free_port,
     group_pids,
     nginx_argv,
@@ -137,7 +136,7 @@ async def _stream(
     try:
         await asyncio.wait_for(loop.sock_connect(sock, (HOST, port)), 10.0)
         if op == "download":
-            head = f"GET /file HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            head = "GET /file HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         else:
             head = (
                 f"POST /sink HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
@@ -284,7 +283,7 @@ def main() -> int:
         procs.close()
     print()
     print("\n".join(rows))
-    _ = statistics
+
     return 0
 
 

@@ -74,7 +74,7 @@ from gateway.wire.writeflow import WriteFlow
 # back to READ_AHEAD_MIN. A 1 MiB read-ahead before pausing cost 1.3-1.5 MiB
 # of RSS per slow download; this holds at most one read per stream.
 READ_AHEAD_MIN: Final = 16 * 1024
-READ_AHEAD_MAX: Final = 256 * 1024
+READ_AHEAD_MAX: Final = 64 * 1024
 #: The most unread response body bytes a connection holds (one read).
 MAX_BUFFERED: Final = READ_AHEAD_MAX
 # Below the common upstream idle timeouts (aiohttp 75 s, nginx 75 s) so we
