@@ -12,6 +12,7 @@ from aiohttp import web
 
 from gateway.wire.h1client import (
     MAX_BUFFERED,
+    READ_AHEAD_MIN,
     ConnectionPool,
     H1BodyError,
     H1ConnectError,
@@ -992,7 +993,7 @@ async def test_download_backpressure_pauses_reading(
     await asyncio.sleep(0.3)  # nobody reads: the socket must stop being read
     conn = response._conn
     assert conn is not None
-    assert conn._buffered <= MAX_BUFFERED + 1024 * 1024
+    assert conn._buffered <= MAX_BUFFERED
     assert written < size
     total = 0
     while chunk := await response.read_chunk():
@@ -1156,4 +1157,38 @@ async def test_a_target_named_by_host_name_is_reached(
     )
     assert response.status == 200
     assert await read_all(response) == b""
+    response.release()
+
+
+async def test_read_ahead_shrinks_for_a_slow_reader_and_grows_for_a_fast_one(
+    pool: ConnectionPool, raw: Callable[[Handler], Awaitable[RawServer]]
+) -> None:
+    size = 16 * 1024 * 1024
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        piece = b"d" * 262144
+        written = 0
+        while written < size:
+            writer.write(piece)
+            written += len(piece)
+            await writer.drain()
+
+    server = await raw(handler)
+    response = await get(pool, server.port)
+    total = 0
+    slow: list[int] = []
+    for _ in range(20):  # a reader busy elsewhere between reads: one small read waits
+        await asyncio.sleep(0.005)
+        chunk = await response.read_chunk()
+        slow.append(len(chunk))
+        total += len(chunk)
+    assert max(slow[2:]) <= READ_AHEAD_MIN, slow
+    fast = 0
+    while chunk := await response.read_chunk():  # waiting for every read: it grows
+        fast = max(fast, len(chunk))
+        total += len(chunk)
+    assert total == size
+    assert READ_AHEAD_MIN < fast <= MAX_BUFFERED
     response.release()

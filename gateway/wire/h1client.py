@@ -18,7 +18,8 @@ hop needs (RFC 9112):
 - Responses parsed by llhttp (`httptools`, as uvicorn does); 1xx interim
   responses handed to the caller's `on_interim` as they arrive (100 and 101
   never: see `on_headers_complete`), else skipped; bodies handed out chunk by
-  chunk, reading paused above `MAX_BUFFERED` unread bytes.
+  chunk, read ahead by at most one read whose size follows the reader's pace
+  (`READ_AHEAD_MIN` to `READ_AHEAD_MAX`), into one reused buffer per thread.
 - Keep-alive: a connection goes back to its (host, port) stack (LIFO) only if
   the response ended cleanly, both sides kept it alive and the request body
   was sent whole; anything else (cancellation included) aborts it. So does
@@ -49,6 +50,7 @@ import ipaddress
 import select
 import socket
 import ssl
+import threading
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from typing import Final, cast
 
@@ -62,9 +64,20 @@ from gateway.wire import splice
 from gateway.wire.vetting import MAX_HEAD_BYTES, MAX_REQUEST_LINE, section_limit
 from gateway.wire.writeflow import WriteFlow
 
-# Unread response bytes above which the socket stops being read; reading
-# resumes when the reader takes them (read_chunk takes the whole buffer).
-MAX_BUFFERED: Final = 1 << 20
+# Response read-ahead (bench/slow_streams.py). The socket is read into one
+# buffer per thread, at most `_read_size` bytes at a time, and body bytes wait
+# here only while the reader waits for them: data that finds the reader busy
+# (its client has not taken the last piece: a slow client) pauses reading at
+# once, so the rest stays in the kernel's socket buffers, which TCP flow
+# control bounds, rather than in this process. A reader that keeps up (it was
+# waiting when data came) doubles the read size up to READ_AHEAD_MAX, which
+# a fast client needs (fewer reads per byte); one that falls behind takes it
+# back to READ_AHEAD_MIN. A 1 MiB read-ahead before pausing cost 1.3-1.5 MiB
+# of RSS per slow download; this holds at most one read per stream.
+READ_AHEAD_MIN: Final = 16 * 1024
+READ_AHEAD_MAX: Final = 64 * 1024
+#: The most unread response body bytes a connection holds (one read).
+MAX_BUFFERED: Final = READ_AHEAD_MAX
 # Below the common upstream idle timeouts (aiohttp 75 s, nginx 75 s) so we
 # close an idle connection before the target does.
 IDLE_TIMEOUT: Final = 60.0
@@ -289,7 +302,21 @@ class H1Response:
             conn.abort()
 
 
-class _Connection(WriteFlow):
+class _ReadBuffer(threading.local):
+    """The buffer every connection of a thread's loop reads into (as uvloop's
+    own): the parser copies what it keeps (httptools hands body pieces out as
+    bytes), so nothing refers to it after `buffer_updated` returns, and one
+    buffer serves every connection instead of a new bytes object per read.
+    Per thread, because a read into it releases the GIL."""
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(READ_AHEAD_MAX))
+
+
+_READ_BUFFER: Final = _ReadBuffer()
+
+
+class _Connection(WriteFlow, asyncio.BufferedProtocol):
     """One TCP connection to a target and the exchange running on it."""
 
     def __init__(self, pool: ConnectionPool, key: _Key) -> None:
@@ -322,6 +349,7 @@ class _Connection(WriteFlow):
         self._content_length: int | None = None
         self._head_keep_alive = False
         self._reading_paused = False
+        self._read_size = READ_AHEAD_MIN
         self._keep_alive = False
         self._body_done = True
         self._body_pulled = False
@@ -367,7 +395,13 @@ class _Connection(WriteFlow):
         self._wake()
         self._pool.forget(self)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _READ_BUFFER.view[: self._read_size]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(_READ_BUFFER.view[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         state = self._state
         if state != _HEAD and state != _BODY:
             # Nothing was asked (idle in the pool, or after a complete
@@ -377,6 +411,12 @@ class _Connection(WriteFlow):
         if state == _HEAD:
             self._head_bytes += len(data)
         self._progress = False
+        # The reader keeps up when it was waiting for this (see READ_AHEAD_MIN);
+        # woken already (libuv reads up to 32 times per readiness event), it
+        # merely has yet to run.
+        waiter = self._waiter
+        waiting = waiter is not None and not waiter.done()
+        woken = waiter is not None and not waiting
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
@@ -392,6 +432,13 @@ class _Connection(WriteFlow):
             else:
                 self._fail(H1ReadError(f"invalid response body: {why}"))
             return
+        if self._chunks:
+            if waiting:
+                self._read_size = min(self._read_size * 2, READ_AHEAD_MAX)
+            else:
+                if not woken:  # busy elsewhere: its client has not taken the last piece
+                    self._read_size = READ_AHEAD_MIN
+                self._pause_reading()  # until read_chunk takes what is here
         if self._progress:
             self._stalled = 0
             return
@@ -534,8 +581,6 @@ class _Connection(WriteFlow):
         self._chunks.append(body)
         self._buffered += len(body)
         self._body_received += len(body)
-        if self._buffered > MAX_BUFFERED:
-            self._pause_reading()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -607,6 +652,7 @@ class _Connection(WriteFlow):
         self._fields = 0
         self._stalled = 0
         self._keep_alive = False
+        self._read_size = READ_AHEAD_MIN  # each response finds its reader's pace anew
         transport.write(head)
         self._body_done = body is None
         self._body_pulled = False

@@ -51,6 +51,7 @@ from gateway.core.errors import (
     UriTooLong,
 )
 from gateway.core.headers import encode_head, new_request_id, request_id
+from gateway.wire import heap
 from gateway.wire.h1messages import (
     PAUSE_BODY,
     PAUSE_HANDOVER,
@@ -90,6 +91,10 @@ _MAX_QUEUED: Final = 8
 # stops; the queued ones are answered and the connection closes, and the
 # client sends the rest again (RFC 9112 9.3.2), as after any server close.
 MAX_PIPELINED: Final = 64
+#: The heap is trimmed (heap.py) TRIM_DELAY seconds after the open connections
+#: fell to half their peak, by at least TRIM_AFTER_DROP.
+TRIM_AFTER_DROP: Final = 32
+TRIM_DELAY: Final = 0.5
 
 
 class _PipelineFull(Exception):
@@ -104,7 +109,7 @@ class Limit(Exception):
         self.error = error
 
 
-class Connection(WriteFlow):
+class Connection(WriteFlow, asyncio.Protocol):
     """One client connection: parse, queue, hand each request to the handler."""
 
     def __init__(self, server: H1Server) -> None:
@@ -155,7 +160,9 @@ class Connection(WriteFlow):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError, AttributeError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._server.connections.add(self)
+        server = self._server
+        server.connections.add(self)
+        server._peak = max(server._peak, len(server.connections))
         if self._server.draining:
             self.transport.close()
 
@@ -664,6 +671,9 @@ class H1Server:
         self.tasks: set[asyncio.Task[None]] = set()  # one per connection with requests
         self.draining = False
         self._idle_waiters: list[asyncio.Future[None]] = []
+        # Connections open at most since the heap was last trimmed (forget()).
+        self._peak = 0
+        self._trim: asyncio.TimerHandle | None = None
 
     def __call__(self) -> Connection:
         return Connection(self)
@@ -677,6 +687,18 @@ class H1Server:
     def forget(self, conn: Connection) -> None:
         self.connections.discard(conn)
         self._check_idle()
+        count = len(self.connections)
+        if count <= self._peak // 2 and self._peak - count >= TRIM_AFTER_DROP:
+            # The load dropped: give the heap's free pages back once it has
+            # settled (heap.py), not at every close.
+            self._peak = count
+            if self._trim is None:
+                loop = asyncio.get_running_loop()
+                self._trim = loop.call_later(TRIM_DELAY, self._trim_heap)
+
+    def _trim_heap(self) -> None:
+        self._trim = None
+        heap.trim()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)

@@ -47,8 +47,12 @@ def unsent(transport: asyncio.WriteTransport) -> int:
     return size + kernel_unsent(fd) if isinstance(fd, int) and fd >= 0 else size
 
 
-class WriteFlow(asyncio.Protocol):
-    """The write side of a protocol's flow control: a paused flag and one waiter."""
+class WriteFlow(asyncio.BaseProtocol):
+    """The write side of a protocol's flow control: a paused flag and one waiter.
+
+    A BaseProtocol, not a Protocol: uvloop reads into a protocol's own buffer
+    (`get_buffer`, h1client's) only when it is no `asyncio.Protocol`.
+    """
 
     def __init__(self) -> None:
         self._write_paused = False

@@ -1,0 +1,142 @@
+"""Memory per slow stream, measured on a real gateway process (bench/slow_streams.py
+is the full-size version).
+
+A raw target writes a large body as fast as its socket takes it; clients with a
+small receive buffer read nothing. The gateway must stop reading from the target
+(the rest waits in the kernel's socket buffers, bounded by TCP flow control)
+instead of reading ahead into its own memory, and give freed memory back once
+the streams are gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from pathlib import Path
+
+from yarl import URL
+
+from tests.gateway_process import run_gateway
+
+STREAMS = 64
+BODY = 8 * 1024 * 1024
+# Before: a 1 MiB read-ahead plus the client write buffer, 1.3-1.5 MiB per
+# stream (bench/slow_streams.py). Now at most one read of READ_AHEAD_MAX (64 KiB)
+# plus the client transport's buffer: the bound has room for CI noise.
+PER_STREAM_KIB = 400
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+class FastTarget:
+    """Answers every request with BODY bytes, written as fast as the socket takes
+    them, on a small send buffer; counts what each connection managed to write."""
+
+    def __init__(self) -> None:
+        self.written: list[int] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        index = len(self.written)
+        self.written.append(0)
+        piece = bytes(256 * 1024)
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BODY)
+                sent = 0
+                while sent < BODY:
+                    writer.write(piece)
+                    sent += len(piece)
+                    self.written[index] += len(piece)
+                    await writer.drain()
+        writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+async def slow_client(host: str, port: int, opened: list[socket.socket]) -> None:
+    """Sends one GET and reads (almost) nothing: a client that does not keep up."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    sock.setblocking(False)
+    opened.append(sock)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (host, port))
+    await loop.sock_sendall(sock, b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+    await loop.sock_recv(sock, 4096)  # the head: the stream is running
+
+
+def config(target: int) -> str:
+    return f"""
+[upstreams.t]
+targets = ["http://127.0.0.1:{target}"]
+
+[[routes]]
+name = "r"
+path = "/"
+upstream = "t"
+"""
+
+
+async def test_slow_downloads_cost_kilobytes_each_and_memory_comes_back(
+    tmp_path: Path,
+) -> None:
+    target = FastTarget()
+    port = await target.start()
+    opened: list[socket.socket] = []
+    try:
+        async with run_gateway(tmp_path, config(port)) as gw:
+            proxy = URL(gw.url)
+            assert proxy.host is not None
+            assert proxy.port is not None
+            # One warm-up stream, so imports and pools are in the baseline.
+            await asyncio.wait_for(slow_client(proxy.host, proxy.port, opened), 10)
+            opened.pop().close()
+            await asyncio.sleep(0.5)
+            before = rss_kib(gw.pid)
+            async with asyncio.timeout(30):
+                await asyncio.gather(
+                    *(slow_client(proxy.host, proxy.port, opened) for _ in range(STREAMS))
+                )
+            peak = before
+            for _ in range(20):  # 2 s: every stream reaches its stall
+                await asyncio.sleep(0.1)
+                peak = max(peak, rss_kib(gw.pid))
+            per_stream = (peak - before) / STREAMS
+            assert per_stream < PER_STREAM_KIB, (before, peak, per_stream)
+            # The target could write the kernel's socket buffers' worth (and
+            # a relay's pipe), not the whole body.
+            stalled = sorted(target.written)[-STREAMS:]
+            assert max(stalled) < BODY, stalled
+            for sock in opened:
+                sock.close()
+            opened.clear()
+            after = peak
+            for _ in range(40):  # memory comes back within 4 s of the load dropping
+                await asyncio.sleep(0.1)
+                after = rss_kib(gw.pid)
+                if after < before + 16 * 1024:
+                    break
+            assert after < before + 16 * 1024, (before, peak, after)
+    finally:
+        for sock in opened:
+            sock.close()
+        await target.close()
