@@ -210,17 +210,30 @@ def start(
 
 
 def measure(
-    procs: Processes, source: Path, label: str, size: int, tmp: Path, upstream: int, args: argparse.Namespace
+    procs: Processes,
+    source: Path,
+    label: str,
+    size: int,
+    tmp: Path,
+    upstream: int,
+    args: argparse.Namespace,
 ) -> Row:
     row = Row(label, size)
     port, admin = free_port(), free_port()
     config = tmp / f"routes-{label}-{size}.toml"
     config.write_text(gateway_config(size, port, admin, upstream))
     began = time.monotonic()
-    code, _, err = run_bounded(
-        procs, "check", [sys.executable, "-m", "gateway", "check", "-c", str(config)], 120.0
-    )
-    row.check_s, row.check_ok = time.monotonic() - began, code == 0
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "check", "-c", str(config)],
+            env=child_env(source),
+            capture_output=True,
+            timeout=120.0,
+            check=False,
+        )
+        row.check_s, row.check_ok = time.monotonic() - began, done.returncode == 0
+    except subprocess.TimeoutExpired:
+        row.check_ok = False
     try:
         proc, row.start_s = start(procs, source, config, admin, args.start_timeout)
     except BenchError as error:
@@ -260,8 +273,11 @@ def nginx_t(procs: Processes, tmp: Path, size: int, upstream: int) -> tuple[floa
     conf = prefix / "nginx.conf"
     conf.write_text(nginx_config(prefix, size, free_port(), upstream))
     began = time.monotonic()
-    code, out, err = run_bounded(
-        procs, "nginx-t", [NGINX, "-t", "-p", f"{prefix}/", "-c", str(conf), "-e", str(prefix / "error.log")], 120.0
+    code, _, _ = run_bounded(
+        procs,
+        "nginx-t",
+        [NGINX, "-t", "-p", f"{prefix}/", "-c", str(conf), "-e", str(prefix / "error.log")],
+        120.0,
     )
     took = time.monotonic() - began
     return took, "ok" if code == 0 else f"exit {code}"
@@ -316,7 +332,7 @@ def main() -> int:
                 anchors[size] = nginx_t(procs, tmp, size, upstream)
                 for label, source in checkouts:
                     if label == "before" and size > args.before_max:
-                        rows.append(Row(label, size, note=f"skipped (> --before-max)"))
+                        rows.append(Row(label, size, note="skipped (> --before-max)"))
                         continue
                     print(f"{label} {size} routes ...", file=sys.stderr, flush=True)
                     rows.append(measure(procs, source, label, size, tmp, upstream, args))

@@ -73,14 +73,15 @@ __all__ = [
     "has_dot_segment",
     "normalize_host",
     "regex_literal_prefix",
+    "shadowed_routes",
 ]
 
 # One compiled route, as a flat tuple: unpacking a tuple in the `for` header is
 # the cheapest per-route access CPython offers on the hot path.
-#   rank (position in match order), route, prefix (None = any path), prefix length, segment-boundary check
-#   needed, compiled regex (None = none), exact host (None = any), wildcard
-#   suffix ".example.com" (None = not a wildcard), required headers, admitted
-#   methods (None = all)
+#   rank (position in match order), route, prefix (None = any path), prefix
+#   length, segment-boundary check needed, compiled regex (None = none), exact
+#   host (None = any), wildcard suffix ".example.com" (None = not a wildcard),
+#   required headers, admitted methods (None = all)
 _Compiled: TypeAlias = tuple[
     int,
     RouteConfig,
@@ -434,6 +435,118 @@ class RouteTable:
         if len(shown) > _MAX_MESSAGE_PATH:
             shown = shown[:_MAX_MESSAGE_PATH] + "..."
         raise NoRoute(f"no route matches {method} {shown}" + (f" on host {host}" if host else ""))
+
+
+_SCAN_PER_BUCKET: Final = 64  # bounds `shadowed_routes` on many look-alike routes
+
+
+def _methods_of(route: RouteConfig) -> frozenset[str] | None:
+    if route.methods is None:
+        return None
+    methods = set(route.methods)
+    if "GET" in methods:
+        methods.add("HEAD")  # RFC 9110 §9.3.2
+    return frozenset(methods)
+
+
+def _host_keys(host: str | None) -> list[str]:
+    """The bucket keys of every configured host that admits all of `host`'s requests."""
+    if host is None or host.strip() in ("", "*"):
+        return ["*"]
+    raw = host.strip().lower()
+    if raw.startswith("*."):
+        labels = (normalize_host(raw[2:]) or "").split(".")
+        own = ["*." + ".".join(labels[i:]) for i in range(len(labels))]
+        return ["*", *own]
+    name = normalize_host(raw) or ""
+    labels = name.split(".")
+    return ["*", name, *("*." + ".".join(labels[i:]) for i in range(1, len(labels)))]
+
+
+def _own_host_key(host: str | None) -> str:
+    if host is None or host.strip() in ("", "*"):
+        return "*"
+    raw = host.strip().lower()
+    if raw.startswith("*."):
+        return "*." + (normalize_host(raw[2:]) or "")
+    return normalize_host(raw) or ""
+
+
+def _path_keys(route: RouteConfig) -> list[str]:
+    """Bucket keys of every path constraint that admits all of `route`'s paths.
+
+    "" is no constraint (no path, or "/"); "/a" and "/a/" cover "/a/b..."; a
+    regex is covered by path prefixes its literal passes on a boundary, and
+    by itself ("re:" + pattern).
+    """
+    keys = [""]
+    if route.path is not None and route.path_regex is not None:
+        return keys  # both: checked together, covered only by a catch-all here
+    if route.path_regex is not None:
+        literal = regex_literal_prefix(route.path_regex)
+        if literal.startswith("/"):
+            for i, ch in enumerate(literal):
+                if ch == "/" and i > 0:
+                    keys += [literal[:i], literal[: i + 1]]
+        keys.append("re:" + route.path_regex)
+        return keys
+    path = route.path
+    if path is None or path == "/":
+        return keys
+    for i, ch in enumerate(path):
+        if ch == "/" and i > 0:
+            keys += [path[:i], path[: i + 1]]
+    keys.append(path)
+    return keys
+
+
+def _own_path_key(route: RouteConfig) -> str | None:
+    if route.path is not None and route.path_regex is not None:
+        return None  # never listed as a shadower: only "" covers it, conservatively
+    if route.path_regex is not None:
+        return "re:" + route.path_regex
+    return "" if route.path in (None, "/") else route.path
+
+
+def shadowed_routes(routes: Sequence[RouteConfig]) -> list[tuple[RouteConfig, RouteConfig]]:
+    """(route, earlier) pairs: `route` can never match, `earlier` wins first.
+
+    `earlier` comes first in match order and admits every request `route`
+    admits: its host, path (or regex), headers and methods are each the same
+    or wider. Conservative: a route reported here never matches (nor adds to
+    a 405's Allow, `earlier` covering its methods), but a route shadowed in a
+    way these rules do not see (by a regex that happens to cover a path, by
+    several routes together) is not reported. Linear in the routes: earlier
+    routes are looked up by the path prefixes and host suffixes that could
+    cover each route, at most a bounded number per bucket.
+    """
+    buckets: dict[tuple[str, str], list[tuple[RouteConfig, frozenset[tuple[str, str]]]]] = {}
+    found: list[tuple[RouteConfig, RouteConfig]] = []
+    for route in sorted(routes, key=_order_key):
+        headers = frozenset((name.lower(), value) for name, value in route.headers)
+        methods = _methods_of(route)
+        winner: RouteConfig | None = None
+        for path_key in _path_keys(route):
+            for host_key in _host_keys(route.host):
+                for other, other_headers in buckets.get((path_key, host_key), ())[
+                    :_SCAN_PER_BUCKET
+                ]:
+                    other_methods = _methods_of(other)
+                    if other_headers <= headers and (
+                        other_methods is None or (methods is not None and methods <= other_methods)
+                    ):
+                        winner = other
+                        break
+                if winner is not None:
+                    break
+            if winner is not None:
+                break
+        if winner is not None:
+            found.append((route, winner))
+        own = _own_path_key(route)
+        if own is not None:
+            buckets.setdefault((own, _own_host_key(route.host)), []).append((route, headers))
+    return found
 
 
 # A dot-segment ("." or "..", any dot percent-encoded) between two segment
