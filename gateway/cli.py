@@ -21,7 +21,8 @@ from typing import Final
 
 from gateway import __version__
 from gateway.core.auth import CONSUMER_NAME, hash_key, sendable
-from gateway.core.config import DEFAULT_CONFIG_PATH, ConfigError, load, summary
+from gateway.core.config import DEFAULT_CONFIG_PATH, ConfigError, RouteConfig, load, summary
+from gateway.core.routing import shadowed_routes
 from gateway.state.log import configure_logging
 
 log = logging.getLogger("gateway.cli")
@@ -72,7 +73,16 @@ def check(path: str) -> int:
         print(f"{path}: {len(error.errors)} error(s)", file=sys.stderr)
         return EXIT_CONFIG
     print(summary(config))
-    print(f"{path}: ok")
+    # Warnings, not errors (nginx -t reports a duplicate location as an
+    # error; here a shadowed route is legal and served, it just never wins).
+    warnings = [
+        f"warning: {_route_ref(route)}: never matches: {_route_ref(winner)} comes first and "
+        + ("has the same match rules" if _same_rules(route, winner) else "matches all it does")
+        for route, winner in shadowed_routes(config.routes)
+    ]
+    for line in warnings:
+        print(line, file=sys.stderr)
+    print(f"{path}: ok" + (f", {len(warnings)} warning(s)" if warnings else ""))
     return EXIT_OK
 
 
@@ -103,6 +113,18 @@ def apikey(name: str, scopes: str) -> int:
     print(f'key_sha256 = "{hash_key(key)}"')
     print("scopes = [" + ", ".join(json.dumps(scope) for scope in wanted) + "]")
     return EXIT_OK
+
+
+def _route_ref(route: RouteConfig) -> str:
+    # The key path errors use: `routes[2] ("users-api")`.
+    return f"routes[{route.index}] ({json.dumps(route.name, ensure_ascii=False)})"
+
+
+def _same_rules(a: RouteConfig, b: RouteConfig) -> bool:
+    def rules(r: RouteConfig) -> tuple[object, ...]:
+        return (r.host, r.path, r.path_regex, r.methods and set(r.methods), set(r.headers))
+
+    return rules(a) == rules(b)
 
 
 def _loop_factory(choice: str) -> type[asyncio.AbstractEventLoop] | None:

@@ -34,7 +34,7 @@ from gateway.edges.reload import Reloader
 from gateway.state.health import HealthMonitor
 from gateway.state.log import AccessLog, journald_mode
 from gateway.state.metrics import Metrics
-from gateway.state.snapshot import Runtime, SnapshotBox
+from gateway.state.snapshot import Prepared, Runtime, SnapshotBox, gc_paused
 from gateway.wire.h1server import H1Server, sweep_slow_heads
 
 log = logging.getLogger("gateway.server")
@@ -93,18 +93,24 @@ class Gateway:
         assert self.box is not None
         return self.box.snapshot.config
 
-    def apply(self, config: Config) -> None:
-        """Serve `config` from the next request on (a reload's swap).
+    def prepare(self, config: Config) -> Prepared:
+        """The pure half of a reload's snapshot (route table, comparisons);
+        thread-safe, so the reloader runs it off the event loop."""
+        return self.runtime.prepare(config)
 
-        No await from the build to the swap: every request sees either the
-        old snapshot or the new one, whole.
+    def apply(self, prepared: Prepared) -> None:
+        """Serve `prepared` from the next request on (a reload's swap).
+
+        No await from the commit to the swap: every request sees either the
+        old snapshot or the new one, whole. The commit is incremental (see
+        `Runtime.commit`), so a large config does not stall the loop here.
         """
         assert self.box is not None
-        snapshot = self.runtime.build(config)
+        snapshot = self.runtime.commit(prepared)
         self.box.snapshot = snapshot
         self.runtime.auth.start()  # JWKS URL fetchers of new policies
         self.health.sync(snapshot)
-        self.access_log.set_format(config.server.access_log)
+        self.access_log.set_format(prepared.config.server.access_log)
 
     def _client_timeout(self) -> float:
         return self.config.server.client_timeout
@@ -122,7 +128,8 @@ class Gateway:
 
     async def start(self) -> None:
         config = self._initial_config
-        self.box = SnapshotBox(self.runtime.build(config))
+        with gc_paused():
+            self.box = SnapshotBox(self.runtime.build(config))
         # JWKS URLs are fetched in the background: start-up does not wait (CONTRACT.md).
         self.runtime.auth.start()
         self.metrics.config_last_reload_success.set(time.time())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +21,7 @@ from gateway.core.routing import (
     has_dot_segment,
     normalize_host,
     regex_literal_prefix,
+    shadowed_routes,
 )
 
 NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
@@ -678,3 +680,140 @@ def test_a_prefix_confines_every_path_that_is_not_refused(rest: str) -> None:
         return
     resolved = remove_dot_segments(target_segments(raw_path))
     assert resolved[:2] == ["", "api"]
+
+
+# --- large tables: the indexed table against a plain linear scan --------------
+
+BIG_PATHS = ["/", "/a", "/a/", "/a/b", "/api", "/api/users", "/api/users/", "/v1", "/x/y/z"]
+BIG_REGEXES = [
+    *REGEXES,
+    r"^/api/users/[0-9]+$",
+    r"^/api/v[0-9]+",
+    r"^/x/y/",
+    r"^/a/b",
+    r"^/re1/[0-9]+$",
+    r"^/a\.b/",
+]
+BIG_HOSTS = [*CONFIG_HOSTS, "*.b.example.com", "other.org", "a.b.example.com"]
+BIG_REQUEST_PATHS = [
+    "/",
+    "/a",
+    "/a/b",
+    "/a/b/c",
+    "/api/users/7",
+    "/api/users/x",
+    "/api/v2/z",
+    "/x/y/z",
+    "/x/y",
+    "/re1/12",
+    "/a.b/c",
+    "/v1/q",
+    "/ab",
+    "/api/usersX",
+]
+BIG_REQUEST_HOSTS = [*REQUEST_HOSTS, "x.b.example.com", "a.b.example.com", "OTHER.org:1"]
+
+
+@st.composite
+def big_route_list(draw: st.DrawFn) -> list[RouteConfig]:
+    out = []
+    for i in range(draw(st.integers(1, 40))):
+        kind = draw(st.sampled_from(["path", "path", "regex"]))
+        out.append(
+            route(
+                i,
+                path=draw(st.sampled_from(BIG_PATHS)) if kind == "path" else None,
+                path_regex=draw(st.sampled_from(BIG_REGEXES)) if kind == "regex" else None,
+                host=draw(st.one_of(st.none(), st.sampled_from(BIG_HOSTS))),
+                methods=draw(
+                    st.one_of(
+                        st.none(),
+                        st.lists(
+                            st.sampled_from(["GET", "POST", "PUT"]), min_size=1, unique=True
+                        ).map(tuple),
+                    )
+                ),
+                headers=tuple(
+                    draw(st.lists(st.sampled_from([("x-a", "1"), ("x-b", "2")]), unique=True))
+                ),
+                priority=draw(st.sampled_from([0, 0, 0, 1, 2])),
+            )
+        )
+    return out
+
+
+@given(
+    routes=big_route_list(),
+    requests=st.lists(
+        st.tuples(
+            st.sampled_from(METHODS),
+            st.sampled_from(BIG_REQUEST_HOSTS),
+            st.sampled_from(BIG_REQUEST_PATHS),
+            st.lists(st.sampled_from([("X-A", "1"), ("X-B", "2")]), max_size=2),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+)
+def test_large_table_equals_linear_scan_in_precedence_order(
+    routes: list[RouteConfig],
+    requests: list[tuple[str, str | None, str, list[tuple[str, str]]]],
+) -> None:
+    table = RouteTable(routes)
+    for method, host, path, header_lines in requests:
+        headers = hdrs(*header_lines)
+        expected = reference_match(routes, method, host, path, headers)
+        try:
+            got: str | tuple[str, ...] | None = table.match(method, host, path, headers).name
+        except MethodNotAllowed as e:
+            got = e.allowed
+        except NoRoute:
+            got = None
+        assert got == expected, (method, host, path, header_lines)
+
+
+def test_twelve_thousand_routes_each_reach_their_own_route() -> None:
+    routes = [route(i, path=f"/svc{i}", strip_prefix=True) for i in range(10_000)]
+    routes += [
+        route(10_000 + i, name=f"h{i}", host=f"h{i}.example.com", path="/") for i in range(1000)
+    ]
+    routes += [route(11_000 + i, name=f"re{i}", path_regex=f"^/re{i}/[0-9]+$") for i in range(1000)]
+    table = RouteTable(routes)
+    for i in (0, 4321, 9999):
+        assert name_of(table, f"/svc{i}/x") == f"r{i}"
+    assert name_of(table, "/elsewhere", host="h7.example.com") == "h7"
+    assert name_of(table, "/re999/12") == "re999"
+    assert name_of(table, "/re999/x") is None
+
+
+# --- shadowed routes (gateway check warnings) -----------------------------------
+
+
+def test_shadowed_routes_reports_duplicates_and_covering_routes() -> None:
+    routes = [
+        route(0, path="/api"),
+        route(1, path="/api"),  # duplicate of 0
+        route(2, path="/api/v1", methods=("GET",)),  # longer: comes before 0, fine
+        route(3, path="/", host="*.example.com", priority=5),
+        route(4, path_regex=r"^/x/[0-9]+$", host="a.example.com"),  # under 3
+        route(5, path_regex=r"^/x/[0-9]+$", host="other.org"),
+        route(6, path="/api", headers=(("x-a", "1"),)),  # 0 comes first and needs less
+        route(7, path="/api", methods=("POST",), priority=1),  # ranks before 0: fine
+    ]
+    found = {(shadowed.name, winner.name) for shadowed, winner in shadowed_routes(routes)}
+    assert found == {("r1", "r0"), ("r4", "r3"), ("r6", "r0")}
+
+
+@given(routes=big_route_list(), requests=st.data())
+def test_law_a_route_reported_shadowed_never_matches(
+    routes: list[RouteConfig], requests: st.DataObject
+) -> None:
+    shadowed = {r.name for r, _ in shadowed_routes(routes)}
+    table = RouteTable(routes)
+    for _ in range(10):
+        method = requests.draw(st.sampled_from(METHODS))
+        host = requests.draw(st.sampled_from(BIG_REQUEST_HOSTS))
+        path = requests.draw(st.sampled_from(BIG_REQUEST_PATHS))
+        headers = hdrs(*requests.draw(st.lists(st.sampled_from([("X-A", "1"), ("X-B", "2")]))))
+        with contextlib.suppress(NoRoute, MethodNotAllowed):
+            assert table.match(method, host, path, headers).name not in shadowed

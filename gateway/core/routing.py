@@ -44,12 +44,16 @@ while ``/api/users`` still beats ``^/api/.*``.
 those admits the method; ``Allow`` is the sorted union of their methods
 (RFC 9110 §15.5.6 requires the header on a 405).
 
-Speed: a trie over the whole segments each ``path`` pins down (``/api/users``
-pins ``api``, ``users``); each node holds, in global order, the routes whose
-pinned segments lead to it plus every route that pins none (``/``, regex).
-A request walks down by its own segments and scans only that node's list,
-stopping at the first full match; the full checks still run on each
-candidate, so the trie only filters and never changes the result.
+Speed: a trie over the whole segments a route pins down (``/api/users``
+pins ``api``, ``users``; a regex, the whole segments of its literal prefix:
+``^/api/v[0-9]+`` pins ``api``). Each route sits in exactly one node, in
+that node's list for its exact host or its any-host list, every list in
+match order, so building is linear in the routes (after one sort). A request
+walks down by its own segments and scans the lists of the nodes it passed
+(deepest first, its own host's and the any-host ones), each up to its first
+full match or to the first route ranked below the best match so far; the
+lowest rank wins. The full checks still run on each candidate, so the trie
+and the host lists only filter and never change the result.
 """
 
 from __future__ import annotations
@@ -69,15 +73,17 @@ __all__ = [
     "has_dot_segment",
     "normalize_host",
     "regex_literal_prefix",
+    "shadowed_routes",
 ]
 
 # One compiled route, as a flat tuple: unpacking a tuple in the `for` header is
 # the cheapest per-route access CPython offers on the hot path.
-#   route, prefix (None = any path), prefix length, segment-boundary check
-#   needed, compiled regex (None = none), exact host (None = any), wildcard
-#   suffix ".example.com" (None = not a wildcard), required headers, admitted
-#   methods (None = all)
+#   rank (position in match order), route, prefix (None = any path), prefix
+#   length, segment-boundary check needed, compiled regex (None = none), exact
+#   host (None = any), wildcard suffix ".example.com" (None = not a wildcard),
+#   required headers, admitted methods (None = all)
 _Compiled: TypeAlias = tuple[
+    int,
     RouteConfig,
     str | None,
     int,
@@ -170,7 +176,7 @@ def regex_literal_prefix(pattern: str) -> str:
     return "".join(out)
 
 
-def _compile(route: RouteConfig) -> _Compiled:
+def _compile(rank: int, route: RouteConfig) -> _Compiled:
     prefix = route.path
     boundary = False
     if prefix is not None:
@@ -200,6 +206,7 @@ def _compile(route: RouteConfig) -> _Compiled:
 
     headers = tuple((name.lower(), value) for name, value in route.headers)
     return (
+        rank,
         route,
         prefix,
         len(prefix) if prefix is not None else 0,
@@ -227,6 +234,25 @@ def _order_key(route: RouteConfig) -> tuple[int, int, int, int]:
     return (-route.priority, -length, 1, route.index)
 
 
+def _route_pins(route: RouteConfig) -> tuple[str, ...]:
+    """The whole leading segments every path this route matches must have.
+
+    From `path` when there is one; else from a regex's literal prefix, whole
+    segments only ("^/api/v[0-9]+" has the literal "/api/v": ("api",), since
+    "v" may go on). Every match of the regex starts with that literal (see
+    `regex_literal_prefix`), so this only narrows candidates, never drops a
+    route that could match.
+    """
+    if route.path is not None:
+        return _pinned_segments(route.path)
+    if route.path_regex is None:
+        return ()
+    literal = regex_literal_prefix(route.path_regex)
+    if not literal.startswith("/"):
+        return ()
+    return tuple(literal[1:].split("/")[:-1])
+
+
 def _headers_match(headers: Mapping[str, str], required: tuple[tuple[str, str], ...]) -> bool:
     for name, value in required:
         got = headers.get(name)
@@ -240,19 +266,33 @@ def _headers_match(headers: Mapping[str, str], required: tuple[tuple[str, str], 
     return True
 
 
+_NOTHING: Final[tuple[_Compiled, ...]] = ()
+_NO_RANK: Final = 1 << 62  # above every route's rank
+
+
 class _Node:
-    """One trie level: routes pinned down to here (plus ancestors' and the
-    unpinned ones), in global order, and the next segments."""
+    """One trie level: the routes pinned exactly down to here, in match order.
 
-    __slots__ = ("candidates", "children")
+    `anyhost` holds those without an exact host (any host or a wildcard);
+    `hosts` those with one, keyed by the normalised host, so a request scans
+    only its own host's routes. Each route is in exactly one list of one
+    node: the table is linear in the routes, however many pin nothing.
+    """
 
-    def __init__(self, candidates: tuple[_Compiled, ...]) -> None:
-        self.candidates = candidates
-        self.children: dict[str, _Node] = {}
+    __slots__ = ("anyhost", "children", "hosts")
+
+    def __init__(self) -> None:
+        self.anyhost: tuple[_Compiled, ...] = _NOTHING
+        self.hosts: dict[str, tuple[_Compiled, ...]] | None = None
+        self.children: dict[str, _Node] | None = None
 
 
 class RouteTable:
-    """Every route of one config, compiled once; `match` runs per request."""
+    """Every route of one config, compiled once; `match` runs per request.
+
+    Built in time linear in the routes (after one sort) and without touching
+    the event loop's objects, so a reload can build it in a worker thread.
+    """
 
     __slots__ = ("_root", "routes")
 
@@ -260,24 +300,35 @@ class RouteTable:
         ordered = sorted(routes, key=_order_key)
         #: The routes in match order (highest precedence first).
         self.routes: tuple[RouteConfig, ...] = tuple(ordered)
-        compiled = [(_compile(r), _pinned_segments(r.path)) for r in ordered]
 
-        # A trie over the whole segments path routes pin down. The node for
-        # ("api", "users") holds every route whose pinned segments are a
-        # prefix of that, i.e. every route a request under /api/users/ could
-        # match, still in global order: walking as deep as the request's
-        # segments go yields the exact candidate list, with no merging.
-        def candidates(key: tuple[str, ...]) -> tuple[_Compiled, ...]:
-            return tuple(c for c, pinned in compiled if key[: len(pinned)] == pinned)
-
-        self._root = _Node(candidates(()))
-        for _, pinned in compiled:
-            node = self._root
-            for depth, segment in enumerate(pinned):
-                child = node.children.get(segment)
+        # Each route goes to the node of the segments it pins ("/api/users":
+        # api -> users), in the list of its exact host or the any-host list.
+        # Routes arrive in match order, so every list is sorted by rank.
+        root = _Node()
+        anyhost: dict[_Node, list[_Compiled]] = {}
+        hosts: dict[_Node, dict[str, list[_Compiled]]] = {}
+        for rank, route in enumerate(ordered):
+            compiled = _compile(rank, route)
+            node = root
+            for segment in _route_pins(route):
+                children = node.children
+                if children is None:
+                    children = node.children = {}
+                child = children.get(segment)
                 if child is None:
-                    child = node.children[segment] = _Node(candidates(pinned[: depth + 1]))
+                    child = children[segment] = _Node()
                 node = child
+            host = compiled[6]
+            if host is None:
+                anyhost.setdefault(node, []).append(compiled)
+            else:
+                hosts.setdefault(node, {}).setdefault(host, []).append(compiled)
+        # Tuples, once: smaller than lists, and the table never changes.
+        for node, found in anyhost.items():
+            node.anyhost = tuple(found)
+        for node, by_host in hosts.items():
+            node.hosts = {host: tuple(found) for host, found in by_host.items()}
+        self._root = root
 
     def match(
         self,
@@ -293,10 +344,11 @@ class RouteTable:
         `method=None` ignores the routes' methods: a CORS preflight belongs to
         the route of the request it announces, whatever that route's methods.
         """
+        # The nodes along the request's own segments ("/api/users/7": root,
+        # api, users, 7 while the trie has them); only their routes can match.
         node = self._root
-        if node.children and raw_path[:1] == "/":
-            # Descend one whole segment at a time ("/api/users/7": "api",
-            # "users", "7") while the trie has a branch for it.
+        path_nodes = [node]
+        if node.children is not None and raw_path[:1] == "/":
             start = 1
             while True:
                 end = raw_path.find("/", start)
@@ -304,60 +356,197 @@ class RouteTable:
                 if child is None:
                     break
                 node = child
-                if end < 0 or not node.children:
+                path_nodes.append(node)
+                if end < 0 or node.children is None:
                     break
                 start = end + 1
-        candidates = node.candidates
 
         host_key: str | None = None
         host_done = False
-        allowed: set[str] | None = None
-        for (
-            route,
-            prefix,
-            plen,
-            boundary,
-            regex,
-            host_exact,
-            host_suffix,
-            required,
-            methods,
-        ) in candidates:
-            if prefix is not None:
-                if not raw_path.startswith(prefix):
-                    continue
-                if boundary and len(raw_path) > plen and raw_path[plen] != "/":
-                    continue  # "/api/usersX" against "/api/users"
-            if regex is not None and regex.search(raw_path) is None:
-                continue
-            if host_exact is not None or host_suffix is not None:
+        lists: list[tuple[_Compiled, ...]] = []
+        # Deepest first: its routes pin the most, so they tend to rank first,
+        # and every later list stops at its first route ranked below the winner.
+        for node in reversed(path_nodes):
+            if node.anyhost:
+                lists.append(node.anyhost)
+            if node.hosts is not None:
                 if not host_done:
                     host_key = normalize_host(host)
                     host_done = True
-                if host_key is None:
-                    continue
-                if host_exact is not None:
-                    if host_key != host_exact:
-                        continue
-                elif host_suffix is not None and not (
-                    host_key.endswith(host_suffix) and len(host_key) > len(host_suffix)
-                ):
-                    continue
-            if required and not _headers_match(headers, required):
-                continue
-            if methods is not None and method is not None and method not in methods:
-                if allowed is None:
-                    allowed = set()
-                allowed |= methods
-                continue
-            return route
+                if host_key is not None and (found := node.hosts.get(host_key)) is not None:
+                    lists.append(found)
 
+        best: RouteConfig | None = None
+        best_rank = _NO_RANK
+        allowed: set[str] | None = None
+        for candidates in lists:
+            for (
+                rank,
+                route,
+                prefix,
+                plen,
+                boundary,
+                regex,
+                host_exact,
+                host_suffix,
+                required,
+                methods,
+            ) in candidates:
+                if rank >= best_rank:
+                    break  # this list has nothing ranked above the winner so far
+                if prefix is not None:
+                    if not raw_path.startswith(prefix):
+                        continue
+                    if boundary and len(raw_path) > plen and raw_path[plen] != "/":
+                        continue  # "/api/usersX" against "/api/users"
+                if regex is not None and regex.search(raw_path) is None:
+                    continue
+                if host_exact is not None or host_suffix is not None:
+                    if not host_done:
+                        host_key = normalize_host(host)
+                        host_done = True
+                    if host_key is None:
+                        continue
+                    if host_exact is not None:
+                        if host_key != host_exact:
+                            continue
+                    elif host_suffix is not None and not (
+                        host_key.endswith(host_suffix) and len(host_key) > len(host_suffix)
+                    ):
+                        continue
+                if required and not _headers_match(headers, required):
+                    continue
+                if methods is not None and method is not None and method not in methods:
+                    if allowed is None:
+                        allowed = set()
+                    allowed |= methods
+                    continue
+                best = route
+                best_rank = rank
+                break
+
+        if best is not None:
+            return best
+        # No winner: every list was scanned whole, so `allowed` is the union
+        # over every route that matched all but the method.
         if allowed is not None:
             raise MethodNotAllowed(tuple(sorted(allowed)))
         shown = raw_path
         if len(shown) > _MAX_MESSAGE_PATH:
             shown = shown[:_MAX_MESSAGE_PATH] + "..."
         raise NoRoute(f"no route matches {method} {shown}" + (f" on host {host}" if host else ""))
+
+
+_SCAN_PER_BUCKET: Final = 64  # bounds `shadowed_routes` on many look-alike routes
+
+
+def _methods_of(route: RouteConfig) -> frozenset[str] | None:
+    if route.methods is None:
+        return None
+    methods = set(route.methods)
+    if "GET" in methods:
+        methods.add("HEAD")  # RFC 9110 §9.3.2
+    return frozenset(methods)
+
+
+def _host_keys(host: str | None) -> list[str]:
+    """The bucket keys of every configured host that admits all of `host`'s requests."""
+    if host is None or host.strip() in ("", "*"):
+        return ["*"]
+    raw = host.strip().lower()
+    if raw.startswith("*."):
+        labels = (normalize_host(raw[2:]) or "").split(".")
+        own = ["*." + ".".join(labels[i:]) for i in range(len(labels))]
+        return ["*", *own]
+    name = normalize_host(raw) or ""
+    labels = name.split(".")
+    return ["*", name, *("*." + ".".join(labels[i:]) for i in range(1, len(labels)))]
+
+
+def _own_host_key(host: str | None) -> str:
+    if host is None or host.strip() in ("", "*"):
+        return "*"
+    raw = host.strip().lower()
+    if raw.startswith("*."):
+        return "*." + (normalize_host(raw[2:]) or "")
+    return normalize_host(raw) or ""
+
+
+def _path_keys(route: RouteConfig) -> list[str]:
+    """Bucket keys of every path constraint that admits all of `route`'s paths.
+
+    "" is no constraint (no path, or "/"); "/a" and "/a/" cover "/a/b..."; a
+    regex is covered by path prefixes its literal passes on a boundary, and
+    by itself ("re:" + pattern).
+    """
+    keys = [""]
+    if route.path is not None and route.path_regex is not None:
+        return keys  # both: checked together, covered only by a catch-all here
+    if route.path_regex is not None:
+        literal = regex_literal_prefix(route.path_regex)
+        if literal.startswith("/"):
+            for i, ch in enumerate(literal):
+                if ch == "/" and i > 0:
+                    keys += [literal[:i], literal[: i + 1]]
+        keys.append("re:" + route.path_regex)
+        return keys
+    path = route.path
+    if path is None or path == "/":
+        return keys
+    for i, ch in enumerate(path):
+        if ch == "/" and i > 0:
+            keys += [path[:i], path[: i + 1]]
+    keys.append(path)
+    return keys
+
+
+def _own_path_key(route: RouteConfig) -> str | None:
+    if route.path is not None and route.path_regex is not None:
+        return None  # never listed as a shadower: only "" covers it, conservatively
+    if route.path_regex is not None:
+        return "re:" + route.path_regex
+    return "" if route.path in (None, "/") else route.path
+
+
+def shadowed_routes(routes: Sequence[RouteConfig]) -> list[tuple[RouteConfig, RouteConfig]]:
+    """(route, earlier) pairs: `route` can never match, `earlier` wins first.
+
+    `earlier` comes first in match order and admits every request `route`
+    admits: its host, path (or regex), headers and methods are each the same
+    or wider. Conservative: a route reported here never matches (nor adds to
+    a 405's Allow, `earlier` covering its methods), but a route shadowed in a
+    way these rules do not see (by a regex that happens to cover a path, by
+    several routes together) is not reported. Linear in the routes: earlier
+    routes are looked up by the path prefixes and host suffixes that could
+    cover each route, at most a bounded number per bucket.
+    """
+    buckets: dict[tuple[str, str], list[tuple[RouteConfig, frozenset[tuple[str, str]]]]] = {}
+    found: list[tuple[RouteConfig, RouteConfig]] = []
+    for route in sorted(routes, key=_order_key):
+        headers = frozenset((name.lower(), value) for name, value in route.headers)
+        methods = _methods_of(route)
+        winner: RouteConfig | None = None
+        for path_key in _path_keys(route):
+            for host_key in _host_keys(route.host):
+                for other, other_headers in buckets.get((path_key, host_key), ())[
+                    :_SCAN_PER_BUCKET
+                ]:
+                    other_methods = _methods_of(other)
+                    if other_headers <= headers and (
+                        other_methods is None or (methods is not None and methods <= other_methods)
+                    ):
+                        winner = other
+                        break
+                if winner is not None:
+                    break
+            if winner is not None:
+                break
+        if winner is not None:
+            found.append((route, winner))
+        own = _own_path_key(route)
+        if own is not None:
+            buckets.setdefault((own, _own_host_key(route.host)), []).append((route, headers))
+    return found
 
 
 # A dot-segment ("." or "..", any dot percent-encoded) between two segment
