@@ -45,6 +45,7 @@ from gateway.core.headers import (
 from gateway.core.limits import rate_limit_headers
 from gateway.core.retry import backoff, may_retry
 from gateway.core.routing import forward_path, has_dot_segment
+from gateway.edges import upgrade
 from gateway.state.log import AccessEntry, AccessLog
 from gateway.state.metrics import Metrics, RequestCounter
 from gateway.state.snapshot import RouteRuntime, Snapshot, SnapshotBox
@@ -84,6 +85,7 @@ class _Exchange(AccessEntry):
         "expect_continue",
         "request",
         "target",
+        "upgrade",
     )
 
     def __init__(
@@ -96,6 +98,7 @@ class _Exchange(AccessEntry):
         self.body_started = False
         self.body_error: GatewayError | None = None
         self.target: Target | None = None
+        self.upgrade = False  # forwarded as a WebSocket upgrade (upgrade.py)
 
 
 class _UpstreamFailed(Exception):
@@ -409,6 +412,7 @@ class ProxyHandler:
     ) -> Reply | None:
         pool = route.pool
         has_body = request.body_exists
+        ex.upgrade = upgrade.plan(request, route)  # hook: WebSocket (upgrade.py)
         if (
             has_body
             and request.version >= (1, 1)
@@ -493,6 +497,18 @@ class ProxyHandler:
                         if upstream.status not in GATEWAY_FAILURE_STATUSES:
                             target.ok_counter.inc()
                             breaker.record_success()
+                            if upstream.status == 101:  # hook: WebSocket (upgrade.py)
+                                await upgrade.tunnel(
+                                    request,
+                                    route,
+                                    upstream,
+                                    ex,
+                                    rid,
+                                    extra_headers,
+                                    cors_headers,
+                                    target.url,
+                                )
+                                return None
                             await self._relay(
                                 request, route, upstream, ex, rid, extra_headers, cors_headers
                             )
@@ -573,6 +589,8 @@ class ProxyHandler:
             target_host=target.host_header,
         )
         headers.popall("Expect", None)
+        if ex.upgrade:  # hook: WebSocket (upgrade.py)
+            upgrade.add_headers(headers)
         path_qs = forward_path(config, raw_path, raw_query, target.base_path)
         target_scheme, target_host, port = target.pool_key
         body: AsyncIterator[bytes] | DirectBody | None = None
@@ -593,6 +611,8 @@ class ProxyHandler:
                 config.connect_timeout,
                 config.read_timeout,
                 scheme=target_scheme,
+                tls=route.pool.tls,  # hook: [upstreams.NAME.tls] (wire/tls.py)
+                upgrade=ex.upgrade,
             )
         except asyncio.CancelledError:
             if isinstance(body, _SplicedUpload):

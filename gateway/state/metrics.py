@@ -264,6 +264,18 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, float("inf")),
             registry=r,
         )
+        self.tunnels_active = Gauge(
+            "gateway_tunnels_active",
+            "Open WebSocket tunnels (after 101 Switching Protocols), by route.",
+            ["route"],
+            registry=r,
+        )
+        self.tunnel_bytes = FastCounter(
+            "gateway_tunnel_bytes_total",
+            "Bytes relayed through tunnels: up (client to target), down (target to client).",
+            ["route", "direction"],
+            r,
+        )
         self.config_reloads = FastCounter(
             "gateway_config_reloads_total",
             "Config reloads by result (success|failure).",
@@ -290,6 +302,9 @@ class Metrics:
             self.duration,
         ):
             family.remove_where("route", route)
+        self.tunnel_bytes.remove_where("route", route)
+        with contextlib.suppress(KeyError):
+            self.tunnels_active.remove(route)
 
     def forget_target(self, upstream: str, target: str) -> None:
         for outcome in ("ok", "error", "timeout"):

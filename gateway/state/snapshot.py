@@ -10,11 +10,18 @@ current snapshot once per request, so each request runs wholly on one config.
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gateway.core.config import Config, RateLimitConfig, RouteConfig, UpstreamConfig
+from gateway.core.config import (
+    Config,
+    ConfigError,
+    RateLimitConfig,
+    RouteConfig,
+    UpstreamConfig,
+)
 from gateway.core.cors import CorsPolicy
 from gateway.core.headers import TrustedProxies
 from gateway.core.limits import BucketStore
@@ -23,6 +30,7 @@ from gateway.core.routing import RouteTable
 from gateway.state.metrics import CounterChild, HistogramChild, Metrics, RequestCounter
 from gateway.state.upstream import PanicState, Pool, Target
 from gateway.wire.h1client import ConnectionPool
+from gateway.wire.tls import ClientContexts, ClientTLS
 
 Clock = Callable[[], float]
 
@@ -48,6 +56,10 @@ class RouteRuntime:
         self.bytes_out: CounterChild = metrics.response_bytes.labels(config.name)
         self.rate_limited: CounterChild = metrics.rate_limited.labels(config.name)
         self.count = RequestCounter(metrics, config.name).count
+        # WebSocket tunnels: the gauge exists at 0 from the route's load on.
+        self.tunnels = metrics.tunnels_active.labels(config.name)
+        self.tunnel_up: CounterChild = metrics.tunnel_bytes.labels(config.name, "up")
+        self.tunnel_down: CounterChild = metrics.tunnel_bytes.labels(config.name, "down")
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,9 @@ class Runtime:
     # port), so a reload that removes an upstream cuts none of its running
     # requests, and its idle connections age out like any (IDLE_TIMEOUT).
     client: ConnectionPool = field(default_factory=ConnectionPool)
+    # [upstreams.NAME.tls] contexts, built when a config is applied (never
+    # per request), reused across reloads while settings and files stay.
+    client_tls: ClientContexts = field(default_factory=ClientContexts)
     # Routes of the current snapshot: a reload forgets the metric series of
     # the ones it removes.
     _routes_seen: set[str] = field(default_factory=set, init=False)
@@ -93,7 +108,9 @@ class Runtime:
         # shared state changes, so a failure leaves the old snapshot whole.
         table = RouteTable(config.routes)
         trusted = TrustedProxies(config.server.trusted_proxies)
-        pools = {name: self._pool(up) for name, up in config.upstreams.items()}
+        tls = self._client_tls(config)
+        self.client_tls.retain(set(tls.values()))
+        pools = {name: self._pool(up, tls.get(name)) for name, up in config.upstreams.items()}
         routes: dict[str, RouteRuntime] = {}
         for route in config.routes:
             routes[route.name] = RouteRuntime(
@@ -112,7 +129,30 @@ class Runtime:
             loaded_at=time.time(),
         )
 
-    def _pool(self, up: UpstreamConfig) -> Pool:
+    def _client_tls(self, config: Config) -> dict[str, ClientTLS]:
+        """Every upstream's TLS context; a file that cannot be loaded now
+        (replaced since `gateway check` read it) rejects the whole config."""
+        out: dict[str, ClientTLS] = {}
+        errors: list[str] = []
+        for name, up in config.upstreams.items():
+            settings = up.tls
+            if settings is None:
+                continue
+            try:
+                out[name] = self.client_tls.get(
+                    verify=settings.verify,
+                    ca_file=settings.ca_file,
+                    server_name=settings.server_name,
+                    cert=settings.cert,
+                    key=settings.key,
+                )
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                errors.append(f"upstreams.{name}.tls: cannot load: {exc}")
+        if errors:
+            raise ConfigError(errors)
+        return out
+
+    def _pool(self, up: UpstreamConfig, tls: ClientTLS | None = None) -> Pool:
         targets = []
         for t in up.targets:
             key = (up.name, t.url)
@@ -132,7 +172,7 @@ class Runtime:
         panic = self.panics.get(up.name)
         if panic is None:
             panic = self.panics[up.name] = PanicState(up.name, self.metrics)
-        return Pool(up, tuple(targets), self.client, budget, panic)
+        return Pool(up, tuple(targets), self.client, budget, panic, tls)
 
     def _buckets(self, route: RouteConfig) -> BucketStore | None:
         limit = route.rate_limit

@@ -55,6 +55,9 @@ from gateway.wire.h1messages import (
     PAUSE_BODY,
     PAUSE_HANDOVER,
     PAUSE_QUEUE,
+    PAUSE_UPGRADE,
+    Body,
+    ClientTunnel,
     Reply,
     Request,
     SendTimeout,
@@ -113,6 +116,9 @@ class Connection(WriteFlow):
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.remote = ""
+        self.secure = False
+        self._last: Request | None = None  # the request parsed last
+        self._tunnel: Body | None = None  # a tunnel's bytes from the client
         self._parser = httptools.HttpRequestParser(self)
         self._queue: deque[Request | tuple[GatewayError, str]] = deque()
         self._queue_waiter: asyncio.Future[None] | None = None
@@ -149,6 +155,8 @@ class Connection(WriteFlow):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        # A TLS listener's transport (the handshake is done by now).
+        self.secure = transport.get_extra_info("sslcontext") is not None
         peer = transport.get_extra_info("peername")
         self.remote = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         sock = transport.get_extra_info("socket")
@@ -166,6 +174,8 @@ class Connection(WriteFlow):
             self._linger_timer.cancel()
         self._server.forget(self)
         lost = ConnectionResetError("the client connection was lost")
+        if self._tunnel is not None:
+            self._tunnel.set_exception(lost)
         for item in self._queue:
             if isinstance(item, Request):
                 item.content.set_exception(lost)
@@ -184,9 +194,17 @@ class Connection(WriteFlow):
         # Closing the transport leads to connection_lost, which cancels the
         # handler and so its upstream request (CONTRACT.md "Client gone").
         self._client_eof = True
+        if self._tunnel is not None and not self._lingering:
+            # The client is done sending into its tunnel: what it sent still
+            # goes through, and the tunnel may still write to it.
+            self._tunnel.feed_eof()
+            return True
         return False
 
     def data_received(self, data: bytes) -> None:
+        if self._tunnel is not None and not self._lingering:
+            self._tunnel.feed_data(data)
+            return
         if self._lingering:
             self._linger_left -= len(data)
             if self._linger_left < 0:
@@ -210,6 +228,10 @@ class Connection(WriteFlow):
                 offset = upgrade.args[0] if upgrade.args else len(data)
                 self._parser = httptools.HttpRequestParser(self)
                 if self._refused:
+                    return
+                last = self._last
+                if last is not None and last.websocket:
+                    self._upgrade_pending(last, data[offset:])
                     return
                 data = data[offset:]
                 continue
@@ -296,7 +318,15 @@ class Connection(WriteFlow):
             content_length,
             chunked,
         )
+        if parser.should_upgrade() and method == "GET" and version >= (1, 1):
+            # RFC 6455 4.1: a WebSocket opening handshake. Other protocols
+            # (h2c above all) are never switched to: their Upgrade is
+            # stripped like any hop-by-hop header and the request served as
+            # HTTP/1.1 (RFC 9110 7.8 lets a server ignore it).
+            tokens = headers.get("Upgrade", "").lower().split(",")
+            request.websocket = any(token.strip() == "websocket" for token in tokens)
         self._current = request
+        self._last = request
         self._enqueue(request)
 
     def on_body(self, body: bytes) -> None:
@@ -312,6 +342,32 @@ class Connection(WriteFlow):
             current.content.feed_eof()
         self._current = None
         self._messages += 1
+
+    # -- WebSocket upgrades -----------------------------------------------------------
+
+    def _upgrade_pending(self, request: Request, tail: bytes) -> None:
+        """A WebSocket upgrade was parsed: nothing after it is parsed, since
+        it is the tunnel's if the target switches protocols; the socket is
+        paused until the handler knows. Either way the connection ends with
+        this request (its answer, or the tunnel's close)."""
+        request.upgrade_tail = tail
+        request.writer.keep_alive = False
+        self._refused = True
+        self.last_batch = True
+        self.in_head = False
+        self.pause_reading(PAUSE_UPGRADE)
+
+    def take_tunnel(self, request: Request) -> ClientTunnel:
+        """The 101 went out: the connection's bytes are the tunnel's now."""
+        inbox = Body(self)
+        if request.upgrade_tail:
+            inbox.feed_data(request.upgrade_tail)
+            request.upgrade_tail = b""
+        if self._client_eof:
+            inbox.feed_eof()
+        self._tunnel = inbox
+        self.resume_reading(PAUSE_UPGRADE)
+        return ClientTunnel(self, inbox)
 
     # -- refusals -------------------------------------------------------------------
 
