@@ -556,7 +556,13 @@ class Connection(WriteFlow):
         self._linger_left = LINGER_MAX_BYTES
         self.resume_reading(PAUSE_BODY | PAUSE_QUEUE | PAUSE_HANDOVER)
         if transport.can_write_eof():  # not on TLS: close_notify goes at the close
-            transport.write_eof()
+            try:
+                transport.write_eof()
+            except OSError:
+                # The peer is already gone (a tunnel's client reset, seen by
+                # the relay before asyncio): nothing to linger for.
+                transport.abort()
+                return
         self._linger_timer = self._loop.call_later(LINGER_SECONDS, self._end_linger)
 
     def _end_linger(self) -> None:
