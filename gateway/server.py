@@ -152,8 +152,9 @@ class Gateway:
             for fd, tls in proxy_fds:
                 await self._listen_on_socket(self._proxy_server, self._socket(fd), tls)
         else:
-            for address in config.server.listen:
-                await self._listen(self._proxy_server, address, address in config.server.tls_listen)
+            for position, address in enumerate(config.server.listen):
+                tls = position in config.server.tls_listen
+                await self._listen(self._proxy_server, address, tls)
         if admin_fds or config.server.admin:
             self._admin_runner = web.AppRunner(
                 admin_app(self.box, self.metrics, lambda: self.ready and not self.draining),

@@ -149,7 +149,9 @@ async def test_text_and_binary_messages_echo_through_a_tunnel_and_are_counted(
     assert seen.upgrades == ["websocket"]
     await wait_for(lambda: gw.gateway.box is not None and _active(gw) == 0)
     text = await metrics(gw)
-    assert (metric_value(text, "gateway_tunnel_bytes_total", route="ws", direction="up") or 0) > 2000
+    assert (
+        metric_value(text, "gateway_tunnel_bytes_total", route="ws", direction="up") or 0
+    ) > 2000
     assert (
         metric_value(text, "gateway_tunnel_bytes_total", route="ws", direction="down") or 0
     ) > 2000
@@ -158,7 +160,7 @@ async def test_text_and_binary_messages_echo_through_a_tunnel_and_are_counted(
 
 def _active(gw: RunningGateway) -> float:
     assert gw.gateway.box is not None
-    return gw.gateway.box.snapshot.routes["ws"].tunnels._value.get()
+    return float(gw.gateway.box.snapshot.routes["ws"].tunnels._value.get())
 
 
 async def test_the_tunnel_gauge_exists_at_zero_from_the_load(
@@ -172,7 +174,7 @@ async def test_the_tunnel_gauge_exists_at_zero_from_the_load(
 async def test_100_mib_each_way_arrive_whole_through_a_spliced_tunnel(
     make_gateway: GatewayFactory, start_upstream: UpstreamFactory, client: aiohttp.ClientSession
 ) -> None:
-    gw, seen = await start(make_gateway, start_upstream)
+    gw, _seen = await start(make_gateway, start_upstream)
     count = 100
     up = hashlib.sha256()
     async with asyncio.timeout(120):
@@ -261,7 +263,7 @@ async def test_a_target_that_stops_reading_holds_the_client_back(
 async def test_an_idle_tunnel_is_closed_after_tunnel_idle_timeout(
     make_gateway: GatewayFactory, start_upstream: UpstreamFactory, client: aiohttp.ClientSession
 ) -> None:
-    gw, seen = await start(make_gateway, start_upstream, defaults="tunnel_idle_timeout = 0.5")
+    gw, _seen = await start(make_gateway, start_upstream, defaults="tunnel_idle_timeout = 0.5")
     async with asyncio.timeout(10), client.ws_connect(f"{gw.url}/ws") as ws:
         await ws.send_str("ping")
         assert await ws.receive_str() == "ping"
@@ -312,7 +314,8 @@ async def test_a_route_with_websocket_false_strips_the_upgrade(
             assert await reader.read() == b""  # and the connection ends after it
     finally:
         writer.close()
-    assert status == 200 and body == b"plain"
+    assert status == 200
+    assert body == b"plain"
     assert seen.upgrades == [None]
     assert "upgrade" not in headers
 
@@ -363,7 +366,8 @@ async def test_a_broken_handshake_is_refused_before_the_target(
             status, _, body = await read_response(reader)
     finally:
         writer.close()
-    assert status == 400 and b'"bad_request"' in body
+    assert status == 400
+    assert b'"bad_request"' in body
     assert seen.upgrades == []
 
 
@@ -445,7 +449,8 @@ async def test_a_101_the_gateway_did_not_ask_for_is_a_502(
                 status, _, body = await read_response(reader)
         finally:
             writer.close()
-    assert status == 502 and b'"bad_gateway"' in body
+    assert status == 502
+    assert b'"bad_gateway"' in body
 
 
 @pytest.mark.parametrize(
@@ -544,7 +549,7 @@ async def test_bytes_either_side_sends_with_its_head_go_through(
 async def test_a_reload_leaves_an_open_tunnel_alone(
     make_gateway: GatewayFactory, start_upstream: UpstreamFactory, client: aiohttp.ClientSession
 ) -> None:
-    gw, seen = await start(make_gateway, start_upstream)
+    gw, _seen = await start(make_gateway, start_upstream)
     async with asyncio.timeout(10), client.ws_connect(f"{gw.url}/ws") as ws:
         await ws.send_str("before")
         assert await ws.receive_str() == "before"
@@ -569,21 +574,23 @@ async def test_drain_counts_a_tunnel_and_closes_it_at_drain_timeout(
         '[server]\nlisten = ["127.0.0.1:0"]\nadmin = ""\ndrain_timeout = 0.5\n'
         + config(server.port)
     )
-    async with aiohttp.ClientSession() as session:
-        async with asyncio.timeout(15), session.ws_connect(f"{gw.url}/ws") as ws:
-            await ws.send_str("x")
-            assert await ws.receive_str() == "x"
-            started = asyncio.get_running_loop().time()
-            await gw.gateway.drain()
-            took = asyncio.get_running_loop().time() - started
-            message = await ws.receive()
+    async with (
+        aiohttp.ClientSession() as session,
+        asyncio.timeout(15),
+        session.ws_connect(f"{gw.url}/ws") as ws,
+    ):
+        await ws.send_str("x")
+        assert await ws.receive_str() == "x"
+        started = asyncio.get_running_loop().time()
+        await gw.gateway.drain()
+        took = asyncio.get_running_loop().time() - started
+        message = await ws.receive()
     assert message.type in (
         aiohttp.WSMsgType.CLOSE,
         aiohttp.WSMsgType.CLOSED,
         aiohttp.WSMsgType.ERROR,
     )
     assert 0.4 <= took < 5.0
-    assert "aborted 1 request" in "\n".join(gw.log_lines()) or took >= 0.4
 
 
 async def test_the_tunnel_is_copied_when_no_relay_can_be_had(

@@ -66,8 +66,8 @@ class UpstreamTLSConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     listen: tuple[str, ...] = ("127.0.0.1:8080",)
-    # The entries of `listen` written as `{ address = ..., tls = true }`.
-    tls_listen: tuple[str, ...] = ()
+    # Positions in `listen` of the entries written `{ address = ..., tls = true }`.
+    tls_listen: tuple[int, ...] = ()
     certificates: tuple[CertificateConfig, ...] = ()
     tls: ServerTLSConfig = ServerTLSConfig()
     admin: str = "127.0.0.1:9901"
@@ -625,7 +625,7 @@ class _Loader:
             return None
         seen: dict[tuple[str, int] | str, int] = {}
         listen: list[str] = list(_SERVER.listen)
-        tls_listen: list[str] = []
+        tls_listen: list[int] = []
         if not isinstance(server.listen, UnsetType):
             if not server.listen:
                 self.error("server.listen", "must name at least one address")
@@ -638,7 +638,7 @@ class _Loader:
                 addr, tls = entry
                 listen.append(addr)
                 if tls:
-                    tls_listen.append(addr)
+                    tls_listen.append(len(listen) - 1)
                     if addr.startswith("unix:"):
                         self.error(f"{here}.tls", "TLS is for TCP listeners only")
                 if isinstance(item, dict):
@@ -1242,8 +1242,9 @@ def _route_limits(route: RouteConfig) -> str:
     return ", ".join(parts)
 
 
-def _listen_item(address: str, server: ServerConfig) -> str:
-    return f"{address} (tls)" if address in server.tls_listen else address
+def _listen_item(position: int, server: ServerConfig) -> str:
+    address = server.listen[position]
+    return f"{address} (tls)" if position in server.tls_listen else address
 
 
 def summary(config: Config) -> str:
@@ -1251,7 +1252,7 @@ def summary(config: Config) -> str:
     server = config.server
     lines = [
         f"config     {config.path} (sha256 {config.sha256[:12]})",
-        f"listen     {', '.join(_listen_item(a, server) for a in server.listen)}",
+        f"listen     {', '.join(_listen_item(i, server) for i in range(len(server.listen)))}",
         f"admin      {server.admin or 'off'}",
         f"access_log {server.access_log}, drain {_seconds(server.drain_timeout)}, "
         f"client_timeout {_seconds(server.client_timeout)}, "
