@@ -24,7 +24,7 @@ from gateway.core.config import ConfigError, load
 from gateway.server import Gateway
 from gateway.state.log import AccessLog
 from gateway.wire import splice
-from tests.conftest import GatewayFactory, RunningGateway, UpstreamFactory
+from tests.conftest import GatewayFactory, RunningGateway, UpstreamFactory, wait_for
 from tests.gateway_process import run_command, run_gateway
 from tests.wire import read_response
 
@@ -602,3 +602,34 @@ async def test_an_inherited_socket_named_tls_is_a_tls_listener(
             assert sslobj is not None
     finally:
         listener.close()
+
+
+async def test_health_probes_use_the_upstream_tls_settings(
+    make_gateway: GatewayFactory, ca: trustme.CA, tmp_path: Path, mtls_upstream: int
+) -> None:
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    client = Pair(ca, tmp_path, "client", "gateway.client")
+    gw = await make_gateway(
+        upstream_tls_config(
+            mtls_upstream,
+            f'ca_file = "{ca_file}"\nserver_name = "billing.internal"\n'
+            f'cert = "{client.cert}"\nkey = "{client.key}"',
+        ).replace(
+            "[upstreams.billing.tls]",
+            '[upstreams.billing.health]\npath = "/h"\ninterval = 0.05\n'
+            "unhealthy_threshold = 1\nhealthy_threshold = 1\n\n[upstreams.billing.tls]",
+        )
+    )
+    assert gw.gateway.box is not None
+    target = gw.gateway.box.snapshot.pools["billing"].targets[0]
+    probes = 0
+
+    def probed() -> bool:
+        nonlocal probes
+        probes += 1
+        return probes > 40  # about a second of 50 ms probes, checked every 10-20 ms
+
+    await wait_for(probed)
+    # Verified against ca_file with the client certificate: still healthy.
+    assert target.healthy
