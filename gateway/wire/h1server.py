@@ -554,7 +554,7 @@ class Connection(WriteFlow):
         self._refused = True  # nothing more is parsed
         self.in_head = False
         self._linger_left = LINGER_MAX_BYTES
-        self.resume_reading(PAUSE_BODY | PAUSE_QUEUE | PAUSE_HANDOVER)
+        self.resume_reading(PAUSE_BODY | PAUSE_QUEUE | PAUSE_HANDOVER | PAUSE_UPGRADE)
         if transport.can_write_eof():  # not on TLS: close_notify goes at the close
             try:
                 transport.write_eof()
