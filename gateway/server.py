@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import stat
 import time
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ from typing import Final
 
 from aiohttp import web
 
-from gateway.core.config import Config, parse_listen_address
+from gateway.core.config import Config, ConfigError, ServerConfig, parse_listen_address
 from gateway.core.systemd import Notifier, listen_fds, socket_from_fd, watchdog_interval
 from gateway.edges.admin import admin_app
 from gateway.edges.proxy import ProxyHandler
@@ -36,6 +37,7 @@ from gateway.state.log import AccessLog, journald_mode
 from gateway.state.metrics import Metrics
 from gateway.state.snapshot import Prepared, Runtime, SnapshotBox, gc_paused
 from gateway.wire.h1server import H1Server, sweep_slow_heads
+from gateway.wire.tls import Certificate, ServerTLS
 
 log = logging.getLogger("gateway.server")
 
@@ -82,6 +84,8 @@ class Gateway:
         self._proxy_server: H1Server | None = None
         self._handler: ProxyHandler | None = None
         self._listeners: list[asyncio.AbstractServer] = []
+        # The TLS listeners' certificates (None: no TLS listener).
+        self.tls: ServerTLS | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.reloader: Reloader | None = None
         self._reload_pending = False  # SIGHUP before the reloader existed
@@ -106,6 +110,14 @@ class Gateway:
         `Runtime.commit`), so a large config does not stall the loop here.
         """
         assert self.box is not None
+        config = prepared.config
+        if self.tls is not None and config.server.certificates:
+            # Loaded whole before anything is swapped: a pair that fails
+            # rejects the reload and the old certificates keep serving.
+            try:
+                self.tls.update(*_certificates(config.server))
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                raise ConfigError([f"server.certificates: cannot load: {exc}"]) from exc
         snapshot = self.runtime.commit(prepared)
         self.box.snapshot = snapshot
         self.runtime.auth.start()  # JWKS URL fetchers of new policies
@@ -139,13 +151,21 @@ class Gateway:
         self._proxy_server = H1Server(handler, on_refusal=handler.record_refusal)
         inherited = self._inherited_sockets()
         admin_fds = [fd for fd, name in inherited if name == "admin"]
-        proxy_fds = [fd for fd, name in inherited if name != "admin"]
+        proxy_fds = [(fd, name == "tls") for fd, name in inherited if name != "admin"]
+        if config.server.tls_listen or any(tls for _, tls in proxy_fds):
+            if not config.server.certificates:
+                raise StartupError("a TLS listener needs [[server.certificates]]")
+            try:
+                self.tls = ServerTLS(*_certificates(config.server))
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                raise StartupError(f"cannot load the certificates: {exc}") from exc
         if proxy_fds:
-            for fd in proxy_fds:
-                await self._listen_on_socket(self._proxy_server, self._socket(fd))
+            for fd, tls in proxy_fds:
+                await self._listen_on_socket(self._proxy_server, self._socket(fd), tls)
         else:
-            for address in config.server.listen:
-                await self._listen(self._proxy_server, address)
+            for position, address in enumerate(config.server.listen):
+                tls = position in config.server.tls_listen
+                await self._listen(self._proxy_server, address, tls)
         if admin_fds or config.server.admin:
             self._admin_runner = web.AppRunner(
                 admin_app(self.box, self.metrics, lambda: self.ready and not self.draining),
@@ -210,7 +230,18 @@ class Gateway:
         for sock in sockets:
             out.append(_format_sockname(sock))
 
-    async def _listen(self, server: H1Server, address: str) -> None:
+    def _tls_options(self, tls: bool) -> tuple[ssl.SSLContext | None, float | None]:
+        """create_server's TLS arguments for a listener (none for plain TCP).
+
+        A handshake must end within client_timeout (the value at start-up),
+        as a request head must: a client that opens and stalls costs one
+        socket until then, and nothing else (no task, no request).
+        """
+        if not tls or self.tls is None:
+            return None, None
+        return self.tls.front, self._client_timeout()
+
+    async def _listen(self, server: H1Server, address: str, tls: bool = False) -> None:
         loop = asyncio.get_running_loop()
         parsed = parse_listen_address(address)
         listener: asyncio.AbstractServer
@@ -222,18 +253,32 @@ class Gateway:
             self.addresses.append(f"unix:{parsed}")
         else:
             host, port = parsed
+            context, handshake_timeout = self._tls_options(tls)
             listener = await loop.create_server(
-                server, host, port, reuse_address=True, backlog=1024
+                server,
+                host,
+                port,
+                reuse_address=True,
+                backlog=1024,
+                ssl=context,
+                ssl_handshake_timeout=handshake_timeout,
             )
             self.addresses.extend(_format_sockname(sock) for sock in listener.sockets)
         self._listeners.append(listener)
 
-    async def _listen_on_socket(self, server: H1Server, sock: socket.socket) -> None:
+    async def _listen_on_socket(
+        self, server: H1Server, sock: socket.socket, tls: bool = False
+    ) -> None:
         loop = asyncio.get_running_loop()
+        context, timeout = self._tls_options(tls)
         if sock.family == socket.AF_UNIX:
-            listener = await loop.create_unix_server(server, sock=sock, backlog=1024)
+            listener = await loop.create_unix_server(
+                server, sock=sock, backlog=1024, ssl=context, ssl_handshake_timeout=timeout
+            )
         else:
-            listener = await loop.create_server(server, sock=sock, backlog=1024)
+            listener = await loop.create_server(
+                server, sock=sock, backlog=1024, ssl=context, ssl_handshake_timeout=timeout
+            )
         self._listeners.append(listener)
         self.addresses.append(_format_sockname(sock))
 
@@ -376,6 +421,11 @@ class Gateway:
         await self.drain()
         log.info("exit")
         return 0
+
+
+def _certificates(server: ServerConfig) -> tuple[list[Certificate], str]:
+    certificates = [Certificate(c.cert, c.key, c.hosts) for c in server.certificates]
+    return certificates, server.tls.min_version
 
 
 def _format_sockname(sock: socket.socket) -> str:

@@ -695,7 +695,10 @@ def test_unknown_keys_are_errors_at_every_level(text: str, expected: str) -> Non
             "upstreams.users.targets: Expected `array`, got `str`",
         ),
         (UPSTREAM + "health = 1", "upstreams.users.health: Expected `table`, got `int`"),
-        ("[server]\nlisten = ['127.0.0.1:1', 2]", "server.listen[1]: Expected `str`, got `int`"),
+        (
+            "[server]\nlisten = ['127.0.0.1:1', 2]",
+            "server.listen[1]: Expected `str` or `table`, got `int`",
+        ),
         ("[server]\ndrain_timeout = true", "server.drain_timeout: Expected `float`, got `bool`"),
         ("server = 1", "server: Expected `table`, got `int`"),
         ("upstreams = []", "upstreams: Expected `table`, got `array`"),

@@ -134,7 +134,7 @@ async def test_many_pipelined_upgrade_requests_in_one_read_are_all_answered(
     monkeypatch.setattr(h1server, "MAX_PIPELINED", 5000)  # the bound is tested below
     _, reader, writer = await connect_to_app(make_gateway, start_upstream)
     count = 1500  # past the recursion limit, had each one been parsed by recursion
-    one = b"GET /u HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    one = b"GET /u HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
     writer.write(one * count)
     async with asyncio.timeout(30):
         for _ in range(count):

@@ -872,12 +872,14 @@ async def test_pipelined_request_behind_a_refused_head_is_not_processed(env: Env
 
 
 async def test_requests_held_back_behind_an_upgrade_are_vetted_too(env: Env) -> None:
-    # aiohttp holds back the bytes after an Upgrade request and parses them
-    # only once it is answered (the gateway never switches protocols: the
-    # Upgrade header is dropped as hop-by-hop).
+    # llhttp stops after an Upgrade request's head; an upgrade the gateway
+    # never switches to (h2c: its Upgrade is dropped as hop-by-hop) is served
+    # as HTTP/1.1, and what follows is parsed, and vetted, as requests. (The
+    # bytes after a WebSocket upgrade are never parsed: they are the
+    # tunnel's, see test_websocket_functional.py.)
     result = await env.exchange(
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
         b"GET /next HTTP/1.1\r\nHost: a b\r\n\r\nGET /third HTTP/1.1\r\nHost: x\r\n\r\n"
     )
     assert [r.status for r in result.replies] == [200, 400], result.raw[:500]

@@ -42,10 +42,12 @@ from gateway.core.auth import (
     parse_keys_file,
     parse_template,
 )
+from gateway.core.certfiles import certificate_names, check_ca_file, check_pair
 from gateway.core.tomllines import key_lines, line_of
 
 BalancerName = Literal["round_robin", "weighted", "least_connections", "ip_hash"]
 AccessLogFormat = Literal["json", "text", "off"]
+TLSVersion = Literal["1.2", "1.3"]
 
 DEFAULT_CONFIG_PATH: Final = "routes.toml"
 
@@ -58,8 +60,32 @@ class ConfigError(Exception):
         self.errors = errors
 
 
+class CertificateConfig(msgspec.Struct, frozen=True, kw_only=True):
+    cert: str
+    key: str
+    # The SNI names it serves, lower-cased; from the certificate's DNS names
+    # when the config names none ("*.example.com" covers one label).
+    hosts: tuple[str, ...] = ()
+
+
+class ServerTLSConfig(msgspec.Struct, frozen=True, kw_only=True):
+    min_version: TLSVersion = "1.2"
+
+
+class UpstreamTLSConfig(msgspec.Struct, frozen=True, kw_only=True):
+    verify: bool = True
+    ca_file: str | None = None
+    server_name: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+
 class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     listen: tuple[str, ...] = ("127.0.0.1:8080",)
+    # Positions in `listen` of the entries written `{ address = ..., tls = true }`.
+    tls_listen: tuple[int, ...] = ()
+    certificates: tuple[CertificateConfig, ...] = ()
+    tls: ServerTLSConfig = ServerTLSConfig()
     admin: str = "127.0.0.1:9901"
     drain_timeout: float = 30.0
     trusted_proxies: tuple[str, ...] = ()
@@ -95,6 +121,7 @@ class UpstreamConfig(msgspec.Struct, frozen=True, kw_only=True):
     # passive check every upstream has (as nginx's max_fails/fail_timeout).
     breaker: BreakerConfig = BreakerConfig()
     panic_threshold: float = 0.5
+    tls: UpstreamTLSConfig | None = None
 
 
 class RateLimitConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -129,6 +156,8 @@ class RouteConfig(msgspec.Struct, frozen=True, kw_only=True):
     read_timeout: float = 60.0
     max_body_bytes: int = 0
     retries: int = 0
+    tunnel_idle_timeout: float = 300.0
+    websocket: bool = True
     rate_limit: RateLimitConfig | None = None
     cors: CorsConfig | None = None
     # Identity and access (CONTRACT.md "Identity and access")
@@ -164,7 +193,9 @@ class _Raw(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class _RawServer(_Raw):
-    listen: list[str] | UnsetType = UNSET
+    listen: list[Any] | UnsetType = UNSET  # "host:port" or {address, tls}, one by one
+    certificates: list[Any] | UnsetType = UNSET
+    tls: dict[str, Any] | UnsetType = UNSET
     admin: str | UnsetType = UNSET
     drain_timeout: float | UnsetType = UNSET
     trusted_proxies: list[str] | UnsetType = UNSET
@@ -177,6 +208,30 @@ class _RawDefaults(_Raw):
     read_timeout: float | UnsetType = UNSET
     max_body_bytes: int | UnsetType = UNSET
     retries: int | UnsetType = UNSET
+    tunnel_idle_timeout: float | UnsetType = UNSET
+
+
+class _RawListen(_Raw):
+    address: str | UnsetType = UNSET
+    tls: bool | UnsetType = UNSET
+
+
+class _RawCertificate(_Raw):
+    cert: str | UnsetType = UNSET
+    key: str | UnsetType = UNSET
+    hosts: list[str] | UnsetType = UNSET
+
+
+class _RawServerTLS(_Raw):
+    min_version: TLSVersion | UnsetType = UNSET
+
+
+class _RawUpstreamTLS(_Raw):
+    verify: bool | UnsetType = UNSET
+    ca_file: str | UnsetType = UNSET
+    server_name: str | UnsetType = UNSET
+    cert: str | UnsetType = UNSET
+    key: str | UnsetType = UNSET
 
 
 class _RawTarget(_Raw):
@@ -204,6 +259,7 @@ class _RawUpstream(_Raw):
     health: dict[str, Any] | UnsetType = UNSET  # decoded as its own table
     breaker: dict[str, Any] | UnsetType = UNSET
     panic_threshold: float | UnsetType = UNSET
+    tls: dict[str, Any] | UnsetType = UNSET
 
 
 class _RawRateLimit(_Raw):
@@ -242,6 +298,7 @@ class _RawRoute(_RawDefaults):
     rewrite: dict[str, Any] | UnsetType = UNSET
     redirect: str | UnsetType = UNSET
     redirect_status: int | UnsetType = UNSET
+    websocket: bool | UnsetType = UNSET
 
 
 class _RawAuth(_Raw):
@@ -318,6 +375,7 @@ _CHOICES: Final[dict[str, tuple[str, ...]]] = {
     "balancer": get_args(BalancerName),
     "access_log": get_args(AccessLogFormat),
     "type": ("jwt", "api_key"),
+    "min_version": get_args(TLSVersion),
 }
 
 # RFC 9110 section 5.6.2: token = 1*tchar
@@ -672,11 +730,25 @@ class _Loader:
         if server is None:
             return None
         seen: dict[tuple[str, int] | str, int] = {}
+        listen: list[str] = list(_SERVER.listen)
+        tls_listen: list[int] = []
         if not isinstance(server.listen, UnsetType):
             if not server.listen:
                 self.error("server.listen", "must name at least one address")
-            for position, addr in enumerate(server.listen):
+            listen = []
+            for position, item in enumerate(server.listen):
                 here = f"server.listen[{position}]"
+                entry = self.listen_entry(item, here)
+                if entry is None:
+                    continue
+                addr, tls = entry
+                listen.append(addr)
+                if tls:
+                    tls_listen.append(len(listen) - 1)
+                    if addr.startswith("unix:"):
+                        self.error(f"{here}.tls", "TLS is for TCP listeners only")
+                if isinstance(item, dict):
+                    here = f"{here}.address"
                 try:
                     parsed = parse_listen_address(addr)
                 except ValueError as exc:
@@ -704,13 +776,111 @@ class _Loader:
                     ipaddress.ip_network(cidr, strict=False)
                 except ValueError as exc:
                     self.error(f"server.trusted_proxies[{position}]", str(exc))
+        certificates: tuple[CertificateConfig, ...] = ()
+        if not isinstance(server.certificates, UnsetType):
+            certificates = self.certificates(server.certificates)
+        server_tls = _SERVER.tls
+        if not isinstance(server.tls, UnsetType):
+            raw_tls, _ = self.decode(server.tls, _RawServerTLS, "server.tls")
+            if raw_tls is not None:
+                server_tls = ServerTLSConfig(
+                    min_version=_or(raw_tls.min_version, server_tls.min_version)
+                )
+        if tls_listen and isinstance(server.certificates, UnsetType):
+            self.error(
+                "server.certificates",
+                "required: a TLS listener needs at least one [[server.certificates]]",
+            )
         return ServerConfig(
-            listen=tuple(_or(server.listen, list(_SERVER.listen))),
+            listen=tuple(listen),
+            tls_listen=tuple(tls_listen),
+            certificates=certificates,
+            tls=server_tls,
             admin=_or(server.admin, _SERVER.admin),
             drain_timeout=_or(server.drain_timeout, _SERVER.drain_timeout),
             trusted_proxies=tuple(_or(server.trusted_proxies, list(_SERVER.trusted_proxies))),
             access_log=_or(server.access_log, _SERVER.access_log),
             client_timeout=_or(server.client_timeout, _SERVER.client_timeout),
+        )
+
+    def listen_entry(self, item: object, path: str) -> tuple[str, bool] | None:
+        """One `listen` item: "host:port", or { address = "host:port", tls = true }."""
+        if isinstance(item, str):
+            return item, False
+        if not isinstance(item, dict):
+            self.error(path, f"Expected `str` or `table`, got `{_type_name(item)}`")
+            return None
+        raw, dropped = self.decode(item, _RawListen, path)
+        if raw is None:
+            return None
+        if isinstance(raw.address, UnsetType):
+            if "address" not in dropped:
+                self.error(f"{path}.address", "required")
+            return None
+        return raw.address, _or(raw.tls, False)
+
+    def certificates(self, raw: list[Any]) -> tuple[CertificateConfig, ...]:
+        """[[server.certificates]]: each pair must exist, parse and match; the
+        first serves clients that send no SNI (or a name no certificate has)."""
+        if not raw:
+            self.error("server.certificates", "must not be empty (leave it out instead)")
+        out: list[CertificateConfig] = []
+        for position, item in enumerate(raw):
+            path = f"server.certificates[{position}]"
+            cert, dropped = self.decode(item, _RawCertificate, path)
+            if cert is None:
+                continue
+            for key in ("cert", "key"):
+                if isinstance(getattr(cert, key), UnsetType) and key not in dropped:
+                    self.error(f"{path}.{key}", "required")
+            if isinstance(cert.cert, UnsetType) or isinstance(cert.key, UnsetType):
+                continue
+            problem = check_pair(cert.cert, cert.key)
+            if problem is not None:
+                self.error(path, problem)
+                continue
+            hosts: list[str] = []
+            if isinstance(cert.hosts, UnsetType):
+                hosts = certificate_names(cert.cert)
+            else:
+                for index, host in enumerate(cert.hosts):
+                    lowered = host.lower()
+                    if problem := _host_problem(lowered):
+                        self.error(f"{path}.hosts[{index}]", problem)
+                    hosts.append(lowered)
+            out.append(CertificateConfig(cert=cert.cert, key=cert.key, hosts=tuple(hosts)))
+        return tuple(out)
+
+    def upstream_tls(self, raw: object, path: str) -> UpstreamTLSConfig | None:
+        tls, _ = self.decode(raw, _RawUpstreamTLS, path)
+        if tls is None:
+            return None
+        cert, key = _or(tls.cert, None), _or(tls.key, None)
+        if (cert is None) != (key is None):
+            self.error(
+                f"{path}.{'key' if key is None else 'cert'}",
+                "required with " + ("cert" if key is None else "key") + " (mutual TLS)",
+            )
+        elif cert is not None and key is not None:
+            problem = check_pair(cert, key)
+            if problem is not None:
+                self.error(path, problem)
+        ca_file = _or(tls.ca_file, None)
+        if ca_file is not None:
+            problem = check_ca_file(ca_file)
+            if problem is not None:
+                self.error(f"{path}.ca_file", problem)
+        server_name = _or(tls.server_name, None)
+        if server_name is not None and (problem := _host_problem(server_name.lower())):
+            self.error(f"{path}.server_name", problem)
+        elif server_name is not None and "*" in server_name:
+            self.error(f"{path}.server_name", "must be one name, not a wildcard")
+        return UpstreamTLSConfig(
+            verify=_or(tls.verify, True),
+            ca_file=ca_file,
+            server_name=server_name,
+            cert=cert,
+            key=key,
         )
 
     # -- [defaults] and the same keys on a route -----------------------------
@@ -720,6 +890,7 @@ class _Loader:
         self.duration(f"{path}.read_timeout", raw.read_timeout)
         self.count(f"{path}.max_body_bytes", raw.max_body_bytes, minimum=0)
         self.count(f"{path}.retries", raw.retries, minimum=0)
+        self.duration(f"{path}.tunnel_idle_timeout", raw.tunnel_idle_timeout)
 
     def defaults(self, raw: object) -> _RawDefaults:
         defaults, _ = self.decode(raw, _RawDefaults, "defaults")
@@ -785,6 +956,9 @@ class _Loader:
         if not isinstance(panic, UnsetType) and not 0.0 <= panic <= 1.0:  # NaN fails too
             self.error(f"{path}.panic_threshold", "must be a share between 0 and 1")
             panic = UNSET
+        tls: UpstreamTLSConfig | None = None
+        if not isinstance(upstream.tls, UnsetType):
+            tls = self.upstream_tls(upstream.tls, f"{path}.tls")
         return UpstreamConfig(
             name=name,
             balancer=_or(upstream.balancer, "round_robin"),
@@ -792,6 +966,7 @@ class _Loader:
             health=health,
             breaker=breaker,
             panic_threshold=_or(panic, _PANIC_THRESHOLD),
+            tls=tls,
         )
 
     def target(self, item: object, path: str) -> TargetConfig | None:
@@ -1037,6 +1212,11 @@ class _Loader:
                 route.max_body_bytes, _or(defaults.max_body_bytes, _ROUTE.max_body_bytes)
             ),
             retries=_or(route.retries, _or(defaults.retries, _ROUTE.retries)),
+            tunnel_idle_timeout=_or(
+                route.tunnel_idle_timeout,
+                _or(defaults.tunnel_idle_timeout, _ROUTE.tunnel_idle_timeout),
+            ),
+            websocket=_or(route.websocket, _ROUTE.websocket),
             rate_limit=rate_limit,
             cors=cors,
             auth=auth,
@@ -1490,18 +1670,31 @@ def _route_limits(route: RouteConfig) -> str:
     return ", ".join(parts)
 
 
+def _listen_item(position: int, server: ServerConfig) -> str:
+    address = server.listen[position]
+    return f"{address} (tls)" if position in server.tls_listen else address
+
+
 def summary(config: Config) -> str:
     """The one-screen text `gateway check` prints for a valid config."""
     server = config.server
     lines = [
         f"config     {config.path} (sha256 {config.sha256[:12]})",
-        f"listen     {', '.join(server.listen)}",
+        f"listen     {', '.join(_listen_item(i, server) for i in range(len(server.listen)))}",
         f"admin      {server.admin or 'off'}",
         f"access_log {server.access_log}, drain {_seconds(server.drain_timeout)}, "
         f"client_timeout {_seconds(server.client_timeout)}, "
         f"trusted_proxies {', '.join(server.trusted_proxies) or 'none'}",
         f"upstreams  {len(config.upstreams)}",
     ]
+    if server.certificates:
+        lines.insert(
+            3,
+            f"tls        min {server.tls.min_version}; certificates "
+            + ", ".join(
+                f"{c.cert} ({' '.join(c.hosts) or 'default'})" for c in server.certificates
+            ),
+        )
     for name, upstream in config.upstreams.items():
         health = "passive health only"
         if upstream.health is not None:

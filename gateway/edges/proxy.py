@@ -47,6 +47,7 @@ from gateway.core.headers import (
 from gateway.core.limits import rate_limit_headers
 from gateway.core.retry import backoff, may_retry
 from gateway.core.routing import forward_path, has_dot_segment
+from gateway.edges import upgrade
 from gateway.edges.auth import AuthStep, RequestAuth
 from gateway.state.log import AccessEntry, AccessLog
 from gateway.state.metrics import Metrics, RequestCounter
@@ -113,6 +114,7 @@ class _Exchange(AccessEntry):
         "snap",
         "target",
         "trial",
+        "upgrade",
     )
 
     def __init__(self, request: Request, snap: Snapshot, started_at: float) -> None:
@@ -149,6 +151,7 @@ class _Exchange(AccessEntry):
         self.body_started = False
         self.body_error: GatewayError | None = None
         self.auth: RequestAuth | None = None  # who the client is, once auth ran
+        self.upgrade = False  # forwarded as a WebSocket upgrade (upgrade.py)
 
     def settle(self, cut: str | None) -> None:
         """Decide the logged status, once, at the end (or at a second SIGTERM).
@@ -479,6 +482,7 @@ class ProxyHandler:
         route = ex.runtime
         assert route is not None
         budget = route.pool.budget
+        ex.upgrade = upgrade.plan(ex.request, route)  # a WebSocket upgrade, if any
         budget.enter()
         try:
             while True:
@@ -488,6 +492,18 @@ class ProxyHandler:
                 with target:
                     upstream = await self._try(ex, target)
                     if upstream is not None and self._decide(ex, target, upstream):
+                        if upstream.status == 101:  # the WebSocket switch (upgrade.py)
+                            await upgrade.tunnel(
+                                ex.request,
+                                route,
+                                upstream,
+                                ex,
+                                ex.request_id,
+                                ex.limit_headers,
+                                ex.cors_headers,
+                                target.url,
+                            )
+                            return
                         await self._relay(ex, upstream)
                         return
                 # Back off outside `hold()`: the failed target is not in flight.
@@ -622,6 +638,8 @@ class ProxyHandler:
             target_host=target.host_header,
         )
         headers.popall("Expect", None)
+        if ex.upgrade:
+            upgrade.add_headers(headers)
         if ex.auth is not None:  # identity headers, strip_credentials, transforms
             self._auth.request_headers(headers, route, ex.auth)
         path_qs = forward_path(config, ex.raw_path, ex.raw_query, target.base_path, route.rewrite)
@@ -647,6 +665,8 @@ class ProxyHandler:
                 scheme=target_scheme,
                 # RFC 9110 15.2: no 1xx to an HTTP/1.0 client, so none to build.
                 on_interim=ex.relay_interim if request.version >= (1, 1) else None,
+                tls=route.pool.tls,  # [upstreams.NAME.tls] (wire/tls.py)
+                upgrade=ex.upgrade,
             )
         except asyncio.CancelledError:
             if isinstance(body, _SplicedUpload):

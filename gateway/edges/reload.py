@@ -199,7 +199,17 @@ class Reloader:
             )
             return False, f"reload rejected ({len(error.errors)} errors); old config serving"
         config = prepared.config
-        gw.apply(prepared)
+        try:
+            gw.apply(prepared)
+        except ConfigError as error:
+            # A certificate or key replaced since the check read it.
+            gw.metrics.config_reloads.labels("failure").inc()
+            log.error(
+                "reload of %s rejected, old config keeps serving:\n  %s",
+                path,
+                "\n  ".join(error.errors),
+            )
+            return False, "reload rejected; old config serving"
         gw.metrics.config_reloads.labels("success").inc()
         gw.metrics.config_last_reload_success.set(time.time())
         if config.server.listen != old.server.listen or config.server.admin != old.server.admin:

@@ -53,6 +53,7 @@ from prometheus_async import aio
 from gateway.core.config import HealthConfig
 from gateway.state.snapshot import Snapshot
 from gateway.state.upstream import Target
+from gateway.wire.tls import ClientTLS
 
 log = logging.getLogger("gateway.health")
 
@@ -66,10 +67,14 @@ _Key = tuple[str, str]  # (upstream name, target URL as written)
 class _Probe:
     """One target's probe task and the consecutive counts it acts on."""
 
-    def __init__(self, upstream: str, target: Target, config: HealthConfig) -> None:
+    def __init__(
+        self, upstream: str, target: Target, config: HealthConfig, tls: ClientTLS | None = None
+    ) -> None:
         self.upstream = upstream
         self.target = target
         self.config = config
+        # The upstream's [tls] settings: probes verify as requests do.
+        self.tls = tls
         self.passes = 0
         self.failures = 0
         self.task: asyncio.Task[None] | None = None
@@ -99,14 +104,14 @@ class HealthMonitor:
             return
         loop = asyncio.get_running_loop()
         present: dict[_Key, Target] = {}
-        wanted: dict[_Key, tuple[Target, HealthConfig]] = {}
+        wanted: dict[_Key, tuple[Target, HealthConfig, ClientTLS | None]] = {}
         self._pools = {}
         for pool in snapshot.pools.values():
             health = pool.config.health
             for target in pool.targets:
                 present[(pool.name, target.url)] = target
                 if health is not None:
-                    wanted[(pool.name, target.url)] = (target, health)
+                    wanted[(pool.name, target.url)] = (target, health, pool.tls)
             if health is not None:
                 self._pools[pool.name] = pool.targets
 
@@ -119,17 +124,18 @@ class HealthMonitor:
                 kept.set_healthy(True)
                 log.info("upstream %s target %s is now healthy: health checks removed", *key)
 
-        for key, (target, health) in wanted.items():
+        for key, (target, health, tls) in wanted.items():
             old = self._probes.get(key)
             if (
                 old is not None
                 and old.target is target
                 and old.config == health
+                and old.tls is tls
                 and old.task is not None
                 and not old.task.done()
             ):
                 continue
-            probe = _Probe(key[0], target, health)
+            probe = _Probe(key[0], target, health, tls)
             if old is not None:
                 self._stop(old)
                 # Same URL, same history: a changed interval or breaker
@@ -195,7 +201,7 @@ class HealthMonitor:
                 # refusals included: how slow the health endpoint answers is
                 # an early sign a target is in trouble.
                 reason = await aio.time(
-                    probe.target.probe_duration, self._check(probe.target, health)
+                    probe.target.probe_duration, self._check(probe.target, health, probe.tls)
                 )
             except Exception as exc:
                 # The task's outer edge: an unexpected error must count as a
@@ -207,12 +213,17 @@ class HealthMonitor:
             self._record(probe, reason)
             delay = health.interval * self._rng.uniform(1 - JITTER, 1 + JITTER)
 
-    async def _check(self, target: Target, health: HealthConfig) -> str | None:
+    async def _check(
+        self, target: Target, health: HealthConfig, tls: ClientTLS | None = None
+    ) -> str | None:
         """One probe: None when it passes, else why it failed."""
         url = target.url_for(target.base_path + health.path)
+        https = tls is not None and url.scheme == "https"
         try:
             async with self._client().get(
                 url,
+                ssl=tls.context if https and tls is not None else True,
+                server_hostname=tls.server_name if https and tls is not None else None,
                 headers={"Host": target.host_header, "User-Agent": USER_AGENT},
                 timeout=aiohttp.ClientTimeout(total=health.timeout),
                 # A 3xx already passes; following it would probe another host.

@@ -279,6 +279,18 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, float("inf")),
             registry=r,
         )
+        self.tunnels_active = Gauge(
+            "gateway_tunnels_active",
+            "Open WebSocket tunnels (after 101 Switching Protocols), by route.",
+            ["route"],
+            registry=r,
+        )
+        self.tunnel_bytes = FastCounter(
+            "gateway_tunnel_bytes_total",
+            "Bytes relayed through tunnels: up (client to target), down (target to client).",
+            ["route", "direction"],
+            r,
+        )
         self.config_reloads = FastCounter(
             "gateway_config_reloads_total",
             "Config reloads by result (success|failure).",
@@ -311,6 +323,10 @@ class Metrics:
             self.auth_failures,
         ):
             family.remove_where_in("route", routes)
+        self.tunnel_bytes.remove_where_in("route", routes)
+        for route in routes:
+            with contextlib.suppress(KeyError):
+                self.tunnels_active.remove(route)
 
     def forget_target(self, upstream: str, target: str) -> None:
         for outcome in ("ok", "error", "timeout"):

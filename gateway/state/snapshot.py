@@ -20,12 +20,19 @@ from __future__ import annotations
 import contextlib
 import gc
 import re
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 from gateway.core.auth import IpRules
-from gateway.core.config import Config, RateLimitConfig, RouteConfig, UpstreamConfig
+from gateway.core.config import (
+    Config,
+    ConfigError,
+    RateLimitConfig,
+    RouteConfig,
+    UpstreamConfig,
+)
 from gateway.core.cors import CorsPolicy
 from gateway.core.headers import TrustedProxies
 from gateway.core.limits import BucketStore
@@ -35,6 +42,7 @@ from gateway.state.auth import AuthState, PolicySet
 from gateway.state.metrics import CounterChild, HistogramChild, Metrics, RequestCounter
 from gateway.state.upstream import PanicState, Pool, Target
 from gateway.wire.h1client import ConnectionPool
+from gateway.wire.tls import ClientContexts, ClientTLS
 
 Clock = Callable[[], float]
 
@@ -72,6 +80,10 @@ class RouteRuntime:
         self.bytes_out: CounterChild = metrics.response_bytes.labels(config.name)
         self.rate_limited: CounterChild = metrics.rate_limited.labels(config.name)
         self.count = RequestCounter(metrics, config.name).count
+        # WebSocket tunnels: the gauge exists at 0 from the route's load on.
+        self.tunnels = metrics.tunnels_active.labels(config.name)
+        self.tunnel_up: CounterChild = metrics.tunnel_bytes.labels(config.name, "up")
+        self.tunnel_down: CounterChild = metrics.tunnel_bytes.labels(config.name, "down")
 
 
 @dataclass(frozen=True)
@@ -124,6 +136,9 @@ class Runtime:
     client: ConnectionPool = field(default_factory=ConnectionPool)
     # JWKS stores, fetchers and token caches, by policy name.
     auth: AuthState = field(default_factory=AuthState)
+    # [upstreams.NAME.tls] contexts, built when a config is applied (never
+    # per request), reused across reloads while settings and files stay.
+    client_tls: ClientContexts = field(default_factory=ClientContexts)
     # Routes of the current snapshot: a reload forgets the metric series of
     # the ones it removes.
     _routes_seen: frozenset[str] = field(default_factory=frozenset, init=False)
@@ -185,13 +200,25 @@ class Runtime:
             )
         base = prepared.base
         old_pools = base.pools if base is not None else {}
+        # Loads the files [upstreams.NAME.tls] names; one that cannot be loaded
+        # now raises ConfigError here, before anything is swapped.
+        tls = self._client_tls(config)
+        self.client_tls.retain(set(tls.values()))
         pools: dict[str, Pool] = {}
         for name, up in config.upstreams.items():
             kept_pool = old_pools.get(name) if name in prepared.same_upstreams else None
-            pools[name] = kept_pool if kept_pool is not None else self._pool(up)
+            if kept_pool is not None and kept_pool.tls is tls.get(name):
+                pools[name] = kept_pool
+            else:  # new or changed, or its TLS files changed under the same config
+                pools[name] = self._pool(up, tls.get(name))
         routes = prepared.kept  # built for this snapshot alone: ours to fill
         metrics = self.metrics
-        for route in prepared.todo:
+        todo = list(prepared.todo)
+        for name, runtime in list(routes.items()):
+            if runtime.pool is not pools.get(runtime.config.upstream, runtime.pool):
+                del routes[name]  # its pool was rebuilt: so is the route
+                todo.append(runtime.config)
+        for route in todo:
             # A redirect route has no upstream; it answers before any pool
             # is used, so an empty one stands in (never in `pools`, never probed).
             pool = pools.get(route.upstream) or self._no_pool()
@@ -223,7 +250,30 @@ class Runtime:
             PanicState("", self.metrics),
         )
 
-    def _pool(self, up: UpstreamConfig) -> Pool:
+    def _client_tls(self, config: Config) -> dict[str, ClientTLS]:
+        """Every upstream's TLS context; a file that cannot be loaded now
+        (replaced since `gateway check` read it) rejects the whole config."""
+        out: dict[str, ClientTLS] = {}
+        errors: list[str] = []
+        for name, up in config.upstreams.items():
+            settings = up.tls
+            if settings is None:
+                continue
+            try:
+                out[name] = self.client_tls.get(
+                    verify=settings.verify,
+                    ca_file=settings.ca_file,
+                    server_name=settings.server_name,
+                    cert=settings.cert,
+                    key=settings.key,
+                )
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                errors.append(f"upstreams.{name}.tls: cannot load: {exc}")
+        if errors:
+            raise ConfigError(errors)
+        return out
+
+    def _pool(self, up: UpstreamConfig, tls: ClientTLS | None = None) -> Pool:
         targets = []
         for t in up.targets:
             key = (up.name, t.url)
@@ -243,7 +293,7 @@ class Runtime:
         panic = self.panics.get(up.name)
         if panic is None:
             panic = self.panics[up.name] = PanicState(up.name, self.metrics)
-        return Pool(up, tuple(targets), self.client, budget, panic)
+        return Pool(up, tuple(targets), self.client, budget, panic, tls)
 
     def _buckets(self, route: RouteConfig) -> BucketStore | None:
         limit = route.rate_limit

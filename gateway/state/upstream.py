@@ -32,6 +32,7 @@ from gateway.core.config import BreakerConfig, UpstreamConfig
 from gateway.core.retry import RetryBudget
 from gateway.state.metrics import BREAKER_STATES, CounterChild, Metrics
 from gateway.wire.h1client import ConnectionPool
+from gateway.wire.tls import ClientTLS
 
 log = logging.getLogger("gateway.upstream")
 
@@ -195,8 +196,11 @@ class Pool:
         client: ConnectionPool,
         budget: RetryBudget,
         panic: PanicState,
+        tls: ClientTLS | None = None,
     ) -> None:
         self.name = config.name
+        #: [upstreams.NAME.tls] made into a context (None: the client's default).
+        self.tls = tls
         self.config = config
         self.targets = targets
         self.client = client

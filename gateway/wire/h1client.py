@@ -61,6 +61,7 @@ from multidict import CIMultiDict
 
 from gateway.core.headers import encode_head
 from gateway.wire import splice
+from gateway.wire.tls import ClientTLS
 from gateway.wire.vetting import MAX_HEAD_BYTES, MAX_REQUEST_LINE, section_limit
 from gateway.wire.writeflow import WriteFlow
 
@@ -96,6 +97,10 @@ _MAX_STALLED: Final = MAX_HEAD_BYTES + MAX_REQUEST_LINE
 #: Larger pieces go out on their own rather than be copied. The proxy joins
 #: by the same rule, so `H1Response.ready()` reports "small" by it.
 JOIN_BELOW: Final = 64 * 1024
+#: A tunnel's unread bytes from the target above which its socket stops
+#: being read: a client that reads slowly holds the target back, and the
+#: gateway's memory per tunnel stays flat.
+TUNNEL_BUFFERED: Final = 256 * 1024
 
 #: Called with (status, reason, head fields) for each interim (1xx) response
 #: but 100 and 101, synchronously from the parser, before the final head.
@@ -105,9 +110,11 @@ OnInterim = Callable[[int, str, list[tuple[str, str]]], None]
 # RFC 9110 9.2.2: the methods a client may repeat on its own (RFC 9112 9.3.1).
 _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
-# A pool key: (scheme, host, port). Connections are interchangeable only
-# within one key: http and https to the same host and port are not.
-_Key = tuple[str, str, int]
+# A pool key: (scheme, host, port, TLS settings tag). Connections are
+# interchangeable only within one key: http and https to the same host and
+# port are not, nor https with two upstreams' different TLS settings.
+_Key = tuple[str, str, int, str]
+_Target = tuple[str, str, int]
 _SCHEMES: Final = frozenset({"http", "https"})
 
 _IDLE: Final = 0  # no request on the connection (pooled or fresh)
@@ -115,6 +122,7 @@ _HEAD: Final = 1  # request sent, response head not in yet
 _BODY: Final = 2  # head handed out, body being read
 _DONE: Final = 3  # response complete
 _CLOSED: Final = 4
+_TUNNEL: Final = 5  # 101 Switching Protocols: raw bytes both ways (WebSocket)
 
 
 class H1Error(Exception):
@@ -289,6 +297,15 @@ class H1Response:
         if conn is not None:
             conn.spliced()
 
+    def tunnel(self) -> UpstreamTunnel:
+        """After a 101 to an upgrade request: the connection as a byte stream.
+
+        It is never pooled again; the caller closes it (`UpstreamTunnel.close`)."""
+        conn, self._conn = self._conn, None
+        assert conn is not None
+        assert conn._state == _TUNNEL
+        return UpstreamTunnel(conn)
+
     def release(self) -> None:
         """Pool the connection if the exchange ended cleanly, else close it."""
         conn, self._conn = self._conn, None
@@ -363,6 +380,8 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         self._drain_size = 0
         self.reused = False
         self.idle_at = 0.0
+        self._upgrade = False  # the request asked to switch protocols (WebSocket)
+        self._tunnel_eof = False
 
     # -- asyncio.Protocol ---------------------------------------------------------
 
@@ -385,6 +404,9 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         state = self._state
         if state == _HEAD:
             self._set_error(H1ServerDisconnected("connection closed before a response"))
+        elif state == _TUNNEL:
+            if not self._tunnel_eof:
+                self._set_error(H1ReadError("the target's tunnel connection was lost"))
         elif state == _BODY:
             if exc is None and self._error is None and self._close_delimited():
                 # RFC 9112 6.3 item 8: the body ends where the connection does.
@@ -403,6 +425,10 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes | memoryview) -> None:
         state = self._state
+        if state == _TUNNEL:
+            # A copy: under uvloop `data` is a view of the one reused read buffer.
+            self._tunnel_data(bytes(data))
+            return
         if state != _HEAD and state != _BODY:
             # Nothing was asked (idle in the pool, or after a complete
             # response; no pipelining): the stream is out of step.
@@ -420,6 +446,13 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            if isinstance(exc, httptools.HttpParserUpgrade) and self._state == _TUNNEL:
+                # llhttp stops at the end of the 101's head: what follows in
+                # this read is the target's first tunnel bytes.
+                offset = exc.args[0] if exc.args else len(data)
+                if offset < len(data):
+                    self._tunnel_data(bytes(data[offset:]))  # a copy, as above
+                return
             cause = exc.__context__
             if isinstance(cause, _Stray) or self._state not in (_HEAD, _BODY):
                 # More after a complete response: its data is whole, but the
@@ -463,7 +496,22 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             self._wake()
 
     def eof_received(self) -> bool | None:
+        if self._state == _TUNNEL:
+            # The target is done sending; what it sent is still relayed, and
+            # the socket stays open until the tunnel ends (flushing our side).
+            self._tunnel_eof = True
+            self._wake()
+            return True
         return None  # close the transport; connection_lost decides what EOF meant
+
+    def _tunnel_data(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > TUNNEL_BUFFERED:
+            self._pause_reading()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     # -- httptools callbacks --------------------------------------------------------
 
@@ -508,9 +556,26 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         self._fields = 0
         parser = self._parser
         status = parser.get_status_code()
+        if status == 101 and self._upgrade:
+            # RFC 9110 15.2.2: the target switched protocols as asked. The
+            # head is handed out; llhttp then stops (HttpParserUpgrade) and
+            # every later byte is the tunnel's, unparsed.
+            self._response = H1Response(
+                self, status, _decode(self._reason), CIMultiDict(self._raw_headers)
+            )
+            self._state = _TUNNEL
+            self._keep_alive = False
+            self._body_done = True
+            self._wake()
+            return
         if status < 200:
             self._interim(status)
             return
+        if self._upgrade:
+            # Asked to switch and answered with a plain response: relayed as
+            # one, but the connection, which said "Connection: upgrade", is
+            # not trusted with another request.
+            self._head_keep_alive = False
         headers = CIMultiDict(self._raw_headers)
         problem = framing_problem(headers)
         if problem is not None:
@@ -637,11 +702,13 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         content_length: int | None,
         read_timeout: float,
         on_interim: OnInterim | None = None,
+        upgrade: bool = False,
     ) -> H1Response:
         transport = self._transport
         assert transport is not None
         assert self._state == _IDLE
         self._state = _HEAD
+        self._upgrade = upgrade
         self._is_head = method == "HEAD"
         self._on_interim = on_interim
         self._timeout = read_timeout
@@ -971,6 +1038,88 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             self._release_drain()
 
 
+class UpstreamTunnel:
+    """The target's side of a tunnel after `101 Switching Protocols`.
+
+    `read()` returns what the target sent (b"" once it closed its side);
+    `write()` + `drain()` send with backpressure. No read timeout: the
+    tunnel's idle timeout is its owner's (`tunnel_idle_timeout`).
+    """
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+
+    async def read(self) -> bytes:
+        conn = self._conn
+        while True:
+            if conn._chunks:
+                data = b"".join(conn._chunks)
+                conn._chunks = []
+                conn._buffered = 0
+                conn._resume_reading()
+                return data
+            if conn._error is not None:
+                raise conn._error
+            if conn._tunnel_eof or conn._state != _TUNNEL:
+                return b""
+            waiter = conn._loop.create_future()
+            conn._waiter = waiter
+            try:
+                await waiter
+            finally:
+                conn._waiter = None
+
+    def write(self, data: bytes) -> None:
+        transport = self._conn._transport
+        if transport is None or transport.is_closing():
+            raise H1ReadError("the target's tunnel connection is closed")
+        transport.write(data)
+
+    async def drain(self) -> None:
+        conn = self._conn
+        if conn._write_paused and conn._transport is not None:
+            await conn._wait_for_drain(conn._loop)
+        if conn._transport is None:
+            raise H1ReadError("the target's tunnel connection was lost")
+
+    def hand_over(self) -> tuple[bytes, splice.SocketDup | None]:
+        """For a zero-copy relay: stop reading; the bytes already read, and a
+        duplicate of the socket (None on TLS or when none can be had)."""
+        conn = self._conn
+        conn._pause_reading()
+        chunks, conn._chunks, conn._buffered = conn._chunks, [], 0
+        dup = None if conn._tls else splice.dup_socket(conn._transport)
+        return b"".join(chunks), dup
+
+    def resume(self) -> None:
+        """Back to reading through asyncio (the relay could not be had)."""
+        self._conn._resume_reading()
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._conn._transport
+
+    def close(self, grace: float) -> None:
+        """Close once what was written has left, or abort after `grace` seconds."""
+        conn = self._conn
+        transport = conn._transport
+        conn._state = _CLOSED
+        conn._pool.forget(conn)
+        if transport is None:
+            return
+        conn._transport = None
+        if transport.is_closing():
+            return
+        transport.close()
+        if transport.get_write_buffer_size():
+            conn._loop.call_later(grace, transport.abort)
+
+    def abort(self) -> None:
+        self._conn.abort()
+
+
 class _CachingResolver:
     """Target host names through aiodns (aiohttp's AsyncResolver), cached.
 
@@ -1055,7 +1204,7 @@ class ConnectionPool:
         self._closed = False
         # The keys of the configured targets (None: any). A connection to
         # another is closed once its request ends instead of pooled.
-        self._live: frozenset[_Key] | None = None
+        self._live: frozenset[_Target] | None = None
 
     @property
     def idle_count(self) -> int:
@@ -1087,6 +1236,8 @@ class ConnectionPool:
         *,
         scheme: str = "http",
         on_interim: OnInterim | None = None,
+        tls: ClientTLS | None = None,
+        upgrade: bool = False,
     ) -> H1Response:
         """Send one request; return once the response head is in.
 
@@ -1104,18 +1255,22 @@ class ConnectionPool:
             raise H1ConnectError("connection pool is closed", timed_out=False)
         items = headers.items() if isinstance(headers, CIMultiDict) else headers
         head = serialize_head(method, path_qs, items, body is not None and content_length is None)
-        key = (scheme, host, port)
+        key = (scheme, host, port, tls.tag if tls is not None and scheme == "https" else "")
         conn = self._take(key)
         if conn is not None:
             try:
-                return await conn.send(method, head, body, content_length, read_timeout, on_interim)
+                return await conn.send(
+                    method, head, body, content_length, read_timeout, on_interim, upgrade
+                )
             except H1ServerDisconnected:
                 if method not in _IDEMPOTENT or not conn.stale():
                     raise
             # The target closed the connection as we reused it: once more on
             # a fresh one (never again: a fresh connection closed is an answer).
-        conn = await self._connect(key, connect_timeout)
-        return await conn.send(method, head, body, content_length, read_timeout, on_interim)
+        conn = await self._connect(key, connect_timeout, tls)
+        return await conn.send(
+            method, head, body, content_length, read_timeout, on_interim, upgrade
+        )
 
     def _take(self, key: _Key) -> _Connection | None:
         stack = self._idle.get(key)
@@ -1127,13 +1282,15 @@ class ConnectionPool:
             conn.abort()  # closed by the target while idle, or it sent stray bytes
         return None
 
-    async def _connect(self, key: _Key, connect_timeout: float) -> _Connection:
+    async def _connect(
+        self, key: _Key, connect_timeout: float, tls: ClientTLS | None = None
+    ) -> _Connection:
         conn = _Connection(self, key)
-        with _mapped_errors(*key):
+        with _mapped_errors(*key[:3]):
             # The handshake counts toward the connect timeout, as in nginx
             # (proxy_connect_timeout covers the SSL handshake).
             async with asyncio.timeout(connect_timeout):
-                transport = await self._open(conn, key, connect_timeout)
+                transport = await self._open(conn, key, connect_timeout, tls)
         # uvloop may call connection_made only after create_connection returned.
         conn.connection_made(transport)
         self._all.add(conn)
@@ -1143,16 +1300,23 @@ class ConnectionPool:
         return conn
 
     async def _open(
-        self, conn: _Connection, key: _Key, connect_timeout: float
+        self, conn: _Connection, key: _Key, connect_timeout: float, tls: ClientTLS | None = None
     ) -> asyncio.BaseTransport:
         """Connect to the first address of the host that answers (and, for
         https, complete the handshake with it)."""
-        scheme, host, port = key
+        scheme, host, port, _ = key
         loop = asyncio.get_running_loop()
         context: ssl.SSLContext | None = None
         handshake_timeout: float | None = None
+        server_name: str | None = host
         if scheme == "https":
-            context = self._tls_context()
+            if tls is not None:
+                # The upstream's own settings ([upstreams.NAME.tls]): its CA,
+                # client certificate, and the name to send and check.
+                context = tls.context
+                server_name = tls.server_name or host
+            else:
+                context = self._tls_context()
             # Past the caller's own deadline, so that a slow handshake is its
             # timeout (a 504), not asyncio's ConnectionAbortedError (default 60 s).
             handshake_timeout = connect_timeout + 1.0
@@ -1168,7 +1332,7 @@ class ConnectionPool:
                     # the target URL, not the address it resolved to (Python
                     # sends no SNI for an IP literal, RFC 6066 3, and checks
                     # the certificate's IP address entries instead).
-                    server_hostname=host if context is not None else None,
+                    server_hostname=server_name if context is not None else None,
                     ssl_handshake_timeout=handshake_timeout,
                 )
             except ssl.SSLError:
@@ -1179,18 +1343,18 @@ class ConnectionPool:
             return transport
         raise last or OSError(f"no address for {host}")
 
-    def retain(self, keys: Collection[_Key]) -> None:
-        """Keep connections to these (scheme, host, port) keys only: a reload
-        removed the others' targets. Idle ones close now, busy ones when
-        their request ends (a running stream is never cut)."""
+    def retain(self, keys: Collection[_Target]) -> None:
+        """Keep connections to these (scheme, host, port) targets only: a
+        reload removed the others. Idle ones close now, busy ones when their
+        request ends (a running stream is never cut, nor a tunnel)."""
         live = self._live = frozenset(keys)
-        for key in [k for k in self._idle if k not in live]:
+        for key in [k for k in self._idle if k[:3] not in live]:
             for conn in self._idle.pop(key):
                 conn.abort()
 
     def put(self, conn: _Connection) -> None:
         live = self._live
-        if self._closed or (live is not None and conn._key not in live):
+        if self._closed or (live is not None and conn._key[:3] not in live):
             conn.abort()
             return
         loop = conn._loop

@@ -35,6 +35,7 @@ _BODY_HIGH: Final = 256 * 1024
 PAUSE_BODY: Final = 1
 PAUSE_QUEUE: Final = 2
 PAUSE_HANDOVER: Final = 4
+PAUSE_UPGRADE: Final = 8  # a WebSocket upgrade waits for the target's answer
 
 
 class ClientConnection(Protocol):
@@ -42,6 +43,8 @@ class ClientConnection(Protocol):
 
     transport: asyncio.Transport | None
     remote: str
+    #: The connection came through a TLS listener (X-Forwarded-Proto: https).
+    secure: bool
     closing_after_response: bool
     last_batch: bool
     #: Why the server aborted the connection ("drain"), for the access log.
@@ -53,6 +56,7 @@ class ClientConnection(Protocol):
     def resume_reading(self, reason: int) -> None: ...
     def hand_over_body(self, request: Request) -> tuple[bytes, int]: ...
     def body_spliced(self, request: Request) -> None: ...
+    def take_tunnel(self, request: Request) -> ClientTunnel: ...
 
 
 class SendTimeout(ConnectionError):
@@ -165,7 +169,9 @@ class Request:
         "remote",
         "secure",
         "transport",
+        "upgrade_tail",
         "version",
+        "websocket",
         "writer",
     )
 
@@ -183,7 +189,13 @@ class Request:
         self.connection = conn
         self.transport: asyncio.Transport | None = conn.transport
         self.remote = conn.remote
-        self.secure = False
+        self.secure = conn.secure
+        #: A GET asking to switch to WebSocket (Connection: upgrade, Upgrade:
+        #: websocket, HTTP/1.1): the server parses nothing after it until
+        #: the handler has answered (see h1server `_upgrade_pending`).
+        self.websocket = False
+        #: Bytes the client sent after this request's head (tunnel data).
+        self.upgrade_tail = b""
         self.method = method
         self.raw_path = raw_path
         self.version = version
@@ -447,6 +459,17 @@ class ResponseWriter:
         """`count` body bytes went to the client's socket behind our back."""
         self.output_size += count
 
+    def switch_protocols(self, headers: CIMultiDict[str]) -> None:
+        """Send `101 Switching Protocols` with `headers`: the response is
+        whole, and the connection is the tunnel's from here to its close."""
+        version = self._request.version
+        status_line = f"HTTP/{version[0]}.{version[1]} 101 Switching Protocols"
+        head = encode_head(status_line, headers.items())
+        self.status = 101
+        self.keep_alive = False
+        self.eof_sent = True
+        self._send(head)
+
     def send_reply(self, reply: Reply) -> int:
         """A whole small response in one write; returns the body bytes sent
         (none after a HEAD, or with a 204 or 304)."""
@@ -464,6 +487,45 @@ class ResponseWriter:
             return len(reply.body)
         self._send(held)
         return 0
+
+
+class ClientTunnel:
+    """The client's side of a tunnel, after the 101 went out.
+
+    `read()` returns what the client sent (b"" once it closed its side;
+    ConnectionResetError if the connection broke); `write()` + `drain()`
+    send with backpressure. The socket is paused while more than
+    `_BODY_HIGH` bytes wait unread, as for a request body.
+    """
+
+    __slots__ = ("_conn", "inbox")
+
+    def __init__(self, conn: ClientConnection, inbox: Body) -> None:
+        self._conn = conn
+        self.inbox = inbox
+
+    async def read(self) -> bytes:
+        return await self.inbox.readany()
+
+    def write(self, data: bytes) -> None:
+        transport = self._conn.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client connection is closed")
+        transport.write(data)
+
+    async def drain(self) -> None:
+        await self._conn.drain(None)
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._conn.transport
+
+    def pause(self) -> None:
+        """Stop reading the socket (a zero-copy relay reads it instead)."""
+        self._conn.pause_reading(PAUSE_HANDOVER)
+
+    def resume(self) -> None:
+        self._conn.resume_reading(PAUSE_HANDOVER)
 
 
 def reason_phrase(status: int) -> str:

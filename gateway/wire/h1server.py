@@ -56,6 +56,9 @@ from gateway.wire.h1messages import (
     PAUSE_BODY,
     PAUSE_HANDOVER,
     PAUSE_QUEUE,
+    PAUSE_UPGRADE,
+    Body,
+    ClientTunnel,
     Reply,
     Request,
     SendTimeout,
@@ -118,6 +121,9 @@ class Connection(WriteFlow, asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.remote = ""
+        self.secure = False
+        self._last: Request | None = None  # the request parsed last
+        self._tunnel: Body | None = None  # a tunnel's bytes from the client
         self._parser = httptools.HttpRequestParser(self)
         self._queue: deque[Request | tuple[GatewayError, str]] = deque()
         self._queue_waiter: asyncio.Future[None] | None = None
@@ -154,6 +160,8 @@ class Connection(WriteFlow, asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        # A TLS listener's transport (the handshake is done by now).
+        self.secure = transport.get_extra_info("sslcontext") is not None
         peer = transport.get_extra_info("peername")
         self.remote = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         sock = transport.get_extra_info("socket")
@@ -173,6 +181,8 @@ class Connection(WriteFlow, asyncio.Protocol):
             self._linger_timer.cancel()
         self._server.forget(self)
         lost = ConnectionResetError("the client connection was lost")
+        if self._tunnel is not None:
+            self._tunnel.set_exception(lost)
         for item in self._queue:
             if isinstance(item, Request):
                 item.content.set_exception(lost)
@@ -191,9 +201,17 @@ class Connection(WriteFlow, asyncio.Protocol):
         # Closing the transport leads to connection_lost, which cancels the
         # handler and so its upstream request (CONTRACT.md "Client gone").
         self._client_eof = True
+        if self._tunnel is not None and not self._lingering:
+            # The client is done sending into its tunnel: what it sent still
+            # goes through, and the tunnel may still write to it.
+            self._tunnel.feed_eof()
+            return True
         return False
 
     def data_received(self, data: bytes) -> None:
+        if self._tunnel is not None and not self._lingering:
+            self._tunnel.feed_data(data)
+            return
         if self._lingering:
             self._linger_left -= len(data)
             if self._linger_left < 0:
@@ -217,6 +235,10 @@ class Connection(WriteFlow, asyncio.Protocol):
                 offset = upgrade.args[0] if upgrade.args else len(data)
                 self._parser = httptools.HttpRequestParser(self)
                 if self._refused:
+                    return
+                last = self._last
+                if last is not None and last.websocket:
+                    self._upgrade_pending(last, data[offset:])
                     return
                 data = data[offset:]
                 continue
@@ -303,7 +325,15 @@ class Connection(WriteFlow, asyncio.Protocol):
             content_length,
             chunked,
         )
+        if parser.should_upgrade() and method == "GET" and version >= (1, 1):
+            # RFC 6455 4.1: a WebSocket opening handshake. Other protocols
+            # (h2c above all) are never switched to: their Upgrade is
+            # stripped like any hop-by-hop header and the request served as
+            # HTTP/1.1 (RFC 9110 7.8 lets a server ignore it).
+            tokens = headers.get("Upgrade", "").lower().split(",")
+            request.websocket = any(token.strip() == "websocket" for token in tokens)
         self._current = request
+        self._last = request
         self._enqueue(request)
 
     def on_body(self, body: bytes) -> None:
@@ -319,6 +349,32 @@ class Connection(WriteFlow, asyncio.Protocol):
             current.content.feed_eof()
         self._current = None
         self._messages += 1
+
+    # -- WebSocket upgrades -----------------------------------------------------------
+
+    def _upgrade_pending(self, request: Request, tail: bytes) -> None:
+        """A WebSocket upgrade was parsed: nothing after it is parsed, since
+        it is the tunnel's if the target switches protocols; the socket is
+        paused until the handler knows. Either way the connection ends with
+        this request (its answer, or the tunnel's close)."""
+        request.upgrade_tail = tail
+        request.writer.keep_alive = False
+        self._refused = True
+        self.last_batch = True
+        self.in_head = False
+        self.pause_reading(PAUSE_UPGRADE)
+
+    def take_tunnel(self, request: Request) -> ClientTunnel:
+        """The 101 went out: the connection's bytes are the tunnel's now."""
+        inbox = Body(self)
+        if request.upgrade_tail:
+            inbox.feed_data(request.upgrade_tail)
+            request.upgrade_tail = b""
+        if self._client_eof:
+            inbox.feed_eof()
+        self._tunnel = inbox
+        self.resume_reading(PAUSE_UPGRADE)
+        return ClientTunnel(self, inbox)
 
     # -- refusals -------------------------------------------------------------------
 
@@ -505,9 +561,15 @@ class Connection(WriteFlow, asyncio.Protocol):
         self._refused = True  # nothing more is parsed
         self.in_head = False
         self._linger_left = LINGER_MAX_BYTES
-        self.resume_reading(PAUSE_BODY | PAUSE_QUEUE | PAUSE_HANDOVER)
+        self.resume_reading(PAUSE_BODY | PAUSE_QUEUE | PAUSE_HANDOVER | PAUSE_UPGRADE)
         if transport.can_write_eof():  # not on TLS: close_notify goes at the close
-            transport.write_eof()
+            try:
+                transport.write_eof()
+            except OSError:
+                # The peer is already gone (a tunnel's client reset, seen by
+                # the relay before asyncio): nothing to linger for.
+                transport.abort()
+                return
         self._linger_timer = self._loop.call_later(LINGER_SECONDS, self._end_linger)
 
     def _end_linger(self) -> None:

@@ -46,6 +46,11 @@ AVAILABLE: Final = hasattr(os, "splice") and hasattr(os, "SPLICE_F_NONBLOCK")
 MIN_BYTES: Final = 256 * 1024
 #: Relays running at once; beyond, bodies are copied (see `Relay`).
 MAX_ACTIVE: Final = 32
+#: Tunnel directions spliced at once (two per WebSocket tunnel); beyond,
+#: tunnels are copied. Apart from MAX_ACTIVE: a tunnel lives for hours and
+#: must not take the bodies' relays. Each keeps the default 64 KiB pipe (16
+#: pages), so 256 of them stay well inside fs.pipe-user-pages-soft.
+MAX_TUNNEL_ACTIVE: Final = 256
 # Asked for with F_SETPIPE_SZ (the default pipe holds 64 KiB); capped by
 # /proc/sys/fs/pipe-max-size, 1 MiB by default.
 PIPE_BYTES: Final = 1 << 20
@@ -241,16 +246,37 @@ class Relay:
     """
 
     active: ClassVar[int] = 0
+    tunnels_active: ClassVar[int] = 0
 
-    def __init__(self, pipe_r: int, pipe_w: int, pipe_bytes: int) -> None:
+    def __init__(self, pipe_r: int, pipe_w: int, pipe_bytes: int, tunnel: bool = False) -> None:
         self._pipe_r = pipe_r
         self._pipe_w = pipe_w
         self._pipe_bytes = pipe_bytes
         self._closed = False
+        self._tunnel = tunnel
         #: Bytes delivered to the destination so far (also after a failure
         #: or cancellation: for the access log).
         self.moved = 0
-        Relay.active += 1
+        if tunnel:
+            Relay.tunnels_active += 1
+        else:
+            Relay.active += 1
+
+    @classmethod
+    def open_for_tunnel(cls) -> Relay | None:
+        """A relay for one direction of a tunnel (see MAX_TUNNEL_ACTIVE)."""
+        if not AVAILABLE or cls.tunnels_active >= MAX_TUNNEL_ACTIVE:
+            return None
+        try:
+            pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            log.warning("zero-copy tunnel unavailable, copying instead: %s", exc)
+            return None
+        try:
+            pipe_bytes = fcntl.fcntl(pipe_w, fcntl.F_GETPIPE_SZ)
+        except OSError:
+            pipe_bytes = 65536
+        return cls(pipe_r, pipe_w, pipe_bytes, tunnel=True)
 
     @classmethod
     def open(cls) -> Relay | None:
@@ -274,7 +300,10 @@ class Relay:
         if self._closed:
             return
         self._closed = True
-        Relay.active -= 1
+        if self._tunnel:
+            Relay.tunnels_active -= 1
+        else:
+            Relay.active -= 1
         for fd in (self._pipe_r, self._pipe_w):
             os.close(fd)
 
@@ -353,6 +382,58 @@ class Relay:
                 raise SinkFailed("the connection closed", self.moved)
             if source.gone():
                 raise SourceClosed("the connection closed", self.moved)
+        return self.moved
+
+    async def pump(self, source: SocketDup, sink: SocketDup) -> int:
+        """Move bytes from `source` to `sink` until the source's EOF; return
+        how many (a tunnel's direction, whose length nobody announced).
+
+        No timeouts: the tunnel's owner watches `moved` for its idle timeout
+        and cancels. Raises SourceClosed on a reset, SinkFailed when the sink
+        is gone; either way the bytes still in the pipe are lost, so both
+        connections must end. At EOF the pipe is emptied first.
+        """
+        loop = asyncio.get_running_loop()
+        pipe_r, pipe_w, chunk = self._pipe_r, self._pipe_w, self._pipe_bytes
+        in_pipe = 0
+        eof = False
+        src, dst = source.fd, sink.fd
+        fit_short_path_buffers(src, dst)
+        while not eof or in_pipe:
+            if sink.gone():
+                raise SinkFailed("the connection closed", self.moved)
+            if source.gone() and not eof:
+                raise SourceClosed("the connection closed", self.moved)
+            drained = filled = False
+            if in_pipe:
+                try:
+                    n = os.splice(pipe_r, dst, in_pipe, flags=_FLAGS)
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    raise SinkFailed(f"writing failed: {_reason(exc)}", self.moved) from exc
+                else:
+                    in_pipe -= n
+                    self.moved += n
+                    drained = n > 0
+            if not eof and in_pipe < chunk:
+                try:
+                    n = os.splice(src, pipe_w, chunk - in_pipe, flags=_FLAGS)
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    raise SourceClosed(f"reading failed: {_reason(exc)}", self.moved) from exc
+                else:
+                    if n == 0:
+                        eof = True
+                    in_pipe += n
+                    filled = n > 0
+            if drained or filled or (eof and not in_pipe):
+                continue
+            if in_pipe:
+                await _writable(loop, dst, None)
+            else:
+                await _ready(loop, src, False, None)
         return self.moved
 
 
