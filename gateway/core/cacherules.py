@@ -84,8 +84,6 @@ def http_date(value: str | None) -> float | None:
         parsed = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    if parsed is None:
-        return None  # type: ignore[unreachable]  # older typeshed said Optional
     try:
         timestamp = parsed.timestamp()
     except (OverflowError, ValueError, OSError):

@@ -14,13 +14,27 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gateway.core.config import Config, RateLimitConfig, RouteConfig, UpstreamConfig
+from gateway.core.config import (
+    CacheConfig,
+    Config,
+    RateLimitConfig,
+    RouteCacheConfig,
+    RouteConfig,
+    UpstreamConfig,
+)
 from gateway.core.cors import CorsPolicy
 from gateway.core.headers import TrustedProxies
 from gateway.core.limits import BucketStore
 from gateway.core.retry import RetryBudget
 from gateway.core.routing import RouteTable
-from gateway.state.metrics import CounterChild, HistogramChild, Metrics, RequestCounter
+from gateway.state.cache import ResponseCache
+from gateway.state.metrics import (
+    CACHE_RESULTS,
+    CounterChild,
+    HistogramChild,
+    Metrics,
+    RequestCounter,
+)
 from gateway.state.upstream import PanicState, Pool, Target
 from gateway.wire.h1client import ConnectionPool
 
@@ -48,6 +62,14 @@ class RouteRuntime:
         self.bytes_out: CounterChild = metrics.response_bytes.labels(config.name)
         self.rate_limited: CounterChild = metrics.rate_limited.labels(config.name)
         self.count = RequestCounter(metrics, config.name).count
+        # `[routes.cache]` (None: the route does not cache) and its counters.
+        self.cache_config = config.cache
+        self.cache_counts: dict[str, CounterChild] = {}
+        if config.cache is not None:
+            self.cache_counts = {
+                result: metrics.cache_requests.labels(config.name, result)
+                for result in CACHE_RESULTS
+            }
 
 
 @dataclass(frozen=True)
@@ -58,6 +80,7 @@ class Snapshot:
     pools: dict[str, Pool]
     trusted: TrustedProxies
     loaded_at: float  # unix time, for /status
+    cache: ResponseCache | None = None  # the shared store; None without [cache]
 
 
 @dataclass
@@ -81,6 +104,11 @@ class Runtime:
     # requests; `build` then closes (`retain`) the removed targets' idle
     # connections at once and their busy ones when their request ends.
     client: ConnectionPool = field(default_factory=ConnectionPool)
+    # The response store outlives reloads while [cache] is unchanged; a
+    # route's entries survive while its cache config and match are unchanged.
+    cache: ResponseCache | None = None
+    cache_config: CacheConfig | None = None
+    _cache_routes: dict[str, tuple[object, ...]] = field(default_factory=dict, init=False)
     # Routes of the current snapshot: a reload forgets the metric series of
     # the ones it removes.
     _routes_seen: set[str] = field(default_factory=set, init=False)
@@ -101,6 +129,7 @@ class Runtime:
                 route, pools[route.upstream], self._buckets(route), self.metrics
             )
         self._forget_missing(config)
+        cache = self._cache(config)
         for gone in self._routes_seen - routes.keys():
             self.metrics.forget_route(gone)
         self._routes_seen = set(routes)
@@ -111,6 +140,7 @@ class Runtime:
             pools=pools,
             trusted=trusted,
             loaded_at=time.time(),
+            cache=cache,
         )
 
     def _pool(self, up: UpstreamConfig) -> Pool:
@@ -134,6 +164,22 @@ class Runtime:
         if panic is None:
             panic = self.panics[up.name] = PanicState(up.name, self.metrics)
         return Pool(up, tuple(targets), self.client, budget, panic)
+
+    def _cache(self, config: Config) -> ResponseCache | None:
+        """The store for `config`: the same one while [cache] is unchanged,
+        minus the entries of routes whose cache config or match changed."""
+        signatures = {r.name: _cache_signature(r, r.cache) for r in config.routes if r.cache}
+        if config.cache is None:
+            self.cache = None
+        elif self.cache is None or config.cache != self.cache_config:
+            self.cache = ResponseCache(config.cache.max_bytes, config.cache.max_entry_bytes)
+        else:
+            changed = [n for n, sig in signatures.items() if self._cache_routes.get(n) != sig]
+            self.cache.retain(signatures, changed)
+        self.cache_config = config.cache
+        self._cache_routes = signatures
+        self.metrics.cache_gauges.source = self.cache.stats if self.cache is not None else None
+        return self.cache
 
     def _buckets(self, route: RouteConfig) -> BucketStore | None:
         limit = route.rate_limit
@@ -163,6 +209,23 @@ class Runtime:
         """Close every upstream connection, idle or busy (shutdown: the drain
         already ended or aborted the requests on them)."""
         await self.client.close()
+
+
+def _cache_signature(route: RouteConfig, cache: RouteCacheConfig) -> tuple[object, ...]:
+    """What a route's stored responses depend on: its cache config, how it
+    matches, and what it forwards to (a changed one starts empty)."""
+    return (
+        cache,
+        route.path,
+        route.path_regex,
+        route.host,
+        route.methods,
+        route.headers,
+        route.upstream,
+        route.strip_prefix,
+        route.preserve_host,
+        getattr(route, "auth", None),
+    )
 
 
 class SnapshotBox:
