@@ -161,13 +161,15 @@ def initial_age(
 ) -> float:
     """`corrected_initial_age` of RFC 9111 4.2.3, when the response is received.
 
-    apparent_age = max(0, response_time - date_value);
+    apparent_age = max(0, response_time - date_value) (both in whole seconds);
     corrected_age_value = age_value + (response_time - request_time);
     corrected_initial_age = max(apparent_age, corrected_age_value).
     The current age is then this plus the resident time (`current_age`).
     """
     age_value = delta_seconds(age_header.strip()) if age_header is not None else None
-    apparent = max(0.0, response_wall - date_wall) if date_wall is not None else 0.0
+    # An HTTP-date has whole seconds: the response time is compared at that
+    # resolution, or a Date written 0.9 s ago would age a 0.5 s ttl out at once.
+    apparent = max(0.0, math.floor(response_wall) - date_wall) if date_wall is not None else 0.0
     delay = max(0.0, response_wall - request_wall)
     corrected = (age_value or 0) + delay
     return max(apparent, corrected)

@@ -131,6 +131,7 @@ class CacheRequest:
         "ex",
         "fill",
         "key",
+        "passive",
         "request_wall",
         "served",
         "stale",
@@ -149,6 +150,8 @@ class CacheRequest:
         self.store = store
         self.key = key
         self.consumer = consumer
+        # Passive: the request bypasses the cache; only its Cache-Status is ours.
+        self.passive = False
         self.epoch = store.epoch(key[0])
         self.status = ""  # the Cache-Status field value (RFC 9211)
         self.stale: Entry | None = None  # the stale entry this request revalidates
@@ -163,7 +166,7 @@ class CacheRequest:
     def upstream_headers(self, headers: CIMultiDict[str]) -> None:
         """The request that may fill: the client's preconditions out, the
         stale entry's validators in (RFC 9111 4.3.1)."""
-        if self.ex.method != "GET":
+        if self.passive or self.ex.method != "GET":
             return
         for name in _PRECONDITIONS:
             headers.popall(name, None)
@@ -202,6 +205,8 @@ class CacheRequest:
     def tee(self, status: int, reason: str, headers: CIMultiDict[str]) -> BodyTee | None:
         """The copy of the body to store, or None when it is not stored; sets
         Cache-Status for the relayed response."""
+        if self.passive:
+            return None
         fwd = "stale" if self.stale is not None else "miss"
         refusal = self._refusal(status, headers)
         if refusal is not None:
@@ -424,6 +429,7 @@ class CacheStep:
         if method in cacherules.UNSAFE_METHODS:
             counts["bypass"].inc()
             ex.cache = CacheRequest(ex, store, key, "")
+            ex.cache.passive = True
             ex.cache.status = f"{_NAME}; fwd=method"
             await forward()
             if 200 <= request.writer.status < 400:
@@ -436,6 +442,7 @@ class CacheStep:
         if bypass is not None:
             counts["bypass"].inc()
             ex.cache = CacheRequest(ex, store, key, consumer)
+            ex.cache.passive = True
             ex.cache.status = f"{_NAME}; fwd=bypass; detail={bypass}"
             await forward()
             return
