@@ -139,6 +139,20 @@ class CorsConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_age: float | None = None
 
 
+class CacheConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """`[cache]`: the one shared in-memory response store."""
+
+    max_bytes: int = 268435456  # stored heads and bodies, all routes together
+    max_entry_bytes: int = 8388608  # a larger response streams through, not stored
+
+
+class RouteCacheConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """`[routes.cache]`: the route opts in to the shared cache."""
+
+    ttl: float = 60.0  # freshness when the response states none
+    stale_if_error: float = 0.0  # RFC 5861: seconds a stale entry may stand in for a failure
+
+
 class RouteConfig(msgspec.Struct, frozen=True, kw_only=True):
     index: int  # position in the file, for tie-breaks and error paths
     name: str
@@ -170,12 +184,14 @@ class RouteConfig(msgspec.Struct, frozen=True, kw_only=True):
     rewrite: RewriteConfig | None = None
     redirect: Template | None = None  # instead of upstream (which is then "")
     redirect_status: int = 308
+    cache: RouteCacheConfig | None = None
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):
     server: ServerConfig
     upstreams: dict[str, UpstreamConfig]
     routes: tuple[RouteConfig, ...]
+    cache: CacheConfig | None = None  # absent: no caching
     path: str  # where it was read from ("<string>" for parse())
     sha256: str  # of the file's bytes
     auth: dict[str, AuthPolicy] = {}
@@ -277,6 +293,16 @@ class _RawCors(_Raw):
     max_age: float | UnsetType = UNSET
 
 
+class _RawCache(_Raw):
+    max_bytes: int | UnsetType = UNSET
+    max_entry_bytes: int | UnsetType = UNSET
+
+
+class _RawRouteCache(_Raw):
+    ttl: float | UnsetType = UNSET
+    stale_if_error: float | UnsetType = UNSET
+
+
 class _RawRoute(_RawDefaults):
     name: str | UnsetType = UNSET
     path: str | UnsetType = UNSET
@@ -299,6 +325,7 @@ class _RawRoute(_RawDefaults):
     redirect: str | UnsetType = UNSET
     redirect_status: int | UnsetType = UNSET
     websocket: bool | UnsetType = UNSET
+    cache: dict[str, Any] | UnsetType = UNSET
 
 
 class _RawAuth(_Raw):
@@ -351,7 +378,7 @@ class _RawRewrite(_Raw):
     replace: str | UnsetType = UNSET
 
 
-_TOP_LEVEL: Final = ("server", "defaults", "upstreams", "routes", "auth")
+_TOP_LEVEL: Final = ("server", "defaults", "upstreams", "routes", "auth", "cache")
 _REDIRECT_STATUSES: Final = (301, 302, 303, 307, 308)
 _PLACEHOLDER_NAMES: Final = ("client_ip", "request_id", "route", "host", "consumer", "claim.NAME")
 MAX_KEY_FILE_BYTES: Final = 4 << 20
@@ -368,6 +395,8 @@ _HEALTH: Final = HealthConfig()
 _BREAKER: Final = BreakerConfig()
 _PANIC_THRESHOLD: Final = 0.5
 _CORS: Final = CorsConfig()
+_CACHE: Final = CacheConfig()
+_ROUTE_CACHE: Final = RouteCacheConfig()
 _ROUTE: Final = RouteConfig(index=0, name="", upstream="")
 
 # Literal-typed keys: msgspec says "Invalid enum value"; we list the choices.
@@ -1043,6 +1072,7 @@ class _Loader:
         upstream_names: set[str],
         names: dict[str, int],
         auth_names: Iterable[str] = (),
+        has_cache: bool = False,
     ) -> RouteConfig | None:
         path = f"routes[{index}]"
         if isinstance(raw, dict) and isinstance(raw.get("name"), str) and raw["name"]:
@@ -1161,6 +1191,9 @@ class _Loader:
         cors: CorsConfig | None = None
         if not isinstance(route.cors, UnsetType):
             cors = self.cors(route.cors, f"{path}.cors")
+        cache: RouteCacheConfig | None = None
+        if not isinstance(route.cache, UnsetType):
+            cache = self.route_cache(route.cache, f"{path}.cache", has_cache)
 
         auth: tuple[str, ...] = ()
         if not isinstance(route.auth, UnsetType):
@@ -1219,6 +1252,7 @@ class _Loader:
             websocket=_or(route.websocket, _ROUTE.websocket),
             rate_limit=rate_limit,
             cors=cors,
+            cache=cache,
             auth=auth,
             strip_credentials=_or(route.strip_credentials, False),
             access=access,
@@ -1548,6 +1582,33 @@ class _Loader:
             max_age=_or(cors.max_age, _CORS.max_age),
         )
 
+    def route_cache(self, raw: object, path: str, has_cache: bool) -> RouteCacheConfig | None:
+        cache, _ = self.decode(raw, _RawRouteCache, path)
+        if cache is None:
+            return None
+        if not has_cache:
+            # A route cannot cache without the store; silently not caching
+            # would hide the mistake until production traffic shows it.
+            self.error(path, "needs a top-level [cache] table (the shared store)")
+        self.duration(f"{path}.ttl", cache.ttl, zero_ok=True)
+        self.duration(f"{path}.stale_if_error", cache.stale_if_error, zero_ok=True)
+        return RouteCacheConfig(
+            ttl=_or(cache.ttl, _ROUTE_CACHE.ttl),
+            stale_if_error=_or(cache.stale_if_error, _ROUTE_CACHE.stale_if_error),
+        )
+
+    def cache(self, raw: object) -> CacheConfig | None:
+        cache, dropped = self.decode(raw, _RawCache, "cache")
+        if cache is None:
+            return None
+        self.count("cache.max_bytes", cache.max_bytes, minimum=1)
+        self.count("cache.max_entry_bytes", cache.max_entry_bytes, minimum=1)
+        max_bytes = _or(cache.max_bytes, _CACHE.max_bytes)
+        max_entry = _or(cache.max_entry_bytes, min(_CACHE.max_entry_bytes, max_bytes))
+        if max_entry > max_bytes and not dropped & {"max_bytes", "max_entry_bytes"}:
+            self.error("cache.max_entry_bytes", f"must not be over cache.max_bytes ({max_bytes})")
+        return CacheConfig(max_bytes=max_bytes, max_entry_bytes=max_entry)
+
     # -- the document --------------------------------------------------------
 
     def document(self, doc: dict[str, Any], path: str, sha256: str) -> Config | None:
@@ -1556,6 +1617,9 @@ class _Loader:
                 self.error(_key(key), "unknown key", _close(key, _TOP_LEVEL))
         server = self.server(doc.get("server", {}))
         defaults = self.defaults(doc.get("defaults", {}))
+        cache: CacheConfig | None = None
+        if "cache" in doc:
+            cache = self.cache(doc["cache"])
 
         upstreams: dict[str, UpstreamConfig] = {}
         raw_upstreams = self.table(doc.get("upstreams", {}), "upstreams") or {}
@@ -1577,7 +1641,15 @@ class _Loader:
             raw_routes = []
         names: dict[str, int] = {}
         for index, raw in enumerate(raw_routes):
-            route = self.route(index, raw, defaults, set(raw_upstreams), names, raw_auth)
+            route = self.route(
+                index,
+                raw,
+                defaults,
+                set(raw_upstreams),
+                names,
+                raw_auth,
+                has_cache="cache" in doc,
+            )
             if route is not None:
                 routes.append(route)
 
@@ -1587,6 +1659,7 @@ class _Loader:
             server=server,
             upstreams=upstreams,
             routes=tuple(routes),
+            cache=cache,
             path=path,
             sha256=sha256,
             auth=policies,
@@ -1667,6 +1740,11 @@ def _route_limits(route: RouteConfig) -> str:
         parts.append(f"cors {' '.join(route.cors.allow_origins)}")
     if route.auth:
         parts.append(f"auth {'|'.join(route.auth)}")
+    if route.cache is not None:
+        cache = route.cache
+        parts.append(
+            f"cache ttl {_seconds(cache.ttl)} stale_if_error {_seconds(cache.stale_if_error)}"
+        )
     return ", ".join(parts)
 
 
@@ -1685,7 +1763,6 @@ def summary(config: Config) -> str:
         f"access_log {server.access_log}, drain {_seconds(server.drain_timeout)}, "
         f"client_timeout {_seconds(server.client_timeout)}, "
         f"trusted_proxies {', '.join(server.trusted_proxies) or 'none'}",
-        f"upstreams  {len(config.upstreams)}",
     ]
     if server.certificates:
         lines.insert(
@@ -1695,6 +1772,12 @@ def summary(config: Config) -> str:
                 f"{c.cert} ({' '.join(c.hosts) or 'default'})" for c in server.certificates
             ),
         )
+    if config.cache is not None:
+        lines.append(
+            f"cache      {config.cache.max_bytes} bytes, "
+            f"entries up to {config.cache.max_entry_bytes} bytes"
+        )
+    lines.append(f"upstreams  {len(config.upstreams)}")
     for name, upstream in config.upstreams.items():
         health = "passive health only"
         if upstream.health is not None:

@@ -65,6 +65,10 @@ def status_document(snap: Snapshot) -> dict[str, Any]:
     }
 
 
+def _admin_error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status)
+
+
 def admin_app(box: SnapshotBox, metrics: Metrics, ready: Callable[[], bool]) -> web.Application:
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -84,9 +88,24 @@ def admin_app(box: SnapshotBox, metrics: Metrics, ready: Callable[[], bool]) -> 
         body = _encoder.encode(status_document(box.snapshot))
         return web.Response(body=body, content_type="application/json")
 
+    async def cache_purge(request: web.Request) -> web.Response:
+        """POST /cache/purge?route=NAME[&path=/prefix]: drop stored responses."""
+        snap = box.snapshot
+        route = request.query.get("route")
+        if not route:
+            return _admin_error(400, "bad_request", "route=NAME is required")
+        if route not in snap.routes:
+            return _admin_error(404, "unknown_route", f"no route named {route!r}")
+        prefix = request.query.get("path", "")
+        if prefix and not prefix.startswith("/"):
+            return _admin_error(400, "bad_request", 'path must start with "/"')
+        purged = snap.cache.purge(route, prefix) if snap.cache is not None else 0
+        return web.json_response({"purged": purged})
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/status", status)
+    app.router.add_post("/cache/purge", cache_purge)
     return app

@@ -49,6 +49,7 @@ from gateway.core.retry import backoff, may_retry
 from gateway.core.routing import forward_path, has_dot_segment
 from gateway.edges import upgrade
 from gateway.edges.auth import AuthStep, RequestAuth
+from gateway.edges.cache import CacheRequest, CacheStep
 from gateway.state.log import AccessEntry, AccessLog
 from gateway.state.metrics import Metrics, RequestCounter
 from gateway.state.snapshot import RouteRuntime, Snapshot, SnapshotBox
@@ -98,6 +99,7 @@ class _Exchange(AccessEntry):
         "body_error",
         "body_started",
         "breaker",
+        "cache",
         "cors_headers",
         "held",
         "host",
@@ -152,6 +154,11 @@ class _Exchange(AccessEntry):
         self.body_error: GatewayError | None = None
         self.auth: RequestAuth | None = None  # who the client is, once auth ran
         self.upgrade = False  # forwarded as a WebSocket upgrade (upgrade.py)
+        # The cache's part of the request on a caching route (edges/cache.py).
+        self.cache: CacheRequest | None = None
+
+    def finish_headers(self, headers: CIMultiDict[str]) -> None:
+        _finish_headers(self, headers)
 
     def settle(self, cut: str | None) -> None:
         """Decide the logged status, once, at the end (or at a second SIGTERM).
@@ -272,6 +279,7 @@ class ProxyHandler:
         # The requests running now: a second SIGTERM logs them before exiting.
         self._live: set[_Exchange] = set()
         self._auth = AuthStep()
+        self._cache = CacheStep(clock)
 
     async def __call__(self, request: Request) -> Reply | None:
         """Answer one request through `request.writer`; always None.
@@ -292,7 +300,11 @@ class ProxyHandler:
             try:
                 reply = await self._route(ex)
                 if reply is None:
-                    await self._forward(ex)
+                    if ex.runtime is not None and ex.runtime.cache_config is not None:
+                        # Cache hook 1: lookup, collapsed misses, stale_if_error.
+                        await self._cache.run(ex, lambda: self._forward(ex))
+                    else:
+                        await self._forward(ex)
             except GatewayError as error:
                 ex.error = error.code
                 reply = self._error_reply(ex, error)
@@ -642,6 +654,8 @@ class ProxyHandler:
             upgrade.add_headers(headers)
         if ex.auth is not None:  # identity headers, strip_credentials, transforms
             self._auth.request_headers(headers, route, ex.auth)
+        if ex.cache is not None:
+            ex.cache.upstream_headers(headers)  # validators of a stale entry
         path_qs = forward_path(config, ex.raw_path, ex.raw_query, target.base_path, route.rewrite)
         target_scheme, target_host, port = target.pool_key
         has_body = request.body_exists
@@ -781,7 +795,18 @@ class ProxyHandler:
 
     async def _relay(self, ex: _Exchange, upstream: H1Response) -> None:
         """Copy the target's response to the client as it arrives."""
-        headers = client_response_headers(upstream.headers, request_id=ex.request_id)
+        cache = ex.cache
+        tee = None
+        if cache is not None:
+            # Cache hook 3: a 304 refreshing a stale entry, or a failure a
+            # stale entry stands in for, is answered from the store; else
+            # the body is kept (`tee`) while it streams, if storable.
+            if await cache.answered(upstream, self._clock()):
+                return None
+            headers = client_response_headers(upstream.headers, request_id=ex.request_id)
+            tee = cache.tee(upstream.status, upstream.reason or "", headers)
+        else:
+            headers = client_response_headers(upstream.headers, request_id=ex.request_id)
         _finish_headers(ex, headers)
         if ex.auth is not None and ex.runtime is not None:  # [routes.response_headers]
             self._auth.response_headers(headers, ex.runtime, ex.auth)
@@ -812,7 +837,7 @@ class ProxyHandler:
                 raise BadGateway(
                     f"the response head of {_shown(target)} cannot be forwarded"
                 ) from exc
-            if splice.AVAILABLE and upstream.unread() >= splice.MIN_BYTES:
+            if tee is None and splice.AVAILABLE and upstream.unread() >= splice.MIN_BYTES:
                 spliced = await self._splice_down(ex, upstream)
                 if spliced is not None:
                     completed = spliced
@@ -830,6 +855,8 @@ class ProxyHandler:
                 if not chunk:
                     break
                 ex.bytes_out += len(chunk)
+                if tee is not None:
+                    tee.add(chunk)
                 if len(chunk) < JOIN_BELOW and complete():
                     # The last piece: with the final chunk marker (and the
                     # head, if still held) in the same write.
@@ -838,6 +865,8 @@ class ProxyHandler:
                 await writer.write(chunk)
             await writer.write_eof(last_chunk)
             completed = True
+            if cache is not None:
+                cache.body_done(self._clock())
             return None
         finally:
             if completed:
@@ -987,6 +1016,8 @@ def _finish_headers(ex: _Exchange, headers: CIMultiDict[str]) -> None:
     page). Via is a forwarding proxy's mark (RFC 9110 7.6.3): only relayed
     responses get it, from `client_response_headers`."""
     headers["X-Request-ID"] = ex.request_id
+    if ex.cache is not None and ex.cache.status:
+        headers["Cache-Status"] = ex.cache.status  # RFC 9211
     for name, value in ex.limit_headers:
         headers[name] = value
     if ex.cors_headers:

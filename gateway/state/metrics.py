@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Final, Generic, TypeVar
 
@@ -22,7 +22,12 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 _Child = TypeVar("_Child", "CounterChild", "HistogramChild")
@@ -178,6 +183,35 @@ class FastHistogram(_Family[HistogramChild]):
         return [family]
 
 
+class _CacheGauges(Collector):
+    """`gateway_cache_bytes` and `gateway_cache_entries`, read from the store
+    at scrape time (nothing to update on the hot path); 0 without a cache."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.source: Callable[[], tuple[int, int]] | None = None
+        registry.register(self)
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families(0, 0)
+
+    def collect(self) -> Iterable[Metric]:
+        held, entries = self.source() if self.source is not None else (0, 0)
+        return self._families(held, entries)
+
+    @staticmethod
+    def _families(held: int, entries: int) -> list[Metric]:
+        return [
+            GaugeMetricFamily(
+                "gateway_cache_bytes", "Bytes held by stored responses (heads and bodies).", held
+            ),
+            GaugeMetricFamily("gateway_cache_entries", "Stored responses.", entries),
+        ]
+
+
+# The result label values of gateway_cache_requests_total.
+CACHE_RESULTS: Final = ("hit", "miss", "stale", "revalidated", "bypass", "collapsed")
+
+
 def _le(bound: float) -> str:
     # The "le" label as prometheus_client writes it (floatToGoString).
     return "+Inf" if bound == float("inf") else repr(float(bound))
@@ -304,6 +338,14 @@ class Metrics:
         )
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
+        self.cache_requests = FastCounter(
+            "gateway_cache_requests_total",
+            "Requests on caching routes, by what the cache did "
+            "(hit|miss|stale|revalidated|bypass|collapsed).",
+            ["route", "result"],
+            r,
+        )
+        self.cache_gauges = _CacheGauges(r)
 
     def forget_route(self, route: str) -> None:
         """A reload removed the route: its series leave /metrics (no unbounded
@@ -321,6 +363,7 @@ class Metrics:
             self.rate_limited,
             self.duration,
             self.auth_failures,
+            self.cache_requests,
         ):
             family.remove_where_in("route", routes)
         self.tunnel_bytes.remove_where_in("route", routes)

@@ -27,9 +27,11 @@ from dataclasses import dataclass, field, replace
 
 from gateway.core.auth import IpRules
 from gateway.core.config import (
+    CacheConfig,
     Config,
     ConfigError,
     RateLimitConfig,
+    RouteCacheConfig,
     RouteConfig,
     UpstreamConfig,
 )
@@ -39,7 +41,14 @@ from gateway.core.limits import BucketStore
 from gateway.core.retry import RetryBudget
 from gateway.core.routing import RouteTable
 from gateway.state.auth import AuthState, PolicySet
-from gateway.state.metrics import CounterChild, HistogramChild, Metrics, RequestCounter
+from gateway.state.cache import ResponseCache
+from gateway.state.metrics import (
+    CACHE_RESULTS,
+    CounterChild,
+    HistogramChild,
+    Metrics,
+    RequestCounter,
+)
 from gateway.state.upstream import PanicState, Pool, Target
 from gateway.wire.h1client import ConnectionPool
 from gateway.wire.tls import ClientContexts, ClientTLS
@@ -84,6 +93,14 @@ class RouteRuntime:
         self.tunnels = metrics.tunnels_active.labels(config.name)
         self.tunnel_up: CounterChild = metrics.tunnel_bytes.labels(config.name, "up")
         self.tunnel_down: CounterChild = metrics.tunnel_bytes.labels(config.name, "down")
+        # `[routes.cache]` (None: the route does not cache) and its counters.
+        self.cache_config = config.cache
+        self.cache_counts: dict[str, CounterChild] = {}
+        if config.cache is not None:
+            self.cache_counts = {
+                result: metrics.cache_requests.labels(config.name, result)
+                for result in CACHE_RESULTS
+            }
 
 
 @dataclass(frozen=True)
@@ -95,6 +112,7 @@ class Snapshot:
     trusted: TrustedProxies
     loaded_at: float  # unix time, for /status
     auth: PolicySet = field(default_factory=PolicySet)
+    cache: ResponseCache | None = None  # the shared store; None without [cache]
 
 
 @dataclass(frozen=True)
@@ -139,6 +157,11 @@ class Runtime:
     # [upstreams.NAME.tls] contexts, built when a config is applied (never
     # per request), reused across reloads while settings and files stay.
     client_tls: ClientContexts = field(default_factory=ClientContexts)
+    # The response store outlives reloads while [cache] is unchanged; a
+    # route's entries survive while its cache config and match are unchanged.
+    cache: ResponseCache | None = None
+    cache_config: CacheConfig | None = None
+    _cache_routes: dict[str, tuple[object, ...]] = field(default_factory=dict, init=False)
     # Routes of the current snapshot: a reload forgets the metric series of
     # the ones it removes.
     _routes_seen: frozenset[str] = field(default_factory=frozenset, init=False)
@@ -224,6 +247,7 @@ class Runtime:
             pool = pools.get(route.upstream) or self._no_pool()
             routes[route.name] = RouteRuntime(route, pool, self._buckets(route), metrics)
         auth = self.auth.build(config.auth)
+        cache = self._cache(config)
         self._forget_missing(config, prepared.route_names)
         gone = self._routes_seen - prepared.route_names
         if gone:
@@ -236,6 +260,7 @@ class Runtime:
             pools=pools,
             trusted=prepared.trusted,
             loaded_at=time.time(),
+            cache=cache,
             auth=auth,
         )
         self._current = snapshot
@@ -295,6 +320,22 @@ class Runtime:
             panic = self.panics[up.name] = PanicState(up.name, self.metrics)
         return Pool(up, tuple(targets), self.client, budget, panic, tls)
 
+    def _cache(self, config: Config) -> ResponseCache | None:
+        """The store for `config`: the same one while [cache] is unchanged,
+        minus the entries of routes whose cache config or match changed."""
+        signatures = {r.name: _cache_signature(r, r.cache) for r in config.routes if r.cache}
+        if config.cache is None:
+            self.cache = None
+        elif self.cache is None or config.cache != self.cache_config:
+            self.cache = ResponseCache(config.cache.max_bytes, config.cache.max_entry_bytes)
+        else:
+            changed = [n for n, sig in signatures.items() if self._cache_routes.get(n) != sig]
+            self.cache.retain(signatures, changed)
+        self.cache_config = config.cache
+        self._cache_routes = signatures
+        self.metrics.cache_gauges.source = self.cache.stats if self.cache is not None else None
+        return self.cache
+
     def _buckets(self, route: RouteConfig) -> BucketStore | None:
         limit = route.rate_limit
         if limit is None:
@@ -351,6 +392,23 @@ def gc_paused() -> Iterator[None]:
             gc.freeze()
         if enabled:
             gc.enable()
+
+
+def _cache_signature(route: RouteConfig, cache: RouteCacheConfig) -> tuple[object, ...]:
+    """What a route's stored responses depend on: its cache config, how it
+    matches, and what it forwards to (a changed one starts empty)."""
+    return (
+        cache,
+        route.path,
+        route.path_regex,
+        route.host,
+        route.methods,
+        route.headers,
+        route.upstream,
+        route.strip_prefix,
+        route.preserve_host,
+        route.auth,
+    )
 
 
 class SnapshotBox:
