@@ -176,6 +176,7 @@ class AccessEntry:
         "started_at",
         "status",
         "targets",
+        "trace_id",
         "upstream_status",
     )
 
@@ -195,6 +196,7 @@ class AccessEntry:
         self.cut: str | None = None
         self.targets: list[str] = []
         self.upstream_status: list[int | None] = []
+        self.trace_id: str | None = None  # W3C trace id (gateway/core/tracing.py)
 
     def tried(self, target: str) -> None:
         """An attempt on `target` begins (its status is filled in by `answered`)."""
@@ -226,6 +228,9 @@ class _AccessRecord(msgspec.Struct, kw_only=True):
     attempts: int
     targets: list[str]
     upstream_status: list[int | None]
+    # Every proxied request has one; left out of lines for requests refused
+    # before they were read (no trace to name).
+    trace_id: str | msgspec.UnsetType = msgspec.UNSET
 
 
 _encode = msgspec.json.Encoder().encode
@@ -259,7 +264,7 @@ class AccessLog:
 
     json: `{"ts", "request_id", "client", "method", "path", "route", "target", "status",
     "bytes_in", "bytes_out", "duration_ms", "error", "aborted", "attempts", "targets",
-    "upstream_status"}` in that order; `route`, `target`, `error` and `aborted` are null
+    "upstream_status", "trace_id"}` in that order; `route`, `target`, `error` and `aborted` are null
     when absent; `target` is the last target tried; `ts` is the ISO-8601 UTC time the
     line was written (the request's end; its start is `ts - duration_ms`), left out under
     journald, whose entry carries the time. See `AccessEntry` for the meaning of each.
@@ -358,6 +363,7 @@ class AccessLog:
                 attempts=len(targets),
                 targets=targets,
                 upstream_status=entry.upstream_status,
+                trace_id=msgspec.UNSET if entry.trace_id is None else entry.trace_id,
             )
             try:
                 data = _encode(record)
@@ -376,6 +382,8 @@ class AccessLog:
                 f"{duration * 1000:.1f}ms route={_bare(entry.route)} "
                 f"target={_bare(target)} id={_bare(entry.request_id)}"
             )
+            if entry.trace_id is not None:
+                line += f" trace={entry.trace_id}"  # 32 hex digits: never needs quoting
             if entry.error is not None:
                 line += f" error={_bare(entry.error)}"
             if entry.cut is not None:

@@ -24,6 +24,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway.state.stats import Stats
+
 _Child = TypeVar("_Child", "CounterChild", "HistogramChild")
 
 # Latency buckets from 1 ms to 5 min: the histogram runs to the last body
@@ -182,6 +184,8 @@ BREAKER_STATES: Final = ("closed", "open", "half_open")
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # The dashboard's rolling minute per route (gateway/state/stats.py).
+        self.stats = Stats()
         r = self.registry
         # What prometheus_client puts on its global registry, on ours: the
         # process_* (CPU, RSS, open fds, start time), python_info and
@@ -282,6 +286,7 @@ class Metrics:
         """A reload removed the route: its series leave /metrics (no unbounded
         growth across reloads; a route added back starts from 0, a counter
         reset Prometheus' rate() handles)."""
+        self.stats.forget(route)
         for family in (
             self.requests,
             self.request_bytes,

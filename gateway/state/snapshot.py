@@ -21,6 +21,7 @@ from gateway.core.limits import BucketStore
 from gateway.core.retry import RetryBudget
 from gateway.core.routing import RouteTable
 from gateway.state.metrics import CounterChild, HistogramChild, Metrics, RequestCounter
+from gateway.state.stats import RouteStats
 from gateway.state.upstream import PanicState, Pool, Target
 from gateway.wire.h1client import ConnectionPool
 
@@ -48,6 +49,7 @@ class RouteRuntime:
         self.bytes_out: CounterChild = metrics.response_bytes.labels(config.name)
         self.rate_limited: CounterChild = metrics.rate_limited.labels(config.name)
         self.count = RequestCounter(metrics, config.name).count
+        self.stats: RouteStats = metrics.stats.route(config.name)
 
 
 @dataclass(frozen=True)
