@@ -28,9 +28,9 @@ from aiohttp import web
 
 from gateway.core.config import Config, parse_listen_address
 from gateway.core.systemd import Notifier, listen_fds, socket_from_fd, watchdog_interval
-from gateway.edges.admin import admin_app
+from gateway.edges.admin import AdminOps, admin_app
 from gateway.edges.proxy import ProxyHandler
-from gateway.edges.reload import Reloader
+from gateway.edges.reload import Reloader, ReloadResult
 from gateway.state.health import HealthMonitor
 from gateway.state.log import AccessLog, journald_mode
 from gateway.state.metrics import Metrics
@@ -84,6 +84,13 @@ class Gateway:
         self._listeners: list[asyncio.AbstractServer] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.reloader: Reloader | None = None
+        # The admin API's reach (docs/operator-tools.md); features that exist
+        # register their /stats sections in `admin_ops.sections`.
+        self.admin_ops = AdminOps(
+            environ=self.environ,
+            reload=self._admin_reload,
+            last_reload=lambda: self.reloader.last if self.reloader is not None else None,
+        )
         self._reload_pending = False  # SIGHUP before the reloader existed
         self._signals = 0
         self._closed = False
@@ -104,6 +111,13 @@ class Gateway:
         self.box.snapshot = snapshot
         self.health.sync(snapshot)
         self.access_log.set_format(config.server.access_log)
+
+    async def _admin_reload(self) -> ReloadResult | None:
+        """POST /reload: the SIGHUP path, awaited; None while starting or draining."""
+        if self.reloader is None or self.draining:
+            return None
+        await self.reloader.reload_once()
+        return self.reloader.last
 
     def _client_timeout(self) -> float:
         return self.config.server.client_timeout
@@ -138,7 +152,12 @@ class Gateway:
                 await self._listen(self._proxy_server, address)
         if admin_fds or config.server.admin:
             self._admin_runner = web.AppRunner(
-                admin_app(self.box, self.metrics, lambda: self.ready and not self.draining),
+                admin_app(
+                    self.box,
+                    self.metrics,
+                    lambda: self.ready and not self.draining,
+                    self.admin_ops,
+                ),
                 access_log=None,
                 shutdown_timeout=1.0,
             )

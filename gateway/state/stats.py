@@ -52,10 +52,11 @@ _ZERO_ROW: Final = (0,) * _STRIDE
 class RouteStats:
     """One route's last minute; `record` is the per-request call."""
 
-    __slots__ = ("_cells", "_clock", "_secs")
+    __slots__ = ("_born", "_cells", "_clock", "_secs")
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
+        self._born = clock()
         self._cells = [0] * (WINDOW * _STRIDE)
         self._secs = [-1] * WINDOW  # the second each row holds (-1: never used)
 
@@ -106,8 +107,10 @@ class RouteStats:
             p50.append(_quantile(row, n, 0.5))
             p99.append(_quantile(row, n, 0.99))
         # The current second is partial: rates are over the whole seconds
-        # before it plus the fraction of this one gone by.
-        elapsed = WINDOW - 1 + (self._clock() - now)
+        # before it plus the fraction of this one gone by; a route younger
+        # than a minute (start-up, added by a reload) over its life so far.
+        clock = self._clock()
+        elapsed = max(1.0, min(WINDOW - 1 + (clock - now), clock - self._born))
         return {
             "requests": requests,
             "errors": errors,
