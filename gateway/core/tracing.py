@@ -25,11 +25,13 @@ drop every trace the gateway starts, whose id the access log shows.
 from __future__ import annotations
 
 import random
+import re
 from typing import Final
 
 __all__ = ["TraceContext", "new_span_id", "parse_traceparent", "trace_context"]
 
-_HEX: Final = frozenset("0123456789abcdef")
+# version "-" trace-id "-" parent-id "-" flags, lowercase hex (§3.2.2).
+_TRACEPARENT: Final = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _ZERO_TRACE: Final = "0" * 32
 _ZERO_SPAN: Final = "0" * 16
 _V00_LENGTH: Final = 55
@@ -76,25 +78,15 @@ class TraceContext:
         return f"00-{self.trace_id}-{self.span_id}-{self.flags}"
 
 
-def _is_hex(value: str) -> bool:
-    return _HEX.issuperset(value)
-
-
 def parse_traceparent(value: str) -> tuple[str, str] | None:
     """(trace id, flags) of a valid `traceparent`, or None (see module docstring)."""
-    if len(value) < _V00_LENGTH:
+    match = _TRACEPARENT.match(value)  # one C-level pass; [0-9a-f] is ASCII only
+    if match is None:
         return None
-    version = value[0:2]
-    if not _is_hex(version) or version == "ff":
+    version, trace_id, parent_id, flags = match.groups()
+    if version == "ff":
         return None
-    if len(value) > _V00_LENGTH and (version == "00" or value[_V00_LENGTH] != "-"):
-        return None
-    if value[2] != "-" or value[35] != "-" or value[52] != "-":
-        return None
-    trace_id = value[3:35]
-    parent_id = value[36:52]
-    flags = value[53:55]
-    if not (_is_hex(trace_id) and _is_hex(parent_id) and _is_hex(flags)):
+    if len(value) != _V00_LENGTH and (version == "00" or value[_V00_LENGTH] != "-"):
         return None
     if trace_id == _ZERO_TRACE or parent_id == _ZERO_SPAN:
         return None

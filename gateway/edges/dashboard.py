@@ -101,7 +101,7 @@ _JS: Final = r"""
   function fmt(v, digits) {
     return v === null || v === undefined ? "\u2013" : Number(v).toFixed(digits);
   }
-  function pct(v) { return (v * 100).toFixed(v >= 0.1 ? 0 : 1) + " %%"; }
+  function pct(v) { return (v * 100).toFixed(v >= 0.1 ? 0 : v >= 0.01 ? 1 : 2) + " %%"; }
   function badge(cls, text) { return el("span", {"class": "badge b-" + cls}, text); }
   function setCell(cell, value) {
     if (typeof value === "string") {
@@ -455,6 +455,12 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "\u2013" if value is None else f"{value:.{digits}f}"
 
 
+def _percent(share: float) -> str:
+    # As the script's pct(): more digits for the small shares that matter.
+    digits = 0 if share >= 0.1 else 1 if share >= 0.01 else 2
+    return f"{share * 100:.{digits}f} %"
+
+
 def _badge(cls: str, text: str) -> str:
     return f'<span class="badge b-{_e(cls)}">{_e(text)}</span>'
 
@@ -474,7 +480,7 @@ def _routes(stats: dict[str, Any]) -> str:
     for name, r in stats["routes"].items():
         error_rate = r["error_rate"]
         errors = (
-            _badge("bad" if error_rate >= 0.05 else "warn", f"{error_rate * 100:.1f} %")
+            _badge("bad" if error_rate >= 0.05 else "warn", _percent(error_rate))
             if r["errors"]
             else "0 %"
         )
