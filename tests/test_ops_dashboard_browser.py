@@ -231,3 +231,61 @@ async def test_dashboard_reads_without_javascript_as_plain_tables(
     with contextlib.suppress(ValueError):
         page.index("<script src")
         raise AssertionError("the page loads a script file")
+
+
+async def test_dashboard_asks_for_the_admin_token_and_sends_it_with_the_reset(
+    make_gateway: GatewayFactory, browser: Any
+) -> None:
+    dead = free_port()
+    gw = await make_gateway(
+        f"""
+        [server]
+        listen = ["127.0.0.1:0"]
+        admin = "127.0.0.1:0"
+        admin_token_env = "OPS_TOKEN"
+
+        [upstreams.flaky]
+        targets = ["http://127.0.0.1:{dead}"]
+        panic_threshold = 0.0
+        [upstreams.flaky.breaker]
+        failures = 1
+        cooldown = 300.0
+
+        [[routes]]
+        name = "broken"
+        path = "/"
+        upstream = "flaky"
+        """
+    )
+    # The in-process gateway's environment (the variable is read per request).
+    gw.gateway.admin_ops.environ = {"OPS_TOKEN": "t0k3n"}
+    async with aiohttp.ClientSession() as session, session.get(f"{gw.url}/x") as response:
+        assert response.status == 502
+    assert gw.admin_url is not None
+    row = f'tr[data-target="http://127.0.0.1:{dead}"]'
+    breaker_cell = f'{row} td[data-field="breaker"]'
+    await asyncio.to_thread(browser.get, gw.admin_url + "/")
+    assert await asyncio.to_thread(
+        lambda: browser.find_element("css selector", "#token-box").is_displayed()
+    )
+
+    def press_reset() -> None:
+        browser.find_element("css selector", f"{row} button").click()
+
+    await asyncio.to_thread(press_reset)
+    await _until(
+        lambda: "Bearer" in (_cell(browser, "#flash") or ""), "the refusal of a reset without token"
+    )
+    assert await asyncio.to_thread(_cell, browser, breaker_cell) == "open"
+
+    def type_token() -> None:
+        box = browser.find_element("css selector", "#token")
+        box.send_keys("t0k3n")
+
+    await asyncio.to_thread(type_token)
+    await asyncio.to_thread(press_reset)
+    await _until(lambda: _cell(browser, breaker_cell) == "closed", "the breaker closed")
+    # The refused POST answered 401: Chromium logs that as a console error, so
+    # only script errors are checked here.
+    errors = await asyncio.to_thread(_console_errors, browser)
+    assert [e for e in errors if "401" not in e] == []
