@@ -74,7 +74,8 @@ font-size:12.5px}
 #extras{display:grid;gap:20px}
 #extras:empty{display:none}
 #flash{min-height:1.2em;font-size:12.5px}
-#live{font-size:12px;color:#98a2b3}
+#live{font-size:12px;color:#98a2b3;display:none}
+.js #live{display:inline}
 #live.on{color:#6ce9a6}
 """
 
