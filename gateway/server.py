@@ -29,9 +29,9 @@ from aiohttp import web
 
 from gateway.core.config import Config, ConfigError, ServerConfig, parse_listen_address
 from gateway.core.systemd import Notifier, listen_fds, socket_from_fd, watchdog_interval
-from gateway.edges.admin import admin_app
+from gateway.edges.admin import AdminOps, admin_app
 from gateway.edges.proxy import ProxyHandler
-from gateway.edges.reload import Reloader
+from gateway.edges.reload import Reloader, ReloadResult
 from gateway.state.health import HealthMonitor
 from gateway.state.log import AccessLog, journald_mode
 from gateway.state.metrics import Metrics
@@ -88,6 +88,15 @@ class Gateway:
         self.tls: ServerTLS | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.reloader: Reloader | None = None
+        # The admin API's reach (docs/operator-tools.md); features that exist
+        # register their /stats sections in `admin_ops.sections`.
+        self.admin_ops = AdminOps(
+            environ=self.environ,
+            reload=self._admin_reload,
+            last_reload=lambda: self.reloader.last if self.reloader is not None else None,
+        )
+        self.admin_ops.sections["cache"] = self._cache_section
+        self.admin_ops.sections["tunnels"] = self._tunnel_section
         self._reload_pending = False  # SIGHUP before the reloader existed
         self._signals = 0
         self._closed = False
@@ -123,6 +132,32 @@ class Gateway:
         self.runtime.auth.start()  # JWKS URL fetchers of new policies
         self.health.sync(snapshot)
         self.access_log.set_format(prepared.config.server.access_log)
+
+    async def _admin_reload(self) -> ReloadResult | None:
+        """POST /reload: the SIGHUP path, awaited; None while starting or draining."""
+        if self.reloader is None or self.draining:
+            return None
+        await self.reloader.reload_once()
+        return self.reloader.last
+
+    def _cache_section(self) -> dict[str, int] | None:
+        """/stats "cache": the response store's figures, when [cache] is set."""
+        store = self.box.snapshot.cache if self.box is not None else None
+        if store is None:
+            return None
+        held, entries = store.stats()
+        return {"bytes": held, "entries": entries, "max_bytes": store.max_bytes}
+
+    def _tunnel_section(self) -> dict[str, int] | None:
+        """/stats "tunnels": open WebSocket tunnels per route, when any is open."""
+        if self.box is None:
+            return None
+        open_now = {
+            name: int(route.tunnels._value.get())  # the gauge's own count, no second one
+            for name, route in self.box.snapshot.routes.items()
+        }
+        open_now = {name: n for name, n in open_now.items() if n}
+        return {"active": sum(open_now.values()), **open_now} if open_now else None
 
     def _client_timeout(self) -> float:
         return self.config.server.client_timeout
@@ -168,7 +203,12 @@ class Gateway:
                 await self._listen(self._proxy_server, address, tls)
         if admin_fds or config.server.admin:
             self._admin_runner = web.AppRunner(
-                admin_app(self.box, self.metrics, lambda: self.ready and not self.draining),
+                admin_app(
+                    self.box,
+                    self.metrics,
+                    lambda: self.ready and not self.draining,
+                    self.admin_ops,
+                ),
                 access_log=None,
                 shutdown_timeout=1.0,
             )

@@ -518,3 +518,26 @@ def test_in_panic_is_below_the_share_of_available_targets(
         assert panics  # nothing available and panic on: always panic
     if available == total:
         assert not panics  # everything available: never panic
+
+
+def test_reset_closes_open_and_half_open_breakers_and_restarts_the_cooldown() -> None:
+    breaker = CircuitBreaker(1, 10.0, Clock(), max_cooldown=80.0)
+    assert breaker.reset() is False  # closed already: nothing to do
+    breaker.record_failure()
+    assert state_of(breaker) == "open"
+    assert breaker.reset() is True
+    assert state_of(breaker) == "closed"
+    assert breaker.available()
+    # Half-open with a trial in flight, the cooldown doubled by a failed trial.
+    breaker.record_failure()
+    assert breaker.acquire(early=True)
+    breaker.record_failure()
+    assert breaker.current_cooldown == 20.0
+    assert breaker.acquire(early=True)
+    assert state_of(breaker) == "half_open"
+    assert breaker.reset() is True
+    assert (state_of(breaker), breaker.current_cooldown) == ("closed", 10.0)
+    # The trial's late verdict lands on a closed breaker: one failure opens
+    # it again (failures = 1), with the restarted cooldown.
+    breaker.record_failure()
+    assert (state_of(breaker), breaker.current_cooldown) == ("open", 10.0)

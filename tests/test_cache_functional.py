@@ -546,7 +546,7 @@ async def test_admin_purge_drops_a_routes_entries_by_prefix(
             assert await response.json() == {"purged": 2}
         async with client.post(f"{gw.admin_url}/cache/purge?route=nope") as response:
             assert response.status == 404
-            assert (await response.json())["error"] == "unknown_route"
+            assert (await response.json())["error"] == "not_found"
         async with client.post(f"{gw.admin_url}/cache/purge") as response:
             assert response.status == 400
     _, headers, _ = await _get(client, gw.url + "/a/1")

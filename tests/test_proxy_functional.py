@@ -80,6 +80,7 @@ async def test_gateway_adds_no_header_beyond_the_contract(
     names = sorted(k.lower() for k, _ in seen["headers"])
     assert names == [
         "host",
+        "traceparent",  # CONTRACT.md "Tracing": the trace goes to the target
         "via",
         "x-forwarded-for",
         "x-forwarded-host",

@@ -57,7 +57,7 @@ from typing import Final, Literal
 __all__ = ["BreakerState", "CircuitBreaker", "in_panic"]
 
 BreakerState = Literal["closed", "open", "half_open"]
-_Event = Literal["trip", "trial", "probe", "success", "failure", "release"]
+_Event = Literal["trip", "trial", "probe", "success", "failure", "release", "reset"]
 
 CLOSED: Final = "closed"
 OPEN: Final = "open"
@@ -71,6 +71,9 @@ _TRANSITIONS: Final[dict[tuple[BreakerState, _Event], BreakerState]] = {
     (HALF_OPEN, "success"): CLOSED,
     (HALF_OPEN, "failure"): OPEN,
     (HALF_OPEN, "release"): OPEN,
+    # An operator's reset (admin POST /breakers/reset): closed at once.
+    (OPEN, "reset"): CLOSED,
+    (HALF_OPEN, "reset"): CLOSED,
 }
 
 # gateway_breaker_state: 0 closed, 1 open, 2 half-open (CONTRACT.md, Metrics).
@@ -235,6 +238,17 @@ class CircuitBreaker:
             # was (already passed, unless the trial was an early one).
             self._trial = False
             self._fire("release", "trial ended without a verdict")
+
+    def reset(self, reason: str = "reset by an operator") -> bool:
+        """Close now, with the cooldown back at its start; True if it was not
+        closed. A trial still in flight then reports to a closed breaker: a
+        success changes nothing, a failure counts as the first of a new run."""
+        if self._state == CLOSED:
+            return False
+        self._trial = False
+        self._cooldown_now = self.cooldown
+        self._fire("reset", reason)
+        return True
 
     def retry_after(self) -> float:
         """Seconds until the cooldown ends; 0 unless OPEN and still cooling down."""

@@ -91,6 +91,11 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     trusted_proxies: tuple[str, ...] = ()
     access_log: AccessLogFormat = "json"
     client_timeout: float = 30.0
+    # Admin API (docs/operator-tools.md): the environment variable holding the
+    # bearer token every admin POST needs ("" = no token), and the browser
+    # origins allowed to call the admin API.
+    admin_token_env: str = ""
+    admin_cors_origins: tuple[str, ...] = ()
 
 
 class TargetConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -217,6 +222,8 @@ class _RawServer(_Raw):
     trusted_proxies: list[str] | UnsetType = UNSET
     access_log: AccessLogFormat | UnsetType = UNSET
     client_timeout: float | UnsetType = UNSET
+    admin_token_env: str | UnsetType = UNSET
+    admin_cors_origins: list[str] | UnsetType = UNSET
 
 
 class _RawDefaults(_Raw):
@@ -391,6 +398,8 @@ _UNTOUCHABLE: Final = frozenset(
 
 # Defaults live once, on the resolved Structs above.
 _SERVER: Final = ServerConfig()
+# POSIX names for environment variables (what a shell can export).
+_ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _HEALTH: Final = HealthConfig()
 _BREAKER: Final = BreakerConfig()
 _PANIC_THRESHOLD: Final = 0.5
@@ -820,7 +829,24 @@ class _Loader:
                 "server.certificates",
                 "required: a TLS listener needs at least one [[server.certificates]]",
             )
+        token_env = server.admin_token_env
+        if isinstance(token_env, str) and token_env and not _ENV_NAME.fullmatch(token_env):
+            self.error(
+                "server.admin_token_env",
+                f"{_quote(token_env)} is not an environment variable name",
+            )
+        if not isinstance(server.admin_cors_origins, UnsetType):
+            for position, origin in enumerate(server.admin_cors_origins):
+                if not _ORIGIN.fullmatch(origin):
+                    self.error(
+                        f"server.admin_cors_origins[{position}]",
+                        f'{_quote(origin)} is not an origin like "https://ops.example.com"',
+                    )
         return ServerConfig(
+            admin_token_env=_or(server.admin_token_env, _SERVER.admin_token_env),
+            admin_cors_origins=tuple(
+                _or(server.admin_cors_origins, list(_SERVER.admin_cors_origins))
+            ),
             listen=tuple(listen),
             tls_listen=tuple(tls_listen),
             certificates=certificates,

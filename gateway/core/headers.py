@@ -38,6 +38,8 @@ from typing import Final
 
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
+from gateway.core.tracing import TraceContext
+
 __all__ = [
     "HOP_BY_HOP",
     "VIA",
@@ -131,11 +133,13 @@ def upstream_request_headers(
     request_id: str,
     preserve_host: bool,
     target_host: str,
+    trace: TraceContext | None = None,
 ) -> CIMultiDict[str]:
     """The headers sent to the target for one client request.
 
     `peer` is the TCP peer's address, `host` the Host header the client sent
-    (None if it sent none), `target_host` the target URL's "host:port".
+    (None if it sent none), `target_host` the target URL's "host:port",
+    `trace` the request's W3C trace (the gateway's span becomes the parent).
     """
     out = _end_to_end(incoming)
     # One C-level join tells whether any name holds "_" (rare): no loop in
@@ -169,6 +173,11 @@ def upstream_request_headers(
 
     _append(out, "Via", VIA)
     out["X-Request-ID"] = request_id
+    if trace is not None:
+        out["traceparent"] = trace.traceparent
+        if not trace.continued and "tracestate" in out:
+            # The refused trace's vendor state (see gateway/core/tracing.py).
+            out.popall("tracestate")
     # RFC 9110 §7.2: Host is the authority the client asked for; with
     # preserve_host off the target sees its own authority instead.
     out["Host"] = (host or target_host) if preserve_host else target_host

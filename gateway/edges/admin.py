@@ -1,20 +1,37 @@
-"""The admin listener: /healthz, /readyz, /metrics, /status.
+"""The admin listener: /healthz, /readyz, /metrics, /status, and the
+operator tools: the dashboard (/), its JSON (/stats) and the POST actions
+(/breakers/reset, /cache/purge, /reload). See docs/operator-tools.md.
 
 Kept off the proxy listener so that an operator's scrape or probe never
 competes with (or is routed like) client traffic.
+
+Every POST is guarded by `server.admin_token_env` when it names a variable:
+`Authorization: Bearer <token>`, compared in constant time (hmac); a
+variable that is named but unset or empty refuses every POST (403) rather
+than letting an empty token through, since "the token is empty" is far more
+likely a deployment slip than a wish for an open admin API. GETs stay open,
+as /metrics and /status always were: the listener's address is the access
+control for reading (bind it to loopback or a private network).
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
-from typing import Any
+import hmac
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
 
+import aiohttp_cors
 import msgspec
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from gateway.core.config import RouteConfig
+from gateway.core.headers import new_request_id
+from gateway.edges.dashboard import render_dashboard
+from gateway.edges.reload import ReloadResult
 from gateway.state.metrics import Metrics
 from gateway.state.snapshot import Snapshot, SnapshotBox
 
@@ -65,11 +82,115 @@ def status_document(snap: Snapshot) -> dict[str, Any]:
     }
 
 
-def _admin_error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status)
+# An optional /stats section (tunnels, cache): a JSON-able value, or None
+# when there is nothing to show right now.
+SectionProvider = Callable[[], Any]
+
+_BEARER: Final = "bearer"
 
 
-def admin_app(box: SnapshotBox, metrics: Metrics, ready: Callable[[], bool]) -> web.Application:
+@dataclass
+class AdminOps:
+    """What the admin actions reach beyond the snapshot.
+
+    `reload` runs one reload (the SIGHUP path, `Reloader.reload_once`) and
+    answers its result, None when no reloader is running (starting, draining);
+    `last_reload` is the latest result. `sections` are optional /stats
+    sections by name: a feature that exists registers a provider (e.g.
+    `sections["tunnels"]`), and the dashboard shows it when present.
+    """
+
+    environ: Mapping[str, str]
+    reload: Callable[[], Awaitable[ReloadResult | None]] | None = None
+    last_reload: Callable[[], ReloadResult | None] = lambda: None
+    sections: dict[str, SectionProvider] = field(default_factory=dict)
+
+
+def _reload_document(result: ReloadResult | None) -> dict[str, Any] | None:
+    if result is None:
+        return None
+    return {
+        "ok": result.ok,
+        "at": _iso(result.at),
+        "message": result.message,
+        "errors": list(result.errors),
+        "changes": result.changes,
+    }
+
+
+def _iso(unix: float) -> str:
+    moment = datetime.datetime.fromtimestamp(unix, datetime.UTC)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def stats_document(snap: Snapshot, metrics: Metrics, ops: AdminOps) -> dict[str, Any]:
+    """/stats: the dashboard's data (see docs/operator-tools.md for the shape)."""
+    status = status_document(snap)
+    routes = {}
+    for route in snap.config.routes:
+        window = snap.routes[route.name].stats.window()
+        routes[route.name] = {"upstream": route.upstream, "path": _route_match(route), **window}
+    doc: dict[str, Any] = {
+        "time": _iso(time.time()),
+        "window": 60,
+        "config": {**status["config"], "last_reload": _reload_document(ops.last_reload())},
+        "admin_token_required": bool(snap.config.server.admin_token_env),
+        "cache_purge": snap.cache is not None,
+        "routes": routes,
+        "upstreams": status["upstreams"],
+    }
+    for name, provider in ops.sections.items():
+        value = provider()
+        if value is not None:
+            doc[name] = value
+    return doc
+
+
+def _route_match(route: RouteConfig) -> str:
+    where = route.path if route.path is not None else f"~{route.path_regex}"
+    return f"{route.host}{where}" if route.host else str(where)
+
+
+def _error(status: int, code: str, message: str, **headers: str) -> web.Response:
+    # CONTRACT.md: every new error is JSON {"error", "message", "request_id"}.
+    body = {"error": code, "message": message, "request_id": new_request_id()}
+    return web.json_response(body, status=status, headers=headers or None)
+
+
+def _token_problem(box: SnapshotBox, ops: AdminOps, request: web.Request) -> web.Response | None:
+    """None when the request may act; else the refusal (see the module docstring)."""
+    env_name = box.snapshot.config.server.admin_token_env
+    if not env_name:
+        return None
+    expected = ops.environ.get(env_name, "")
+    if not expected:
+        return _error(
+            403,
+            "admin_token_unset",
+            f"admin actions are disabled: ${env_name} is unset or empty",
+        )
+    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    # Auth schemes are case-insensitive (RFC 9110 §11.1); the token is not.
+    given = credentials.strip().encode("utf-8", "surrogateescape")
+    ok = hmac.compare_digest(given, expected.encode("utf-8", "surrogateescape"))
+    if scheme.lower() != _BEARER or not ok:
+        return _error(
+            401,
+            "unauthorized",
+            "admin actions need Authorization: Bearer <token>",
+            **{"WWW-Authenticate": 'Bearer realm="gateway-admin"'},
+        )
+    return None
+
+
+def admin_app(
+    box: SnapshotBox,
+    metrics: Metrics,
+    ready: Callable[[], bool],
+    ops: AdminOps | None = None,
+) -> web.Application:
+    ops = ops if ops is not None else AdminOps(environ={})
+
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -88,24 +209,98 @@ def admin_app(box: SnapshotBox, metrics: Metrics, ready: Callable[[], bool]) -> 
         body = _encoder.encode(status_document(box.snapshot))
         return web.Response(body=body, content_type="application/json")
 
+    async def dashboard(request: web.Request) -> web.Response:
+        page = render_dashboard(stats_document(box.snapshot, metrics, ops))
+        return web.Response(
+            text=page,
+            content_type="text/html",
+            charset="utf-8",
+            # The page's own script and styles only (CONTRACT.md: no external
+            # assets); refuses framing (clickjacking the POST buttons).
+            headers={
+                "Content-Security-Policy": (
+                    "default-src 'none'; script-src 'unsafe-inline'; "
+                    "style-src 'unsafe-inline'; connect-src 'self'; img-src data:; "
+                    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+                ),
+                "X-Frame-Options": "DENY",
+                "Cache-Control": "no-store",
+            },
+        )
+
+    async def stats(request: web.Request) -> web.Response:
+        body = _encoder.encode(stats_document(box.snapshot, metrics, ops))
+        return web.Response(
+            body=body, content_type="application/json", headers={"Cache-Control": "no-store"}
+        )
+
+    async def breakers_reset(request: web.Request) -> web.Response:
+        refused = _token_problem(box, ops, request)
+        if refused is not None:
+            return refused
+        upstream = request.query.get("upstream")
+        target = request.query.get("target")
+        if not upstream:
+            return _error(400, "bad_request", "upstream=NAME is required")
+        pool = box.snapshot.pools.get(upstream)
+        if pool is None:
+            return _error(404, "not_found", f"no upstream {upstream!r}")
+        targets = [t for t in pool.targets if target is None or t.url == target]
+        if not targets:
+            return _error(404, "not_found", f"upstream {upstream!r} has no target {target!r}")
+        reset = sum(t.breaker.reset("reset through the admin API") for t in targets)
+        return web.json_response({"reset": reset})
+
     async def cache_purge(request: web.Request) -> web.Response:
-        """POST /cache/purge?route=NAME[&path=/prefix]: drop stored responses."""
-        snap = box.snapshot
+        refused = _token_problem(box, ops, request)
+        if refused is not None:
+            return refused
         route = request.query.get("route")
+        path = request.query.get("path")
         if not route:
-            return _admin_error(400, "bad_request", "route=NAME is required")
-        if route not in snap.routes:
-            return _admin_error(404, "unknown_route", f"no route named {route!r}")
-        prefix = request.query.get("path", "")
-        if prefix and not prefix.startswith("/"):
-            return _admin_error(400, "bad_request", 'path must start with "/"')
-        purged = snap.cache.purge(route, prefix) if snap.cache is not None else 0
-        return web.json_response({"purged": purged})
+            return _error(400, "bad_request", "route=NAME is required")
+        if path is not None and not path.startswith("/"):
+            return _error(400, "bad_request", "path must start with /")
+        if route not in box.snapshot.routes:
+            return _error(404, "not_found", f"no route {route!r}")
+        store = box.snapshot.cache
+        if store is None:
+            # Nothing to purge is not success: a script purging after a
+            # deploy should learn that no cache is configured.
+            return _error(409, "no_cache", "no response cache is configured ([cache] is absent)")
+        return web.json_response({"purged": store.purge(route, path or "")})
+
+    async def reload(request: web.Request) -> web.Response:
+        refused = _token_problem(box, ops, request)
+        if refused is not None:
+            return refused
+        result = await ops.reload() if ops.reload is not None else None
+        if result is None:
+            return _error(503, "not_ready", "no reload now: the gateway is starting or draining")
+        # 422: the file was read and refused; the old config keeps serving.
+        return web.json_response(_reload_document(result), status=200 if result.ok else 422)
 
     app = web.Application()
+    app.router.add_get("/", dashboard)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/status", status)
+    app.router.add_get("/stats", stats)
+    app.router.add_post("/breakers/reset", breakers_reset)
     app.router.add_post("/cache/purge", cache_purge)
+    app.router.add_post("/reload", reload)
+    origins = box.snapshot.config.server.admin_cors_origins
+    if origins:
+        # Read at start-up (like the admin address): aiohttp-cors fixes its
+        # routes when the app is built.
+        options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
+            allow_headers=("Authorization", "Content-Type"),
+            allow_methods=("GET", "POST"),
+            max_age=600,
+        )
+        cors = aiohttp_cors.setup(app, defaults=dict.fromkeys(origins, options))
+        for route in list(app.router.routes()):
+            if route.method in ("GET", "POST"):
+                cors.add(route)
     return app

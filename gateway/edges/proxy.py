@@ -47,6 +47,7 @@ from gateway.core.headers import (
 from gateway.core.limits import rate_limit_headers
 from gateway.core.retry import backoff, may_retry
 from gateway.core.routing import forward_path, has_dot_segment
+from gateway.core.tracing import trace_context
 from gateway.edges import upgrade
 from gateway.edges.auth import AuthStep, RequestAuth
 from gateway.edges.cache import CacheRequest, CacheStep
@@ -115,6 +116,7 @@ class _Exchange(AccessEntry):
         "scheme",
         "snap",
         "target",
+        "trace",
         "trial",
         "upgrade",
     )
@@ -129,6 +131,9 @@ class _Exchange(AccessEntry):
             client, peer_trusted = peer, False
         rid = request_id(headers.get("X-Request-ID"), new_request_id)
         super().__init__(rid, client, request.method, request.raw_path, started_at)
+        # W3C trace context: continued or started here; its id is logged.
+        self.trace = trace_context(headers.getall("traceparent", None))
+        self.trace_id = self.trace.trace_id
         self.request = request
         self.snap = snap
         self.peer = peer
@@ -337,6 +342,7 @@ class ProxyHandler:
             if route is not None:
                 route.count(ex.method, status)
                 route.duration.observe(duration)
+                route.stats.record(status, duration)  # the dashboard's minute (/stats)
                 if ex.bytes_in:
                     route.bytes_in.inc(ex.bytes_in)
                 if ex.bytes_out:
@@ -648,6 +654,7 @@ class ProxyHandler:
             request_id=ex.request_id,
             preserve_host=config.preserve_host,
             target_host=target.host_header,
+            trace=ex.trace,
         )
         headers.popall("Expect", None)
         if ex.upgrade:

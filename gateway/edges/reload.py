@@ -24,6 +24,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from msgspec import structs
@@ -128,10 +129,27 @@ class Reloadable(Protocol):
         """Serve `prepared` from the next request on (on the loop, no await: atomic)."""
 
 
+@dataclass(frozen=True)
+class ReloadResult:
+    """How one reload ended, for the admin API and dashboard."""
+
+    ok: bool
+    at: float  # unix time it ended
+    message: str  # the systemd STATUS= line, e.g. "serving 3 routes"
+    errors: tuple[str, ...] = ()  # every config error of a rejected reload
+    changes: str = ""  # describe_changes() of an applied one
+
+
 class Reloader:
     def __init__(self, gateway: Reloadable) -> None:
         self._gateway = gateway
         self._wanted = asyncio.Event()
+        # One reload at a time: SIGHUP's and the admin API's (POST /reload).
+        self._lock = asyncio.Lock()
+        self.last: ReloadResult | None = None  # None until the first reload
+        # What the reload under way found (read into `last` when it ends).
+        self._errors: tuple[str, ...] = ()
+        self._changes = ""
         self._task = asyncio.get_running_loop().create_task(self._run(), name="reloader")
 
     def request(self) -> None:
@@ -153,8 +171,12 @@ class Reloader:
             await self.reload_once()
 
     async def reload_once(self) -> bool:
-        """One reload; True when the new config is serving. Raises only
-        CancelledError (shutdown), and then sends no READY=1."""
+        """One reload; True when the new config is serving (`last` says more).
+        Raises only CancelledError (shutdown), and then sends no READY=1."""
+        async with self._lock:
+            return await self._reload_once()
+
+    async def _reload_once(self) -> bool:
         gw = self._gateway
         path = gw.config.path
         # MONOTONIC_USEC travels with RELOADING=1 (systemd's notify-reload).
@@ -168,11 +190,15 @@ class Reloader:
             gw.metrics.config_reloads.labels("failure").inc()
             log.exception("reload of %s failed unexpectedly; old config keeps serving", path)
             ok, status = False, "reload failed; old config serving"
+            self._errors = ("unexpected error; see the log",)
+        self.last = ReloadResult(ok, time.time(), status, self._errors, self._changes)
         # Every RELOADING=1 is followed by READY=1, success or not.
         gw.notifier.ready(status)
         return ok
 
     async def _reload(self, gw: Reloadable, path: str) -> tuple[bool, str]:
+        self._errors = ()
+        self._changes = ""
         old = gw.config
 
         def prepare() -> tuple[Prepared, str]:
@@ -197,6 +223,7 @@ class Reloader:
                 len(error.errors),
                 "\n  ".join(error.errors),
             )
+            self._errors = tuple(error.errors)
             return False, f"reload rejected ({len(error.errors)} errors); old config serving"
         config = prepared.config
         try:
@@ -209,10 +236,12 @@ class Reloader:
                 path,
                 "\n  ".join(error.errors),
             )
+            self._errors = tuple(error.errors)
             return False, "reload rejected; old config serving"
         gw.metrics.config_reloads.labels("success").inc()
         gw.metrics.config_last_reload_success.set(time.time())
         if config.server.listen != old.server.listen or config.server.admin != old.server.admin:
             log.warning("listen/admin address changes take effect on restart only")
+        self._changes = changes
         log.info("reloaded %s: %s", path, changes)
         return True, f"serving {len(config.routes)} routes"

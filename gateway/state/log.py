@@ -178,6 +178,7 @@ class AccessEntry:
         "started_at",
         "status",
         "targets",
+        "trace_id",
         "upstream_status",
     )
 
@@ -200,6 +201,7 @@ class AccessEntry:
         self.targets: list[str] = []
         self.upstream_status: list[int | None] = []
         self.interim = 0  # interim (1xx) responses relayed to the client
+        self.trace_id: str | None = None  # W3C trace id (gateway/core/tracing.py)
 
     def tried(self, target: str) -> None:
         """An attempt on `target` begins (its status is filled in by `answered`)."""
@@ -233,6 +235,9 @@ class _AccessRecord(msgspec.Struct, kw_only=True):
     targets: list[str]
     upstream_status: list[int | None]
     interim: int
+    # Every proxied request has one; left out of lines for requests refused
+    # before they were read (no trace to name).
+    trace_id: str | msgspec.UnsetType = msgspec.UNSET
 
 
 _encode = msgspec.json.Encoder().encode
@@ -266,10 +271,11 @@ class AccessLog:
 
     json: `{"ts", "request_id", "client", "method", "path", "route", "target", "status",
     "bytes_in", "bytes_out", "duration_ms", "error", "aborted", "attempts", "targets",
-    "upstream_status", "interim"}` in that order; `route`, `target`, `error` and
-    `aborted` are null when absent; `target` is the last target tried; `interim` counts
+    "upstream_status", "interim", "trace_id"}` in that order; `route`, `target`, `error`
+    and `aborted` are null when absent; `target` is the last target tried; `interim` counts
     the targets' 1xx responses relayed to the client (`status` is the final one's);
-    `ts` is the ISO-8601 UTC time the line was written (the request's end; its start is
+    `trace_id` is left out for requests refused before they were read; `ts` is the
+    ISO-8601 UTC time the line was written (the request's end; its start is
     `ts - duration_ms`), left out under journald, whose entry carries the time. See
     `AccessEntry` for the meaning of each.
 
@@ -370,6 +376,7 @@ class AccessLog:
                 targets=targets,
                 upstream_status=entry.upstream_status,
                 interim=entry.interim,
+                trace_id=msgspec.UNSET if entry.trace_id is None else entry.trace_id,
             )
             try:
                 data = _encode(record)
@@ -399,6 +406,8 @@ class AccessLog:
             )
             if entry.consumer is not None:
                 line += f" consumer={_bare(entry.consumer)}"
+            if entry.trace_id is not None:
+                line += f" trace={entry.trace_id}"  # 32 hex digits: never needs quoting
             if entry.error is not None:
                 line += f" error={_bare(entry.error)}"
             if entry.cut is not None:

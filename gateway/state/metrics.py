@@ -30,6 +30,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from gateway.state.stats import Stats
+
 _Child = TypeVar("_Child", "CounterChild", "HistogramChild")
 
 # Latency buckets from 1 ms to 5 min: the histogram runs to the last body
@@ -224,6 +226,8 @@ BREAKER_STATES: Final = ("closed", "open", "half_open")
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # The dashboard's rolling minute per route (gateway/state/stats.py).
+        self.stats = Stats()
         r = self.registry
         # What prometheus_client puts on its global registry, on ours: the
         # process_* (CPU, RSS, open fds, start time), python_info and
@@ -370,6 +374,7 @@ class Metrics:
         for route in routes:
             with contextlib.suppress(KeyError):
                 self.tunnels_active.remove(route)
+            self.stats.forget(route)
 
     def forget_target(self, upstream: str, target: str) -> None:
         for outcome in ("ok", "error", "timeout"):

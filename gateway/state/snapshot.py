@@ -49,6 +49,7 @@ from gateway.state.metrics import (
     Metrics,
     RequestCounter,
 )
+from gateway.state.stats import RouteStats
 from gateway.state.upstream import PanicState, Pool, Target
 from gateway.wire.h1client import ConnectionPool
 from gateway.wire.tls import ClientContexts, ClientTLS
@@ -101,6 +102,7 @@ class RouteRuntime:
                 result: metrics.cache_requests.labels(config.name, result)
                 for result in CACHE_RESULTS
             }
+        self.stats: RouteStats = metrics.stats.route(config.name)
 
 
 @dataclass(frozen=True)
