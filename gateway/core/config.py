@@ -30,6 +30,7 @@ from gateway.core.tomllines import key_lines, line_of
 
 BalancerName = Literal["round_robin", "weighted", "least_connections", "ip_hash"]
 AccessLogFormat = Literal["json", "text", "off"]
+LimitStore = Literal["local", "redis"]
 
 DEFAULT_CONFIG_PATH: Final = "routes.toml"
 
@@ -85,6 +86,12 @@ class RateLimitConfig(msgspec.Struct, frozen=True, kw_only=True):
     rate: float
     burst: int
     key: str = "client_ip"  # "client_ip" | "route" | "header:NAME"
+    store: LimitStore = "local"
+
+
+class RedisConfig(msgspec.Struct, frozen=True, kw_only=True):
+    url: str = "redis://127.0.0.1:6379/0"
+    timeout: float = 0.05  # per command: no request waits longer on Redis
 
 
 class CorsConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -121,6 +128,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     server: ServerConfig
     upstreams: dict[str, UpstreamConfig]
     routes: tuple[RouteConfig, ...]
+    redis: RedisConfig | None = None
     path: str  # where it was read from ("<string>" for parse())
     sha256: str  # of the file's bytes
 
@@ -183,6 +191,12 @@ class _RawRateLimit(_Raw):
     rate: float | UnsetType = UNSET
     burst: int | UnsetType = UNSET
     key: str | UnsetType = UNSET
+    store: LimitStore | UnsetType = UNSET
+
+
+class _RawRedis(_Raw):
+    url: str | UnsetType = UNSET
+    timeout: float | UnsetType = UNSET
 
 
 class _RawCors(_Raw):
@@ -209,7 +223,7 @@ class _RawRoute(_RawDefaults):
     cors: dict[str, Any] | UnsetType = UNSET
 
 
-_TOP_LEVEL: Final = ("server", "defaults", "upstreams", "routes")
+_TOP_LEVEL: Final = ("server", "defaults", "upstreams", "routes", "redis")
 
 # Defaults live once, on the resolved Structs above.
 _SERVER: Final = ServerConfig()
@@ -223,7 +237,10 @@ _ROUTE: Final = RouteConfig(index=0, name="", upstream="")
 _CHOICES: Final[dict[str, tuple[str, ...]]] = {
     "balancer": get_args(BalancerName),
     "access_log": get_args(AccessLogFormat),
+    "store": get_args(LimitStore),
 }
+_REDIS: Final = RedisConfig()
+_REDIS_SCHEMES: Final = ("redis", "rediss", "unix")
 
 # RFC 9110 section 5.6.2: token = 1*tchar
 _TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -449,6 +466,26 @@ def _target_problem(url: str) -> str | None:
     # yarl drops an empty "?" or "#"; the string still shows it.
     if "?" in url or "#" in url:
         return f"a target URL must not have a query or fragment: {_quote(url)}"
+    return None
+
+
+def _redis_url_problem(url: str) -> str | None:
+    """Why `[redis] url` is unusable, or None (redis-py's own URL forms)."""
+    try:
+        parsed = yarl.URL(url)
+    except ValueError as exc:
+        return f"invalid URL {_quote(url)}: {str(exc).removeprefix('Invalid URL: ')}"
+    if parsed.scheme not in _REDIS_SCHEMES:
+        return f"scheme must be redis, rediss or unix, got {_quote(url)}"
+    if parsed.scheme == "unix":
+        if not parsed.path or parsed.path == "/":
+            return f"a unix URL needs the socket path, as in unix:///run/redis.sock: {_quote(url)}"
+        return None
+    if not parsed.host:
+        return f"URL has no host: {_quote(url)}"
+    db = parsed.path.strip("/")
+    if db and not (db.isascii() and db.isdigit()):
+        return f"the path must be a database number, as in redis://host:6379/0: {_quote(url)}"
     return None
 
 
@@ -917,7 +954,23 @@ class _Loader:
                 f'must be "client_ip", "route" or "header:NAME", got {_quote(key)}',
                 meant,
             )
-        return RateLimitConfig(rate=_or(limit.rate, 1.0), burst=_or(limit.burst, 1), key=key)
+        return RateLimitConfig(
+            rate=_or(limit.rate, 1.0),
+            burst=_or(limit.burst, 1),
+            key=key,
+            store=_or(limit.store, "local"),
+        )
+
+    def redis(self, raw: object) -> RedisConfig | None:
+        redis, _ = self.decode(raw, _RawRedis, "redis")
+        if redis is None:
+            return None
+        self.duration("redis.timeout", redis.timeout)
+        if not isinstance(redis.url, UnsetType) and (problem := _redis_url_problem(redis.url)):
+            self.error("redis.url", problem)
+        return RedisConfig(
+            url=_or(redis.url, _REDIS.url), timeout=_or(redis.timeout, _REDIS.timeout)
+        )
 
     def cors(self, raw: object, path: str) -> CorsConfig | None:
         cors, _ = self.decode(raw, _RawCors, path)
@@ -980,10 +1033,27 @@ class _Loader:
             if route is not None:
                 routes.append(route)
 
+        redis: RedisConfig | None = None
+        if "redis" in doc:
+            redis = self.redis(doc["redis"])
+        else:
+            for route in routes:
+                if route.rate_limit is not None and route.rate_limit.store == "redis":
+                    where = f"routes[{route.index}] ({_quote(route.name)})"
+                    self.error(
+                        f"{where}.rate_limit.store",
+                        'needs a [redis] table (its url) for store = "redis"',
+                    )
+
         if self.errors or server is None:
             return None
         return Config(
-            server=server, upstreams=upstreams, routes=tuple(routes), path=path, sha256=sha256
+            server=server,
+            upstreams=upstreams,
+            routes=tuple(routes),
+            redis=redis,
+            path=path,
+            sha256=sha256,
         )
 
 
@@ -1057,6 +1127,8 @@ def _route_limits(route: RouteConfig) -> str:
     if route.rate_limit is not None:
         limit = route.rate_limit
         parts.append(f"rate_limit {limit.rate:g}/s burst {limit.burst} by {limit.key}")
+        if limit.store != "local":
+            parts.append(f"store {limit.store}")
     if route.cors is not None:
         parts.append(f"cors {' '.join(route.cors.allow_origins)}")
     return ", ".join(parts)
@@ -1074,6 +1146,15 @@ def summary(config: Config) -> str:
         f"trusted_proxies {', '.join(server.trusted_proxies) or 'none'}",
         f"upstreams  {len(config.upstreams)}",
     ]
+    if config.redis is not None:
+        # The URL may carry a password: only its scheme and host are shown.
+        redis_url = yarl.URL(config.redis.url)
+        where = (
+            redis_url.path if redis_url.scheme == "unix" else f"{redis_url.host}:{redis_url.port}"
+        )
+        lines.insert(
+            4, f"redis      {redis_url.scheme}://{where}, timeout {_seconds(config.redis.timeout)}"
+        )
     for name, upstream in config.upstreams.items():
         health = "passive health only"
         if upstream.health is not None:

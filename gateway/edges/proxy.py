@@ -43,7 +43,7 @@ from gateway.core.headers import (
     request_id,
     upstream_request_headers,
 )
-from gateway.core.limits import rate_limit_headers
+from gateway.core.limits import TokenBucket, rate_limit_headers
 from gateway.core.retry import backoff, may_retry
 from gateway.core.routing import forward_path, has_dot_segment
 from gateway.state.log import AccessEntry, AccessLog
@@ -261,6 +261,8 @@ class ProxyHandler:
             try:
                 reply = self._route(ex)
                 if reply is None:
+                    if ex.runtime is not None and ex.runtime.shared is not None:
+                        ex.limit_headers = await self._take_shared(ex, ex.runtime)
                     await self._forward(ex)
             except GatewayError as error:
                 ex.error = error.code
@@ -407,9 +409,23 @@ class ProxyHandler:
                 f"request body of {length} bytes is over the {limit} byte limit",
                 dict(self._shown_limits(route, key)),  # this refusal takes no token
             )
-        if buckets is None:
-            return _NO_HEADERS
+        if buckets is None or route.shared is not None:
+            return _NO_HEADERS  # store = "redis": the caller awaits _take_shared
         allowed, bucket = buckets.take(key)
+        return self._limit_headers(route, bucket, allowed)
+
+    async def _take_shared(self, ex: _Exchange, route: RouteRuntime) -> Sequence[tuple[str, str]]:
+        """The rate limit of a `store = "redis"` route: one round trip, or the
+        local bucket while Redis is down (redisstore.py)."""
+        assert route.shared is not None
+        assert route.buckets is not None
+        key = _bucket_key(route, ex.request.headers, ex.client)
+        allowed, bucket = await route.shared.take(route.name, key, route.buckets)
+        return self._limit_headers(route, bucket, allowed)
+
+    def _limit_headers(
+        self, route: RouteRuntime, bucket: TokenBucket, allowed: bool
+    ) -> Sequence[tuple[str, str]]:
         headers = rate_limit_headers(route.name, bucket, self._clock(), allowed)
         if not allowed:
             route.rate_limited.inc()

@@ -21,6 +21,7 @@ from gateway.core.limits import BucketStore
 from gateway.core.retry import RetryBudget
 from gateway.core.routing import RouteTable
 from gateway.state.metrics import CounterChild, HistogramChild, Metrics, RequestCounter
+from gateway.state.redisstore import SharedBuckets
 from gateway.state.upstream import PanicState, Pool, Target
 from gateway.wire.h1client import ConnectionPool
 
@@ -31,12 +32,19 @@ class RouteRuntime:
     """A route plus everything precomputed for its requests."""
 
     def __init__(
-        self, config: RouteConfig, pool: Pool, buckets: BucketStore | None, metrics: Metrics
+        self,
+        config: RouteConfig,
+        pool: Pool,
+        buckets: BucketStore | None,
+        metrics: Metrics,
+        shared: SharedBuckets | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
         self.pool = pool
         self.buckets = buckets
+        # store = "redis": the shared buckets, with `buckets` as the fallback.
+        self.shared = shared
         self.cors = CorsPolicy(config.cors) if config.cors is not None else None
         rate_limit = config.rate_limit
         self.limit_header: str | None = None
@@ -81,6 +89,10 @@ class Runtime:
     # requests; `build` then closes (`retain`) the removed targets' idle
     # connections at once and their busy ones when their request ends.
     client: ConnectionPool = field(default_factory=ConnectionPool)
+    # The [redis] store of the current config; ones a reload replaced are
+    # closed at shutdown (a request may still be on them).
+    shared: SharedBuckets | None = None
+    _retired: list[SharedBuckets] = field(default_factory=list, init=False)
     # Routes of the current snapshot: a reload forgets the metric series of
     # the ones it removes.
     _routes_seen: set[str] = field(default_factory=set, init=False)
@@ -95,10 +107,16 @@ class Runtime:
         table = RouteTable(config.routes)
         trusted = TrustedProxies(config.server.trusted_proxies)
         pools = {name: self._pool(up) for name, up in config.upstreams.items()}
+        shared = self._shared(config)
         routes: dict[str, RouteRuntime] = {}
         for route in config.routes:
+            on_redis = route.rate_limit is not None and route.rate_limit.store == "redis"
             routes[route.name] = RouteRuntime(
-                route, pools[route.upstream], self._buckets(route), self.metrics
+                route,
+                pools[route.upstream],
+                self._buckets(route),
+                self.metrics,
+                shared if on_redis else None,
             )
         self._forget_missing(config)
         for gone in self._routes_seen - routes.keys():
@@ -146,6 +164,15 @@ class Runtime:
             self.buckets[route.name] = entry
         return entry.store
 
+    def _shared(self, config: Config) -> SharedBuckets | None:
+        """The Redis store for `config`, kept across reloads while [redis] stays."""
+        if self.shared is not None and self.shared.config != config.redis:
+            self._retired.append(self.shared)
+            self.shared = None
+        if self.shared is None and config.redis is not None:
+            self.shared = SharedBuckets(config.redis, self.metrics, self.clock)
+        return self.shared
+
     def _forget_missing(self, config: Config) -> None:
         live_targets = {(u.name, t.url) for u in config.upstreams.values() for t in u.targets}
         for key in [k for k in self.targets if k not in live_targets]:
@@ -163,6 +190,9 @@ class Runtime:
         """Close every upstream connection, idle or busy (shutdown: the drain
         already ended or aborted the requests on them)."""
         await self.client.close()
+        for shared in [*self._retired, *([self.shared] if self.shared else [])]:
+            await shared.close()
+        self._retired.clear()
 
 
 class SnapshotBox:
