@@ -1171,3 +1171,67 @@ def test_summary_shows_the_breaker_cooldowns_and_panic() -> None:
     assert "breaker 5 failures/5s..60s, panic below 50% available" in text
     off = summary(parse(doc(upstream=UPSTREAM + "panic_threshold = 0\n")))
     assert "panic off" in off
+
+
+# -- [redis] and store = "redis" ------------------------------------------------
+
+LIMIT = '[routes.rate_limit]\nrate = 1.0\nburst = 1\nstore = "redis"\n'
+
+
+def test_redis_table_and_store_resolve_with_defaults() -> None:
+    config = parse(doc(LIMIT, top="[redis]\n"))
+    assert config.redis is not None
+    assert config.redis.url == "redis://127.0.0.1:6379/0"
+    assert config.redis.timeout == 0.05
+    assert config.routes[0].rate_limit is not None
+    assert config.routes[0].rate_limit.store == "redis"
+    assert parse(doc()).redis is None
+
+
+def test_store_redis_without_a_redis_table_is_an_error() -> None:
+    assert errors(doc(LIMIT)) == [
+        'routes[0] ("r").rate_limit.store: needs a [redis] table (its url) for store = "redis"'
+    ]
+
+
+@pytest.mark.parametrize(
+    ("redis", "expected"),
+    [
+        (
+            'url = "http://127.0.0.1:6379"',
+            'redis.url: scheme must be redis, rediss or unix, got "http://127.0.0.1:6379"',
+        ),
+        ('url = "redis://"', 'redis.url: URL has no host: "redis://"'),
+        (
+            'url = "redis://h:6379/x"',
+            'redis.url: the path must be a database number, as in redis://host:6379/0: "redis://h:6379/x"',
+        ),
+        (
+            'url = "unix://"',
+            'redis.url: a unix URL needs the socket path, as in unix:///run/redis.sock: "unix://"',
+        ),
+        ('url = "redis://h:99999"', "redis.url: invalid URL"),
+        ("timeout = 0", "redis.timeout: must be > 0"),
+        ("timeout = nan", "redis.timeout: must be a finite number of seconds"),
+        ("timeout = inf", "redis.timeout: must be a finite number of seconds"),
+        ('timeout = "1"', "redis.timeout: Expected `float`, got `str`"),
+        ('urll = "redis://h"', 'redis.urll: unknown key; did you mean "url"?'),
+    ],
+)
+def test_bad_redis_table_names_the_key(redis: str, expected: str) -> None:
+    (error,) = errors(doc(top=f"[redis]\n{redis}\n"))
+    assert error.startswith(expected)
+
+
+def test_misspelt_store_suggests_redis_with_the_line() -> None:
+    assert located(doc(LIMIT.replace('"redis"', '"rediss"'), top="[redis]\n")) == [
+        'routes[0] ("r").rate_limit.store: must be one of "local", "redis", got "rediss" '
+        '(line 14); did you mean "redis"?'
+    ]
+
+
+def test_summary_shows_the_redis_host_never_its_password() -> None:
+    text = summary(parse(doc(LIMIT, top='[redis]\nurl = "redis://:s3cret@10.0.0.5:6380/2"\n')))
+    assert "redis      redis://10.0.0.5:6380, timeout 0.05s" in text
+    assert "s3cret" not in text
+    assert "store redis" in text

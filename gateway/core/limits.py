@@ -218,7 +218,7 @@ def shared_bucket(rate: float, burst: int, debt: float, now: float) -> TokenBuck
     bucket can be: full, or empty for `burst / rate` seconds.
     """
     bucket = TokenBucket(rate, burst)
-    if not math.isfinite(debt) or debt <= 0.0:
+    if math.isnan(debt) or debt <= 0.0:
         return bucket
     bucket._full_at = now + min(debt, (burst + 1) / rate)
     return bucket
