@@ -31,6 +31,7 @@ from gateway.core.systemd import Notifier, listen_fds, socket_from_fd, watchdog_
 from gateway.edges.admin import admin_app
 from gateway.edges.proxy import ProxyHandler
 from gateway.edges.reload import Reloader
+from gateway.state.discovery import Discovery
 from gateway.state.health import HealthMonitor
 from gateway.state.log import AccessLog, journald_mode
 from gateway.state.metrics import Metrics
@@ -67,6 +68,7 @@ class Gateway:
         self.metrics = Metrics()
         self.runtime = Runtime(self.metrics)
         self.health = HealthMonitor()
+        self.discovery = Discovery(self.runtime.discovered, self._rediscovered)
         self.notifier = Notifier.from_env(self.environ)
         self.access_log = access_log or AccessLog(
             config.server.access_log, journald=journald_mode(self.environ)
@@ -103,7 +105,17 @@ class Gateway:
         snapshot = self.runtime.build(config)
         self.box.snapshot = snapshot
         self.health.sync(snapshot)
+        self.discovery.sync(config)
         self.access_log.set_format(config.server.access_log)
+
+    def _rediscovered(self) -> None:
+        """DNS changed a target set: the same config, rebuilt with it (targets
+        that stayed keep their state; requests running finish on theirs)."""
+        if self.box is None:
+            return
+        snapshot = self.runtime.build(self.config)
+        self.box.snapshot = snapshot
+        self.health.sync(snapshot)
 
     def _client_timeout(self) -> float:
         return self.config.server.client_timeout
@@ -121,9 +133,11 @@ class Gateway:
 
     async def start(self) -> None:
         config = self._initial_config
+        await self.discovery.prime(config)
         self.box = SnapshotBox(self.runtime.build(config))
         self.metrics.config_last_reload_success.set(time.time())
         self.health.sync(self.box.snapshot)
+        self.discovery.sync(config)
         handler = ProxyHandler(self.box, self.metrics, self.access_log, self._client_timeout)
         self._handler = handler
         self._proxy_server = H1Server(handler, on_refusal=handler.record_refusal)
@@ -346,6 +360,7 @@ class Gateway:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         await self.health.close()
+        await self.discovery.close()
         self._close_listeners()
         if self._proxy_server is not None:
             # Without drain(): running requests get drain_timeout, then end.

@@ -31,6 +31,7 @@ from gateway.core.tomllines import key_lines, line_of
 BalancerName = Literal["round_robin", "weighted", "least_connections", "ip_hash"]
 AccessLogFormat = Literal["json", "text", "off"]
 LimitStore = Literal["local", "redis"]
+DiscoveryKind = Literal["dns", "srv"]
 
 DEFAULT_CONFIG_PATH: Final = "routes.toml"
 
@@ -57,6 +58,19 @@ class TargetConfig(msgspec.Struct, frozen=True, kw_only=True):
     weight: int = 1
 
 
+class DiscoveryConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """A `{ dns = "host:port" }` or `{ srv = "_service._proto.name" }` target:
+    the addresses it resolves to are the targets (see CONTRACT.md "Service
+    discovery"); `written` is the value as in the file, for logs and errors."""
+
+    kind: DiscoveryKind
+    name: str  # the DNS name looked up, lower-cased, without a trailing dot
+    port: int = 0  # dns: the port every address gets; srv: from the records
+    weight: int = 1  # dns: every address's weight; srv: from the records
+    scheme: str = "http"
+    written: str = ""
+
+
 class HealthConfig(msgspec.Struct, frozen=True, kw_only=True):
     path: str = "/healthz"
     interval: float = 5.0
@@ -80,6 +94,9 @@ class UpstreamConfig(msgspec.Struct, frozen=True, kw_only=True):
     # passive check every upstream has (as nginx's max_fails/fail_timeout).
     breaker: BreakerConfig = BreakerConfig()
     panic_threshold: float = 0.5
+    discover: tuple[DiscoveryConfig, ...] = ()  # the dns/srv items of `targets`
+    dns_refresh: float = 10.0
+    nameservers: tuple[str, ...] = ()  # "ip" or "ip:port"; () = resolv.conf
 
 
 class RateLimitConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -162,6 +179,8 @@ class _RawDefaults(_Raw):
 
 class _RawTarget(_Raw):
     url: str | UnsetType = UNSET
+    dns: str | UnsetType = UNSET
+    srv: str | UnsetType = UNSET
     weight: int | UnsetType = UNSET
 
 
@@ -185,6 +204,8 @@ class _RawUpstream(_Raw):
     health: dict[str, Any] | UnsetType = UNSET  # decoded as its own table
     breaker: dict[str, Any] | UnsetType = UNSET
     panic_threshold: float | UnsetType = UNSET
+    dns_refresh: float | UnsetType = UNSET
+    nameservers: list[str] | UnsetType = UNSET
 
 
 class _RawRateLimit(_Raw):
@@ -240,6 +261,7 @@ _CHOICES: Final[dict[str, tuple[str, ...]]] = {
     "store": get_args(LimitStore),
 }
 _REDIS: Final = RedisConfig()
+_UPSTREAM: Final = UpstreamConfig(name="", targets=())
 _REDIS_SCHEMES: Final = ("redis", "rediss", "unix")
 
 # RFC 9110 section 5.6.2: token = 1*tchar
@@ -469,6 +491,45 @@ def _target_problem(url: str) -> str | None:
     return None
 
 
+def _dns_name_problem(name: str) -> str | None:
+    """Why `name` cannot be looked up in DNS, or None (RFC 1035 section 2.3.4:
+    labels of 1-63 octets, 253 in all; `_` allowed, as SRV names need it)."""
+    bare = name.removesuffix(".")
+    if not bare:
+        return "must be a DNS name"
+    if not bare.isascii():
+        return "must be ASCII; write an internationalised name in its xn-- (IDNA) form"
+    if len(bare) > 253:
+        return "a DNS name is at most 253 characters"
+    for label in bare.split("."):
+        if not label:
+            return f"empty label in {_quote(name)}"
+        if len(label) > 63:
+            return f"label {_quote(label[:20] + '...')} is over 63 characters"
+        if not _HOST_LABEL.fullmatch(label.lower()):
+            return f"invalid character in {_quote(label)}"
+    return None
+
+
+def _nameserver_problem(server: str) -> str | None:
+    """Why a `nameservers` item is unusable: "ip", "ip:port" or "[ipv6]:port"."""
+    host, port = server, ""
+    if server.startswith("["):
+        host, sep, port = server[1:].partition("]")
+        if not sep or (port and not port.startswith(":")):
+            return f"invalid nameserver {_quote(server)}"
+        port = port.removeprefix(":")
+    elif server.count(":") == 1:
+        host, _, port = server.partition(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return f"must be an IP address, optionally with a port, got {_quote(server)}"
+    if port and (not _PORT.fullmatch(port) or not 0 < int(port) <= 65535):
+        return f"port must be 1-65535, got {_quote(server)}"
+    return None
+
+
 def _redis_url_problem(url: str) -> str | None:
     """Why `[redis] url` is unusable, or None (redis-py's own URL forms)."""
     try:
@@ -669,6 +730,7 @@ class _Loader:
         if upstream is None:
             return None
         targets: list[TargetConfig] = []
+        discover: list[DiscoveryConfig] = []
         weighted: list[str] = []  # key paths of weights above 1
         if isinstance(upstream.targets, UnsetType):
             if "targets" not in dropped:
@@ -679,6 +741,20 @@ class _Loader:
             first_at: dict[str, int] = {}
             for position, item in enumerate(upstream.targets):
                 here = f"{path}.targets[{position}]"
+                if isinstance(item, dict) and ("dns" in item or "srv" in item):
+                    found = self.discovery(item, here)
+                    if found is not None:
+                        if found.written in first_at:
+                            self.error(
+                                here,
+                                f"duplicate target {_quote(found.written)} "
+                                f"(also targets[{first_at[found.written]}])",
+                            )
+                        first_at[found.written] = position
+                        discover.append(found)
+                        if found.weight > 1:
+                            weighted.append(f"{here}.weight")
+                    continue
                 target = self.target(item, here)
                 if target is None:
                     continue
@@ -716,6 +792,18 @@ class _Loader:
         if not isinstance(panic, UnsetType) and not 0.0 <= panic <= 1.0:  # NaN fails too
             self.error(f"{path}.panic_threshold", "must be a share between 0 and 1")
             panic = UNSET
+        self.duration(f"{path}.dns_refresh", upstream.dns_refresh)
+        if not isinstance(upstream.dns_refresh, UnsetType) and upstream.dns_refresh < 0.1:
+            # A lookup storm against the resolver is never what was meant.
+            self.error(f"{path}.dns_refresh", "must be >= 0.1 seconds")
+        nameservers = _or(upstream.nameservers, [])
+        for position, server in enumerate(nameservers):
+            if problem := _nameserver_problem(server):
+                self.error(f"{path}.nameservers[{position}]", problem)
+        if not discover:
+            for key in ("dns_refresh", "nameservers"):
+                if getattr(upstream, key) is not UNSET:
+                    self.error(f"{path}.{key}", 'has no effect without a "dns" or "srv" target')
         return UpstreamConfig(
             name=name,
             balancer=_or(upstream.balancer, "round_robin"),
@@ -723,7 +811,45 @@ class _Loader:
             health=health,
             breaker=breaker,
             panic_threshold=_or(panic, _PANIC_THRESHOLD),
+            discover=tuple(discover),
+            dns_refresh=_or(upstream.dns_refresh, _UPSTREAM.dns_refresh),
+            nameservers=tuple(nameservers),
         )
+
+    def discovery(self, item: dict[str, Any], path: str) -> DiscoveryConfig | None:
+        """A `{ dns = "host:port" }` or `{ srv = "_http._tcp.name" }` target."""
+        raw, _ = self.decode(item, _RawTarget, path)
+        if raw is None:
+            return None
+        given = [k for k in ("url", "dns", "srv") if getattr(raw, k) is not UNSET]
+        if len(given) > 1:
+            self.error(path, f"set only one of url, dns and srv, got {' and '.join(given)}")
+            return None
+        self.count(f"{path}.weight", raw.weight, minimum=1)
+        weight = _or(raw.weight, 1)
+        if not isinstance(raw.dns, UnsetType):
+            here = f"{path}.dns"
+            written = raw.dns
+            host, sep, port = written.rpartition(":")
+            if not sep or not _PORT.fullmatch(port) or not 0 < int(port) <= 65535:
+                self.error(here, f'must be "host:port" with a port 1-65535, got {_quote(written)}')
+                return None
+            if problem := _dns_name_problem(host):
+                self.error(here, problem)
+                return None
+            name = host.lower().removesuffix(".")
+            return DiscoveryConfig(
+                kind="dns", name=name, port=int(port), weight=weight, written=written
+            )
+        assert not isinstance(raw.srv, UnsetType)
+        here = f"{path}.srv"
+        written = raw.srv
+        if problem := _dns_name_problem(written):
+            self.error(here, problem)
+            return None
+        if not isinstance(raw.weight, UnsetType):
+            self.error(f"{path}.weight", "an srv target takes its weights from the SRV records")
+        return DiscoveryConfig(kind="srv", name=written.lower().removesuffix("."), written=written)
 
     def target(self, item: object, path: str) -> TargetConfig | None:
         if isinstance(item, str):
@@ -1169,6 +1295,11 @@ def summary(config: Config) -> str:
         )
         for target in upstream.targets:
             lines.append(f"    {target.url} weight {target.weight}")
+        for found in upstream.discover:
+            lines.append(
+                f"    {found.kind} {found.written} every {_seconds(upstream.dns_refresh)}"
+                + (f" via {', '.join(upstream.nameservers)}" if upstream.nameservers else "")
+            )
     lines.append(f"routes     {len(config.routes)}")
     for route in config.routes:
         lines.append(f"  {route.name}: {_route_match(route)} -> {route.upstream}")

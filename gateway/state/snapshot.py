@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gateway.core.config import Config, RateLimitConfig, RouteConfig, UpstreamConfig
+from gateway.core.config import Config, RateLimitConfig, RouteConfig, TargetConfig, UpstreamConfig
 from gateway.core.cors import CorsPolicy
 from gateway.core.headers import TrustedProxies
 from gateway.core.limits import BucketStore
@@ -92,6 +92,9 @@ class Runtime:
     # The [redis] store of the current config; ones a reload replaced are
     # closed at shutdown (a request may still be on them).
     shared: SharedBuckets | None = None
+    # The last good set of each dns/srv target, by (upstream, entry as
+    # written); filled by gateway.state.discovery.
+    discovered: dict[tuple[str, str], tuple[TargetConfig, ...]] = field(default_factory=dict)
     _retired: list[SharedBuckets] = field(default_factory=list, init=False)
     # Routes of the current snapshot: a reload forgets the metric series of
     # the ones it removes.
@@ -133,7 +136,7 @@ class Runtime:
 
     def _pool(self, up: UpstreamConfig) -> Pool:
         targets = []
-        for t in up.targets:
+        for t in self.targets_of(up):
             key = (up.name, t.url)
             target = self.targets.get(key)
             if target is None:
@@ -173,8 +176,22 @@ class Runtime:
             self.shared = SharedBuckets(config.redis, self.metrics, self.clock)
         return self.shared
 
+    def targets_of(self, up: UpstreamConfig) -> list[TargetConfig]:
+        """The static targets of `up`, then those its dns/srv entries resolved
+        to (an address also written as a static target counts once)."""
+        targets = list(up.targets)
+        seen = {t.url for t in targets}
+        for found in up.discover:
+            for t in self.discovered.get((up.name, found.written), ()):
+                if t.url not in seen:
+                    seen.add(t.url)
+                    targets.append(t)
+        return targets
+
     def _forget_missing(self, config: Config) -> None:
-        live_targets = {(u.name, t.url) for u in config.upstreams.values() for t in u.targets}
+        live_targets = {
+            (u.name, t.url) for u in config.upstreams.values() for t in self.targets_of(u)
+        }
         for key in [k for k in self.targets if k not in live_targets]:
             del self.targets[key]
             self.metrics.forget_target(*key)
