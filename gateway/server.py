@@ -22,11 +22,12 @@ import socket
 import stat
 import time
 from collections.abc import Mapping
-from typing import Final
+from typing import Final, Protocol
 
 from aiohttp import web
 
 from gateway.core.config import Config, parse_listen_address
+from gateway.core.limits import SharedStore
 from gateway.core.systemd import Notifier, listen_fds, socket_from_fd, watchdog_interval
 from gateway.edges.admin import admin_app
 from gateway.edges.proxy import ProxyHandler
@@ -50,6 +51,16 @@ EXIT_FORCED_BASE: Final = 128
 _ABORT_GRACE: Final = 5.0
 
 
+class WorkerLink(Protocol):
+    """What a worker process gets from its main process (gateway.supervisor)."""
+
+    @property
+    def sockets(self) -> list[tuple[int, str]]: ...
+
+    @property
+    def buckets(self) -> SharedStore: ...
+
+
 class StartupError(Exception):
     """The gateway cannot start (bad LISTEN_FDS, unusable inherited socket)."""
 
@@ -63,8 +74,13 @@ class Gateway:
         *,
         environ: Mapping[str, str] | None = None,
         access_log: AccessLog | None = None,
+        worker: WorkerLink | None = None,
     ) -> None:
         self.environ = os.environ if environ is None else environ
+        # A worker of gateway.supervisor: its listeners come from the main
+        # process, which also owns the admin listener, the health probes and
+        # the rate-limit buckets (the link reaches them).
+        self.worker = worker
         self.metrics = Metrics()
         self.runtime = Runtime(self.metrics)
         self.health = HealthMonitor()
@@ -104,7 +120,8 @@ class Gateway:
         assert self.box is not None
         snapshot = self.runtime.build(config)
         self.box.snapshot = snapshot
-        self.health.sync(snapshot)
+        if self.worker is None:
+            self.health.sync(snapshot)
         self.discovery.sync(config)
         self.access_log.set_format(config.server.access_log)
 
@@ -115,13 +132,16 @@ class Gateway:
             return
         snapshot = self.runtime.build(self.config)
         self.box.snapshot = snapshot
-        self.health.sync(snapshot)
+        if self.worker is None:
+            self.health.sync(snapshot)
 
     def _client_timeout(self) -> float:
         return self.config.server.client_timeout
 
     def _inherited_sockets(self) -> list[tuple[int, str]]:
         """Sockets passed by systemd (sd_listen_fds(3)); [] outside socket activation."""
+        if self.worker is not None:
+            return list(self.worker.sockets)
         if "LISTEN_FDS" not in self.environ:
             return []
         try:
@@ -134,9 +154,12 @@ class Gateway:
     async def start(self) -> None:
         config = self._initial_config
         await self.discovery.prime(config)
+        if self.worker is not None:
+            self.runtime.local_shared = self.worker.buckets
         self.box = SnapshotBox(self.runtime.build(config))
         self.metrics.config_last_reload_success.set(time.time())
-        self.health.sync(self.box.snapshot)
+        if self.worker is None:
+            self.health.sync(self.box.snapshot)
         self.discovery.sync(config)
         handler = ProxyHandler(self.box, self.metrics, self.access_log, self._client_timeout)
         self._handler = handler
@@ -150,7 +173,7 @@ class Gateway:
         else:
             for address in config.server.listen:
                 await self._listen(self._proxy_server, address)
-        if admin_fds or config.server.admin:
+        if self.worker is None and (admin_fds or config.server.admin):
             self._admin_runner = web.AppRunner(
                 admin_app(self.box, self.metrics, lambda: self.ready and not self.draining),
                 access_log=None,
@@ -170,15 +193,19 @@ class Gateway:
         if interval is not None and self.notifier.enabled:
             self._tasks.append(loop.create_task(self._watchdog(interval)))
         self.ready = True
-        log.info(
-            "listening on %s; admin on %s; %d routes, %d upstreams from %s%s",
-            ", ".join(self.addresses) or "-",
-            ", ".join(self.admin_addresses) or "off",
-            len(config.routes),
-            len(config.upstreams),
-            config.path,
-            " (sockets from the service manager)" if inherited else "",
-        )
+        if self.worker is not None:
+            # The main process logs the gateway's own line (gateway.supervisor).
+            log.info("worker %d serving on %s", os.getpid(), ", ".join(self.addresses))
+        else:
+            log.info(
+                "listening on %s; admin on %s; %d routes, %d upstreams from %s%s",
+                ", ".join(self.addresses) or "-",
+                ", ".join(self.admin_addresses) or "off",
+                len(config.routes),
+                len(config.upstreams),
+                config.path,
+                " (sockets from the service manager)" if inherited else "",
+            )
         self.notifier.ready(f"serving {len(config.routes)} routes")
         if self._reload_pending:
             self._reload_pending = False

@@ -34,6 +34,8 @@ LimitStore = Literal["local", "redis"]
 DiscoveryKind = Literal["dns", "srv"]
 
 DEFAULT_CONFIG_PATH: Final = "routes.toml"
+# More processes than this is a typo (workers = 10000), not a plan.
+MAX_WORKERS: Final = 256
 
 
 class ConfigError(Exception):
@@ -51,6 +53,7 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     trusted_proxies: tuple[str, ...] = ()
     access_log: AccessLogFormat = "json"
     client_timeout: float = 30.0
+    workers: int = 1  # processes serving the listeners; 0 = one per CPU
 
 
 class TargetConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -168,6 +171,7 @@ class _RawServer(_Raw):
     trusted_proxies: list[str] | UnsetType = UNSET
     access_log: AccessLogFormat | UnsetType = UNSET
     client_timeout: float | UnsetType = UNSET
+    workers: int | UnsetType = UNSET
 
 
 class _RawDefaults(_Raw):
@@ -690,6 +694,9 @@ class _Loader:
                     self.error("server.admin", f"same address as server.listen[{seen[admin]}]")
         self.duration("server.drain_timeout", server.drain_timeout, zero_ok=True)
         self.duration("server.client_timeout", server.client_timeout)
+        self.count("server.workers", server.workers, minimum=0)
+        if not isinstance(server.workers, UnsetType) and server.workers > MAX_WORKERS:
+            self.error("server.workers", f"must be <= {MAX_WORKERS} (0 = one per CPU)")
         if not isinstance(server.trusted_proxies, UnsetType):
             for position, cidr in enumerate(server.trusted_proxies):
                 try:
@@ -703,6 +710,7 @@ class _Loader:
             trusted_proxies=tuple(_or(server.trusted_proxies, list(_SERVER.trusted_proxies))),
             access_log=_or(server.access_log, _SERVER.access_log),
             client_timeout=_or(server.client_timeout, _SERVER.client_timeout),
+            workers=_or(server.workers, _SERVER.workers),
         )
 
     # -- [defaults] and the same keys on a route -----------------------------
@@ -1272,6 +1280,8 @@ def summary(config: Config) -> str:
         f"trusted_proxies {', '.join(server.trusted_proxies) or 'none'}",
         f"upstreams  {len(config.upstreams)}",
     ]
+    if server.workers != 1:
+        lines.insert(3, f"workers    {server.workers or 'one per CPU'}")
     if config.redis is not None:
         # The URL may carry a password: only its scheme and host are shown.
         redis_url = yarl.URL(config.redis.url)

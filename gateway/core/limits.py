@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol
 
 from cachetools import TTLCache
 
@@ -18,6 +18,7 @@ __all__ = [
     "DEFAULT_MAX_KEYS",
     "TOKEN_BUCKET_LUA",
     "BucketStore",
+    "SharedStore",
     "TokenBucket",
     "rate_limit_headers",
     "shared_bucket",
@@ -198,6 +199,16 @@ redis.call('SET', KEYS[1], string.format('%.6f', full_at),
            'PX', math.ceil((full_at - now) * 1000) + 1)
 return {1, string.format('%.6f', full_at - now)}
 """
+
+
+class SharedStore(Protocol):
+    """Buckets shared by several processes (Redis; a worker's main process).
+
+    `take` draws from the shared bucket of `key` on `route`, or from `local`
+    (the route's own store, same rate and burst) when the shared one cannot
+    answer in time."""
+
+    async def take(self, route: str, key: str, local: BucketStore) -> tuple[bool, TokenBucket]: ...
 
 
 def shared_key(route: str, key: str) -> str:

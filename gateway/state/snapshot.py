@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from gateway.core.config import Config, RateLimitConfig, RouteConfig, TargetConfig, UpstreamConfig
 from gateway.core.cors import CorsPolicy
 from gateway.core.headers import TrustedProxies
-from gateway.core.limits import BucketStore
+from gateway.core.limits import BucketStore, SharedStore
 from gateway.core.retry import RetryBudget
 from gateway.core.routing import RouteTable
 from gateway.state.metrics import CounterChild, HistogramChild, Metrics, RequestCounter
@@ -37,7 +37,7 @@ class RouteRuntime:
         pool: Pool,
         buckets: BucketStore | None,
         metrics: Metrics,
-        shared: SharedBuckets | None = None,
+        shared: SharedStore | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -92,6 +92,9 @@ class Runtime:
     # The [redis] store of the current config; ones a reload replaced are
     # closed at shutdown (a request may still be on them).
     shared: SharedBuckets | None = None
+    # In a worker process: the main process's buckets, for store = "local"
+    # routes (one limit for the whole gateway, as nginx's shared zones).
+    local_shared: SharedStore | None = None
     # The last good set of each dns/srv target, by (upstream, entry as
     # written); filled by gateway.state.discovery.
     discovered: dict[tuple[str, str], tuple[TargetConfig, ...]] = field(default_factory=dict)
@@ -119,7 +122,7 @@ class Runtime:
                 pools[route.upstream],
                 self._buckets(route),
                 self.metrics,
-                shared if on_redis else None,
+                shared if on_redis else self.local_shared if route.rate_limit else None,
             )
         self._forget_missing(config)
         for gone in self._routes_seen - routes.keys():
