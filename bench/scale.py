@@ -2,13 +2,18 @@
 
     python bench/scale.py redis     [--seconds 10]   # CPU/request and latency, local vs redis store
     python bench/scale.py accuracy  [--seconds 10]   # 200/s over two gateways sharing Redis
+    python bench/scale.py accuracy --store workers   # 200/s over one gateway with 2 workers
+    python bench/scale.py workers   [--seconds 10]   # small requests, workers = 1 vs 2
 
-Layout: everything under test (gateway(s), upstream, redis-server, wrk) on
+Layout (redis, accuracy): everything under test (gateway(s), upstream, redis-server, wrk) on
 CPU 0 (`taskset -c 0`), the orchestrator on CPU 1, as bench/run.py does; so
 req/s are "one core doing client + proxy + server + Redis", while CPU µs per
 request (the gateway's process group only, from /proc) does not depend on the
 layout. The machine is shared with other jobs: each result prints the share of
 a core other processes used meanwhile. Needs wrk and redis-server.
+`workers` runs unpinned instead (2 workers need both cores): wrk (-t1), the
+upstream and the gateway processes share the 2 cores as the scheduler puts
+them, and CPU per request sums the main process and every worker.
 Everything on 127.0.0.1; every step bounded; children stopped on any exit.
 """
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -26,6 +32,7 @@ from harness import (
     HOST,
     Processes,
     WrkResult,
+    cpu_seconds,
     free_port,
     http_get,
     pin_prefix,
@@ -58,7 +65,7 @@ def start_redis(procs: Processes, tmp: Path) -> int:
 
 
 def limited_toml(
-    upstream_port: int, redis_port: int, store: str, rate: float, burst: int
+    upstream_port: int, redis_port: int, store: str, rate: float, burst: int, workers: int = 1
 ) -> object:
     def toml(port: int, admin_port: int) -> str:
         return f"""
@@ -67,6 +74,7 @@ listen = ["{HOST}:{port}"]
 admin = "{HOST}:{admin_port}"
 access_log = "off"
 drain_timeout = 2.0
+workers = {workers}
 
 [redis]
 url = "redis://{HOST}:{redis_port}/0"
@@ -149,7 +157,9 @@ def bench_accuracy(procs: Processes, tmp: Path, seconds: int, burst: int, store:
     _, upstream_port = start_upstream(procs, tmp, True)
     redis_port = start_redis(procs, tmp)
     rate = 200.0
-    toml = limited_toml(upstream_port, redis_port, store, rate, burst)
+    workers = 2 if store == "workers" else 1
+    store = "local" if store == "workers" else store
+    toml = limited_toml(upstream_port, redis_port, store, rate, burst, workers)
     gws = []
     for i in range(2 if store == "redis" else 1):
         gws.append(
@@ -182,6 +192,7 @@ def bench_accuracy(procs: Processes, tmp: Path, seconds: int, burst: int, store:
         json.dumps(
             {
                 "store": store,
+                "workers": workers,
                 "gateways": len(gws),
                 "rate": rate,
                 "burst": burst,
@@ -198,14 +209,83 @@ def bench_accuracy(procs: Processes, tmp: Path, seconds: int, burst: int, store:
     )
 
 
+def family(pid: int) -> list[int]:
+    """`pid` and its descendants (workers run in sessions of their own)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                text = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(text[text.rindex(")") + 2 :].split()[1])
+    found, frontier = [pid], [pid]
+    while frontier:
+        children = [c for c, p in parents.items() if p in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def bench_workers(procs: Processes, tmp: Path, seconds: int) -> None:
+    _, upstream_port = start_upstream(procs, tmp, False)
+    print(
+        "| workers | conns | req/s | gateway CPU µs/req | p50 µs | p99 µs | errors | others' CPU |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for workers, path in ((1, "/"), (2, "/"), (1, "/limited"), (2, "/limited")):
+
+        def toml(port: int, admin_port: int, workers: int = workers) -> str:
+            return f"""
+[server]
+listen = ["{HOST}:{port}"]
+admin = "{HOST}:{admin_port}"
+access_log = "off"
+drain_timeout = 2.0
+workers = {workers}
+
+[upstreams.bench]
+targets = ["http://{HOST}:{upstream_port}"]
+
+[[routes]]
+name = "root"
+path = "/"
+upstream = "bench"
+
+[[routes]]
+name = "limited"
+path = "/limited"
+upstream = "bench"
+strip_prefix = true
+
+[routes.rate_limit]
+rate = 1e9
+burst = 1000000000
+key = "client_ip"
+"""
+
+        gw = start_gateway(
+            procs, tmp, upstream_port, label=f"w{workers}", loop="uvloop", access_log="off",
+            pin=False, toml=toml,
+        )  # fmt: skip
+        url = f"http://{HOST}:{gw.port}{path}"
+        run_wrk(procs, url, 64, 2, False)  # warm-up
+        pids = family(gw.proc.pid)
+        before = cpu_seconds(pids)
+        result = run_wrk(procs, url, 64, seconds, False)
+        result.cpu_s = cpu_seconds(pids) - before
+        print(row(f"{workers} `{path}`", result), flush=True)
+        procs.stop(gw.proc)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("redis", "accuracy"))
+    parser.add_argument("what", choices=("redis", "accuracy", "workers"))
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--burst", type=int, default=20, help="accuracy: the bucket size")
     parser.add_argument(
-        "--store", choices=("redis", "local"), default="redis",
-        help="accuracy: two gateways on Redis, or one on its local bucket",
+        "--store", choices=("redis", "local", "workers"), default="redis",
+        help="accuracy: two gateways on Redis, one on its local bucket, or one with 2 workers",
     )  # fmt: skip
     args = parser.parse_args()
     if REDIS is None:
@@ -218,6 +298,8 @@ def main() -> int:
             tmp = Path(tmpdir)
             if args.what == "redis":
                 bench_redis(procs, tmp, args.seconds)
+            elif args.what == "workers":
+                bench_workers(procs, tmp, args.seconds)
             else:
                 bench_accuracy(procs, tmp, args.seconds, args.burst, args.store)
     finally:

@@ -56,6 +56,7 @@ from gateway.core.limits import BucketStore, TokenBucket, shared_bucket
 from gateway.core.systemd import Notifier, listen_fds, watchdog_interval
 from gateway.edges.admin import status_document
 from gateway.server import EXIT_FORCED_BASE, Gateway, StartupError
+from gateway.state.discovery import Discovery
 from gateway.state.health import HealthMonitor
 from gateway.state.log import AccessLog, configure_logging, journald_mode
 from gateway.state.metrics import Metrics
@@ -172,6 +173,9 @@ class Supervisor:
         self.runtime = Runtime(self.metrics)
         self.snapshot: Snapshot | None = None
         self.health = HealthMonitor()
+        # The main resolves dns/srv targets too: they are probed here, and
+        # shown in /status. (Each worker resolves for itself as well.)
+        self.discovery = Discovery(self.runtime.discovered, self._rediscovered)
         self.notifier = Notifier.from_env(self.environ)
         self.workers = [_Worker(slot) for slot in range(worker_count(config))]
         self.sockets: list[tuple[socket.socket, str]] = []
@@ -192,6 +196,7 @@ class Supervisor:
     async def start(self) -> None:
         # The file read once here; the workers get these very bytes.
         self._text, config = _read(self.config.path)
+        await self.discovery.prime(config)
         self._build(config)
         self.metrics.config_last_reload_success.set(time.time())
         inherited = self._inherited()
@@ -257,6 +262,10 @@ class Supervisor:
         self.snapshot = self.runtime.build(config)
         self.config = config
         self.health.sync(self.snapshot)
+        self.discovery.sync(config)
+
+    def _rediscovered(self) -> None:
+        self._build(self.config)
 
     # -- workers --
 
@@ -453,6 +462,7 @@ class Supervisor:
         async with self._reloading:
             self.notifier.reloading("reloading")
             path = self.config.path
+            old = self.config.server
             try:
                 text, config = _read(path)
                 self._build(config)
@@ -466,6 +476,8 @@ class Supervisor:
                 self.metrics.config_reloads.labels("failure").inc()
                 self.notifier.ready("reload failed; old config serving")
                 return False
+            if (config.server.workers, config.server.listen) != (old.workers, old.listen):
+                log.warning("server.workers and server.listen take effect at the next start")
             self._text = text
             for worker in self.workers:
                 if worker.channel is not None:
@@ -515,6 +527,7 @@ class Supervisor:
             sock.close()
         self.sockets.clear()
         await self.health.close()
+        await self.discovery.close()
         if self._admin is not None:
             await self._admin.cleanup()
             self._admin = None
