@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import UpstreamFactory
+from tests.conftest import UpstreamFactory, wait_for
 from tests.gateway_process import kill, metric_value, run_gateway, start_gateway, upstream_url
 
 WAIT = 15.0
@@ -181,9 +181,8 @@ async def test_a_worker_that_dies_is_restarted_and_logged(
                     break
                 await asyncio.sleep(0.05)
         assert f"worker 0 (pid {victim}) was killed by SIGKILL; restarting in 0.5s" in gw.stderr()
-        async with asyncio.timeout(WAIT):
-            while "worker" not in gw.stderr().rsplit("restarting", 1)[1]:
-                await asyncio.sleep(0.05)
+        # The new worker says it serves (the log, not a sleep).
+        await wait_for(lambda: "serving on" in gw.stderr().rsplit("restarting", 1)[1], WAIT)
         for _ in range(10):
             assert (await _get(client, gw.url + "/"))[0] == 200
 
