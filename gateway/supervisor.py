@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Metric, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Metric, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.core.config import Config, ConfigError, parse, parse_listen_address
@@ -398,7 +398,9 @@ class Supervisor:
         async def metrics(request: web.Request) -> web.Response:
             texts = [a.get("text", "") for a in await self._ask_all("metrics")]
             body = merge_metrics(generate_latest(self.metrics.registry).decode(), texts)
-            return web.Response(body=body, content_type="text/plain", charset="utf-8")
+            response = web.Response(body=body)
+            response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+            return response
 
         async def status(request: web.Request) -> web.Response:
             assert self.snapshot is not None
