@@ -249,3 +249,63 @@ def test_workers_key_is_validated() -> None:
         parse("[server]\nworker = 2\n")
     assert 'did you mean "workers"' in str(info.value)
     assert parse("[server]\nworkers = 0\n").server.workers == 0
+
+
+async def test_workers_serve_on_sockets_from_the_service_manager(
+    tmp_path: Path, start_upstream: UpstreamFactory
+) -> None:
+    import shutil
+    import sys
+
+    from tests.gateway_process import free_port, spawn_gateway
+
+    activate = shutil.which("systemd-socket-activate")
+    if activate is None:
+        pytest.skip("systemd-socket-activate is not installed")
+    upstream = await start_upstream(Counting().app())
+    http_port, admin_port = free_port(), free_port()
+    gw = await spawn_gateway(
+        tmp_path,
+        _toml(upstream_url(upstream)),
+        argv=[
+            activate,
+            f"--listen=127.0.0.1:{http_port}",
+            f"--listen=127.0.0.1:{admin_port}",
+            "--fdname=http:admin",
+            "-E",
+            "NOTIFY_SOCKET",
+            "-E",
+            "PYTHONPATH",
+            "-E",
+            "PYTHONUNBUFFERED",
+            sys.executable,
+            "-m",
+            "gateway",
+            "run",
+            "-c",
+            "{config}",
+        ],
+    )
+    try:
+        # systemd-socket-activate starts the gateway on the first connection.
+        async with aiohttp.ClientSession() as client:
+            async with asyncio.timeout(WAIT):
+                while True:
+                    try:
+                        first = await _get(client, f"http://127.0.0.1:{http_port}/first")
+                        break
+                    except aiohttp.ClientConnectionError:
+                        await asyncio.sleep(0.02)
+            assert first == (200, "ok /first")
+            await gw.until_ready()
+            assert gw.url == f"http://127.0.0.1:{http_port}"
+            assert gw.admin_url == f"http://127.0.0.1:{admin_port}"
+            status = await _status(client, gw.admin_url)
+            assert isinstance(status["workers"], list)
+            assert len(status["workers"]) == 2
+            for _ in range(6):
+                assert (await _get(client, gw.url + "/again"))[0] == 200
+        gw.send(signal.SIGTERM)
+        assert await gw.wait(WAIT) == 0
+    finally:
+        await kill(gw)
