@@ -205,3 +205,24 @@ async def test_reload_keeps_the_redis_store_while_its_table_is_unchanged(
         )
     )
     assert runtime.shared is not before
+
+
+async def test_concurrent_takes_are_exact_and_a_flushed_script_is_loaded_again(
+    make_gateway: GatewayFactory,
+    start_upstream: UpstreamFactory,
+    client: aiohttp.ClientSession,
+    redis_server: RedisServer,
+) -> None:
+    port = await _upstream(start_upstream)
+    first = await make_gateway(_toml(port, redis_server.url, burst=10))
+    second = await make_gateway(_toml(port, redis_server.url, burst=10))
+    # Many takes in one loop iteration travel in one pipeline: still one
+    # bucket, still exact.
+    statuses = await asyncio.gather(*(_status(client, gw) for gw in [first, second] * 25))
+    assert sorted(statuses).count(200) == 10
+    # Redis forgets the script (SCRIPT FLUSH, as after a restart): the next
+    # take loads it again, and no request falls back to the local bucket.
+    assert redis_server.command("SCRIPT", "FLUSH") == b"+OK\r\n"
+    assert redis_server.command("FLUSHALL") == b"+OK\r\n"  # and a full bucket
+    assert await _status(client, first) == 200
+    assert first.gateway.metrics.ratelimit_store_errors.labels().value == 0
