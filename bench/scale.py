@@ -141,6 +141,14 @@ def bench_redis(procs: Processes, tmp: Path, seconds: int) -> None:
     print(f"added p50 latency at 1 connection: {added_p50:.0f} µs")
 
 
+def store_errors(admin_port: int) -> int:
+    status, body = http_get(admin_port, "/metrics")
+    for line in body.decode().splitlines():
+        if line.startswith("gateway_ratelimit_store_errors_total "):
+            return int(float(line.split()[1]))
+    return 0
+
+
 def admitted(admin_port: int) -> int:
     status, body = http_get(admin_port, "/metrics")
     assert status == 200
@@ -202,6 +210,7 @@ def bench_accuracy(procs: Processes, tmp: Path, seconds: int, burst: int, store:
                 "expected": round(expected),
                 "error_pct": round((total - expected) / expected * 100, 2),
                 "offered": sum(r.requests for r in results),
+                "store_errors": [store_errors(gw.admin_port) for gw in gws],
                 "others_cpu_share": [round(r.others_share, 2) for r in results],
             },
             indent=2,
