@@ -142,7 +142,7 @@ def bench_redis(procs: Processes, tmp: Path, seconds: int) -> None:
 
 
 def store_errors(admin_port: int) -> int:
-    status, body = http_get(admin_port, "/metrics")
+    _, body = http_get(admin_port, "/metrics")
     for line in body.decode().splitlines():
         if line.startswith("gateway_ratelimit_store_errors_total "):
             return int(float(line.split()[1]))
