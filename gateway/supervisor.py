@@ -71,8 +71,12 @@ _HEALTH_PUSH: Final = 0.1  # seconds between health-change pushes to workers
 _ASK_TIMEOUT: Final = 2.0  # a worker's answer to /metrics or /status
 _TAKE_TIMEOUT: Final = 0.05  # a token from the main; past it, the local bucket
 _READY_TIMEOUT: Final = 60.0
+# The longest line on a main-worker link: a worker's /metrics text grows with
+# routes and targets, far past asyncio's default 64 KiB line limit.
+_LINE_LIMIT: Final = 256 * 1024 * 1024
 _ENV_IPC: Final = "GATEWAY_WORKER_IPC"
 _ENV_FDS: Final = "GATEWAY_WORKER_FDS"
+_ENV_PARENT: Final = "GATEWAY_WORKER_PARENT"
 # Families the main process alone answers for: probes, reloads and its own
 # process (a worker's copies would be stale or counted N times).
 _MAIN_ONLY: Final = frozenset(
@@ -311,6 +315,7 @@ class Supervisor:
         }
         env[_ENV_IPC] = str(child.fileno())
         env[_ENV_FDS] = json.dumps(fds)
+        env[_ENV_PARENT] = str(os.getpid())
         try:
             worker.process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -326,7 +331,7 @@ class Supervisor:
         worker.started_at = time.time()
         worker.started_mono = time.monotonic()
         worker.ready.clear()
-        reader, writer = await asyncio.open_connection(sock=parent)
+        reader, writer = await asyncio.open_connection(sock=parent, limit=_LINE_LIMIT)
         channel = worker.channel = _Channel(reader, writer)
         # The config as bytes (all workers and the main build the same one).
         channel.send({"op": "config", "path": self.config.path, "text": self._text})
@@ -340,7 +345,10 @@ class Supervisor:
                 continue
             op = message.get("op")
             if op == "take":
-                channel.send(self._take(message))
+                try:
+                    channel.send(self._take(message))
+                except (TypeError, ValueError):  # a malformed take: no answer,
+                    log.exception("worker %d: bad message", worker.slot)  # it times out
             elif op == "ready":
                 # Every target's current health first: a new worker starts
                 # with all targets healthy, the main may know better.
@@ -628,7 +636,7 @@ class _Link:
 
 async def _worker(channel: _Channel, first: dict[str, Any]) -> int:
     config = parse(str(first["text"]), str(first["path"]))
-    environ = {k: v for k, v in os.environ.items() if k not in (_ENV_IPC, _ENV_FDS)}
+    environ = {k: v for k, v in os.environ.items() if k not in (_ENV_IPC, _ENV_FDS, _ENV_PARENT)}
     fds = [(int(fd), str(name)) for fd, name in json.loads(os.environ[_ENV_FDS])]
     gateway = Gateway(
         config,
@@ -644,13 +652,19 @@ async def _worker(channel: _Channel, first: dict[str, Any]) -> int:
     channel.send({"op": "ready"})
 
     async def listen() -> None:
-        async for message in channel.messages():
-            if channel.answered(message):
-                continue
-            _worker_message(gateway, channel, message)
-        # The main process is gone: nothing supervises this worker any more.
-        log.error("worker %d: main process gone; draining", os.getpid())
-        gateway.stopping.set()
+        try:
+            async for message in channel.messages():
+                if channel.answered(message):
+                    continue
+                try:
+                    _worker_message(gateway, channel, message)
+                except (KeyError, TypeError, ValueError, ConfigError):
+                    log.exception("worker %d: bad message from the main process", os.getpid())
+        finally:
+            # Whatever ended the link (the main gone, or a bug here), nothing
+            # supervises this worker any more: it must not live on unseen.
+            log.error("worker %d: main process gone; draining", os.getpid())
+            gateway.stopping.set()
 
     task = asyncio.get_running_loop().create_task(listen())
     await gateway.stopping.wait()
@@ -687,7 +701,8 @@ def worker_main() -> int:
     ipc = socket.socket(fileno=int(os.environ[_ENV_IPC]))
     ipc.setblocking(True)
     first_line = b""
-    while not first_line.endswith(b"\n"):  # the config, before any loop runs
+    _die_with_parent()
+    while b"\n" not in first_line:  # the config, before any loop runs
         chunk = ipc.recv(1 << 20)
         if not chunk:
             return 1
@@ -697,7 +712,7 @@ def worker_main() -> int:
 
     async def main() -> int:
         ipc.setblocking(False)
-        reader, writer = await asyncio.open_connection(sock=ipc)
+        reader, writer = await asyncio.open_connection(sock=ipc, limit=_LINE_LIMIT)
         reader.feed_data(rest)
         return await _worker(_Channel(reader, writer), first)
 
@@ -740,6 +755,20 @@ def _sockname(sock: socket.socket) -> str:
         return f"unix:{name.decode(errors='replace')}"
     host, port = name[0], name[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _die_with_parent() -> None:
+    """SIGTERM this worker when the main process dies, even by SIGKILL
+    (prctl(2) PR_SET_PDEATHSIG, Linux): a worker never outlives its main."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    if str(os.getppid()) != os.environ.get(_ENV_PARENT):  # it died before the line above
+        sys.exit(1)
 
 
 def _read(path: str) -> tuple[str, Config]:

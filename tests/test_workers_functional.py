@@ -309,3 +309,25 @@ async def test_workers_serve_on_sockets_from_the_service_manager(
         assert await gw.wait(WAIT) == 0
     finally:
         await kill(gw)
+
+
+async def test_workers_do_not_outlive_a_main_process_killed_outright(
+    tmp_path: Path, start_upstream: UpstreamFactory, client: aiohttp.ClientSession
+) -> None:
+    upstream = await start_upstream(Counting().app())
+    gw = await start_gateway(tmp_path, _toml(upstream_url(upstream)))
+    try:
+        workers = (await _status(client, gw.admin_url))["workers"]
+        assert isinstance(workers, list)
+        pids = [int(w["pid"]) for w in workers]
+    finally:
+        await kill(gw)  # SIGKILL: no drain, no goodbye to the workers
+
+    def gone(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as file:
+                return file.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie
+        except FileNotFoundError:
+            return True
+
+    await wait_for(lambda: all(gone(pid) for pid in pids), WAIT)
