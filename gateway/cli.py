@@ -21,7 +21,7 @@ from typing import Final
 
 from gateway import __version__
 from gateway.core.auth import CONSUMER_NAME, hash_key, sendable
-from gateway.core.config import DEFAULT_CONFIG_PATH, ConfigError, RouteConfig, load, summary
+from gateway.core.config import DEFAULT_CONFIG_PATH, Config, ConfigError, RouteConfig, load, summary
 from gateway.core.routing import shadowed_routes
 from gateway.state.log import configure_logging
 
@@ -154,6 +154,9 @@ def run(path: str, loop_choice: str) -> int:
         return EXIT_CONFIG
     from gateway.server import Gateway, StartupError
 
+    if config.server.workers != 1:
+        return _run_workers(config, loop_choice)
+
     async def main() -> int:
         gateway = Gateway(config)
         try:
@@ -162,6 +165,26 @@ def run(path: str, loop_choice: str) -> int:
             log.error("cannot start: %s", error)
             gateway.notifier.status(f"cannot start: {error}")
             await gateway.close()
+            return EXIT_CONFIG
+
+    factory = _loop_factory(loop_choice)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main())
+
+
+def _run_workers(config: Config, loop_choice: str) -> int:
+    """`workers != 1`: this process is the main one (gateway/supervisor.py)."""
+    from gateway.server import StartupError
+    from gateway.supervisor import Supervisor
+
+    async def main() -> int:
+        supervisor = Supervisor(config)
+        try:
+            return await supervisor.serve()
+        except (OSError, StartupError, ConfigError, TimeoutError) as error:
+            log.error("cannot start: %s", error)
+            supervisor.notifier.status(f"cannot start: {error}")
+            await supervisor.close()
             return EXIT_CONFIG
 
     factory = _loop_factory(loop_choice)

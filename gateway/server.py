@@ -23,15 +23,17 @@ import ssl
 import stat
 import time
 from collections.abc import Mapping
-from typing import Final
+from typing import Final, Protocol
 
 from aiohttp import web
 
 from gateway.core.config import Config, ConfigError, ServerConfig, parse_listen_address
+from gateway.core.limits import SharedStore
 from gateway.core.systemd import Notifier, listen_fds, socket_from_fd, watchdog_interval
 from gateway.edges.admin import AdminOps, admin_app
 from gateway.edges.proxy import ProxyHandler
 from gateway.edges.reload import Reloader, ReloadResult
+from gateway.state.discovery import Discovery
 from gateway.state.health import HealthMonitor
 from gateway.state.log import AccessLog, journald_mode
 from gateway.state.metrics import Metrics
@@ -51,6 +53,16 @@ EXIT_FORCED_BASE: Final = 128
 _ABORT_GRACE: Final = 5.0
 
 
+class WorkerLink(Protocol):
+    """What a worker process gets from its main process (gateway.supervisor)."""
+
+    @property
+    def sockets(self) -> list[tuple[int, str]]: ...
+
+    @property
+    def buckets(self) -> SharedStore: ...
+
+
 class StartupError(Exception):
     """The gateway cannot start (bad LISTEN_FDS, unusable inherited socket)."""
 
@@ -64,11 +76,17 @@ class Gateway:
         *,
         environ: Mapping[str, str] | None = None,
         access_log: AccessLog | None = None,
+        worker: WorkerLink | None = None,
     ) -> None:
         self.environ = os.environ if environ is None else environ
+        # A worker of gateway.supervisor: its listeners come from the main
+        # process, which also owns the admin listener, the health probes and
+        # the rate-limit buckets (the link reaches them).
+        self.worker = worker
         self.metrics = Metrics()
         self.runtime = Runtime(self.metrics)
         self.health = HealthMonitor()
+        self.discovery = Discovery(self.runtime.discovered, self._rediscovered)
         self.notifier = Notifier.from_env(self.environ)
         self.access_log = access_log or AccessLog(
             config.server.access_log, journald=journald_mode(self.environ)
@@ -130,7 +148,9 @@ class Gateway:
         snapshot = self.runtime.commit(prepared)
         self.box.snapshot = snapshot
         self.runtime.auth.start()  # JWKS URL fetchers of new policies
-        self.health.sync(snapshot)
+        if self.worker is None:
+            self.health.sync(snapshot)
+        self.discovery.sync(prepared.config)
         self.access_log.set_format(prepared.config.server.access_log)
 
     async def _admin_reload(self) -> ReloadResult | None:
@@ -159,11 +179,23 @@ class Gateway:
         open_now = {name: n for name, n in open_now.items() if n}
         return {"active": sum(open_now.values()), **open_now} if open_now else None
 
+    def _rediscovered(self) -> None:
+        """DNS changed a target set: the same config, rebuilt with it (targets
+        that stayed keep their state; requests running finish on theirs)."""
+        if self.box is None:
+            return
+        snapshot = self.runtime.build(self.config, rebuild=True)
+        self.box.snapshot = snapshot
+        if self.worker is None:
+            self.health.sync(snapshot)
+
     def _client_timeout(self) -> float:
         return self.config.server.client_timeout
 
     def _inherited_sockets(self) -> list[tuple[int, str]]:
         """Sockets passed by systemd (sd_listen_fds(3)); [] outside socket activation."""
+        if self.worker is not None:
+            return list(self.worker.sockets)
         if "LISTEN_FDS" not in self.environ:
             return []
         try:
@@ -175,12 +207,17 @@ class Gateway:
 
     async def start(self) -> None:
         config = self._initial_config
+        await self.discovery.prime(config)
+        if self.worker is not None:
+            self.runtime.local_shared = self.worker.buckets
         with gc_paused():
             self.box = SnapshotBox(self.runtime.build(config))
         # JWKS URLs are fetched in the background: start-up does not wait (CONTRACT.md).
         self.runtime.auth.start()
         self.metrics.config_last_reload_success.set(time.time())
-        self.health.sync(self.box.snapshot)
+        if self.worker is None:
+            self.health.sync(self.box.snapshot)
+        self.discovery.sync(config)
         handler = ProxyHandler(self.box, self.metrics, self.access_log, self._client_timeout)
         self._handler = handler
         self._proxy_server = H1Server(handler, on_refusal=handler.record_refusal)
@@ -201,7 +238,7 @@ class Gateway:
             for position, address in enumerate(config.server.listen):
                 tls = position in config.server.tls_listen
                 await self._listen(self._proxy_server, address, tls)
-        if admin_fds or config.server.admin:
+        if self.worker is None and (admin_fds or config.server.admin):
             self._admin_runner = web.AppRunner(
                 admin_app(
                     self.box,
@@ -226,15 +263,19 @@ class Gateway:
         if interval is not None and self.notifier.enabled:
             self._tasks.append(loop.create_task(self._watchdog(interval)))
         self.ready = True
-        log.info(
-            "listening on %s; admin on %s; %d routes, %d upstreams from %s%s",
-            ", ".join(self.addresses) or "-",
-            ", ".join(self.admin_addresses) or "off",
-            len(config.routes),
-            len(config.upstreams),
-            config.path,
-            " (sockets from the service manager)" if inherited else "",
-        )
+        if self.worker is not None:
+            # The main process logs the gateway's own line (gateway.supervisor).
+            log.info("worker %d serving on %s", os.getpid(), ", ".join(self.addresses))
+        else:
+            log.info(
+                "listening on %s; admin on %s; %d routes, %d upstreams from %s%s",
+                ", ".join(self.addresses) or "-",
+                ", ".join(self.admin_addresses) or "off",
+                len(config.routes),
+                len(config.upstreams),
+                config.path,
+                " (sockets from the service manager)" if inherited else "",
+            )
         self.notifier.ready(f"serving {len(config.routes)} routes")
         if self._reload_pending:
             self._reload_pending = False
@@ -441,6 +482,7 @@ class Gateway:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         await self.health.close()
+        await self.discovery.close()
         self._close_listeners()
         if self._proxy_server is not None:
             # Without drain(): running requests get drain_timeout, then end.

@@ -1177,3 +1177,150 @@ def test_summary_shows_the_breaker_cooldowns_and_panic() -> None:
     assert "breaker 5 failures/5s..60s, panic below 50% available" in text
     off = summary(parse(doc(upstream=UPSTREAM + "panic_threshold = 0\n")))
     assert "panic off" in off
+
+
+# -- [redis] and store = "redis" ------------------------------------------------
+
+LIMIT = '[routes.rate_limit]\nrate = 1.0\nburst = 1\nstore = "redis"\n'
+
+
+def test_redis_table_and_store_resolve_with_defaults() -> None:
+    config = parse(doc(LIMIT, top="[redis]\n"))
+    assert config.redis is not None
+    assert config.redis.url == "redis://127.0.0.1:6379/0"
+    assert config.redis.timeout == 0.05
+    assert config.routes[0].rate_limit is not None
+    assert config.routes[0].rate_limit.store == "redis"
+    assert parse(doc()).redis is None
+
+
+def test_store_redis_without_a_redis_table_is_an_error() -> None:
+    assert errors(doc(LIMIT)) == [
+        'routes[0] ("r").rate_limit.store: needs a [redis] table (its url) for store = "redis"'
+    ]
+
+
+@pytest.mark.parametrize(
+    ("redis", "expected"),
+    [
+        (
+            'url = "http://127.0.0.1:6379"',
+            'redis.url: scheme must be redis, rediss or unix, got "http://127.0.0.1:6379"',
+        ),
+        ('url = "redis://"', 'redis.url: URL has no host: "redis://"'),
+        (
+            'url = "redis://h:6379/x"',
+            'redis.url: the path must be a database number, as in redis://host:6379/0: "redis://h:6379/x"',
+        ),
+        (
+            'url = "unix://"',
+            'redis.url: a unix URL needs the socket path, as in unix:///run/redis.sock: "unix://"',
+        ),
+        ('url = "redis://h:99999"', "redis.url: invalid URL"),
+        ("timeout = 0", "redis.timeout: must be > 0"),
+        ("timeout = nan", "redis.timeout: must be a finite number of seconds"),
+        ("timeout = inf", "redis.timeout: must be a finite number of seconds"),
+        ('timeout = "1"', "redis.timeout: Expected `float`, got `str`"),
+        ('urll = "redis://h"', 'redis.urll: unknown key; did you mean "url"?'),
+    ],
+)
+def test_bad_redis_table_names_the_key(redis: str, expected: str) -> None:
+    (error,) = errors(doc(top=f"[redis]\n{redis}\n"))
+    assert error.startswith(expected)
+
+
+def test_misspelt_store_suggests_redis_with_the_line() -> None:
+    assert located(doc(LIMIT.replace('"redis"', '"rediss"'), top="[redis]\n")) == [
+        'routes[0] ("r").rate_limit.store: must be one of "local", "redis", got "rediss" '
+        '(line 14); did you mean "redis"?'
+    ]
+
+
+def test_summary_shows_the_redis_host_never_its_password() -> None:
+    text = summary(parse(doc(LIMIT, top='[redis]\nurl = "redis://:s3cret@10.0.0.5:6380/2"\n')))
+    assert "redis      redis://10.0.0.5:6380, timeout 0.05s" in text
+    assert "s3cret" not in text
+    assert "store redis" in text
+
+
+# -- dns / srv targets ------------------------------------------------------------
+
+
+def _discovery(targets: str, extra: str = "") -> str:
+    return doc(upstream=f"[upstreams.users]\ntargets = [{targets}]\n{extra}\n")
+
+
+def test_dns_and_srv_targets_resolve_with_refresh_and_nameservers() -> None:
+    config = parse(
+        _discovery(
+            '"http://127.0.0.1:1", { dns = "Users.Internal.:8080" }, '
+            '{ srv = "_http._tcp.users.service.consul" }',
+            'dns_refresh = 2.5\nnameservers = ["127.0.0.1:8600", "::1", "[::1]:53"]',
+        )
+    )
+    up = config.upstreams["users"]
+    assert [t.url for t in up.targets] == ["http://127.0.0.1:1"]
+    assert [(d.kind, d.name, d.port) for d in up.discover] == [
+        ("dns", "users.internal", 8080),
+        ("srv", "_http._tcp.users.service.consul", 0),
+    ]
+    assert up.dns_refresh == 2.5
+    assert up.nameservers == ("127.0.0.1:8600", "::1", "[::1]:53")
+    assert "dns Users.Internal.:8080 every 2.5s via 127.0.0.1:8600" in summary(config)
+
+
+def test_an_upstream_of_dns_targets_only_is_valid() -> None:
+    up = parse(_discovery('{ dns = "users.internal:80" }')).upstreams["users"]
+    assert up.targets == ()
+    assert up.dns_refresh == 10.0
+
+
+@pytest.mark.parametrize(
+    ("targets", "extra", "expected"),
+    [
+        (
+            '{ dns = "users.internal" }',
+            "",
+            'targets[0].dns: must be "host:port" with a port 1-65535',
+        ),
+        ('{ dns = "users.internal:0" }', "", 'targets[0].dns: must be "host:port" with a port'),
+        ('{ dns = "users.internal:99999" }', "", 'targets[0].dns: must be "host:port"'),
+        ('{ dns = ":80" }', "", "targets[0].dns: must be a DNS name"),
+        ('{ dns = "a..b:80" }', "", 'targets[0].dns: empty label in "a..b"'),
+        ('{ dns = "bad name:80" }', "", 'targets[0].dns: invalid character in "bad name"'),
+        ('{ dns = "ü.example:80" }', "", "targets[0].dns: must be ASCII"),
+        (f'{{ dns = "{"a" * 64}.x:80" }}', "", "targets[0].dns: label"),
+        (f'{{ srv = "{"a." * 130}x" }}', "", "targets[0].srv: a DNS name is at most 253"),
+        (
+            '{ srv = "_http._tcp.x", weight = 2 }',
+            'balancer = "weighted"',
+            "targets[0].weight: an srv target takes",
+        ),
+        ('{ dns = "x:80", url = "http://x" }', "", "targets[0]: set only one of url, dns and srv"),
+        ('{ dns = "x:80", dnss = 1 }', "", 'targets[0].dnss: unknown key; did you mean "dns"?'),
+        ('{ dns = "x:80" }, { dns = "x:80" }', "", 'targets[1]: duplicate target "x:80"'),
+        ('{ dns = "x:80" }', "dns_refresh = 0", "dns_refresh: must be > 0"),
+        ('{ dns = "x:80" }', "dns_refresh = 0.01", "dns_refresh: must be >= 0.1 seconds"),
+        ('{ dns = "x:80" }', "dns_refresh = nan", "dns_refresh: must be a finite number"),
+        (
+            '{ dns = "x:80" }',
+            'nameservers = ["dns.google"]',
+            "nameservers[0]: must be an IP address",
+        ),
+        ('{ dns = "x:80" }', 'nameservers = ["1.1.1.1:0"]', "nameservers[0]: port must be 1-65535"),
+        ('{ dns = "x:80" }', 'nameservers = ["[::1"]', "nameservers[0]: invalid nameserver"),
+        (
+            '"http://127.0.0.1:1"',
+            "dns_refresh = 5.0",
+            'dns_refresh: has no effect without a "dns" or "srv" target',
+        ),
+        (
+            '"http://127.0.0.1:1"',
+            "dns_refreh = 5.0",
+            'dns_refreh: unknown key; did you mean "dns_refresh"?',
+        ),
+    ],
+)
+def test_bad_discovery_targets_name_the_key(targets: str, extra: str, expected: str) -> None:
+    found = errors(_discovery(targets, extra))
+    assert any(error.startswith(f"upstreams.users.{expected}") for error in found), found

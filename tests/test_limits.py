@@ -352,3 +352,36 @@ def test_headers_are_consistent(
         assert 1 <= int(values["Retry-After"]) <= max(1, t)
         # One wait per 429: the classic reset is the Retry-After.
         assert values["X-RateLimit-Reset"] == values["Retry-After"]
+
+
+# -- the shared (Redis) form -----------------------------------------------------
+
+
+def test_shared_keys_of_different_route_and_key_pairs_never_collide() -> None:
+    from gateway.core.limits import shared_key
+
+    assert shared_key("a:b", "c") != shared_key("a", "b:c")
+    assert shared_key("r", "") != shared_key("r:", "")
+
+
+@pytest.mark.parametrize("debt", [float("nan"), float("-inf"), -1.0, 0.0])
+def test_a_shared_bucket_answer_that_is_no_debt_is_a_full_bucket(debt: float) -> None:
+    from gateway.core.limits import shared_bucket
+
+    assert shared_bucket(2.0, 4, debt, 10.0).tokens(10.0) == 4.0
+
+
+@pytest.mark.parametrize("debt", [float("inf"), 1e300, 100.0])
+def test_a_huge_shared_bucket_debt_is_clamped_to_an_empty_bucket(debt: float) -> None:
+    from gateway.core.limits import shared_bucket
+
+    bucket = shared_bucket(2.0, 4, debt, 10.0)
+    assert bucket.tokens(10.0) == 0.0
+    assert bucket.seconds_until_full(10.0) == 2.5
+
+
+def test_a_shared_bucket_shows_the_tokens_redis_left() -> None:
+    from gateway.core.limits import shared_bucket
+
+    # 1.5 s until full at 2 tokens/s: 3 of 4 tokens used, 1 left.
+    assert shared_bucket(2.0, 4, 1.5, 10.0).tokens(10.0) == pytest.approx(1.0)

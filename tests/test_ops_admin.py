@@ -152,6 +152,7 @@ async def test_admin_endpoints_status_shape_and_every_contract_metric(
                 "rate": 100.0,
                 "burst": 200,
                 "key": "client_ip",
+                "store": "local",
             }
 
             # /metrics: every contract name, and a zero series for every route

@@ -48,8 +48,12 @@ from gateway.core.tomllines import key_lines, line_of
 BalancerName = Literal["round_robin", "weighted", "least_connections", "ip_hash"]
 AccessLogFormat = Literal["json", "text", "off"]
 TLSVersion = Literal["1.2", "1.3"]
+LimitStore = Literal["local", "redis"]
+DiscoveryKind = Literal["dns", "srv"]
 
 DEFAULT_CONFIG_PATH: Final = "routes.toml"
+# More processes than this is a typo (workers = 10000), not a plan.
+MAX_WORKERS: Final = 256
 
 
 class ConfigError(Exception):
@@ -96,11 +100,25 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     # origins allowed to call the admin API.
     admin_token_env: str = ""
     admin_cors_origins: tuple[str, ...] = ()
+    workers: int = 1  # processes serving the listeners; 0 = one per CPU
 
 
 class TargetConfig(msgspec.Struct, frozen=True, kw_only=True):
     url: str  # exactly as written in the config: the identity of the target
     weight: int = 1
+
+
+class DiscoveryConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """A `{ dns = "host:port" }` or `{ srv = "_service._proto.name" }` target:
+    the addresses it resolves to are the targets (see CONTRACT.md "Service
+    discovery"); `written` is the value as in the file, for logs and errors."""
+
+    kind: DiscoveryKind
+    name: str  # the DNS name looked up, lower-cased, without a trailing dot
+    port: int = 0  # dns: the port every address gets; srv: from the records
+    weight: int = 1  # dns: every address's weight; srv: from the records
+    scheme: str = "http"
+    written: str = ""
 
 
 class HealthConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -127,12 +145,21 @@ class UpstreamConfig(msgspec.Struct, frozen=True, kw_only=True):
     breaker: BreakerConfig = BreakerConfig()
     panic_threshold: float = 0.5
     tls: UpstreamTLSConfig | None = None
+    discover: tuple[DiscoveryConfig, ...] = ()  # the dns/srv items of `targets`
+    dns_refresh: float = 10.0
+    nameservers: tuple[str, ...] = ()  # "ip" or "ip:port"; () = resolv.conf
 
 
 class RateLimitConfig(msgspec.Struct, frozen=True, kw_only=True):
     rate: float
     burst: int
     key: str = "client_ip"  # "client_ip" | "route" | "header:NAME"
+    store: LimitStore = "local"
+
+
+class RedisConfig(msgspec.Struct, frozen=True, kw_only=True):
+    url: str = "redis://127.0.0.1:6379/0"
+    timeout: float = 0.05  # per command: no request waits longer on Redis
 
 
 class CorsConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -197,6 +224,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     upstreams: dict[str, UpstreamConfig]
     routes: tuple[RouteConfig, ...]
     cache: CacheConfig | None = None  # absent: no caching
+    redis: RedisConfig | None = None
     path: str  # where it was read from ("<string>" for parse())
     sha256: str  # of the file's bytes
     auth: dict[str, AuthPolicy] = {}
@@ -224,6 +252,7 @@ class _RawServer(_Raw):
     client_timeout: float | UnsetType = UNSET
     admin_token_env: str | UnsetType = UNSET
     admin_cors_origins: list[str] | UnsetType = UNSET
+    workers: int | UnsetType = UNSET
 
 
 class _RawDefaults(_Raw):
@@ -259,6 +288,8 @@ class _RawUpstreamTLS(_Raw):
 
 class _RawTarget(_Raw):
     url: str | UnsetType = UNSET
+    dns: str | UnsetType = UNSET
+    srv: str | UnsetType = UNSET
     weight: int | UnsetType = UNSET
 
 
@@ -283,12 +314,20 @@ class _RawUpstream(_Raw):
     breaker: dict[str, Any] | UnsetType = UNSET
     panic_threshold: float | UnsetType = UNSET
     tls: dict[str, Any] | UnsetType = UNSET
+    dns_refresh: float | UnsetType = UNSET
+    nameservers: list[str] | UnsetType = UNSET
 
 
 class _RawRateLimit(_Raw):
     rate: float | UnsetType = UNSET
     burst: int | UnsetType = UNSET
     key: str | UnsetType = UNSET
+    store: LimitStore | UnsetType = UNSET
+
+
+class _RawRedis(_Raw):
+    url: str | UnsetType = UNSET
+    timeout: float | UnsetType = UNSET
 
 
 class _RawCors(_Raw):
@@ -385,7 +424,7 @@ class _RawRewrite(_Raw):
     replace: str | UnsetType = UNSET
 
 
-_TOP_LEVEL: Final = ("server", "defaults", "upstreams", "routes", "auth", "cache")
+_TOP_LEVEL: Final = ("server", "defaults", "upstreams", "routes", "auth", "cache", "redis")
 _REDIRECT_STATUSES: Final = (301, 302, 303, 307, 308)
 _PLACEHOLDER_NAMES: Final = ("client_ip", "request_id", "route", "host", "consumer", "claim.NAME")
 MAX_KEY_FILE_BYTES: Final = 4 << 20
@@ -414,7 +453,11 @@ _CHOICES: Final[dict[str, tuple[str, ...]]] = {
     "access_log": get_args(AccessLogFormat),
     "type": ("jwt", "api_key"),
     "min_version": get_args(TLSVersion),
+    "store": get_args(LimitStore),
 }
+_REDIS: Final = RedisConfig()
+_UPSTREAM: Final = UpstreamConfig(name="", targets=())
+_REDIS_SCHEMES: Final = ("redis", "rediss", "unix")
 
 # RFC 9110 section 5.6.2: token = 1*tchar
 _TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -653,6 +696,65 @@ def _jwks_url_problem(url: str) -> str | None:
     return None
 
 
+def _dns_name_problem(name: str) -> str | None:
+    """Why `name` cannot be looked up in DNS, or None (RFC 1035 section 2.3.4:
+    labels of 1-63 octets, 253 in all; `_` allowed, as SRV names need it)."""
+    bare = name.removesuffix(".")
+    if not bare:
+        return "must be a DNS name"
+    if not bare.isascii():
+        return "must be ASCII; write an internationalised name in its xn-- (IDNA) form"
+    if len(bare) > 253:
+        return "a DNS name is at most 253 characters"
+    for label in bare.split("."):
+        if not label:
+            return f"empty label in {_quote(name)}"
+        if len(label) > 63:
+            return f"label {_quote(label[:20] + '...')} is over 63 characters"
+        if not _HOST_LABEL.fullmatch(label.lower()):
+            return f"invalid character in {_quote(label)}"
+    return None
+
+
+def _nameserver_problem(server: str) -> str | None:
+    """Why a `nameservers` item is unusable: "ip", "ip:port" or "[ipv6]:port"."""
+    host, port = server, ""
+    if server.startswith("["):
+        host, sep, port = server[1:].partition("]")
+        if not sep or (port and not port.startswith(":")):
+            return f"invalid nameserver {_quote(server)}"
+        port = port.removeprefix(":")
+    elif server.count(":") == 1:
+        host, _, port = server.partition(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return f"must be an IP address, optionally with a port, got {_quote(server)}"
+    if port and (not _PORT.fullmatch(port) or not 0 < int(port) <= 65535):
+        return f"port must be 1-65535, got {_quote(server)}"
+    return None
+
+
+def _redis_url_problem(url: str) -> str | None:
+    """Why `[redis] url` is unusable, or None (redis-py's own URL forms)."""
+    try:
+        parsed = yarl.URL(url)
+    except ValueError as exc:
+        return f"invalid URL {_quote(url)}: {str(exc).removeprefix('Invalid URL: ')}"
+    if parsed.scheme not in _REDIS_SCHEMES:
+        return f"scheme must be redis, rediss or unix, got {_quote(url)}"
+    if parsed.scheme == "unix":
+        if not parsed.path or parsed.path == "/":
+            return f"a unix URL needs the socket path, as in unix:///run/redis.sock: {_quote(url)}"
+        return None
+    if not parsed.host:
+        return f"URL has no host: {_quote(url)}"
+    db = parsed.path.strip("/")
+    if db and not (db.isascii() and db.isdigit()):
+        return f"the path must be a database number, as in redis://host:6379/0: {_quote(url)}"
+    return None
+
+
 class _Loader:
     """One pass over a parsed TOML document, collecting every error."""
 
@@ -808,6 +910,9 @@ class _Loader:
                     self.error("server.admin", f"same address as server.listen[{seen[admin]}]")
         self.duration("server.drain_timeout", server.drain_timeout, zero_ok=True)
         self.duration("server.client_timeout", server.client_timeout)
+        self.count("server.workers", server.workers, minimum=0)
+        if not isinstance(server.workers, UnsetType) and server.workers > MAX_WORKERS:
+            self.error("server.workers", f"must be <= {MAX_WORKERS} (0 = one per CPU)")
         if not isinstance(server.trusted_proxies, UnsetType):
             for position, cidr in enumerate(server.trusted_proxies):
                 try:
@@ -856,6 +961,7 @@ class _Loader:
             trusted_proxies=tuple(_or(server.trusted_proxies, list(_SERVER.trusted_proxies))),
             access_log=_or(server.access_log, _SERVER.access_log),
             client_timeout=_or(server.client_timeout, _SERVER.client_timeout),
+            workers=_or(server.workers, _SERVER.workers),
         )
 
     def listen_entry(self, item: object, path: str) -> tuple[str, bool] | None:
@@ -964,6 +1070,7 @@ class _Loader:
         if upstream is None:
             return None
         targets: list[TargetConfig] = []
+        discover: list[DiscoveryConfig] = []
         weighted: list[str] = []  # key paths of weights above 1
         if isinstance(upstream.targets, UnsetType):
             if "targets" not in dropped:
@@ -974,6 +1081,20 @@ class _Loader:
             first_at: dict[str, int] = {}
             for position, item in enumerate(upstream.targets):
                 here = f"{path}.targets[{position}]"
+                if isinstance(item, dict) and ("dns" in item or "srv" in item):
+                    found = self.discovery(item, here)
+                    if found is not None:
+                        if found.written in first_at:
+                            self.error(
+                                here,
+                                f"duplicate target {_quote(found.written)} "
+                                f"(also targets[{first_at[found.written]}])",
+                            )
+                        first_at[found.written] = position
+                        discover.append(found)
+                        if found.weight > 1:
+                            weighted.append(f"{here}.weight")
+                    continue
                 target = self.target(item, here)
                 if target is None:
                     continue
@@ -1014,6 +1135,18 @@ class _Loader:
         tls: UpstreamTLSConfig | None = None
         if not isinstance(upstream.tls, UnsetType):
             tls = self.upstream_tls(upstream.tls, f"{path}.tls")
+        self.duration(f"{path}.dns_refresh", upstream.dns_refresh)
+        if not isinstance(upstream.dns_refresh, UnsetType) and upstream.dns_refresh < 0.1:
+            # A lookup storm against the resolver is never what was meant.
+            self.error(f"{path}.dns_refresh", "must be >= 0.1 seconds")
+        nameservers = _or(upstream.nameservers, [])
+        for position, server in enumerate(nameservers):
+            if problem := _nameserver_problem(server):
+                self.error(f"{path}.nameservers[{position}]", problem)
+        if not discover:
+            for key in ("dns_refresh", "nameservers"):
+                if getattr(upstream, key) is not UNSET:
+                    self.error(f"{path}.{key}", 'has no effect without a "dns" or "srv" target')
         return UpstreamConfig(
             name=name,
             balancer=_or(upstream.balancer, "round_robin"),
@@ -1022,7 +1155,45 @@ class _Loader:
             breaker=breaker,
             panic_threshold=_or(panic, _PANIC_THRESHOLD),
             tls=tls,
+            discover=tuple(discover),
+            dns_refresh=_or(upstream.dns_refresh, _UPSTREAM.dns_refresh),
+            nameservers=tuple(nameservers),
         )
+
+    def discovery(self, item: dict[str, Any], path: str) -> DiscoveryConfig | None:
+        """A `{ dns = "host:port" }` or `{ srv = "_http._tcp.name" }` target."""
+        raw, _ = self.decode(item, _RawTarget, path)
+        if raw is None:
+            return None
+        given = [k for k in ("url", "dns", "srv") if getattr(raw, k) is not UNSET]
+        if len(given) > 1:
+            self.error(path, f"set only one of url, dns and srv, got {' and '.join(given)}")
+            return None
+        self.count(f"{path}.weight", raw.weight, minimum=1)
+        weight = _or(raw.weight, 1)
+        if not isinstance(raw.dns, UnsetType):
+            here = f"{path}.dns"
+            written = raw.dns
+            host, sep, port = written.rpartition(":")
+            if not sep or not _PORT.fullmatch(port) or not 0 < int(port) <= 65535:
+                self.error(here, f'must be "host:port" with a port 1-65535, got {_quote(written)}')
+                return None
+            if problem := _dns_name_problem(host):
+                self.error(here, problem)
+                return None
+            name = host.lower().removesuffix(".")
+            return DiscoveryConfig(
+                kind="dns", name=name, port=int(port), weight=weight, written=written
+            )
+        assert not isinstance(raw.srv, UnsetType)
+        here = f"{path}.srv"
+        written = raw.srv
+        if problem := _dns_name_problem(written):
+            self.error(here, problem)
+            return None
+        if not isinstance(raw.weight, UnsetType):
+            self.error(f"{path}.weight", "an srv target takes its weights from the SRV records")
+        return DiscoveryConfig(kind="srv", name=written.lower().removesuffix("."), written=written)
 
     def target(self, item: object, path: str) -> TargetConfig | None:
         if isinstance(item, str):
@@ -1571,7 +1742,23 @@ class _Loader:
                 f'must be "client_ip", "route", "consumer" or "header:NAME", got {_quote(key)}',
                 meant,
             )
-        return RateLimitConfig(rate=_or(limit.rate, 1.0), burst=_or(limit.burst, 1), key=key)
+        return RateLimitConfig(
+            rate=_or(limit.rate, 1.0),
+            burst=_or(limit.burst, 1),
+            key=key,
+            store=_or(limit.store, "local"),
+        )
+
+    def redis(self, raw: object) -> RedisConfig | None:
+        redis, _ = self.decode(raw, _RawRedis, "redis")
+        if redis is None:
+            return None
+        self.duration("redis.timeout", redis.timeout)
+        if not isinstance(redis.url, UnsetType) and (problem := _redis_url_problem(redis.url)):
+            self.error("redis.url", problem)
+        return RedisConfig(
+            url=_or(redis.url, _REDIS.url), timeout=_or(redis.timeout, _REDIS.timeout)
+        )
 
     def cors(self, raw: object, path: str) -> CorsConfig | None:
         cors, _ = self.decode(raw, _RawCors, path)
@@ -1679,6 +1866,18 @@ class _Loader:
             if route is not None:
                 routes.append(route)
 
+        redis: RedisConfig | None = None
+        if "redis" in doc:
+            redis = self.redis(doc["redis"])
+        else:
+            for route in routes:
+                if route.rate_limit is not None and route.rate_limit.store == "redis":
+                    where = f"routes[{route.index}] ({_quote(route.name)})"
+                    self.error(
+                        f"{where}.rate_limit.store",
+                        'needs a [redis] table (its url) for store = "redis"',
+                    )
+
         if self.errors or server is None:
             return None
         return Config(
@@ -1686,6 +1885,7 @@ class _Loader:
             upstreams=upstreams,
             routes=tuple(routes),
             cache=cache,
+            redis=redis,
             path=path,
             sha256=sha256,
             auth=policies,
@@ -1762,6 +1962,8 @@ def _route_limits(route: RouteConfig) -> str:
     if route.rate_limit is not None:
         limit = route.rate_limit
         parts.append(f"rate_limit {limit.rate:g}/s burst {limit.burst} by {limit.key}")
+        if limit.store != "local":
+            parts.append(f"store {limit.store}")
     if route.cors is not None:
         parts.append(f"cors {' '.join(route.cors.allow_origins)}")
     if route.auth:
@@ -1803,6 +2005,17 @@ def summary(config: Config) -> str:
             f"cache      {config.cache.max_bytes} bytes, "
             f"entries up to {config.cache.max_entry_bytes} bytes"
         )
+    if server.workers != 1:
+        lines.insert(3, f"workers    {server.workers or 'one per CPU'}")
+    if config.redis is not None:
+        # The URL may carry a password: only its scheme and host are shown.
+        redis_url = yarl.URL(config.redis.url)
+        where = (
+            redis_url.path if redis_url.scheme == "unix" else f"{redis_url.host}:{redis_url.port}"
+        )
+        lines.insert(
+            4, f"redis      {redis_url.scheme}://{where}, timeout {_seconds(config.redis.timeout)}"
+        )
     lines.append(f"upstreams  {len(config.upstreams)}")
     for name, upstream in config.upstreams.items():
         health = "passive health only"
@@ -1818,6 +2031,11 @@ def summary(config: Config) -> str:
         )
         for target in upstream.targets:
             lines.append(f"    {target.url} weight {target.weight}")
+        for found in upstream.discover:
+            lines.append(
+                f"    {found.kind} {found.written} every {_seconds(upstream.dns_refresh)}"
+                + (f" via {', '.join(upstream.nameservers)}" if upstream.nameservers else "")
+            )
     if config.auth:
         lines.append(f"auth       {len(config.auth)}")
     for name, policy in config.auth.items():

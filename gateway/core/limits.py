@@ -10,11 +10,20 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol
 
 from cachetools import TTLCache
 
-__all__ = ["DEFAULT_MAX_KEYS", "BucketStore", "TokenBucket", "rate_limit_headers"]
+__all__ = [
+    "DEFAULT_MAX_KEYS",
+    "TOKEN_BUCKET_LUA",
+    "BucketStore",
+    "SharedStore",
+    "TokenBucket",
+    "rate_limit_headers",
+    "shared_bucket",
+    "shared_key",
+]
 
 DEFAULT_MAX_KEYS: Final = 100_000
 
@@ -162,6 +171,68 @@ class BucketStore:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+# The shared (Redis) form of `TokenBucket.take`: the same GCRA rule, run
+# atomically inside Redis so that every gateway process drawing on one key
+# sees one bucket, in one round trip (EVALSHA). KEYS[1] holds the instant the
+# bucket is full, on Redis's own clock (TIME), so hosts whose clocks differ
+# still agree; it expires once the bucket would be full anyway (an absent key
+# is a full bucket, as an expired BucketStore entry is). The reply is
+# {allowed (1|0), seconds until full (a decimal string: Redis turns Lua
+# numbers into integers)}, from which the caller rebuilds a bucket for the
+# headers on its own monotonic clock. `%.6f` keeps microseconds: Lua's
+# tostring() keeps 14 digits, i.e. 0.1 ms of an epoch, which at 200/s (5 ms a
+# token) would drift the rate by up to 2 %.
+TOKEN_BUCKET_LUA: Final = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local full_at = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if full_at < now then full_at = now end
+if (full_at - now) * rate > burst - 1 + 1e-9 then
+  return {0, string.format('%.6f', full_at - now)}
+end
+full_at = full_at + 1 / rate
+redis.call('SET', KEYS[1], string.format('%.6f', full_at),
+           'PX', math.ceil((full_at - now) * 1000) + 1)
+return {1, string.format('%.6f', full_at - now)}
+"""
+
+
+class SharedStore(Protocol):
+    """Buckets shared by several processes (Redis; a worker's main process).
+
+    `take` draws from the shared bucket of `key` on `route`, or from `local`
+    (the route's own store, same rate and burst) when the shared one cannot
+    answer in time."""
+
+    async def take(self, route: str, key: str, local: BucketStore) -> tuple[bool, TokenBucket]: ...
+
+
+def shared_key(route: str, key: str) -> str:
+    """The Redis key of `key`'s bucket on `route`.
+
+    Length-prefixed, so no route name and bucket key pair can collide with
+    another (a route "a:b" with key "c" against route "a" with key "b:c").
+    """
+    return f"gateway:rl:{len(route)}:{route}:{key}"
+
+
+def shared_bucket(rate: float, burst: int, debt: float, now: float) -> TokenBucket:
+    """A local bucket standing for the shared one Redis answered about.
+
+    `debt` is the seconds until the shared bucket is full, as the script
+    returned it; `now` the local monotonic instant the headers are computed
+    for. A hostile or broken answer (negative, NaN, huge) is clamped to what a
+    bucket can be: full, or empty for `burst / rate` seconds.
+    """
+    bucket = TokenBucket(rate, burst)
+    if math.isnan(debt) or debt <= 0.0:
+        return bucket
+    bucket._full_at = now + min(debt, (burst + 1) / rate)
+    return bucket
 
 
 def rate_limit_headers(

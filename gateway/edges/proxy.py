@@ -388,7 +388,7 @@ class ProxyHandler:
             raw_path=ex.raw_path,
         )
         ex.consumer = auth.consumer
-        ex.limit_headers = self._admit(ex)
+        ex.limit_headers = await self._admit(ex)
         if route.config.redirect is not None:
             return self._auth.redirect(route, auth, ex.raw_path, ex.raw_query)
         return None
@@ -457,7 +457,7 @@ class ProxyHandler:
         bucket = route.buckets.peek(key)
         return rate_limit_headers(route.name, bucket, self._clock(), True)
 
-    def _admit(self, ex: _Exchange) -> Sequence[tuple[str, str]]:
+    async def _admit(self, ex: _Exchange) -> Sequence[tuple[str, str]]:
         """Rate-limit, then body-size checks (the contract's order: a request
         over its limit is a 429 whatever its size), before any upstream work;
         the rate-limit headers every response to the request then carries."""
@@ -468,7 +468,12 @@ class ProxyHandler:
         buckets = route.buckets
         if buckets is not None:
             key = _bucket_key(route, request.headers, ex.client, ex.consumer)
-            allowed, bucket = buckets.take(key)
+            if route.shared is None:
+                allowed, bucket = buckets.take(key)
+            else:
+                # store = "redis" (or the main process's buckets in a worker):
+                # one round trip, or the local bucket while the store is down.
+                allowed, bucket = await route.shared.take(route.name, key, buckets)
             headers = rate_limit_headers(route.name, bucket, self._clock(), allowed)
             if not allowed:
                 route.rate_limited.inc()

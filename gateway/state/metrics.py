@@ -286,6 +286,14 @@ class Metrics:
             ["route", "reason"],
             r,
         )
+        # Label-less: one Redis serves every route, and an outage is one event.
+        self.ratelimit_store_errors = FastCounter(
+            "gateway_ratelimit_store_errors_total",
+            "Shared rate-limit store (Redis) commands that failed or timed out.",
+            [],
+            r,
+        )
+        self.ratelimit_store_errors.labels()
         self.breaker_state = Gauge(
             "gateway_breaker_state",
             "Circuit breaker per target: 0 closed, 1 open, 2 half-open.",

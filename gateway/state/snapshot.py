@@ -33,11 +33,12 @@ from gateway.core.config import (
     RateLimitConfig,
     RouteCacheConfig,
     RouteConfig,
+    TargetConfig,
     UpstreamConfig,
 )
 from gateway.core.cors import CorsPolicy
 from gateway.core.headers import TrustedProxies
-from gateway.core.limits import BucketStore
+from gateway.core.limits import BucketStore, SharedStore
 from gateway.core.retry import RetryBudget
 from gateway.core.routing import RouteTable
 from gateway.state.auth import AuthState, PolicySet
@@ -49,6 +50,7 @@ from gateway.state.metrics import (
     Metrics,
     RequestCounter,
 )
+from gateway.state.redisstore import SharedBuckets
 from gateway.state.stats import RouteStats
 from gateway.state.upstream import PanicState, Pool, Target
 from gateway.wire.h1client import ConnectionPool
@@ -61,12 +63,19 @@ class RouteRuntime:
     """A route plus everything precomputed for its requests."""
 
     def __init__(
-        self, config: RouteConfig, pool: Pool, buckets: BucketStore | None, metrics: Metrics
+        self,
+        config: RouteConfig,
+        pool: Pool,
+        buckets: BucketStore | None,
+        metrics: Metrics,
+        shared: SharedStore | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
         self.pool = pool
         self.buckets = buckets
+        # store = "redis": the shared buckets, with `buckets` as the fallback.
+        self.shared = shared
         self.cors = CorsPolicy(config.cors) if config.cors is not None else None
         rate_limit = config.rate_limit
         self.limit_header: str | None = None
@@ -164,18 +173,33 @@ class Runtime:
     cache: ResponseCache | None = None
     cache_config: CacheConfig | None = None
     _cache_routes: dict[str, tuple[object, ...]] = field(default_factory=dict, init=False)
+    # The [redis] store of the current config; ones a reload replaced are
+    # closed at shutdown (a request may still be on them).
+    shared: SharedBuckets | None = None
+    # In a worker process: the main process's buckets, for store = "local"
+    # routes (one limit for the whole gateway, as nginx's shared zones).
+    local_shared: SharedStore | None = None
+    # The last good set of each dns/srv target, by (upstream, entry as
+    # written); filled by gateway.state.discovery.
+    discovered: dict[tuple[str, str], tuple[TargetConfig, ...]] = field(default_factory=dict)
+    _retired: list[SharedBuckets] = field(default_factory=list, init=False)
     # Routes of the current snapshot: a reload forgets the metric series of
     # the ones it removes.
     _routes_seen: frozenset[str] = field(default_factory=frozenset, init=False)
     # The last snapshot built: what `prepare` compares a new config with.
     _current: Snapshot | None = field(default=None, init=False)
 
-    def build(self, config: Config) -> Snapshot:
+    def build(self, config: Config, *, rebuild: bool = False) -> Snapshot:
         """A snapshot for `config`, reusing state for what did not change.
 
-        Nothing here awaits, so the swap the caller does afterwards is atomic.
+        `rebuild`: every pool and route anew, for what the config does not
+        show (DNS changed a target set under an unchanged config). Nothing
+        here awaits, so the swap the caller does afterwards is atomic.
         """
-        return self.commit(self.prepare(config))
+        prepared = self.prepare(config)
+        if rebuild:
+            prepared = replace(prepared, base=None)  # commit then reuses nothing
+        return self.commit(prepared)
 
     def prepare(self, config: Config) -> Prepared:
         """Everything about `config` that needs no loop-bound object.
@@ -236,18 +260,30 @@ class Runtime:
                 pools[name] = kept_pool
             else:  # new or changed, or its TLS files changed under the same config
                 pools[name] = self._pool(up, tls.get(name))
+        shared = self._shared(config)
+
+        def store_of(route: RouteConfig) -> SharedStore | None:
+            # store = "redis": the [redis] store; "local" in a worker: the main's.
+            if route.rate_limit is None:
+                return None
+            return shared if route.rate_limit.store == "redis" else self.local_shared
+
         routes = prepared.kept  # built for this snapshot alone: ours to fill
         metrics = self.metrics
         todo = list(prepared.todo)
         for name, runtime in list(routes.items()):
-            if runtime.pool is not pools.get(runtime.config.upstream, runtime.pool):
-                del routes[name]  # its pool was rebuilt: so is the route
+            if runtime.pool is not pools.get(
+                runtime.config.upstream, runtime.pool
+            ) or runtime.shared is not store_of(runtime.config):
+                del routes[name]  # its pool or store was replaced: so is the route
                 todo.append(runtime.config)
         for route in todo:
             # A redirect route has no upstream; it answers before any pool
             # is used, so an empty one stands in (never in `pools`, never probed).
             pool = pools.get(route.upstream) or self._no_pool()
-            routes[route.name] = RouteRuntime(route, pool, self._buckets(route), metrics)
+            routes[route.name] = RouteRuntime(
+                route, pool, self._buckets(route), metrics, store_of(route)
+            )
         auth = self.auth.build(config.auth)
         cache = self._cache(config)
         self._forget_missing(config, prepared.route_names)
@@ -302,7 +338,7 @@ class Runtime:
 
     def _pool(self, up: UpstreamConfig, tls: ClientTLS | None = None) -> Pool:
         targets = []
-        for t in up.targets:
+        for t in self.targets_of(up):
             key = (up.name, t.url)
             target = self.targets.get(key)
             if target is None:
@@ -349,8 +385,31 @@ class Runtime:
             self.buckets[route.name] = entry
         return entry.store
 
+    def _shared(self, config: Config) -> SharedBuckets | None:
+        """The Redis store for `config`, kept across reloads while [redis] stays."""
+        if self.shared is not None and self.shared.config != config.redis:
+            self._retired.append(self.shared)
+            self.shared = None
+        if self.shared is None and config.redis is not None:
+            self.shared = SharedBuckets(config.redis, self.metrics, self.clock)
+        return self.shared
+
+    def targets_of(self, up: UpstreamConfig) -> list[TargetConfig]:
+        """The static targets of `up`, then those its dns/srv entries resolved
+        to (an address also written as a static target counts once)."""
+        targets = list(up.targets)
+        seen = {t.url for t in targets}
+        for found in up.discover:
+            for t in self.discovered.get((up.name, found.written), ()):
+                if t.url not in seen:
+                    seen.add(t.url)
+                    targets.append(t)
+        return targets
+
     def _forget_missing(self, config: Config, route_names: frozenset[str]) -> None:
-        live_targets = {(u.name, t.url) for u in config.upstreams.values() for t in u.targets}
+        live_targets = {
+            (u.name, t.url) for u in config.upstreams.values() for t in self.targets_of(u)
+        }
         for key in [k for k in self.targets if k not in live_targets]:
             del self.targets[key]
             self.metrics.forget_target(*key)
@@ -366,6 +425,9 @@ class Runtime:
         already ended or aborted the requests on them)."""
         await self.auth.close()
         await self.client.close()
+        for shared in [*self._retired, *([self.shared] if self.shared else [])]:
+            await shared.close()
+        self._retired.clear()
 
 
 @contextlib.contextmanager
