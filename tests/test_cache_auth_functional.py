@@ -130,6 +130,13 @@ async def _start(
         [routes.cache]
 
         [[routes]]
+        name = "moved"
+        path = "/moved"
+        redirect = "https://{{host}}{{path}}"
+        redirect_status = 301
+        [routes.cache]
+
+        [[routes]]
         name = "uncached"
         path = "/uncached"
         upstream = "app"
@@ -338,6 +345,11 @@ async def test_refusals_on_a_caching_route_carry_cache_status(
     status, headers, body = await _get(client, gw.url + "/shared/x", "HEAD")
     assert (status, body) == (401, "")
     assert headers["Cache-Status"] == "gateway; detail=unauthorized"
+    # A redirect the gateway makes itself: the cache was not consulted.
+    async with asyncio.timeout(WAIT):
+        async with client.get(gw.url + "/moved/x", allow_redirects=False) as response:
+            assert response.status == 301
+            assert response.headers["Cache-Status"] == "gateway; detail=local"
     # 405 and 404 belong to no route: no Cache-Status. A route without a
     # cache never has one.
     status, headers, _ = await _get(client, gw.url + "/writers/x", "DELETE")
