@@ -23,9 +23,11 @@ upstream on its own. Waiting for the whole body (rather than streaming the
 fill to followers, as Varnish does) keeps one slow client from pacing the
 others and keeps a fill's memory to one buffer of at most max_entry_bytes.
 
-Identity: on a route with `auth`, the cache keys on the consumer the auth
-step put on the exchange (`ex.consumer`); a request without one is never
-answered from, nor stored into, the cache.
+Identity: on a route with `auth`, the cache keys on who the auth step
+said the request is: the policy and its consumer (`ex.auth`), so that a JWT
+`sub` and an API-key consumer of the same name (or two issuers' equal `sub`)
+are different variants; a request without a consumer is never answered
+from, nor stored into, the cache.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from multidict import CIMultiDict
 from gateway.core import cacherules
 from gateway.core.config import RouteCacheConfig
 from gateway.core.errors import GatewayError
+from gateway.edges.auth import RequestAuth
 from gateway.state.cache import Entry, Fill, Key, ResponseCache
 from gateway.state.snapshot import RouteRuntime, Snapshot
 from gateway.wire.h1client import H1Response
@@ -88,7 +91,7 @@ class CacheExchange(Protocol):
     raw_query: str | None
     bytes_out: int
     cache: CacheRequest | None
-    consumer: str | None  # set by the auth step; None: anonymous
+    auth: RequestAuth | None  # set by the auth step; None on a route without auth
 
     def finish_headers(self, headers: CIMultiDict[str]) -> None:
         """Add what every response to the request carries (X-Request-ID, ...)."""
@@ -394,6 +397,14 @@ _HOP_BY_HOP: Final = frozenset(
 )
 
 
+def unconsulted(error: str | None) -> str:
+    """Cache-Status of a response on a caching route that the gateway made
+    before the cache step ran: a refusal (401, 403, 413, 429: `detail` is its
+    error code), a CORS preflight or a redirect (`detail=local`). RFC 9211 2:
+    neither `hit` nor `fwd`, as the cache neither answered nor forwarded it."""
+    return f"{_NAME}; detail={error or 'local'}"
+
+
 def _stored(stored: bool) -> str:
     return "; stored" if stored else ""
 
@@ -436,7 +447,7 @@ class CacheStep:
                 # invalidates the stored responses for its URL.
                 store.invalidate(key)
             return
-        consumer = ex.consumer or ""
+        consumer = _consumer(ex.auth)
         bypass = _bypass(ex, route, consumer)
         if bypass is not None:
             counts["bypass"].inc()
@@ -498,6 +509,15 @@ class CacheStep:
         counts[creq.served or "miss"].inc()
 
 
+def _consumer(auth: RequestAuth | None) -> str:
+    """Whom the cache keys a request on: "" for nobody, else the policy and its
+    consumer, length-prefixed so that no pair of names can spell another."""
+    identity = auth.identity if auth is not None else None
+    if identity is None or identity.consumer is None:
+        return ""
+    return f"{len(identity.policy)}:{identity.policy}:{identity.consumer}"
+
+
 def _bypass(ex: CacheExchange, route: RouteRuntime, consumer: str) -> str | None:
     """Why this GET/HEAD is not answered from (nor stored into) the cache."""
     method = ex.method
@@ -513,4 +533,11 @@ def _bypass(ex: CacheExchange, route: RouteRuntime, consumer: str) -> str | None
     return None
 
 
-__all__ = ["BodyTee", "CacheExchange", "CacheRequest", "CacheStep", "RouteCacheConfig"]
+__all__ = [
+    "BodyTee",
+    "CacheExchange",
+    "CacheRequest",
+    "CacheStep",
+    "RouteCacheConfig",
+    "unconsulted",
+]

@@ -50,7 +50,7 @@ from gateway.core.routing import forward_path, has_dot_segment
 from gateway.core.tracing import trace_context
 from gateway.edges import upgrade
 from gateway.edges.auth import AuthStep, RequestAuth
-from gateway.edges.cache import CacheRequest, CacheStep
+from gateway.edges.cache import CacheRequest, CacheStep, unconsulted
 from gateway.state.log import AccessEntry, AccessLog
 from gateway.state.metrics import Metrics, RequestCounter
 from gateway.state.snapshot import RouteRuntime, Snapshot, SnapshotBox
@@ -1030,6 +1030,9 @@ def _finish_headers(ex: _Exchange, headers: CIMultiDict[str]) -> None:
     headers["X-Request-ID"] = ex.request_id
     if ex.cache is not None and ex.cache.status:
         headers["Cache-Status"] = ex.cache.status  # RFC 9211
+    elif ex.runtime is not None and ex.runtime.cache_config is not None:
+        # Every response of a caching route has one (CONTRACT.md), refusals too.
+        headers["Cache-Status"] = unconsulted(ex.error)
     for name, value in ex.limit_headers:
         headers[name] = value
     if ex.cors_headers:
