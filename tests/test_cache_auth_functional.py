@@ -141,6 +141,16 @@ async def _start(
         path = "/uncached"
         upstream = "app"
         auth = "partners"
+
+        [[routes]]
+        name = "per-consumer"
+        path = "/per-consumer"
+        upstream = "app"
+        auth = ["staff", "partners"]
+        [routes.rate_limit]
+        rate = 0.001
+        burst = 1
+        key = "consumer"
         """
     )
     return origin, gw
@@ -393,3 +403,22 @@ async def test_head_is_answered_from_the_get_entry_and_a_head_miss_does_not_fill
     status, headers, _ = await _get(client, url, "HEAD", **{"X-Api-Key": KEY_B})
     assert headers["Cache-Status"] == "gateway; fwd=miss; fwd-status=200; detail=method"
     assert origin.count("/shared/h") == 4
+
+
+async def test_a_jwt_subject_and_a_key_consumer_of_the_same_name_have_two_buckets(
+    tmp_path: Path,
+    pair: KeyPair,
+    start_upstream: UpstreamFactory,
+    make_gateway: GatewayFactory,
+    client: aiohttp.ClientSession,
+) -> None:
+    # key = "consumer" keys on who authenticated (policy and consumer), as the
+    # cache does: one "alice" cannot spend the other's tokens.
+    _, gw = await _start(tmp_path, pair, start_upstream, make_gateway)
+    url = gw.url + "/per-consumer/x"
+    jwt_alice = {"Authorization": _bearer(pair, sub="alice")}
+    key_alice = {"X-Api-Key": KEY_ALICE}
+    assert (await _get(client, url, **jwt_alice))[0] == 200
+    assert (await _get(client, url, **key_alice))[0] == 200
+    assert (await _get(client, url, **jwt_alice))[0] == 429
+    assert (await _get(client, url, **key_alice))[0] == 429

@@ -639,3 +639,32 @@ async def _metrics(client: aiohttp.ClientSession, gw: RunningGateway) -> dict[st
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
     return out
+
+
+async def test_a_hit_gets_the_routes_response_transforms_like_a_miss(
+    start_upstream: UpstreamFactory, make_gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    # Stored heads are the target's; [routes.response_headers] runs on every
+    # answer, relayed or served from the store (a review found hits skipped it).
+    origin, gw = await _start(
+        start_upstream,
+        make_gateway,
+        route_extra="""
+        [routes.response_headers]
+        remove = ["X-Internal"]
+        set = { X-Frame-Options = "DENY" }
+        """,
+    )
+
+    async def cacheable(request: web.Request) -> web.Response:
+        return web.Response(
+            text="hello", headers={"Cache-Control": "max-age=100", "X-Internal": "10.0.0.7"}
+        )
+
+    origin.handlers["/a"] = cacheable
+    for expected in ("miss", "hit"):
+        status, headers, body = await _get(client, gw.url + "/a")
+        assert (status, body) == (200, b"hello")
+        assert expected in headers["Cache-Status"]
+        assert "X-Internal" not in headers
+        assert headers["X-Frame-Options"] == "DENY"

@@ -65,6 +65,17 @@ class RequestAuth:
         return self.identity.consumer if self.identity is not None else None
 
     @property
+    def who(self) -> str:
+        """Whom state is kept for (cache entries, rate-limit buckets): "" for
+        nobody, else the policy and its consumer, length-prefixed so that no
+        pair of names spells another (a JWT `sub` and an API-key consumer of
+        the same name are two clients)."""
+        identity = self.identity
+        if identity is None or identity.consumer is None:
+            return ""
+        return f"{len(identity.policy)}:{identity.policy}:{identity.consumer}"
+
+    @property
     def claims(self) -> Mapping[str, Any]:
         return self.identity.claims if self.identity is not None else _EMPTY
 
@@ -255,13 +266,16 @@ class AuthStep:
                 continue
             headers[header] = value
 
+    @classmethod
     def response_headers(
-        self, headers: CIMultiDict[str], route: RouteRuntime, ctx: RequestAuth
+        cls, headers: CIMultiDict[str], route: RouteRuntime, ctx: RequestAuth
     ) -> None:
-        """A target's (or a redirect's) response head, finished: the route's transforms."""
+        """A target's (or a redirect's, or a stored) response head, finished:
+        the route's transforms. Needs no state, so a response served from
+        the cache gets it through the exchange as a relayed one does."""
         transform = route.config.response_headers
         if transform is not None:
-            self._transform(headers, transform, ctx, route.name)
+            cls._transform(headers, transform, ctx, route.name)
 
     @staticmethod
     def _transform(

@@ -510,12 +510,8 @@ class CacheStep:
 
 
 def _consumer(auth: RequestAuth | None) -> str:
-    """Whom the cache keys a request on: "" for nobody, else the policy and its
-    consumer, length-prefixed so that no pair of names can spell another."""
-    identity = auth.identity if auth is not None else None
-    if identity is None or identity.consumer is None:
-        return ""
-    return f"{len(identity.policy)}:{identity.policy}:{identity.consumer}"
+    """Whom the cache keys a request on (see `RequestAuth.who`)."""
+    return auth.who if auth is not None else ""
 
 
 def _bypass(ex: CacheExchange, route: RouteRuntime, consumer: str) -> str | None:
@@ -526,6 +522,10 @@ def _bypass(ex: CacheExchange, route: RouteRuntime, consumer: str) -> str | None
         return "method"
     if _has_auth(route) and not consumer:
         return "anonymous"
+    if request.websocket:
+        # A switch to another protocol: nothing to store, and a fill would stay
+        # open for the tunnel's life with collapsed followers waiting on it.
+        return "upgrade"
     if request.body_exists:
         return "body"
     if "Range" in request.headers:

@@ -163,7 +163,12 @@ class _Exchange(AccessEntry):
         self.cache: CacheRequest | None = None
 
     def finish_headers(self, headers: CIMultiDict[str]) -> None:
+        """A response's head from the target or the cache, finished: what
+        every response carries, then the route's response transforms (the
+        same for a relayed response and one served from the cache)."""
         _finish_headers(self, headers)
+        if self.auth is not None and self.runtime is not None:  # [routes.response_headers]
+            AuthStep.response_headers(headers, self.runtime, self.auth)
 
     def settle(self, cut: str | None) -> None:
         """Decide the logged status, once, at the end (or at a second SIGTERM).
@@ -251,14 +256,15 @@ def _bucket_key(
     route: RouteRuntime,
     headers: CIMultiDictProxy[str],
     client: str,
-    consumer: str | None = None,
+    who: str | None = None,
 ) -> str:
-    """The rate-limit bucket a request draws from on `route`."""
+    """The rate-limit bucket a request draws from on `route`; `who` is the
+    authenticated client (`RequestAuth.who`: policy and consumer)."""
     if route.buckets is None or route.limit_by_route:
         return ""
     if route.limit_by_consumer:
-        # JWT `sub` or key consumer; prefixed so that no name can be an address.
-        return f"consumer {consumer}" if consumer else client
+        # Prefixed so that no name can be an address.
+        return f"consumer {who}" if who else client
     value = headers.get(route.limit_header) if route.limit_header else None
     # Header values are the client's to choose: prefixed, one spelled like an
     # address cannot drain (or reuse) that client's bucket.
@@ -467,7 +473,8 @@ class ProxyHandler:
         headers: Sequence[tuple[str, str]] = _NO_HEADERS
         buckets = route.buckets
         if buckets is not None:
-            key = _bucket_key(route, request.headers, ex.client, ex.consumer)
+            who = ex.auth.who if ex.auth is not None else None
+            key = _bucket_key(route, request.headers, ex.client, who)
             if route.shared is None:
                 allowed, bucket = buckets.take(key)
             else:
@@ -819,9 +826,7 @@ class ProxyHandler:
             tee = cache.tee(upstream.status, upstream.reason or "", headers)
         else:
             headers = client_response_headers(upstream.headers, request_id=ex.request_id)
-        _finish_headers(ex, headers)
-        if ex.auth is not None and ex.runtime is not None:  # [routes.response_headers]
-            self._auth.response_headers(headers, ex.runtime, ex.auth)
+        ex.finish_headers(headers)
         writer = ex.request.writer
         read = upstream.read_chunk
         complete = upstream.complete
