@@ -255,6 +255,10 @@ class DirectBody:
     async def pour(self, sink: splice.SocketDup, write_timeout: float) -> None:
         raise NotImplementedError
 
+    def discard(self) -> None:
+        """Release what `pour` would have used, when it never ran; a no-op
+        once it began (it then releases everything itself)."""
+
 
 class H1Response:
     """One response: status and head at once, the body through `read_chunk()`."""
@@ -743,7 +747,14 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         self._body_done = body is None
         self._body_pulled = False
         if isinstance(body, DirectBody):
-            self._body_task = self._loop.create_task(self._pour_body(body))
+            direct = body
+            self._body_task = self._loop.create_task(self._pour_body(direct))
+            # `pour` may never run: the target answered (and the connection
+            # was dropped, cancelling this task) while the head waited to be
+            # flushed, or the task returned before it; whatever the body
+            # holds (a relay's pipe, the client socket's duplicate) is
+            # released when the task ends, however it ends.
+            self._body_task.add_done_callback(lambda _task: direct.discard())
         elif body is not None:
             self._body_task = self._loop.create_task(self._send_body(body, content_length))
         try:
