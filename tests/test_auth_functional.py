@@ -614,7 +614,6 @@ async def test_a_jwks_streamed_in_slow_chunks_is_read_whole_and_an_endless_one_i
 ) -> None:
     rsa = keys["RS256"]
     document = jwks(rsa).encode()
-    endless_sent = [0]
 
     async def slow(request: web.Request) -> web.StreamResponse:
         # Chunked, in five pieces with pauses: never all buffered at once.
@@ -634,7 +633,6 @@ async def test_a_jwks_streamed_in_slow_chunks_is_read_whole_and_an_endless_one_i
         await response.write(b'{"keys": [')
         for _ in range(4096):  # bounded: 64 MiB at most
             await response.write(b" " * 16384)
-            endless_sent[0] += 16384
         await response.write_eof()
         return response
 
