@@ -138,14 +138,21 @@ class Gateway:
         """
         assert self.box is not None
         config = prepared.config
+        table = None
         if self.tls is not None and config.server.certificates:
             # Loaded whole before anything is swapped: a pair that fails
             # rejects the reload and the old certificates keep serving.
             try:
-                self.tls.update(*_certificates(config.server))
+                table = self.tls.build(*_certificates(config.server))
             except (ssl.SSLError, OSError, ValueError) as exc:
                 raise ConfigError([f"server.certificates: cannot load: {exc}"]) from exc
+        # The commit may still reject the reload (upstream TLS files load
+        # here), so the certificates are swapped only after it: a rejected
+        # reload changes nothing.
         snapshot = self.runtime.commit(prepared)
+        if table is not None:
+            assert self.tls is not None
+            self.tls.swap(table, config.server.tls.min_version)
         self.box.snapshot = snapshot
         self.runtime.auth.start()  # JWKS URL fetchers of new policies
         if self.worker is None:

@@ -603,3 +603,76 @@ async def test_two_authorization_or_key_fields_are_never_believed(
             url, b"GET /orders HTTP/1.1\r\nHost: a\r\nConnection: close\r\n" + twice + b"\r\n"
         )
         assert answer.startswith(b"HTTP/1.1 401"), answer[:60]
+
+
+async def test_a_jwks_streamed_in_slow_chunks_is_read_whole_and_an_endless_one_is_cut(
+    echo: TestServer,
+    keys: dict[str, KeyPair],
+    start_upstream: UpstreamFactory,
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    rsa = keys["RS256"]
+    document = jwks(rsa).encode()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        # Chunked, in five pieces with pauses: never all buffered at once.
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        step = len(document) // 5 + 1
+        for start in range(0, len(document), step):
+            await response.write(document[start : start + step])
+            await asyncio.sleep(0.05)
+        await response.write_eof()
+        return response
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        # Past the 1 MiB cap without end: refused, not read into memory.
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await response.write(b'{"keys": [')
+        for _ in range(4096):  # bounded: 64 MiB at most
+            await response.write(b" " * 16384)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/slow.json", slow)
+    app.router.add_get("/endless.json", endless)
+    server = await start_upstream(app)
+    text = f"""
+        [server]
+        listen = ["127.0.0.1:0"]
+        admin = ""
+        [auth.slow]
+        type = "jwt"
+        algorithms = ["RS256"]
+        jwks_url = "http://127.0.0.1:{server.port}/slow.json"
+        [auth.endless]
+        type = "jwt"
+        algorithms = ["RS256"]
+        jwks_url = "http://127.0.0.1:{server.port}/endless.json"
+        [upstreams.app]
+        targets = ["http://127.0.0.1:{echo.port}"]
+        [[routes]]
+        name = "slow"
+        path = "/slow"
+        upstream = "app"
+        auth = "slow"
+        [[routes]]
+        name = "endless"
+        path = "/endless"
+        upstream = "app"
+        auth = "endless"
+    """
+    gateway, url, _, _ = await _start(text, tmp_path)
+    try:
+        await wait_for(lambda: bool(gateway.runtime.auth.jwt["slow"].keys), WAIT)
+        assert (await _get(client, f"{url}/slow", rsa.token()))[0] == 200
+        fetcher = gateway.runtime.auth.jwt["endless"].fetcher
+        assert fetcher is not None
+        await wait_for(lambda: fetcher.failures >= 1, WAIT)
+        assert not gateway.runtime.auth.jwt["endless"].keys
+        assert (await _get(client, f"{url}/endless", rsa.token()))[0] == 401
+    finally:
+        await gateway.close()

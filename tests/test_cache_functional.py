@@ -580,6 +580,47 @@ async def test_the_cache_survives_a_reload_that_leaves_the_route_unchanged(
     assert headers["Cache-Status"].startswith("gateway; fwd=miss")
 
 
+async def test_a_reload_changing_what_the_target_is_asked_starts_the_route_empty(
+    start_upstream: UpstreamFactory, make_gateway: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    import msgspec
+
+    from gateway.core.config import parse
+
+    origin, gw = await _start(start_upstream, make_gateway)
+    box = gw.gateway.box
+    assert box is not None
+    config = box.snapshot.config
+    changed = parse(
+        f"""
+        [upstreams.app]
+        targets = ["http://127.0.0.1:{origin.port}"]
+        [[routes]]
+        name = "all"
+        path = "/"
+        upstream = "app"
+        [routes.rewrite]
+        pattern = "^/(.*)$"
+        replace = "/v2/\\\\1"
+        [routes.request_headers]
+        set = {{ X-Version = "2" }}
+        [routes.response_headers]
+        set = {{ X-Served = "v2" }}
+        """
+    ).routes[0]
+    route = config.routes[0]
+    for name in ("rewrite", "request_headers", "response_headers"):
+        route = msgspec.structs.replace(route, **{name: getattr(changed, name)})
+        _, headers, _ = await _get(client, gw.url + f"/keep-{name}")
+        assert headers["Cache-Status"].startswith("gateway; fwd=miss"), name
+        _, headers, _ = await _get(client, gw.url + f"/keep-{name}")
+        assert headers["Cache-Status"].startswith("gateway; hit"), name
+        gw.gateway.apply(gw.gateway.prepare(msgspec.structs.replace(config, routes=(route,))))
+        _, headers, body = await _get(client, gw.url + f"/keep-{name}")
+        assert headers["Cache-Status"].startswith("gateway; fwd=miss"), name
+    assert body.startswith(b"body of /v2/keep-")  # the rewritten target path
+
+
 async def test_requests_with_a_body_or_a_range_bypass_the_cache(
     start_upstream: UpstreamFactory, make_gateway: GatewayFactory, client: aiohttp.ClientSession
 ) -> None:

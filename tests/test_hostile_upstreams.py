@@ -766,3 +766,69 @@ async def test_framing_the_gateway_can_relay_is_relayed_and_reused(
         reply = await ask(gw, "/")
         assert (reply.status, reply.body, reply.clean) == (200, b"hello", True)
     assert upstream.connections == 1
+
+
+# -- control bytes in a reason phrase ------------------------------------------------
+
+# RFC 9112 4: reason-phrase = *( HTAB / SP / VCHAR / obs-text ). llhttp lets
+# these through; relayed, they would reach the client's status line.
+HOSTILE_REASONS = {
+    "nul": b"O\x00K",
+    "escape sequence": b"\x1b[2J\x1b[31mOK",
+    "del": b"OK\x7f",
+    "soh": b"\x01OK",
+    "vertical tab": b"O\x0bK",
+}
+
+
+@pytest.mark.parametrize("reason", HOSTILE_REASONS.values(), ids=HOSTILE_REASONS.keys())
+async def test_a_reason_phrase_with_control_bytes_reaches_the_client_as_the_standard_one(
+    make_gateway: GatewayFactory, hostile: Callable[[Script], Awaitable[Hostile]], reason: bytes
+) -> None:
+    async def script(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: Hostile
+    ) -> None:
+        for _ in range(10):
+            await upstream.next_request(reader)
+            writer.write(
+                b"HTTP/1.1 103 " + reason + b"\r\nLink: </a.css>; rel=preload\r\n\r\n"
+                b"HTTP/1.1 200 " + reason + b"\r\nContent-Length: 2\r\n\r\nok"
+            )
+            await writer.drain()
+
+    upstream = await hostile(script)
+    gw = await gateway_for(make_gateway, upstream)
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    try:
+        async with asyncio.timeout(10):
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            interim = await reader.readuntil(b"\r\n\r\n")
+            final = await reader.readuntil(b"\r\n\r\n")
+            assert await reader.readexactly(2) == b"ok"
+    finally:
+        writer.transport.abort()
+    assert interim.split(b"\r\n")[0] == b"HTTP/1.1 103 Early Hints"
+    assert final.split(b"\r\n")[0] == b"HTTP/1.1 200 OK"
+
+
+async def test_a_reason_phrase_with_tab_and_obs_text_is_relayed_as_sent(
+    make_gateway: GatewayFactory, hostile: Callable[[Script], Awaitable[Hostile]]
+) -> None:
+    async def script(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: Hostile
+    ) -> None:
+        for _ in range(10):
+            await upstream.next_request(reader)
+            writer.write(b"HTTP/1.1 200 Tout\tva \xe9\xe9\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    upstream = await hostile(script)
+    gw = await gateway_for(make_gateway, upstream)
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    try:
+        async with asyncio.timeout(10):
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.transport.abort()
+    assert head.split(b"\r\n")[0] == b"HTTP/1.1 200 Tout\tva \xe9\xe9"

@@ -638,3 +638,72 @@ class StrictOkTarget(asyncio.Protocol):
         if len(self.buffer) > 16384:
             StrictOkTarget.garbage.append(self.buffer[:40])
             self.transport.abort()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _narrow_listener() -> socket.socket:
+    """A listening socket whose connections take almost nothing: a 536-byte
+    MSS (the gateway's send buffer is sized from it, about 40 KiB) and a
+    tiny receive window, so a large request head stays in the gateway's
+    transport, unsent, while the target answers."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
+
+
+async def test_an_early_answer_before_a_spliced_upload_began_leaks_no_descriptor(
+    make_gateway: GatewayFactory,
+) -> None:
+    """The target answers (and the gateway drops the connection) while the
+    request head still waits to be flushed, so the upload's pour never
+    starts: the relay's pipe, the client socket's duplicate and the Relay
+    slot must still be released, and the client's connection closed (the
+    duplicate kept it open)."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Reads nothing; holds the connection so the head stays unsent.
+        held.append(writer)
+        writer.write(
+            b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 4\r\nConnection: close\r\n\r\nnope"
+        )
+        await writer.drain()
+
+    target = await asyncio.start_server(early, sock=_narrow_listener())
+    try:
+        port = target.sockets[0].getsockname()[1]
+        gw = await make_gateway(one_upstream_config(port))
+        baseline_relays = splice.Relay.active
+        # 60 KiB of fields: under the head caps (16 KiB a field, 64 KiB in all).
+        pad = b"".join(b"X-Pad-%d: " % i + b"p" * (15 * 1024) + b"\r\n" for i in range(4))
+        head = _upload_head(MiB).replace(b"\r\n\r\n", b"\r\n" + pad + b"\r\n")
+        rounds = 12
+        fds_before = 0
+        for attempt in range(rounds + 1):
+            if attempt == 1:  # after one exchange: the pools and listeners settled
+                fds_before = _open_fds()
+            reader, writer = await asyncio.open_connection(gw.host, gw.port)
+            try:
+                writer.write(head)  # the body is never sent
+                async with asyncio.timeout(10):
+                    status, _, _ = await read_response(reader)
+                    assert status == 413
+                    # The gateway closes the client connection: nothing holds it.
+                    assert await reader.read() == b""
+            finally:
+                writer.transport.abort()
+        await wait_for(lambda: splice.Relay.active == baseline_relays)
+        for writer in held:
+            writer.transport.abort()
+        await wait_for(lambda: _open_fds() <= fds_before)
+    finally:
+        target.close()
+        for writer in held:
+            writer.transport.abort()

@@ -341,6 +341,47 @@ async def _rotate(gateway: Gateway, ca: trustme.CA, pair: Pair) -> None:
         writer.close()
 
 
+async def test_a_reload_rejected_by_the_commit_keeps_the_old_listener_certificate(
+    start_upstream: UpstreamFactory, ca: trustme.CA, tmp_path: Path
+) -> None:
+    # The listener pair loads fine but an upstream CA file (loaded by the
+    # commit, after the listener pairs) is garbage: the whole reload is
+    # rejected, so the renewed listener certificate must not be served yet.
+    pair = Pair(ca, tmp_path, "a", "a.test")
+    server = await start_upstream(echo_app())
+    assert server.port is not None
+    ca_file = tmp_path / "upstream-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    config_path = tmp_path / "routes.toml"
+    config_path.write_text(
+        tls_config(server.port, [pair])
+        + f"""
+[upstreams.secure]
+targets = ["https://127.0.0.1:9"]
+[upstreams.secure.tls]
+ca_file = "{ca_file}"
+"""
+    )
+    gateway = Gateway(
+        load(str(config_path)), environ={}, access_log=AccessLog("off", stream=io.StringIO())
+    )
+    await gateway.start()
+    try:
+        port = int(gateway.addresses[0].rpartition(":")[2])
+        context = client_context(ca)
+        _, _, first = await get(port, context, "a.test")
+        old_serial = serial(first)
+        pair.write(ca.issue_cert("a.test"))  # a renewed listener certificate
+        prepared = gateway.prepare(load(str(config_path)))  # the worker-thread half
+        ca_file.write_text("garbage, replaced between prepare and apply\n")
+        with pytest.raises(ConfigError):
+            gateway.apply(prepared)
+        _, _, after = await get(port, context, "a.test")
+        assert serial(after) == old_serial
+    finally:
+        await gateway.close()
+
+
 async def test_a_websocket_tunnel_runs_over_a_tls_listener(
     make_gateway: GatewayFactory, start_upstream: UpstreamFactory, ca: trustme.CA, tmp_path: Path
 ) -> None:

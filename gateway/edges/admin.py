@@ -12,6 +12,12 @@ than letting an empty token through, since "the token is empty" is far more
 likely a deployment slip than a wish for an open admin API. GETs stay open,
 as /metrics and /status always were: the listener's address is the access
 control for reading (bind it to loopback or a private network).
+
+Without a token, a POST a browser sends for another site's page is refused
+(403 cross_site): all arguments are in the query string, so any page an
+operator opens could otherwise POST /reload or /cache/purge (CSRF). Browsers
+send Origin on every POST and Sec-Fetch-Site on modern ones; curl and
+scripts send neither and are let through.
 """
 
 from __future__ import annotations
@@ -157,11 +163,55 @@ def _error(status: int, code: str, message: str, **headers: str) -> web.Response
     return web.json_response(body, status=status, headers=headers or None)
 
 
-def _token_problem(box: SnapshotBox, ops: AdminOps, request: web.Request) -> web.Response | None:
+#: Sec-Fetch-Site values of a request the admin listener's own page (or the
+#: user typing it) sent. "same-site" is refused: a page served by the
+#: proxy listener of the same host is same-site with the admin listener.
+_OWN_FETCH_SITES: Final = frozenset({"same-origin", "none"})
+_DEFAULT_PORTS: Final = {"http": ":80", "https": ":443"}
+
+
+def _cross_site_problem(request: web.Request, allowed: frozenset[str]) -> web.Response | None:
+    """The refusal of a browser's cross-site POST, or None.
+
+    With no token, this is what keeps a web page from driving the admin API
+    through the operator's browser. Origin, when sent (browsers send it on
+    every POST), must be the listener's own or one of admin_cors_origins;
+    without it, Sec-Fetch-Site (if any) must say the request is not
+    another site's. Requests with neither (curl, scripts) pass.
+    """
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        scheme = request.scheme.lower()
+        host = request.host.lower()
+        default = _DEFAULT_PORTS.get(scheme)
+        if default is not None and host.endswith(default):
+            host = host[: -len(default)]  # RFC 6454 6.1: the default port is omitted
+        if origin == f"{scheme}://{host}" or origin in allowed:
+            return None
+        shown = origin[:100].encode("ascii", "backslashreplace").decode("ascii")
+        return _error(
+            403, "cross_site", f"admin actions refuse a request from another origin: {shown!r}"
+        )
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None and site.strip().lower() not in _OWN_FETCH_SITES:
+        shown = site[:40].encode("ascii", "backslashreplace").decode("ascii")
+        return _error(
+            403,
+            "cross_site",
+            f"admin actions refuse a cross-site request (Sec-Fetch-Site {shown!r})",
+        )
+    return None
+
+
+def _token_problem(
+    box: SnapshotBox, ops: AdminOps, request: web.Request, allowed: frozenset[str] = frozenset()
+) -> web.Response | None:
     """None when the request may act; else the refusal (see the module docstring)."""
     env_name = box.snapshot.config.server.admin_token_env
     if not env_name:
-        return None
+        # No token: a browser would send a cross-site POST with the
+        # operator's network position; only the listener's own pages act.
+        return _cross_site_problem(request, allowed)
     expected = ops.environ.get(env_name, "")
     if not expected:
         return _error(
@@ -190,6 +240,8 @@ def admin_app(
     ops: AdminOps | None = None,
 ) -> web.Application:
     ops = ops if ops is not None else AdminOps(environ={})
+    # Read at start-up, as the CORS setup below.
+    allowed = frozenset(box.snapshot.config.server.admin_cors_origins)
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -235,7 +287,7 @@ def admin_app(
         )
 
     async def breakers_reset(request: web.Request) -> web.Response:
-        refused = _token_problem(box, ops, request)
+        refused = _token_problem(box, ops, request, allowed)
         if refused is not None:
             return refused
         upstream = request.query.get("upstream")
@@ -252,7 +304,7 @@ def admin_app(
         return web.json_response({"reset": reset})
 
     async def cache_purge(request: web.Request) -> web.Response:
-        refused = _token_problem(box, ops, request)
+        refused = _token_problem(box, ops, request, allowed)
         if refused is not None:
             return refused
         route = request.query.get("route")
@@ -271,7 +323,7 @@ def admin_app(
         return web.json_response({"purged": store.purge(route, path or "")})
 
     async def reload(request: web.Request) -> web.Response:
-        refused = _token_problem(box, ops, request)
+        refused = _token_problem(box, ops, request, allowed)
         if refused is not None:
             return refused
         result = await ops.reload() if ops.reload is not None else None

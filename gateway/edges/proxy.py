@@ -974,7 +974,8 @@ class _SplicedUpload(DirectBody):
         self._started = False
 
     def discard(self) -> None:
-        """The attempt ended without pouring (it failed to connect): release the relay."""
+        """The attempt ended without pouring (it failed to connect, or the
+        target answered before the body began): release the relay."""
         if not self._started:
             self._release()
 

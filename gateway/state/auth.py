@@ -158,8 +158,15 @@ class JwksFetcher:
             async with self._session.get(self.url, allow_redirects=False) as response:
                 if response.status != 200:
                     raise ValueError(f"HTTP {response.status}")
-                body = await response.content.read(MAX_JWKS_BYTES + 1)
-            keys = parse_jwks(body)
+                # read(n) returns what is buffered, not the whole body: a
+                # JWKS sent in several chunks must be read to its end, and
+                # refused as soon as it passes the cap.
+                body = bytearray()
+                async for chunk in response.content.iter_any():
+                    body += chunk
+                    if len(body) > MAX_JWKS_BYTES:
+                        raise ValueError(f"JWKS over {MAX_JWKS_BYTES} bytes")
+            keys = parse_jwks(bytes(body))
             if not keys:
                 raise ValueError("no usable signature key")
         except asyncio.CancelledError:

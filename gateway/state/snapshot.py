@@ -460,7 +460,10 @@ def gc_paused() -> Iterator[None]:
 
 def _cache_signature(route: RouteConfig, cache: RouteCacheConfig) -> tuple[object, ...]:
     """What a route's stored responses depend on: its cache config, how it
-    matches, and what it forwards to (a changed one starts empty)."""
+    matches, what it forwards to and what it asks the target (rewrite,
+    request headers, credentials) or stores (response headers): a changed
+    one starts empty, else answers for the old target path would be served
+    until their TTL."""
     return (
         cache,
         route.path,
@@ -472,6 +475,10 @@ def _cache_signature(route: RouteConfig, cache: RouteCacheConfig) -> tuple[objec
         route.strip_prefix,
         route.preserve_host,
         route.auth,
+        route.strip_credentials,
+        route.rewrite,
+        route.request_headers,
+        route.response_headers,
     )
 
 

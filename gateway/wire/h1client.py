@@ -47,11 +47,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import re
 import select
 import socket
 import ssl
 import threading
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
+from http import HTTPStatus
 from typing import Final, cast
 
 import aiohttp
@@ -179,6 +181,23 @@ def _decode(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
+#: RFC 9112 4: reason-phrase = *( HTAB / SP / VCHAR / obs-text ); llhttp
+#: lets other control bytes (NUL, ESC, DEL, a bare CR) through.
+_REASON_CTL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _reason(raw: bytes, status: int) -> str:
+    """The target's reason phrase, or the standard one when it holds a
+    control byte: relayed as sent, it would put that byte in the status line
+    the client reads (a NUL cuts C strings; ESC reaches terminals)."""
+    if _REASON_CTL.search(raw) is None:
+        return _decode(raw)
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
 def framing_problem(headers: CIMultiDict[str]) -> str | None:
     """Why a response's framing cannot be relayed faithfully, or None.
 
@@ -235,6 +254,10 @@ class DirectBody:
 
     async def pour(self, sink: splice.SocketDup, write_timeout: float) -> None:
         raise NotImplementedError
+
+    def discard(self) -> None:
+        """Release what `pour` would have used, when it never ran; a no-op
+        once it began (it then releases everything itself)."""
 
 
 class H1Response:
@@ -561,7 +584,7 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             # head is handed out; llhttp then stops (HttpParserUpgrade) and
             # every later byte is the tunnel's, unparsed.
             self._response = H1Response(
-                self, status, _decode(self._reason), CIMultiDict(self._raw_headers)
+                self, status, _reason(self._reason, status), CIMultiDict(self._raw_headers)
             )
             self._state = _TUNNEL
             self._keep_alive = False
@@ -582,7 +605,7 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             raise _Refused(problem)
         self._section_size = 0  # from here on: the trailers'
         self._on_interim = None  # the final head: no interim may follow (nor the caller be kept)
-        self._response = H1Response(self, status, _decode(self._reason), headers)
+        self._response = H1Response(self, status, _reason(self._reason, status), headers)
         self._state = _BODY
         self._body_received = 0
         # For a zero-copy hand-over. llhttp already refused a bad or second
@@ -637,7 +660,7 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         self._deadline = self._loop.time() + self._timeout  # a sign of life
         on_interim = self._on_interim
         if on_interim is not None and status != 100 and status != 101:
-            on_interim(status, _decode(reason), fields)
+            on_interim(status, _reason(reason, status), fields)
 
     def on_body(self, body: bytes) -> None:
         if self._state != _BODY:
@@ -724,7 +747,14 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         self._body_done = body is None
         self._body_pulled = False
         if isinstance(body, DirectBody):
-            self._body_task = self._loop.create_task(self._pour_body(body))
+            direct = body
+            self._body_task = self._loop.create_task(self._pour_body(direct))
+            # `pour` may never run: the target answered (and the connection
+            # was dropped, cancelling this task) while the head waited to be
+            # flushed, or the task returned before it; whatever the body
+            # holds (a relay's pipe, the client socket's duplicate) is
+            # released when the task ends, however it ends.
+            self._body_task.add_done_callback(lambda _task: direct.discard())
         elif body is not None:
             self._body_task = self._loop.create_task(self._send_body(body, content_length))
         try:

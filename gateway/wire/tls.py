@@ -104,13 +104,17 @@ class ServerTLS:
             contexts.append((cert, context))
         return _Table(contexts)
 
-    def update(self, certificates: list[Certificate], min_version: str) -> None:
-        """Serve these certificates from the next handshake on (SIGHUP).
+    def build(self, certificates: list[Certificate], min_version: str) -> _Table:
+        """Load every pair for a reload; nothing is served from it yet.
 
-        Everything is loaded before the swap: a pair that fails raises and
-        the old table keeps serving (the reload is rejected).
+        Raises ssl.SSLError / OSError when a pair cannot be loaded. Split
+        from `swap` so the reload can still be rejected after this (a later
+        step of the commit may fail) without having changed the listener.
         """
-        table = self._build(certificates, min_version)
+        return self._build(certificates, min_version)
+
+    def swap(self, table: _Table, min_version: str) -> None:
+        """Serve a built table from the next handshake on; cannot fail."""
         self.front.minimum_version = _VERSIONS[min_version]
         self._table = table
 
