@@ -269,18 +269,20 @@ def _bare(value: str | None) -> str:
 class AccessLog:
     """One line per finished request on `stream` (stderr), as json, text, or nothing.
 
-    json: `{"ts", "request_id", "client", "method", "path", "route", "target", "status",
-    "bytes_in", "bytes_out", "duration_ms", "error", "aborted", "attempts", "targets",
-    "upstream_status", "interim", "trace_id"}` in that order; `route`, `target`, `error`
-    and `aborted` are null when absent; `target` is the last target tried; `interim` counts
+    json: `{"ts", "request_id", "client", "method", "path", "route", "consumer", "target",
+    "status", "bytes_in", "bytes_out", "duration_ms", "error", "aborted", "attempts",
+    "targets", "upstream_status", "interim", "trace_id"}` in that order; `route`,
+    `consumer`, `target`, `error` and `aborted` are null when absent; `consumer` is who
+    authenticated (identity.md); `target` is the last target tried; `interim` counts
     the targets' 1xx responses relayed to the client (`status` is the final one's);
     `trace_id` is left out for requests refused before they were read; `ts` is the
     ISO-8601 UTC time the line was written (the request's end; its start is
     `ts - duration_ms`), left out under journald, whose entry carries the time. See
     `AccessEntry` for the meaning of each.
 
-    text: `[TS ]CLIENT "METHOD PATH" STATUS in=N out=N 7.1ms route=R target=T id=ID[ error=E]
-    [ aborted=A][ attempts=N targets=T1,T2 upstream_status=S1,S2][ interim=N]` with "-"
+    text: `[TS ]CLIENT "METHOD PATH" STATUS in=N out=N 7.1ms route=R target=T id=ID
+    [ consumer=C][ trace=T][ error=E][ aborted=A][ attempts=N targets=T1,T2
+    upstream_status=S1,S2][ interim=N]` with "-"
     for an absent route, target or upstream status; the attempts part only when there was
     a retry, `interim` only when some 1xx was relayed.
 
