@@ -257,6 +257,15 @@ class H1Response:
             return b""
         return await conn.read_chunk()
 
+    def hold(self) -> None:
+        """The reader is about to wait for its own client (a slow one): stop
+        reading until it asks again, and ask again for little (see
+        READ_AHEAD_MIN). Otherwise the socket would be read meanwhile, one
+        read per stalled stream held here instead of in the kernel."""
+        conn = self._conn
+        if conn is not None:
+            conn.hold()
+
     def ready(self) -> bool:
         """Whether `read_chunk()` would return at once, with a small piece.
 
@@ -418,7 +427,12 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         self._pool.forget(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _READ_BUFFER.view[: self._read_size]
+        # libuv reads up to 32 times per readiness event: a read that comes
+        # after one the reader has yet to take is sized to the room left
+        # (at least READ_AHEAD_MIN), so the two hold about `_read_size`, not
+        # twice it (the reader joins them into one piece it then writes).
+        size = self._read_size - self._buffered
+        return _READ_BUFFER.view[: size if size >= READ_AHEAD_MIN else READ_AHEAD_MIN]
 
     def buffer_updated(self, nbytes: int) -> None:
         self.data_received(_READ_BUFFER.view[:nbytes])
@@ -875,6 +889,11 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             if self._transport is not None:
                 self._transport.resume_reading()
 
+    def hold(self) -> None:
+        if self._state == _BODY:
+            self._read_size = READ_AHEAD_MIN
+            self._pause_reading()  # until read_chunk waits again
+
     def hand_over(self) -> tuple[bytes, int]:
         self._pause_reading()
         chunks, self._chunks, self._buffered = self._chunks, [], 0
@@ -904,6 +923,7 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
                 return b""
             if state != _BODY:
                 raise H1ReadError("connection closed")
+            self._resume_reading()  # after hold(): nothing is here, so read
             await self._wait()
 
     async def _wait(self) -> None:

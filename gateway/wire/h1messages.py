@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Final, Protocol
@@ -51,6 +52,7 @@ class ClientConnection(Protocol):
     cut: str | None
 
     def queued(self) -> int: ...
+    def write_blocked(self) -> bool: ...
     async def drain(self, stall_timeout: float | None = None) -> None: ...
     def pause_reading(self, reason: int) -> None: ...
     def resume_reading(self, reason: int) -> None: ...
@@ -429,8 +431,12 @@ class ResponseWriter:
         if held is not None:
             self._send(held)
 
-    async def write(self, data: bytes) -> None:
-        """One piece of the body; waits while the client is not reading."""
+    async def write(self, data: bytes, on_wait: Callable[[], None] | None = None) -> None:
+        """One piece of the body; waits while the client is not reading.
+
+        `on_wait` is called first when it will wait: the source of the body
+        stops reading ahead (h1client's `hold()`) while the client is slow.
+        """
         if self._empty or not data:
             self._flush_head()
             return
@@ -438,6 +444,8 @@ class ResponseWriter:
             data = b"%x\r\n%b\r\n" % (len(data), data)
         held, self._held = self._held, None
         self._send(held + data if held is not None else data)
+        if on_wait is not None and self._conn.write_blocked():
+            on_wait()
         await self._conn.drain(self.send_timeout)
 
     async def write_eof(self, data: bytes = b"") -> None:

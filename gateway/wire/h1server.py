@@ -98,6 +98,13 @@ MAX_PIPELINED: Final = 64
 #: fell to half their peak, by at least TRIM_AFTER_DROP.
 TRIM_AFTER_DROP: Final = 32
 TRIM_DELAY: Final = 0.5
+#: A client transport's write high-water mark. asyncio's default (64 KiB,
+#: low 16 KiB) lets a piece of a body pile up behind another that the kernel
+#: did not take, a slow client's whole window of userspace memory; the
+#: kernel's send buffer (autotuned, up to tcp_wmem's 4 MiB) already holds
+#: what keeps a fast client busy. At 0 a writer waits whenever anything is
+#: left unsent, so a stalled stream holds at most the rest of one write.
+CLIENT_WRITE_HIGH: Final = 0
 
 
 class _PipelineFull(Exception):
@@ -168,6 +175,9 @@ class Connection(WriteFlow, asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError, AttributeError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # See CLIENT_WRITE_HIGH: unsent output waits in the kernel, not here.
+        with contextlib.suppress(AttributeError, ValueError):
+            self.transport.set_write_buffer_limits(high=CLIENT_WRITE_HIGH)
         server = self._server
         server.connections.add(self)
         server._peak = max(server._peak, len(server.connections))
