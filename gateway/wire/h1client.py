@@ -406,6 +406,11 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             # too; this makes sure on every loop).
             with contextlib.suppress(OSError, AttributeError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # A request body's writer waits whenever anything is left unsent: a
+        # slow target's backlog waits in the kernel's send buffer (autotuned),
+        # not in this process (h1server's CLIENT_WRITE_HIGH, the same rule).
+        with contextlib.suppress(AttributeError, ValueError):
+            self._transport.set_write_buffer_limits(high=0)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None

@@ -30,8 +30,12 @@ _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 # would otherwise grow into several times that here, per request.
 _INTERIM_HIGH: Final = 64 * 1024
 # A request body buffer above this pauses reading the client socket; the
-# handler's next read (which takes the whole buffer) resumes it.
-_BODY_HIGH: Final = 256 * 1024
+# handler's next read (which takes the whole buffer) resumes it. Data that
+# finds the handler busy (sending the last piece to a target that does not
+# keep up) pauses it at once, whatever the size: a slow target's uploads hold
+# one read each here, the rest waits in the kernel (bench/slow_streams.py
+# --op upload --target-rate: 256 KiB of high-water cost ~900 KiB per upload).
+_BODY_HIGH: Final = 64 * 1024
 #: Why a connection stopped reading (Connection.pause_reading's bits).
 PAUSE_BODY: Final = 1
 PAUSE_QUEUE: Final = 2
@@ -93,7 +97,9 @@ class Body:
         self._chunks.append(data)
         self._size += len(data)
         self.total_bytes += len(data)
-        if self._size > _BODY_HIGH and self._conn is not None:
+        waiter = self._waiter
+        busy = waiter is None or waiter.done()  # nobody waits, or woken already
+        if self._conn is not None and (busy or self._size > _BODY_HIGH):
             self._conn.pause_reading(PAUSE_BODY)
         self._wake()
 
