@@ -14,7 +14,9 @@ here (a thread of this process, off the measured core) that reads each
 body at K KiB/s behind a 64 KiB receive buffer: many uploads to a target
 that does not keep up, the gateway between holding what it read.
 
-The proxy's RSS (all processes of its group) is sampled every 100 ms: before
+The proxy's kernel memory (its sockets' queued bytes, `ss -m`, and its
+pipes') is sampled every second: RSS does not show it, a cgroup's
+memory.max counts it. The proxy's RSS (all processes of its group) is sampled every 100 ms: before
 (idle, after one warm-up request), the peak while the streams run, and 2 s
 after the last client closed. Per stream: (peak - before) / N. The gateway
 and nginx run one after the other in the same invocation against the same
@@ -27,9 +29,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
+import os
+import re
 import socket
+import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 from dataclasses import dataclass
@@ -184,6 +191,51 @@ def rss_mib(pids: list[int]) -> float:
     return sum(status_kib(pid, "VmRSS") or 0 for pid in pids) / 1024
 
 
+_SKMEM = re.compile(r"skmem:\(r(\d+),rb\d+,t\d+,tb\d+,f\d+,w(\d+)")
+
+
+def kernel_mib(pids: list[int]) -> float:
+    """Kernel memory the proxy's streams hold that RSS does not show (but a
+    cgroup's memory.max counts): bytes queued in its TCP sockets (received
+    and unread, written and unacknowledged: `ss -m`'s r and w) and in its
+    pipes (FIONREAD: the zero-copy relays')."""
+    owners = {f"pid={pid}," for pid in pids}
+    total = 0
+    try:
+        out = subprocess.run(
+            ["ss", "-Htmnp"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        out = ""
+    mine = False
+    for line in out.splitlines():
+        if not line.startswith(("\t", " ")):
+            mine = any(owner in line for owner in owners)
+        elif mine and (match := _SKMEM.search(line)):
+            total += int(match.group(1)) + int(match.group(2))
+    for pid in pids:
+        fd_dir = Path(f"/proc/{pid}/fd")
+        try:
+            fds = list(fd_dir.iterdir())
+        except OSError:
+            continue
+        for fd_path in fds:
+            try:
+                if not os.readlink(fd_path).startswith("pipe:"):
+                    continue
+                fd = os.open(fd_path, os.O_RDONLY | os.O_NONBLOCK)
+            except OSError:
+                continue
+            try:
+                raw = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+                total += int.from_bytes(raw, "little")
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    return total / 2**20
+
+
 @dataclass
 class Outcome:
     ok: int
@@ -191,6 +243,7 @@ class Outcome:
     peak: float
     after: float
     moved: int
+    kernel: float = 0.0
 
 
 async def _stream(
@@ -259,16 +312,21 @@ def measure(
 
     thread = threading.Thread(target=lambda: asyncio.run(run()), daemon=True)
     thread.start()
+    kernel = 0.0
+    next_kernel = time.monotonic() + 1.0
     while thread.is_alive():
         thread.join(SAMPLE_EVERY)
         peak = max(peak, rss_mib(pids))
+        if time.monotonic() >= next_kernel:  # `ss` is slow with thousands of sockets
+            kernel = max(kernel, kernel_mib(pids))
+            next_kernel = time.monotonic() + 1.0
     end = time.monotonic() + SETTLE
     while time.monotonic() < end:
         time.sleep(SAMPLE_EVERY)
         peak = max(peak, rss_mib(pids))
     after = rss_mib(pids)
     results = box[0] if box else []
-    return Outcome(sum(results), before, peak, after, 0)
+    return Outcome(sum(results), before, peak, after, 0, kernel)
 
 
 def warm(port: int, op: str) -> None:
@@ -350,7 +408,8 @@ def main() -> int:
                             f"{args.op:8} {name:8} {n:5} streams: {out.ok}/{n} ok, "
                             f"peak growth {per:6.0f} KiB/stream, RSS before -> peak -> "
                             f"{SETTLE:g} s after: {out.before:.0f} -> {out.peak:.0f} -> "
-                            f"{out.after:.0f} MiB"
+                            f"{out.after:.0f} MiB; kernel (sockets, pipes) peak "
+                            f"{out.kernel * 1024 / n:.0f} KiB/stream"
                         )
                         print(row, flush=True)
                         rows.append(row)
