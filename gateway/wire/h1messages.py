@@ -30,12 +30,15 @@ _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 # would otherwise grow into several times that here, per request.
 _INTERIM_HIGH: Final = 64 * 1024
 # A request body buffer above this pauses reading the client socket; the
-# handler's next read (which takes the whole buffer) resumes it. Data that
-# finds the handler busy (sending the last piece to a target that does not
-# keep up) pauses it at once, whatever the size: a slow target's uploads hold
-# one read each here, the rest waits in the kernel (bench/slow_streams.py
-# --op upload --target-rate: 256 KiB of high-water cost ~900 KiB per upload).
-_BODY_HIGH: Final = 64 * 1024
+# handler's next read (which takes the whole buffer) resumes it. Once the
+# handler reads the body, data that finds it busy (sending the last piece to
+# a target that does not keep up) pauses the socket at once, whatever the
+# size: a slow target's uploads hold one read each here, the rest waits in
+# the kernel (bench/slow_streams.py --op upload --target-rate: this alone
+# cost 850-940 KiB of RSS per upload). A body nobody reads (pipelined, or
+# answered unread: OPTIONS *) is parsed up to this, so that a small one
+# reaches its end and the connection can go on.
+_BODY_HIGH: Final = 256 * 1024
 #: Why a connection stopped reading (Connection.pause_reading's bits).
 PAUSE_BODY: Final = 1
 PAUSE_QUEUE: Final = 2
@@ -82,7 +85,7 @@ class Body:
     reads, which take the whole buffer, resume it.
     """
 
-    __slots__ = ("_chunks", "_conn", "_eof", "_exc", "_size", "_waiter", "total_bytes")
+    __slots__ = ("_chunks", "_conn", "_eof", "_exc", "_read", "_size", "_waiter", "total_bytes")
 
     def __init__(self, conn: ClientConnection | None) -> None:
         self._conn = conn
@@ -91,6 +94,7 @@ class Body:
         self._eof = conn is None
         self._exc: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._read = False  # the handler has begun reading (see _BODY_HIGH)
         self.total_bytes = 0
 
     def feed_data(self, data: bytes) -> None:
@@ -98,7 +102,8 @@ class Body:
         self._size += len(data)
         self.total_bytes += len(data)
         waiter = self._waiter
-        busy = waiter is None or waiter.done()  # nobody waits, or woken already
+        # Read, but nobody waits now (or was woken already): the handler is busy.
+        busy = self._read and (waiter is None or waiter.done())
         if self._conn is not None and (busy or self._size > _BODY_HIGH):
             self._conn.pause_reading(PAUSE_BODY)
         self._wake()
@@ -144,6 +149,7 @@ class Body:
 
     async def readany(self) -> bytes:
         """The bytes buffered now, waiting for some; b"" at the end of the body."""
+        self._read = True
         while not self._chunks:
             if self._exc is not None:
                 raise self._exc
