@@ -37,8 +37,11 @@ _INTERIM_HIGH: Final = 64 * 1024
 # the kernel (bench/slow_streams.py --op upload --target-rate: this alone
 # cost 850-940 KiB of RSS per upload). A body nobody reads (pipelined, or
 # answered unread: OPTIONS *) is parsed up to this, so that a small one
-# reaches its end and the connection can go on.
+# reaches its end and the connection can go on. The request being handled
+# holds at most _HANDLED_HIGH before its handler reads: what the handler
+# reads at once, a target that does not keep up holds in our memory.
 _BODY_HIGH: Final = 256 * 1024
+_HANDLED_HIGH: Final = 64 * 1024
 #: Why a connection stopped reading (Connection.pause_reading's bits).
 PAUSE_BODY: Final = 1
 PAUSE_QUEUE: Final = 2
@@ -85,7 +88,9 @@ class Body:
     reads, which take the whole buffer, resume it.
     """
 
-    __slots__ = ("_chunks", "_conn", "_eof", "_exc", "_read", "_size", "_waiter", "total_bytes")
+    __slots__ = (
+        "_chunks", "_conn", "_eof", "_exc", "_high", "_read", "_size", "_waiter", "total_bytes",
+    )  # fmt: skip
 
     def __init__(self, conn: ClientConnection | None) -> None:
         self._conn = conn
@@ -95,6 +100,7 @@ class Body:
         self._exc: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._read = False  # the handler has begun reading (see _BODY_HIGH)
+        self._high = _BODY_HIGH
         self.total_bytes = 0
 
     def feed_data(self, data: bytes) -> None:
@@ -104,9 +110,15 @@ class Body:
         waiter = self._waiter
         # Read, but nobody waits now (or was woken already): the handler is busy.
         busy = self._read and (waiter is None or waiter.done())
-        if self._conn is not None and (busy or self._size > _BODY_HIGH):
+        if self._conn is not None and (busy or self._size > self._high):
             self._conn.pause_reading(PAUSE_BODY)
         self._wake()
+
+    def handled(self) -> None:
+        """Its request's handler runs from now (see _HANDLED_HIGH)."""
+        self._high = _HANDLED_HIGH
+        if self._size > _HANDLED_HIGH and self._conn is not None:
+            self._conn.pause_reading(PAUSE_BODY)
 
     def feed_eof(self) -> None:
         self._eof = True

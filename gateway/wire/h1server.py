@@ -500,6 +500,7 @@ class Connection(WriteFlow, asyncio.Protocol):
     async def _handle(self, request: Request) -> bool:
         """Run the handler for one request; whether the connection goes on."""
         self._handling = request
+        request.content.handled()
         writer = request.writer
         task = asyncio.current_task()
         try:
