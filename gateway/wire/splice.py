@@ -295,6 +295,11 @@ class Relay:
         else:
             Relay.active += 1
 
+    @property
+    def pipe_bytes(self) -> int:
+        """The pipe's size now (it grows once the destination proves fast)."""
+        return self._pipe_bytes
+
     @classmethod
     def open_for_tunnel(cls) -> Relay | None:
         """A relay for one direction of a tunnel (see MAX_TUNNEL_ACTIVE)."""
