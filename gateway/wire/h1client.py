@@ -409,8 +409,12 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         # A request body's writer waits whenever anything is left unsent: a
         # slow target's backlog waits in the kernel's send buffer (autotuned),
         # not in this process (h1server's CLIENT_WRITE_HIGH, the same rule).
-        with contextlib.suppress(AttributeError, ValueError):
-            self._transport.set_write_buffer_limits(high=0)
+        # Not over TLS: asyncio's SSL transport counts bytes it has yet to
+        # encrypt and flush, and a writer waiting for that to reach 0 can
+        # wait for ever (an 8 MiB upload to an https target timed out).
+        if not self._tls:
+            with contextlib.suppress(AttributeError, ValueError):
+                self._transport.set_write_buffer_limits(high=0)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None

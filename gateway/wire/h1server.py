@@ -194,8 +194,10 @@ class Connection(WriteFlow, asyncio.Protocol):
             with contextlib.suppress(OSError, AttributeError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # See CLIENT_WRITE_HIGH: unsent output waits in the kernel, not here.
-        with contextlib.suppress(AttributeError, ValueError):
-            self.transport.set_write_buffer_limits(high=CLIENT_WRITE_HIGH)
+        # Not over TLS (h1client's connection_made says why).
+        if not self.secure:
+            with contextlib.suppress(AttributeError, ValueError):
+                self.transport.set_write_buffer_limits(high=CLIENT_WRITE_HIGH)
         server = self._server
         server.connections.add(self)
         server._peak = max(server._peak, len(server.connections))
