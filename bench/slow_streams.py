@@ -8,10 +8,15 @@ N clients at once each fetch a `--size` MiB file (nginx serves it from disk)
 through the proxy under test, reading `--rate` KiB/s with a 64 KiB receive
 buffer (a client on a slow link, as `curl --limit-rate`), for at most
 `--seconds`; then they close. `--op upload`: each client sends `--size` MiB
-at `--rate` KiB/s to a target (bench/upstream.py /sink behind a 64 KiB
-receive buffer... it reads at once, so the slow side is the client).
+at `--rate` KiB/s to a target: bench/upstream.py's /sink, which reads at
+once (the slow side is the client), or with `--target-rate K` a slow sink
+here (a thread of this process, off the measured core) that reads each
+body at K KiB/s behind a 64 KiB receive buffer: many uploads to a target
+that does not keep up, the gateway between holding what it read.
 
-The proxy's RSS (all processes of its group) is sampled every 100 ms: before
+The proxy's kernel memory (its sockets' queued bytes, `ss -m`, and its
+pipes') is sampled every second: RSS does not show it, a cgroup's
+memory.max counts it. The proxy's RSS (all processes of its group) is sampled every 100 ms: before
 (idle, after one warm-up request), the peak while the streams run, and 2 s
 after the last client closed. Per stream: (peak - before) / N. The gateway
 and nginx run one after the other in the same invocation against the same
@@ -24,9 +29,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
+import os
+import re
 import socket
+import subprocess
 import sys
 import tempfile
+import termios
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,8 +121,119 @@ upstream = "target"
 """
 
 
+class SlowSink:
+    """A target that reads each request body at `rate` bytes/s (behind a
+    64 KiB receive buffer) and answers 200 at its end; in its own thread."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.port = 0
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    def start(self) -> int:
+        self._thread.start()
+        if not self._ready.wait(10.0):
+            raise RuntimeError("the slow sink did not start")
+        return self.port
+
+    def stop(self) -> None:
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._stopped.set)
+        self._thread.join(10.0)
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Inherited by accepted sockets: set before the handshake, so the
+        # window the gateway sees is small from the start.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CLIENT_RCVBUF)
+        listener.bind((HOST, 0))
+        listener.listen(4096)
+        self.port = listener.getsockname()[1]
+        server = await asyncio.start_server(self._handle, sock=listener)
+        self._ready.set()
+        async with server:
+            await self._stopped.wait()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        piece = max(1024, self.rate // 10)
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30.0)
+            length = 0
+            for line in head.split(b"\r\n"):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            got, started = 0, loop.time()
+            while got < length:
+                ahead = got / self.rate - (loop.time() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+                data = await asyncio.wait_for(reader.read(min(piece, length - got)), 30.0)
+                if not data:
+                    break
+                got += len(data)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+
 def rss_mib(pids: list[int]) -> float:
     return sum(status_kib(pid, "VmRSS") or 0 for pid in pids) / 1024
+
+
+_SKMEM = re.compile(r"skmem:\(r(\d+),rb\d+,t\d+,tb\d+,f\d+,w(\d+)")
+
+
+def kernel_mib(pids: list[int]) -> float:
+    """Kernel memory the proxy's streams hold that RSS does not show (but a
+    cgroup's memory.max counts): bytes queued in its TCP sockets (received
+    and unread, written and unacknowledged: `ss -m`'s r and w) and in its
+    pipes (FIONREAD: the zero-copy relays')."""
+    owners = {f"pid={pid}," for pid in pids}
+    total = 0
+    try:
+        out = subprocess.run(
+            ["ss", "-Htmnp"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        out = ""
+    mine = False
+    for line in out.splitlines():
+        if not line.startswith(("\t", " ")):
+            mine = any(owner in line for owner in owners)
+        elif mine and (match := _SKMEM.search(line)):
+            total += int(match.group(1)) + int(match.group(2))
+    for pid in pids:
+        fd_dir = Path(f"/proc/{pid}/fd")
+        try:
+            fds = list(fd_dir.iterdir())
+        except OSError:
+            continue
+        for fd_path in fds:
+            try:
+                if not os.readlink(fd_path).startswith("pipe:"):
+                    continue
+                fd = os.open(fd_path, os.O_RDONLY | os.O_NONBLOCK)
+            except OSError:
+                continue
+            try:
+                raw = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+                total += int.from_bytes(raw, "little")
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    return total / 2**20
 
 
 @dataclass
@@ -121,6 +243,7 @@ class Outcome:
     peak: float
     after: float
     moved: int
+    kernel: float = 0.0
 
 
 async def _stream(
@@ -144,7 +267,7 @@ async def _stream(
             )
         await loop.sock_sendall(sock, head.encode())
         started = loop.time()
-        piece = max(1024, rate // 10)
+        piece = max(1024, min(rate // 10, 256 * 1024))
         block = bytes(piece)
         while moved < size and loop.time() < deadline:
             # Paced: never ahead of `rate` bytes per second since the start.
@@ -187,20 +310,23 @@ def measure(
     async def run() -> None:
         box.append(await _load(port, op, n, size, rate, seconds))
 
-    import threading
-
     thread = threading.Thread(target=lambda: asyncio.run(run()), daemon=True)
     thread.start()
+    kernel = 0.0
+    next_kernel = time.monotonic() + 1.0
     while thread.is_alive():
         thread.join(SAMPLE_EVERY)
         peak = max(peak, rss_mib(pids))
+        if time.monotonic() >= next_kernel:  # `ss` is slow with thousands of sockets
+            kernel = max(kernel, kernel_mib(pids))
+            next_kernel = time.monotonic() + 1.0
     end = time.monotonic() + SETTLE
     while time.monotonic() < end:
         time.sleep(SAMPLE_EVERY)
         peak = max(peak, rss_mib(pids))
     after = rss_mib(pids)
     results = box[0] if box else []
-    return Outcome(sum(results), before, peak, after, 0)
+    return Outcome(sum(results), before, peak, after, 0, kernel)
 
 
 def warm(port: int, op: str) -> None:
@@ -214,6 +340,9 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=16, help="MiB per stream")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--op", choices=("download", "upload"), default="download")
+    parser.add_argument(
+        "--target-rate", type=int, default=0, help="upload: the target reads KiB/s (0: at once)"
+    )
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--source", type=Path, default=REPO_DIR)
     parser.add_argument("--no-nginx", action="store_true")
@@ -223,6 +352,7 @@ def main() -> int:
     size, rate = args.size << 20, args.rate << 10
     pin_self(True)
     procs = Processes()
+    sink: SlowSink | None = None
     rows: list[str] = []
     try:
         with tempfile.TemporaryDirectory(prefix="gateway-slow-") as tmpdir:
@@ -242,6 +372,9 @@ def main() -> int:
                     "target", nginx_argv(prefix, conf, "1"), log_path=tmp / "target.log"
                 )
                 wait_ready(target, target_port, "/file", timeout=15.0)
+            elif args.target_rate:
+                sink = SlowSink(args.target_rate << 10)
+                target_port = sink.start()
             else:
                 _, target_port = start_upstream(procs, tmp, "1")
             for round_no in range(args.rounds):
@@ -275,12 +408,15 @@ def main() -> int:
                             f"{args.op:8} {name:8} {n:5} streams: {out.ok}/{n} ok, "
                             f"peak growth {per:6.0f} KiB/stream, RSS before -> peak -> "
                             f"{SETTLE:g} s after: {out.before:.0f} -> {out.peak:.0f} -> "
-                            f"{out.after:.0f} MiB"
+                            f"{out.after:.0f} MiB; kernel (sockets, pipes) peak "
+                            f"{out.kernel * 1024 / n:.0f} KiB/stream"
                         )
                         print(row, flush=True)
                         rows.append(row)
     finally:
         procs.close()
+        if sink is not None:
+            sink.stop()
     print()
     print("\n".join(rows))
 

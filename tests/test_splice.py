@@ -270,3 +270,74 @@ def test_fitting_buffers_leaves_what_is_not_a_tcp_socket_alone() -> None:
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def pipe_max_size() -> int:
+    return int(Path("/proc/sys/fs/pipe-max-size").read_text())
+
+
+async def stalled_run(
+    opened: splice.Relay, src: splice.SocketDup, dst: splice.SocketDup, size: int
+) -> splice.SinkTimeout:
+    with pytest.raises(splice.SinkTimeout) as info:
+        await opened.run(src, dst, size, read_timeout=5, write_timeout=0.3)
+    return info.value
+
+
+async def test_a_relay_to_a_slow_destination_keeps_a_small_pipe_and_send_buffer(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    # A client that reads nothing: its relay must not fill a 1 MiB pipe and
+    # a 1 MiB send buffer of kernel memory (a cgroup's memory.max counts it).
+    src_writer, src = new_pair(pairs)
+    dst, _never_read = new_pair(pairs)
+    loop = asyncio.get_running_loop()
+    size = 64 * MiB
+    block = b"s" * MiB
+
+    async def feed() -> None:
+        for _ in range(size // MiB):
+            await loop.sock_sendall(src_writer, block)
+
+    feeding = asyncio.create_task(feed())
+    opened = splice.Relay.open()
+    assert opened is not None
+    try:
+        with (
+            splice.SocketDup(os.dup(src.fileno())) as a,
+            splice.SocketDup(os.dup(dst.fileno())) as b,
+        ):
+            info = await stalled_run(opened, a, b, size)
+        assert opened.pipe_bytes < splice.PIPE_BYTES
+        assert dst.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * splice.SLOW_SINK_BUFFER
+        # What left the pipe sits in the send buffer and the peer's receive buffer.
+        assert 0 < info.moved < MiB
+    finally:
+        opened.close()
+        feeding.cancel()
+        await asyncio.gather(feeding, return_exceptions=True)
+
+
+async def test_a_relay_to_a_fast_destination_grows_its_pipe_and_buffers(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    src_writer, src = new_pair(pairs)
+    dst, dst_reader = new_pair(pairs)
+    body = os.urandom(16 * MiB)
+    loop = asyncio.get_running_loop()
+    sending = asyncio.create_task(loop.sock_sendall(src_writer, body))
+    receiving = asyncio.create_task(read_exactly(dst_reader, len(body)))
+    opened = splice.Relay.open()
+    assert opened is not None
+    try:
+        with (
+            splice.SocketDup(os.dup(src.fileno())) as a,
+            splice.SocketDup(os.dup(dst.fileno())) as b,
+        ):
+            await opened.run(a, b, len(body), read_timeout=5, write_timeout=5)
+        assert opened.pipe_bytes == min(splice.PIPE_BYTES, pipe_max_size())
+    finally:
+        opened.close()
+    await sending
+    assert await receiving == body
+    assert buffer_sizes(src, dst) == held_buffer_sizes()

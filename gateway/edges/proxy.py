@@ -829,6 +829,7 @@ class ProxyHandler:
         ex.finish_headers(headers)
         writer = ex.request.writer
         read = upstream.read_chunk
+        pause_source = upstream.hold
         complete = upstream.complete
         # When the body (or its first piece) is already here, the head
         # waits for it and both leave in one write: one segment and one
@@ -879,7 +880,7 @@ class ProxyHandler:
                     # head, if still held) in the same write.
                     last_chunk = chunk
                     break
-                await writer.write(chunk)
+                await writer.write(chunk, pause_source)
             await writer.write_eof(last_chunk)
             completed = True
             if cache is not None:

@@ -280,6 +280,15 @@ class H1Response:
             return b""
         return await conn.read_chunk()
 
+    def hold(self) -> None:
+        """The reader is about to wait for its own client (a slow one): stop
+        reading until it asks again, and ask again for little (see
+        READ_AHEAD_MIN). Otherwise the socket would be read meanwhile, one
+        read per stalled stream held here instead of in the kernel."""
+        conn = self._conn
+        if conn is not None:
+            conn.hold()
+
     def ready(self) -> bool:
         """Whether `read_chunk()` would return at once, with a small piece.
 
@@ -420,6 +429,15 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             # too; this makes sure on every loop).
             with contextlib.suppress(OSError, AttributeError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # A request body's writer waits whenever anything is left unsent: a
+        # slow target's backlog waits in the kernel's send buffer (autotuned),
+        # not in this process (h1server's CLIENT_WRITE_HIGH, the same rule).
+        # Not over TLS: asyncio's SSL transport counts bytes it has yet to
+        # encrypt and flush, and a writer waiting for that to reach 0 can
+        # wait for ever (an 8 MiB upload to an https target timed out).
+        if not self._tls:
+            with contextlib.suppress(AttributeError, ValueError):
+                self._transport.set_write_buffer_limits(high=0)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
@@ -441,7 +459,12 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         self._pool.forget(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _READ_BUFFER.view[: self._read_size]
+        # libuv reads up to 32 times per readiness event: a read that comes
+        # after one the reader has yet to take is sized to the room left
+        # (at least READ_AHEAD_MIN), so the two hold about `_read_size`, not
+        # twice it (the reader joins them into one piece it then writes).
+        size = self._read_size - self._buffered
+        return _READ_BUFFER.view[: size if size >= READ_AHEAD_MIN else READ_AHEAD_MIN]
 
     def buffer_updated(self, nbytes: int) -> None:
         self.data_received(_READ_BUFFER.view[:nbytes])
@@ -905,6 +928,11 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             if self._transport is not None:
                 self._transport.resume_reading()
 
+    def hold(self) -> None:
+        if self._state == _BODY:
+            self._read_size = READ_AHEAD_MIN
+            self._pause_reading()  # until read_chunk waits again
+
     def hand_over(self) -> tuple[bytes, int]:
         self._pause_reading()
         chunks, self._chunks, self._buffered = self._chunks, [], 0
@@ -934,6 +962,7 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
                 return b""
             if state != _BODY:
                 raise H1ReadError("connection closed")
+            self._resume_reading()  # after hold(): nothing is here, so read
             await self._wait()
 
     async def _wait(self) -> None:

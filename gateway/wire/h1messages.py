@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Final, Protocol
@@ -29,8 +30,18 @@ _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 # would otherwise grow into several times that here, per request.
 _INTERIM_HIGH: Final = 64 * 1024
 # A request body buffer above this pauses reading the client socket; the
-# handler's next read (which takes the whole buffer) resumes it.
+# handler's next read (which takes the whole buffer) resumes it. Once the
+# handler reads the body, data that finds it busy (sending the last piece to
+# a target that does not keep up) pauses the socket at once, whatever the
+# size: a slow target's uploads hold one read each here, the rest waits in
+# the kernel (bench/slow_streams.py --op upload --target-rate: this alone
+# cost 850-940 KiB of RSS per upload). A body nobody reads (pipelined, or
+# answered unread: OPTIONS *) is parsed up to this, so that a small one
+# reaches its end and the connection can go on. The request being handled
+# holds at most _HANDLED_HIGH before its handler reads: what the handler
+# reads at once, a target that does not keep up holds in our memory.
 _BODY_HIGH: Final = 256 * 1024
+_HANDLED_HIGH: Final = 64 * 1024
 #: Why a connection stopped reading (Connection.pause_reading's bits).
 PAUSE_BODY: Final = 1
 PAUSE_QUEUE: Final = 2
@@ -51,6 +62,7 @@ class ClientConnection(Protocol):
     cut: str | None
 
     def queued(self) -> int: ...
+    def write_blocked(self) -> bool: ...
     async def drain(self, stall_timeout: float | None = None) -> None: ...
     def pause_reading(self, reason: int) -> None: ...
     def resume_reading(self, reason: int) -> None: ...
@@ -76,7 +88,9 @@ class Body:
     reads, which take the whole buffer, resume it.
     """
 
-    __slots__ = ("_chunks", "_conn", "_eof", "_exc", "_size", "_waiter", "total_bytes")
+    __slots__ = (
+        "_chunks", "_conn", "_eof", "_exc", "_high", "_read", "_size", "_waiter", "total_bytes",
+    )  # fmt: skip
 
     def __init__(self, conn: ClientConnection | None) -> None:
         self._conn = conn
@@ -85,15 +99,26 @@ class Body:
         self._eof = conn is None
         self._exc: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._read = False  # the handler has begun reading (see _BODY_HIGH)
+        self._high = _BODY_HIGH
         self.total_bytes = 0
 
     def feed_data(self, data: bytes) -> None:
         self._chunks.append(data)
         self._size += len(data)
         self.total_bytes += len(data)
-        if self._size > _BODY_HIGH and self._conn is not None:
+        waiter = self._waiter
+        # Read, but nobody waits now (or was woken already): the handler is busy.
+        busy = self._read and (waiter is None or waiter.done())
+        if self._conn is not None and (busy or self._size > self._high):
             self._conn.pause_reading(PAUSE_BODY)
         self._wake()
+
+    def handled(self) -> None:
+        """Its request's handler runs from now (see _HANDLED_HIGH)."""
+        self._high = _HANDLED_HIGH
+        if self._size > _HANDLED_HIGH and self._conn is not None:
+            self._conn.pause_reading(PAUSE_BODY)
 
     def feed_eof(self) -> None:
         self._eof = True
@@ -136,6 +161,7 @@ class Body:
 
     async def readany(self) -> bytes:
         """The bytes buffered now, waiting for some; b"" at the end of the body."""
+        self._read = True
         while not self._chunks:
             if self._exc is not None:
                 raise self._exc
@@ -429,8 +455,12 @@ class ResponseWriter:
         if held is not None:
             self._send(held)
 
-    async def write(self, data: bytes) -> None:
-        """One piece of the body; waits while the client is not reading."""
+    async def write(self, data: bytes, on_wait: Callable[[], None] | None = None) -> None:
+        """One piece of the body; waits while the client is not reading.
+
+        `on_wait` is called first when it will wait: the source of the body
+        stops reading ahead (h1client's `hold()`) while the client is slow.
+        """
         if self._empty or not data:
             self._flush_head()
             return
@@ -438,6 +468,8 @@ class ResponseWriter:
             data = b"%x\r\n%b\r\n" % (len(data), data)
         held, self._held = self._held, None
         self._send(held + data if held is not None else data)
+        if on_wait is not None and self._conn.write_blocked():
+            on_wait()
         await self._conn.drain(self.send_timeout)
 
     async def write_eof(self, data: bytes = b"") -> None:

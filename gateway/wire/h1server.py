@@ -98,6 +98,30 @@ MAX_PIPELINED: Final = 64
 #: fell to half their peak, by at least TRIM_AFTER_DROP.
 TRIM_AFTER_DROP: Final = 32
 TRIM_DELAY: Final = 0.5
+#: How often a connection whose request body is paused (PAUSE_BODY) looks
+#: whether its client has gone (`_watch_peer`).
+PEER_WATCH_EVERY: Final = 1.0
+_TCP_ESTABLISHED: Final = 1  # tcp_info's tcpi_state (include/net/tcp_states.h)
+
+
+def peer_closed(transport: asyncio.BaseTransport) -> bool:
+    """Whether a TCP connection left ESTABLISHED (the peer closed or reset);
+    False when it cannot be told (not TCP, no TCP_INFO)."""
+    sock = transport.get_extra_info("socket")
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    except (OSError, AttributeError):
+        return False
+    return bool(info) and info[0] != _TCP_ESTABLISHED
+
+
+#: A client transport's write high-water mark. asyncio's default (64 KiB,
+#: low 16 KiB) lets a piece of a body pile up behind another that the kernel
+#: did not take, a slow client's whole window of userspace memory; the
+#: kernel's send buffer (autotuned, up to tcp_wmem's 4 MiB) already holds
+#: what keeps a fast client busy. At 0 a writer waits whenever anything is
+#: left unsent, so a stalled stream holds at most the rest of one write.
+CLIENT_WRITE_HIGH: Final = 0
 
 
 class _PipelineFull(Exception):
@@ -137,6 +161,7 @@ class Connection(WriteFlow, asyncio.Protocol):
         self._lingering = False
         self._linger_left = 0  # bytes still read and dropped while lingering
         self._linger_timer: asyncio.TimerHandle | None = None
+        self._peer_watch: asyncio.TimerHandle | None = None
         self.closing_after_response = False
         # Why the server aborted this connection ("drain"), for the access log
         # of the request it cut; None: not aborted by the server.
@@ -168,6 +193,11 @@ class Connection(WriteFlow, asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError, AttributeError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # See CLIENT_WRITE_HIGH: unsent output waits in the kernel, not here.
+        # Not over TLS (h1client's connection_made says why).
+        if not self.secure:
+            with contextlib.suppress(AttributeError, ValueError):
+                self.transport.set_write_buffer_limits(high=CLIENT_WRITE_HIGH)
         server = self._server
         server.connections.add(self)
         server._peak = max(server._peak, len(server.connections))
@@ -179,6 +209,9 @@ class Connection(WriteFlow, asyncio.Protocol):
         self.transport = None
         if self._linger_timer is not None:
             self._linger_timer.cancel()
+        if self._peer_watch is not None:
+            self._peer_watch.cancel()
+            self._peer_watch = None
         self._server.forget(self)
         lost = ConnectionResetError("the client connection was lost")
         if self._tunnel is not None:
@@ -469,6 +502,7 @@ class Connection(WriteFlow, asyncio.Protocol):
     async def _handle(self, request: Request) -> bool:
         """Run the handler for one request; whether the connection goes on."""
         self._handling = request
+        request.content.handled()
         writer = request.writer
         task = asyncio.current_task()
         try:
@@ -645,6 +679,28 @@ class Connection(WriteFlow, asyncio.Protocol):
         self._paused |= reason
         if not was and self.transport is not None:
             self.transport.pause_reading()
+        if reason & PAUSE_BODY and self._peer_watch is None:
+            self._peer_watch = self._loop.call_later(PEER_WATCH_EVERY, self._watch_peer)
+
+    def _watch_peer(self) -> None:
+        """While a request body waits unread (its target is slow), the socket
+        is not read, so the client's close goes unseen: the upload would go
+        on feeding the target, holding its buffers, long after the client
+        left. The kernel knows (the connection left ESTABLISHED): then it
+        ends as a client close read in time would (eof_received, 499)."""
+        self._peer_watch = None
+        transport = self.transport
+        if transport is None or transport.is_closing() or not self._paused & PAUSE_BODY:
+            return
+        if self._tunnel is not None:
+            return  # a tunnel's client may half-close and still read: not gone
+        if peer_closed(transport):
+            # Aborted, not closed: a close would first flush what waits for
+            # a client that is gone.
+            self._client_eof = True
+            transport.abort()
+            return
+        self._peer_watch = self._loop.call_later(PEER_WATCH_EVERY, self._watch_peer)
 
     def resume_reading(self, reason: int) -> None:
         if not self._paused & reason:

@@ -52,8 +52,21 @@ MAX_ACTIVE: Final = 32
 #: pages), so 256 of them stay well inside fs.pipe-user-pages-soft.
 MAX_TUNNEL_ACTIVE: Final = 256
 # Asked for with F_SETPIPE_SZ (the default pipe holds 64 KiB); capped by
-# /proc/sys/fs/pipe-max-size, 1 MiB by default.
+# /proc/sys/fs/pipe-max-size, 1 MiB by default. A relay starts with the
+# default pipe and grows it to this once its destination proves fast
+# (GROW_AFTER, GROW_RATE): a slow client's relay holds 64 KiB of pipe, not
+# 1 MiB, of kernel memory (which counts toward a cgroup's memory.max).
 PIPE_BYTES: Final = 1 << 20
+#: A relay grows (its pipe to PIPE_BYTES, its sockets' buffers to
+#: SHORT_PATH_BUFFER on a short path) once it has delivered GROW_AFTER bytes
+#: at GROW_RATE bytes/s or more, counted from its start. Until then its
+#: destination's send buffer on a short path is held to SLOW_SINK_BUFFER
+#: (Linux doubles it: 128 KiB) and its source's receive buffer is the
+#: kernel's: loopback starts a send buffer at tcp_wmem's 4 MiB maximum, all
+#: of which a slow reader's stream would fill.
+GROW_AFTER: Final = 512 * 1024
+GROW_RATE: Final = 16 * 1024 * 1024
+SLOW_SINK_BUFFER: Final = 64 * 1024
 #: On a short path (see `fit_short_path_buffers`) a relay holds its source's
 #: receive buffer and its destination's send buffer to this. Linux doubles
 #: the figure for its own bookkeeping (about 1 MiB each, as much as the pipe)
@@ -221,6 +234,23 @@ def fit_short_path_buffers(
             sock.detach()
 
 
+def hold_sink_small(dst_fd: int, *, max_rtt_us: int = SHORT_PATH_RTT_US) -> None:
+    """Hold a relay's destination send buffer to `SLOW_SINK_BUFFER` on a short
+    path, until the relay grows (`fit_short_path_buffers`). Best effort."""
+    try:
+        sock = socket.socket(fileno=dst_fd)  # borrowed: detached below, never closed
+    except OSError:
+        return
+    try:
+        rtt = _path_rtt_us(sock)
+        if rtt is not None and rtt <= max_rtt_us:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SLOW_SINK_BUFFER)
+    except OSError:
+        pass  # not TCP, or gone
+    finally:
+        sock.detach()
+
+
 def _path_rtt_us(sock: socket.socket) -> int | None:
     """The path's minimum round-trip time for `sock`; None before any sample."""
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
@@ -235,14 +265,17 @@ class Relay:
     """One zero-copy transfer: a pipe, then the run between two `SocketDup`s.
 
     `open()` returns None when no relay can be had now: `MAX_ACTIVE` are
-    running (each holds a pipe of up to 1 MiB; an unprivileged user gets
+    running (each may grow a pipe of up to 1 MiB; an unprivileged user gets
     16384 pipe pages in all, `fs.pipe-user-pages-soft`), or the process is
     out of descriptors. The caller then copies the body as usual. The
     sockets' duplicates are the caller's (taken with `dup_socket` the moment
     it looked at the transports, closed by it after the run).
 
-    `run()` first holds the two sockets' buffers to `SHORT_PATH_BUFFER`
-    where the path is short (`fit_short_path_buffers`).
+    `run()` starts small (the default 64 KiB pipe; the destination's send
+    buffer held to SLOW_SINK_BUFFER on a short path) and grows once the
+    destination proves fast (GROW_AFTER at GROW_RATE): a full-size pipe and
+    both sockets' buffers held to `SHORT_PATH_BUFFER` on a short path
+    (`fit_short_path_buffers`).
     """
 
     active: ClassVar[int] = 0
@@ -261,6 +294,11 @@ class Relay:
             Relay.tunnels_active += 1
         else:
             Relay.active += 1
+
+    @property
+    def pipe_bytes(self) -> int:
+        """The pipe's size now (it grows once the destination proves fast)."""
+        return self._pipe_bytes
 
     @classmethod
     def open_for_tunnel(cls) -> Relay | None:
@@ -287,13 +325,22 @@ class Relay:
         except OSError as exc:
             log.warning("zero-copy relay unavailable, copying instead: %s", exc)
             return None
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         try:
             pipe_bytes = fcntl.fcntl(pipe_w, fcntl.F_GETPIPE_SZ)
         except OSError:
             pipe_bytes = 65536
         return cls(pipe_r, pipe_w, pipe_bytes)
+
+    def _grow(self, src: int, dst: int) -> int:
+        """The destination keeps up: a full-size pipe and held socket buffers
+        (see GROW_AFTER); returns the pipe's size. A tunnel keeps its pipe."""
+        if not self._tunnel:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(self._pipe_w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+            with contextlib.suppress(OSError):
+                self._pipe_bytes = fcntl.fcntl(self._pipe_w, fcntl.F_GETPIPE_SZ)
+        fit_short_path_buffers(src, dst)
+        return self._pipe_bytes
 
     def close(self) -> None:
         """Release the pipe (idempotent); the sockets' duplicates are the caller's."""
@@ -335,7 +382,9 @@ class Relay:
         if source.gone():
             raise SourceClosed("the connection closed", 0)
         src, dst = source.fd, sink.fd
-        fit_short_path_buffers(src, dst)
+        hold_sink_small(dst)
+        grow_at = loop.time()  # GROW_AFTER bytes by `grow_at`: fast enough
+        grown = False
         while left or in_pipe:
             drained = filled = False
             if in_pipe:
@@ -349,6 +398,15 @@ class Relay:
                     in_pipe -= n
                     self.moved += n
                     drained = n > 0
+                    # The average since the start: a stream that turns fast
+                    # later grows then.
+                    if (
+                        not grown
+                        and self.moved >= GROW_AFTER
+                        and self.moved >= GROW_RATE * (loop.time() - grow_at)
+                    ):
+                        grown = True
+                        chunk = self._grow(src, dst)
             if left:
                 try:
                     # Never ask for more than is left: the bytes after this
@@ -398,7 +456,9 @@ class Relay:
         in_pipe = 0
         eof = False
         src, dst = source.fd, sink.fd
-        fit_short_path_buffers(src, dst)
+        hold_sink_small(dst)
+        grow_at = loop.time()
+        grown = False
         while not eof or in_pipe:
             if sink.gone():
                 raise SinkFailed("the connection closed", self.moved)
@@ -416,6 +476,15 @@ class Relay:
                     in_pipe -= n
                     self.moved += n
                     drained = n > 0
+                    # The average since the start: a stream that turns fast
+                    # later grows then.
+                    if (
+                        not grown
+                        and self.moved >= GROW_AFTER
+                        and self.moved >= GROW_RATE * (loop.time() - grow_at)
+                    ):
+                        grown = True
+                        chunk = self._grow(src, dst)
             if not eof and in_pipe < chunk:
                 try:
                     n = os.splice(src, pipe_w, chunk - in_pipe, flags=_FLAGS)

@@ -58,6 +58,10 @@ class WriteFlow(asyncio.BaseProtocol):
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
 
+    def write_blocked(self) -> bool:
+        """Whether a writer would wait now (the transport is over its high-water mark)."""
+        return self._write_paused
+
     def pause_writing(self) -> None:
         self._write_paused = True
 
