@@ -414,7 +414,7 @@ class Supervisor:
             last_reload=lambda: self.last_reload,
             metrics=self._admin_metrics,
             status=self._admin_status,
-            route_windows=self._admin_windows,
+            gathered=self._admin_gathered,
             reset_breakers=self._admin_reset_breakers,
             purge_cache=self._admin_purge_cache,
         )
@@ -442,16 +442,26 @@ class Supervisor:
         ]
         return document
 
-    async def _admin_windows(self) -> dict[str, dict[str, Any]]:
+    async def _admin_gathered(self) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
         """Every route's last minute, summed over the workers (counts and
-        latency buckets add, then rates and quantiles are computed once)."""
+        latency buckets add, then rates and quantiles are computed once), and
+        the optional /stats sections (cache, tunnels) with their counts summed."""
         assert self.snapshot is not None
-        answers = [a.get("routes") for a in await self._ask_all("stats")]
-        exports = [a for a in answers if isinstance(a, dict)]
-        return {
+        answers = await self._ask_all("stats")
+        exports = [a["routes"] for a in answers if isinstance(a.get("routes"), dict)]
+        windows = {
             name: merge_exports([e[name] for e in exports if name in e])
             for name in self.snapshot.routes
         }
+        sections: dict[str, Any] = {}
+        for answer in answers:
+            found = answer.get("sections")
+            for name, value in found.items() if isinstance(found, dict) else ():
+                if isinstance(value, dict):
+                    into = sections.setdefault(str(name), {})
+                    for key, count in value.items():
+                        into[str(key)] = into.get(str(key), 0) + _count(count)
+        return windows, sections
 
     async def _admin_reset_breakers(self, upstream: str, target: str | None) -> int:
         answers = await self._ask_all("breakers", upstream=upstream, target=target)
@@ -732,7 +742,8 @@ def _worker_message(gateway: Gateway, channel: _Channel, message: dict[str, Any]
     elif op == "stats":
         snap = gateway.box.snapshot  # type: ignore[union-attr]
         routes = {name: route.stats.export() for name, route in snap.routes.items()}
-        channel.send({"re": message.get("id"), "routes": routes})
+        sections = {name: provider() for name, provider in gateway.admin_ops.sections.items()}
+        channel.send({"re": message.get("id"), "routes": routes, "sections": sections})
     elif op == "breakers":
         pool = gateway.box.snapshot.pools.get(str(message["upstream"]))  # type: ignore[union-attr]
         wanted = message.get("target")

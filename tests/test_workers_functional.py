@@ -464,14 +464,29 @@ async def test_the_admin_tools_answer_for_every_worker(
         assert await _get(client, gw.url + "/x") == (200, "ok /x")
 
 
-async def test_a_cross_site_admin_post_is_refused_under_workers(
+async def test_a_cache_purge_reaches_every_workers_cache_and_cross_site_posts_are_refused(
     tmp_path: Path, start_upstream: UpstreamFactory, client: aiohttp.ClientSession
 ) -> None:
     upstream = upstream_url(await start_upstream(Counting().app()))
-    async with run_gateway(tmp_path, _toml(upstream)) as gw:
+    toml = _toml(upstream, "[routes.cache]\n        ttl = 60.0") + "\n        [cache]\n"
+    async with run_gateway(tmp_path, toml) as gw:
+        paths = [f"/c/{n}" for n in range(16)]
+        answers = await asyncio.gather(*(_get(client, gw.url + p) for p in paths))
+        assert answers == [(200, f"ok {p}") for p in paths]
+        stats = await _stats(client, gw.admin_url)
+        assert stats["cache_purge"] is True
+        # Each worker keeps its own store; /stats shows their sum.
+        assert stats["cache"]["entries"] == 16  # type: ignore[index]
+        status, body = await _post(client, gw.admin_url + "/cache/purge?route=all&path=/c/")
+        assert (status, body) == (200, {"purged": 16})
+        stats = await _stats(client, gw.admin_url)
+        assert stats["cache"]["entries"] == 0  # type: ignore[index]
+        status, body = await _post(client, gw.admin_url + "/cache/purge?route=nope")
+        assert (status, body["error"]) == (404, "not_found")
+        # No token configured: a browser's POST for another site's page is
+        # refused, as with one process (CSRF).
         url = gw.admin_url + "/reload"
-        async with client.post(url, headers={"Origin": "https://evil.example"}) as resp:
-            assert resp.status == 403
-            assert (await resp.json())["error"] == "cross_site"
-        async with client.post(url, headers={"Sec-Fetch-Site": "cross-site"}) as resp:
-            assert resp.status == 403
+        for hostile in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"}):
+            async with client.post(url, headers=hostile) as resp:
+                assert resp.status == 403
+                assert (await resp.json())["error"] == "cross_site"

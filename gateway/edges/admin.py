@@ -115,7 +115,10 @@ class AdminOps:
     # None: this process's own, read from the snapshot and registry.
     metrics: Callable[[str], Awaitable[tuple[bytes, str]]] | None = None
     status: Callable[[], Awaitable[dict[str, Any]]] | None = None
-    route_windows: Callable[[], Awaitable[dict[str, dict[str, Any]]]] | None = None
+    # Per route windows and the optional sections, both over every process.
+    gathered: Callable[[], Awaitable[tuple[dict[str, dict[str, Any]], dict[str, Any]]]] | None = (
+        None
+    )
     reset_breakers: Callable[[str, str | None], Awaitable[int]] | None = None
     purge_cache: Callable[[str, str], Awaitable[int]] | None = None
 
@@ -143,11 +146,12 @@ def stats_document(
     ops: AdminOps,
     status: dict[str, Any] | None = None,
     windows: Mapping[str, dict[str, Any]] | None = None,
+    sections: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """/stats: the dashboard's data (see docs/operator-tools.md for the shape).
 
-    `status` and `windows` (per route) are the whole gateway's when given
-    (workers = N); otherwise this process's own."""
+    `status`, `windows` (per route) and `sections` are the whole gateway's
+    when given (workers = N); otherwise this process's own."""
     status = status if status is not None else status_document(snap)
     routes = {}
     for route in snap.config.routes:
@@ -165,8 +169,9 @@ def stats_document(
         "routes": routes,
         "upstreams": status["upstreams"],
     }
-    for name, provider in ops.sections.items():
-        value = provider()
+    if sections is None:
+        sections = {name: provider() for name, provider in ops.sections.items()}
+    for name, value in sections.items():
         if value is not None:
             doc[name] = value
     return doc
@@ -289,8 +294,10 @@ def admin_app(
 
     async def stats_now() -> dict[str, Any]:
         snap = box.snapshot
-        windows = await ops.route_windows() if ops.route_windows is not None else None
-        return stats_document(snap, metrics, ops, await status_now(), windows)
+        windows = sections = None
+        if ops.gathered is not None:
+            windows, sections = await ops.gathered()
+        return stats_document(snap, metrics, ops, await status_now(), windows, sections)
 
     async def status(request: web.Request) -> web.Response:
         body = _encoder.encode(await status_now())
