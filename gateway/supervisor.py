@@ -7,8 +7,12 @@ and is the only process that talks to systemd (`NotifyAccess=main` stays
 correct). Workers accept and proxy; the main process keeps, for the whole
 gateway:
 
-- the admin listener: `/metrics` sums the workers' series, `/status` is one
-  view (in-flight summed, the worst breaker state) plus `"workers"`;
+- the admin listener (gateway/edges/admin.py's app): `/metrics` sums the
+  workers' series, `/status` is one view (in-flight summed, the worst
+  breaker state) plus `"workers"`, `/stats` and the dashboard sum the
+  workers' rolling minutes; `POST /breakers/reset` and `/cache/purge` are
+  broadcast (breakers and caches are per worker) and answer the sum,
+  `POST /reload` is the SIGHUP path below;
 - the health probes: each target is probed once per interval, and every
   change is pushed to every worker (at most `_HEALTH_PUSH` seconds later);
 - the rate-limit buckets of `store = "local"` routes: a worker asks the main
