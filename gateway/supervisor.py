@@ -7,8 +7,12 @@ and is the only process that talks to systemd (`NotifyAccess=main` stays
 correct). Workers accept and proxy; the main process keeps, for the whole
 gateway:
 
-- the admin listener: `/metrics` sums the workers' series, `/status` is one
-  view (in-flight summed, the worst breaker state) plus `"workers"`;
+- the admin listener (gateway/edges/admin.py's app): `/metrics` sums the
+  workers' series, `/status` is one view (in-flight summed, the worst
+  breaker state) plus `"workers"`, `/stats` and the dashboard sum the
+  workers' rolling minutes; `POST /breakers/reset` and `/cache/purge` are
+  broadcast (breakers and caches are per worker) and answer the sum,
+  `POST /reload` is the SIGHUP path below;
 - the health probes: each target is probed once per interval, and every
   change is pushed to every worker (at most `_HEALTH_PUSH` seconds later);
 - the rate-limit buckets of `store = "local"` routes: a worker asks the main
@@ -54,13 +58,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.core.config import Config, ConfigError, parse, parse_listen_address
 from gateway.core.limits import BucketStore, TokenBucket, shared_bucket
 from gateway.core.systemd import Notifier, listen_fds, watchdog_interval
-from gateway.edges.admin import status_document
+from gateway.edges.admin import AdminOps, admin_app, status_document
+from gateway.edges.reload import ReloadResult, describe_changes
 from gateway.server import EXIT_FORCED_BASE, Gateway, StartupError
 from gateway.state.discovery import Discovery
 from gateway.state.health import HealthMonitor
 from gateway.state.log import AccessLog, configure_logging, journald_mode
 from gateway.state.metrics import Metrics
-from gateway.state.snapshot import Runtime, Snapshot
+from gateway.state.snapshot import Runtime, Snapshot, SnapshotBox
+from gateway.state.stats import merge_exports
 
 log = logging.getLogger("gateway.supervisor")
 
@@ -194,6 +200,8 @@ class Supervisor:
         self._reloading = asyncio.Lock()
         self._health_sent: dict[tuple[str, str], bool] = {}
         self._text = ""  # the config file's text, as every worker gets it
+        self.box: SnapshotBox | None = None  # self.snapshot, for the admin app
+        self.last_reload: ReloadResult | None = None
 
     # -- start-up --
 
@@ -267,6 +275,10 @@ class Supervisor:
         """The main's own view of `config`: buckets, probes, /status."""
         self.snapshot = self.runtime.build(config, rebuild=rebuild)
         self.config = config
+        if self.box is None:
+            self.box = SnapshotBox(self.snapshot)
+        else:
+            self.box.snapshot = self.snapshot
         self.health.sync(self.snapshot)
         self.discovery.sync(config)
 
@@ -387,53 +399,86 @@ class Supervisor:
             self._health_sent = now
             await asyncio.sleep(_HEALTH_PUSH)
 
-    async def _ask_all(self, op: str) -> list[dict[str, Any]]:
+    async def _ask_all(self, op: str, **args: Any) -> list[dict[str, Any]]:
         channels = [w.channel for w in self.workers if w.channel is not None and w.ready.is_set()]
         answers = await asyncio.gather(
-            *(c.ask({"op": op}, _ASK_TIMEOUT) for c in channels), return_exceptions=True
+            *(c.ask({**args, "op": op}, _ASK_TIMEOUT) for c in channels), return_exceptions=True
         )
         return [a for a in answers if isinstance(a, dict)]
 
     # -- admin --
 
     def _admin_app(self) -> web.Application:
-        async def healthz(request: web.Request) -> web.Response:
-            return web.json_response({"status": "ok"})
+        """gateway/edges/admin.py's app (the same handlers, token and CORS
+        rules as with one process), its views gathered from every worker."""
+        assert self.box is not None
+        ops = AdminOps(
+            environ=self.environ,
+            reload=self._admin_reload,
+            last_reload=lambda: self.last_reload,
+            metrics=self._admin_metrics,
+            status=self._admin_status,
+            gathered=self._admin_gathered,
+            reset_breakers=self._admin_reset_breakers,
+            purge_cache=self._admin_purge_cache,
+        )
+        return admin_app(self.box, self.metrics, lambda: self.ready and not self.draining, ops)
 
-        async def readyz(request: web.Request) -> web.Response:
-            if self.ready and not self.draining:
-                return web.json_response({"status": "ready"})
-            return web.json_response({"status": "not ready"}, status=503)
+    async def _admin_metrics(self, accept: str) -> tuple[bytes, str]:
+        texts = [str(a.get("text", "")) for a in await self._ask_all("metrics")]
+        return merge_metrics(generate_latest(self.metrics.registry).decode(), texts), (
+            CONTENT_TYPE_LATEST
+        )
 
-        async def metrics(request: web.Request) -> web.Response:
-            texts = [a.get("text", "") for a in await self._ask_all("metrics")]
-            body = merge_metrics(generate_latest(self.metrics.registry).decode(), texts)
-            response = web.Response(body=body)
-            response.headers["Content-Type"] = CONTENT_TYPE_LATEST
-            return response
+    async def _admin_status(self) -> dict[str, Any]:
+        assert self.snapshot is not None
+        document = status_document(self.snapshot)
+        merge_status(document, [a.get("targets", {}) for a in await self._ask_all("status")])
+        document["workers"] = [
+            {
+                "pid": w.process.pid if w.process is not None else None,
+                "started_at": datetime.datetime.fromtimestamp(w.started_at, datetime.UTC)
+                .isoformat(timespec="seconds")
+                .replace("+00:00", "Z"),
+                "restarts": w.restarts,
+            }
+            for w in self.workers
+        ]
+        return document
 
-        async def status(request: web.Request) -> web.Response:
-            assert self.snapshot is not None
-            document = status_document(self.snapshot)
-            merge_status(document, [a.get("targets", {}) for a in await self._ask_all("status")])
-            document["workers"] = [
-                {
-                    "pid": w.process.pid if w.process is not None else None,
-                    "started_at": datetime.datetime.fromtimestamp(w.started_at, datetime.UTC)
-                    .isoformat(timespec="seconds")
-                    .replace("+00:00", "Z"),
-                    "restarts": w.restarts,
-                }
-                for w in self.workers
-            ]
-            return web.json_response(document)
+    async def _admin_gathered(self) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+        """Every route's last minute, summed over the workers (counts and
+        latency buckets add, then rates and quantiles are computed once), and
+        the optional /stats sections (cache, tunnels) with their counts summed."""
+        assert self.snapshot is not None
+        answers = await self._ask_all("stats")
+        exports = [a["routes"] for a in answers if isinstance(a.get("routes"), dict)]
+        windows = {
+            name: merge_exports([e[name] for e in exports if name in e])
+            for name in self.snapshot.routes
+        }
+        sections: dict[str, Any] = {}
+        for answer in answers:
+            found = answer.get("sections")
+            for name, value in found.items() if isinstance(found, dict) else ():
+                if isinstance(value, dict):
+                    into = sections.setdefault(str(name), {})
+                    for key, count in value.items():
+                        into[str(key)] = into.get(str(key), 0) + _count(count)
+        return windows, sections
 
-        app = web.Application()
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/readyz", readyz)
-        app.router.add_get("/metrics", metrics)
-        app.router.add_get("/status", status)
-        return app
+    async def _admin_reset_breakers(self, upstream: str, target: str | None) -> int:
+        answers = await self._ask_all("breakers", upstream=upstream, target=target)
+        return sum(_count(a.get("reset")) for a in answers)
+
+    async def _admin_purge_cache(self, route: str, path: str) -> int:
+        answers = await self._ask_all("purge", route=route, path=path)
+        return sum(_count(a.get("purged")) for a in answers)
+
+    async def _admin_reload(self) -> ReloadResult | None:
+        if self.draining or not self.ready:
+            return None
+        return await self.reload_result()
 
     # -- signals --
 
@@ -470,10 +515,15 @@ class Supervisor:
         await self.reload()
 
     async def reload(self) -> bool:
-        """Validate once, build the main's view, then send the bytes to every worker."""
+        return (await self.reload_result()).ok
+
+    async def reload_result(self) -> ReloadResult:
+        """Validate once, build the main's view, then send the bytes to every
+        worker (SIGHUP and POST /reload)."""
         async with self._reloading:
             self.notifier.reloading("reloading")
             path = self.config.path
+            old_config = self.config
             old = self.config.server
             try:
                 text, config = _read(path)
@@ -486,8 +536,10 @@ class Supervisor:
                     "\n  ".join(errors),
                 )
                 self.metrics.config_reloads.labels("failure").inc()
-                self.notifier.ready("reload failed; old config serving")
-                return False
+                message = "reload failed; old config serving"
+                self.notifier.ready(message)
+                self.last_reload = ReloadResult(False, time.time(), message, tuple(errors))
+                return self.last_reload
             if (config.server.workers, config.server.listen) != (old.workers, old.listen):
                 log.warning("server.workers and server.listen take effect at the next start")
             self._text = text
@@ -497,8 +549,11 @@ class Supervisor:
             self.metrics.config_reloads.labels("success").inc()
             self.metrics.config_last_reload_success.set(time.time())
             log.info("reloaded %s in the main process and %d workers", path, len(self.workers))
-            self.notifier.ready(f"serving {len(config.routes)} routes, {len(self.workers)} workers")
-            return True
+            message = f"serving {len(config.routes)} routes, {len(self.workers)} workers"
+            self.notifier.ready(message)
+            changes = describe_changes(old_config, config)
+            self.last_reload = ReloadResult(True, time.time(), message, changes=changes)
+            return self.last_reload
 
     async def _watchdog(self, interval: float) -> None:
         while True:
@@ -688,6 +743,26 @@ def _worker_message(gateway: Gateway, channel: _Channel, message: dict[str, Any]
     elif op == "metrics":
         text = generate_latest(gateway.metrics.registry).decode()
         channel.send({"re": message.get("id"), "text": text})
+    elif op == "stats":
+        snap = gateway.box.snapshot  # type: ignore[union-attr]
+        routes = {name: route.stats.export() for name, route in snap.routes.items()}
+        sections = {name: provider() for name, provider in gateway.admin_ops.sections.items()}
+        channel.send({"re": message.get("id"), "routes": routes, "sections": sections})
+    elif op == "breakers":
+        pool = gateway.box.snapshot.pools.get(str(message["upstream"]))  # type: ignore[union-attr]
+        wanted = message.get("target")
+        reset = 0
+        if pool is not None:
+            reset = sum(
+                t.breaker.reset("reset through the admin API")
+                for t in pool.targets
+                if wanted is None or t.url == wanted
+            )
+        channel.send({"re": message.get("id"), "reset": reset})
+    elif op == "purge":
+        store = gateway.box.snapshot.cache  # type: ignore[union-attr]
+        purged = store.purge(str(message["route"]), str(message["path"])) if store else 0
+        channel.send({"re": message.get("id"), "purged": purged})
     elif op == "status":
         targets = {
             f"{pool.name} {t.url}": [t.in_flight, t.breaker.state]
@@ -784,6 +859,11 @@ def _read(path: str) -> tuple[str, Config]:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
     config = parse(data, path)  # parse() checked that it is UTF-8
     return data.decode("utf-8"), config
+
+
+def _count(value: object) -> int:
+    """A worker's count, or 0 for anything that is not a count."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def _exit_text(code: int) -> str:

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from gateway.state.metrics import Metrics
-from gateway.state.stats import BOUNDS, WINDOW, RouteStats, Stats
+from gateway.state.stats import BOUNDS, WINDOW, RouteStats, Stats, merge_exports
 
 
 class Clock:
@@ -93,3 +93,44 @@ def test_a_removed_route_is_forgotten_and_a_kept_one_keeps_its_minute() -> None:
     assert metrics.stats.route("a") is kept
     assert metrics.stats.route("b").window()["requests"] == 0
     assert set(Stats().windows()) == set()
+
+
+def test_merged_exports_sum_counts_and_latency_buckets_of_several_processes() -> None:
+    clock = Clock()
+    fast, slow = RouteStats(clock), RouteStats(clock)
+    clock.now += 120
+    for _ in range(99):
+        fast.record(200, 0.002)
+    slow.record(502, 4.0)
+    clock.now += 1
+    slow.record(200, 4.0)
+    merged = merge_exports([fast.export(), slow.export()], clock)
+    assert (merged["requests"], merged["errors"]) == (101, 1)
+    assert merged["series"]["requests"][-2:] == [100, 1]
+    # The quantiles come from the summed buckets, not from averaging the
+    # processes' own quantiles: p50 is the fast process's bucket, p99 the slow one's.
+    assert merged["p50_ms"] is not None
+    assert merged["p50_ms"] <= BOUNDS[1] * 1000
+    assert merged["p99_ms"] is not None
+    assert merged["p99_ms"] > 2500
+    assert merge_exports([], clock)["requests"] == 0
+
+
+def test_merging_skips_malformed_and_out_of_window_rows() -> None:
+    clock = Clock()
+    stats = RouteStats(clock)
+    clock.now += 120
+    stats.record(200, 0.002)
+    good = stats.export()
+    row = good["rows"][0]
+    now = int(clock.now)
+    hostile: list[object] = [
+        None,
+        "rows",
+        {"rows": "x"},
+        {"born": "x", "rows": [None, [], row[:-1], [*row, 1], [now, -1, *row[2:]]]},
+        {"rows": [[now - WINDOW, *row[1:]], [now + 1, *row[1:]], [True, *row[1:]]]},
+        {"rows": [[now, 1.5, *row[2:]]]},
+    ]
+    merged = merge_exports([*hostile, good], clock)
+    assert (merged["requests"], merged["errors"]) == (1, 0)

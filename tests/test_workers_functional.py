@@ -18,7 +18,14 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import UpstreamFactory, wait_for
-from tests.gateway_process import kill, metric_value, run_gateway, start_gateway, upstream_url
+from tests.gateway_process import (
+    free_port,
+    kill,
+    metric_value,
+    run_gateway,
+    start_gateway,
+    upstream_url,
+)
 
 WAIT = 15.0
 
@@ -331,3 +338,155 @@ async def test_workers_do_not_outlive_a_main_process_killed_outright(
             return True
 
     await wait_for(lambda: all(gone(pid) for pid in pids), WAIT)
+
+
+# -- the operator tools under workers -------------------------------------------------
+
+_TOKEN = "s3cret-admin-token"
+
+
+def _admin_toml(upstream: str, dead: int, extra: str = "") -> str:
+    # Token-guarded; "flaky" opens its breaker at the first failure, for
+    # long enough that only a reset closes it within the test.
+    server = 'admin_token_env = "GW_TEST_ADMIN_TOKEN"'
+    flaky = f"""
+        [upstreams.flaky]
+        targets = ["http://127.0.0.1:{dead}"]
+        panic_threshold = 0.0
+        [upstreams.flaky.breaker]
+        failures = 1
+        cooldown = 300.0
+        max_cooldown = 300.0
+    """
+    routes = f"""
+        [[routes]]
+        name = "broken"
+        path = "/broken"
+        upstream = "flaky"
+        {extra}
+    """
+    return (
+        _toml(upstream)
+        .replace("workers = 2", f"workers = 2\n        {server}")
+        .replace(
+            '[upstreams.app]\n        targets = ["' + upstream + '"]',
+            '[upstreams.app]\n        targets = ["' + upstream + '"]\n' + flaky,
+        )
+        + routes
+    )
+
+
+async def _post(
+    client: aiohttp.ClientSession, url: str, token: str | None = _TOKEN
+) -> tuple[int, dict[str, object]]:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    async with client.post(url, headers=headers) as resp:
+        document: dict[str, object] = await resp.json()
+        return resp.status, document
+
+
+async def _stats(client: aiohttp.ClientSession, admin: str) -> dict[str, object]:
+    async with client.get(admin + "/stats") as resp:
+        assert resp.status == 200
+        document: dict[str, object] = await resp.json()
+        return document
+
+
+async def test_the_admin_tools_answer_for_every_worker(
+    tmp_path: Path, start_upstream: UpstreamFactory, client: aiohttp.ClientSession
+) -> None:
+    upstream = upstream_url(await start_upstream(Counting().app()))
+    toml = _admin_toml(upstream, free_port())
+    env = {"GW_TEST_ADMIN_TOKEN": _TOKEN}
+    async with run_gateway(tmp_path, toml, env=env) as gw:
+        admin = gw.admin_url
+        # /stats: the route's minute summed over both workers. Concurrent
+        # connections, so that both workers' accept loops take some.
+        answers = await asyncio.gather(*(_get(client, gw.url + "/x") for _ in range(24)))
+        assert all(answer == (200, "ok /x") for answer in answers)
+        stats = await _stats(client, admin)
+        routes = stats["routes"]
+        assert isinstance(routes, dict)
+        assert routes["all"]["requests"] == 24
+        assert routes["all"]["errors"] == 0
+        assert routes["all"]["p50_ms"] is not None
+        assert sum(routes["all"]["series"]["requests"]) == 24
+        assert stats["admin_token_required"] is True
+        assert stats["cache_purge"] is False
+        async with client.get(admin + "/") as resp:
+            assert resp.status == 200
+            assert "text/html" in resp.headers["Content-Type"]
+        # The token guards every POST, as with one process.
+        for token in (None, "wrong", _TOKEN + "x"):
+            status, body = await _post(client, admin + "/breakers/reset?upstream=flaky", token)
+            assert (status, body["error"]) == (401, "unauthorized")
+        # Breakers are per worker: open them in both, one reset closes every one.
+        resets: list[object] = []
+        for _ in range(10):
+            await asyncio.gather(*(_get(client, gw.url + "/broken") for _ in range(8)))
+            status, body = await _post(client, admin + "/breakers/reset?upstream=flaky")
+            assert status == 200
+            resets.append(body["reset"])
+            if body["reset"] == 2:
+                break
+        assert resets[-1] == 2, resets
+        status, body = await _post(client, admin + "/breakers/reset?upstream=flaky")
+        assert (status, body) == (200, {"reset": 0})
+        status, body = await _post(client, admin + "/breakers/reset?upstream=nope")
+        assert (status, body["error"]) == (404, "not_found")
+        status, body = await _post(client, admin + "/cache/purge?route=all")
+        assert (status, body["error"]) == (409, "no_cache")
+        # POST /reload: the SIGHUP path; a good file reaches every worker.
+        added = (
+            '[[routes]]\n        name = "added"\n        path = "/added"\n        upstream = "app"'
+        )
+        gw.write_config(toml + "\n        " + added)
+        status, body = await _post(client, admin + "/reload")
+        assert status == 200, body
+        assert body["ok"] is True
+        assert "routes added: added" in str(body["changes"])
+        answers = await asyncio.gather(*(_get(client, gw.url + "/added") for _ in range(16)))
+        assert all(answer == (200, "ok /added") for answer in answers)
+        stats = await _stats(client, admin)
+        assert stats["routes"]["added"]["requests"] == 16  # type: ignore[index]
+        assert stats["config"]["last_reload"]["ok"] is True  # type: ignore[index]
+        # A bad file: 422 with its errors, and no process takes it.
+        gw.write_config(toml.replace('upstream = "app"', 'upstream = "missing"', 1))
+        status, body = await _post(client, admin + "/reload")
+        assert status == 422, body
+        assert body["ok"] is False
+        errors = body["errors"]
+        assert isinstance(errors, list)
+        assert errors
+        assert any("missing" in str(e) for e in errors)
+        answers = await asyncio.gather(*(_get(client, gw.url + "/added") for _ in range(8)))
+        assert all(answer == (200, "ok /added") for answer in answers)
+        assert await _get(client, gw.url + "/x") == (200, "ok /x")
+
+
+async def test_a_cache_purge_reaches_every_workers_cache_and_cross_site_posts_are_refused(
+    tmp_path: Path, start_upstream: UpstreamFactory, client: aiohttp.ClientSession
+) -> None:
+    upstream = upstream_url(await start_upstream(Counting().app()))
+    toml = _toml(upstream, "[routes.cache]\n        ttl = 60.0") + "\n        [cache]\n"
+    async with run_gateway(tmp_path, toml) as gw:
+        paths = [f"/c/{n}" for n in range(16)]
+        answers = await asyncio.gather(*(_get(client, gw.url + p) for p in paths))
+        assert answers == [(200, f"ok {p}") for p in paths]
+        stats = await _stats(client, gw.admin_url)
+        assert stats["cache_purge"] is True
+        # Each worker keeps its own store; /stats shows their sum.
+        assert stats["cache"]["entries"] == 16  # type: ignore[index]
+        status, body = await _post(client, gw.admin_url + "/cache/purge?route=all&path=/c/")
+        assert (status, body) == (200, {"purged": 16})
+        stats = await _stats(client, gw.admin_url)
+        assert stats["cache"]["entries"] == 0  # type: ignore[index]
+        status, body = await _post(client, gw.admin_url + "/cache/purge?route=nope")
+        assert (status, body["error"]) == (404, "not_found")
+        # No token configured: a browser's POST for another site's page is
+        # refused, as with one process (CSRF).
+        url = gw.admin_url + "/reload"
+        for hostile in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"}):
+            async with client.post(url, headers=hostile) as resp:
+                assert resp.status == 403
+                assert (await resp.json())["error"] == "cross_site"

@@ -110,6 +110,17 @@ class AdminOps:
     reload: Callable[[], Awaitable[ReloadResult | None]] | None = None
     last_reload: Callable[[], ReloadResult | None] = lambda: None
     sections: dict[str, SectionProvider] = field(default_factory=dict)
+    # The whole gateway's views when the traffic is served by other processes
+    # (workers = N: supervisor.py fills these in by asking every worker);
+    # None: this process's own, read from the snapshot and registry.
+    metrics: Callable[[str], Awaitable[tuple[bytes, str]]] | None = None
+    status: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    # Per route windows and the optional sections, both over every process.
+    gathered: Callable[[], Awaitable[tuple[dict[str, dict[str, Any]], dict[str, Any]]]] | None = (
+        None
+    )
+    reset_breakers: Callable[[str, str | None], Awaitable[int]] | None = None
+    purge_cache: Callable[[str, str], Awaitable[int]] | None = None
 
 
 def _reload_document(result: ReloadResult | None) -> dict[str, Any] | None:
@@ -129,12 +140,25 @@ def _iso(unix: float) -> str:
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def stats_document(snap: Snapshot, metrics: Metrics, ops: AdminOps) -> dict[str, Any]:
-    """/stats: the dashboard's data (see docs/operator-tools.md for the shape)."""
-    status = status_document(snap)
+def stats_document(
+    snap: Snapshot,
+    metrics: Metrics,
+    ops: AdminOps,
+    status: dict[str, Any] | None = None,
+    windows: Mapping[str, dict[str, Any]] | None = None,
+    sections: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """/stats: the dashboard's data (see docs/operator-tools.md for the shape).
+
+    `status`, `windows` (per route) and `sections` are the whole gateway's
+    when given (workers = N); otherwise this process's own."""
+    status = status if status is not None else status_document(snap)
     routes = {}
     for route in snap.config.routes:
-        window = snap.routes[route.name].stats.window()
+        if windows is not None and route.name in windows:
+            window = windows[route.name]
+        else:
+            window = snap.routes[route.name].stats.window()
         routes[route.name] = {"upstream": route.upstream, "path": _route_match(route), **window}
     doc: dict[str, Any] = {
         "time": _iso(time.time()),
@@ -145,8 +169,9 @@ def stats_document(snap: Snapshot, metrics: Metrics, ops: AdminOps) -> dict[str,
         "routes": routes,
         "upstreams": status["upstreams"],
     }
-    for name, provider in ops.sections.items():
-        value = provider()
+    if sections is None:
+        sections = {name: provider() for name, provider in ops.sections.items()}
+    for name, value in sections.items():
         if value is not None:
             doc[name] = value
     return doc
@@ -252,17 +277,34 @@ def admin_app(
         return web.json_response({"status": "not ready"}, status=503)
 
     async def metrics_handler(request: web.Request) -> web.Response:
-        encode, content_type = choose_encoder(request.headers.get("Accept", ""))
-        response = web.Response(body=encode(metrics.registry))
+        accept = request.headers.get("Accept", "")
+        if ops.metrics is not None:
+            body, content_type = await ops.metrics(accept)
+        else:
+            encode, content_type = choose_encoder(accept)
+            body = encode(metrics.registry)
+        response = web.Response(body=body)
         response.headers["Content-Type"] = content_type
         return response
 
+    async def status_now() -> dict[str, Any]:
+        if ops.status is not None:
+            return await ops.status()
+        return status_document(box.snapshot)
+
+    async def stats_now() -> dict[str, Any]:
+        snap = box.snapshot
+        windows = sections = None
+        if ops.gathered is not None:
+            windows, sections = await ops.gathered()
+        return stats_document(snap, metrics, ops, await status_now(), windows, sections)
+
     async def status(request: web.Request) -> web.Response:
-        body = _encoder.encode(status_document(box.snapshot))
+        body = _encoder.encode(await status_now())
         return web.Response(body=body, content_type="application/json")
 
     async def dashboard(request: web.Request) -> web.Response:
-        page = render_dashboard(stats_document(box.snapshot, metrics, ops))
+        page = render_dashboard(await stats_now())
         return web.Response(
             text=page,
             content_type="text/html",
@@ -281,7 +323,7 @@ def admin_app(
         )
 
     async def stats(request: web.Request) -> web.Response:
-        body = _encoder.encode(stats_document(box.snapshot, metrics, ops))
+        body = _encoder.encode(await stats_now())
         return web.Response(
             body=body, content_type="application/json", headers={"Cache-Control": "no-store"}
         )
@@ -300,6 +342,9 @@ def admin_app(
         targets = [t for t in pool.targets if target is None or t.url == target]
         if not targets:
             return _error(404, "not_found", f"upstream {upstream!r} has no target {target!r}")
+        if ops.reset_breakers is not None:
+            # Breakers live in the processes that proxy (one set per worker).
+            return web.json_response({"reset": await ops.reset_breakers(upstream, target)})
         reset = sum(t.breaker.reset("reset through the admin API") for t in targets)
         return web.json_response({"reset": reset})
 
@@ -320,6 +365,9 @@ def admin_app(
             # Nothing to purge is not success: a script purging after a
             # deploy should learn that no cache is configured.
             return _error(409, "no_cache", "no response cache is configured ([cache] is absent)")
+        if ops.purge_cache is not None:
+            # One response store per worker: each is purged.
+            return web.json_response({"purged": await ops.purge_cache(route, path or "")})
         return web.json_response({"purged": store.purge(route, path or "")})
 
     async def reload(request: web.Request) -> web.Response:

@@ -25,7 +25,7 @@ from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any, Final
 
-__all__ = ["BOUNDS", "WINDOW", "RouteStats", "Stats"]
+__all__ = ["BOUNDS", "WINDOW", "RouteStats", "Stats", "merge_exports"]
 
 WINDOW: Final = 60  # seconds kept
 # Upper bounds (seconds) of the latency buckets; one more bucket for above.
@@ -74,6 +74,45 @@ class RouteStats:
             cells[base + 1] += 1
         # bisect_left: a duration equal to a bound falls in that bound's bucket (le=).
         cells[base + 2 + bisect_left(BOUNDS, duration)] += 1
+
+    def export(self) -> dict[str, Any]:
+        """The rows of the last minute as plain data, for another process to
+        merge (workers = N: the main's /stats sums its workers' minutes).
+        Each row is [second, requests, errors, bucket 0 .. bucket N-1]; the
+        seconds are CLOCK_MONOTONIC's, one clock for every process of a host."""
+        now = int(self._clock())
+        rows = []
+        for sec in range(now - WINDOW + 1, now + 1):
+            slot = sec % WINDOW
+            if self._secs[slot] == sec:
+                base = slot * _STRIDE
+                rows.append([sec, *self._cells[base : base + _STRIDE]])
+        return {"born": self._born, "rows": rows}
+
+    def add(self, exported: Any) -> None:
+        """Sum another RouteStats' `export()` into this one (counts and
+        latency buckets add; rows outside this minute or malformed are skipped)."""
+        if not isinstance(exported, dict) or not isinstance(exported.get("rows"), list):
+            return
+        born = exported.get("born")
+        if isinstance(born, int | float) and not isinstance(born, bool):
+            self._born = min(self._born, float(born))
+        now = int(self._clock())
+        for row in exported["rows"]:
+            if not isinstance(row, list) or len(row) != _STRIDE + 1:
+                continue
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in row):
+                continue
+            sec = row[0]
+            if not now - WINDOW < sec <= now:
+                continue
+            slot = sec % WINDOW
+            base = slot * _STRIDE
+            if self._secs[slot] != sec:
+                self._secs[slot] = sec
+                self._cells[base : base + _STRIDE] = _ZERO_ROW
+            for i, value in enumerate(row[1:]):
+                self._cells[base + i] += value
 
     def window(self) -> dict[str, Any]:
         """The last minute: totals, rates and quantiles, and per-second series
@@ -145,6 +184,17 @@ def _quantile(buckets: list[int], total: int, q: float) -> float | None:
             return low + (BOUNDS[i] - low) * max(0.0, rank - seen) / count
         seen += count
     return BOUNDS[-1]  # unreachable while q <= 1
+
+
+def merge_exports(
+    exports: list[Any], clock: Callable[[], float] = time.monotonic
+) -> dict[str, Any]:
+    """One route's minute over several processes: the `window()` of the sum
+    of their `export()`s (a route no process reported: an empty minute)."""
+    merged = RouteStats(clock)
+    for exported in exports:
+        merged.add(exported)
+    return merged.window()
 
 
 class Stats:
