@@ -30,7 +30,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-_Child = TypeVar("_Child", "CounterChild", "HistogramChild")
+_Child = TypeVar("_Child", "CounterChild", "GaugeChild", "HistogramChild")
 
 # Latency buckets from 1 ms to 5 min: the histogram runs to the last body
 # byte, so long downloads and SSE streams need the high end.
@@ -65,6 +65,21 @@ class CounterChild:
 
     def inc(self, amount: float = 1.0) -> None:
         self.value += amount
+
+
+class GaugeChild:
+    """One labelled gauge: a float moved up and down on the loop thread."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.value -= amount
 
 
 class HistogramChild:
@@ -104,11 +119,17 @@ class _Family(Collector, Generic[_Child]):
         registry.register(self)
 
     def labels(self, *values: str) -> _Child:
-        child = self._children.get(values)
+        return self.child(values)
+
+    def child(self, key: tuple[str, ...]) -> _Child:
+        """`labels(*key)`, keeping `key` itself as the series' key: the
+        families labelled by route alone share one tuple per route (some
+        60 bytes each, times the families, times 120,000 routes)."""
+        child = self._children.get(key)
         if child is None:
-            if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
-            child = self._children[values] = self._new_child()
+            if len(key) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {key}")
+            child = self._children[key] = self._new_child()
         return child
 
     def remove(self, *values: str) -> None:
@@ -154,6 +175,20 @@ class FastCounter(_Family[CounterChild]):
 
     def _family(self) -> CounterMetricFamily:
         return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> Iterable[Metric]:
+        family = self._family()
+        for values, child in self._children.items():
+            family.add_metric(values, child.value)
+        return [family]
+
+
+class FastGauge(_Family[GaugeChild]):
+    def _new_child(self) -> GaugeChild:
+        return GaugeChild()
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
     def collect(self) -> Iterable[Metric]:
         family = self._family()
@@ -324,11 +359,13 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, float("inf")),
             registry=r,
         )
-        self.tunnels_active = Gauge(
+        # Counted in plain Python like the families above: prometheus_client's
+        # Gauge child is ~0.6 KiB with its lock, one per route.
+        self.tunnels_active = FastGauge(
             "gateway_tunnels_active",
             "Open WebSocket tunnels (after 101 Switching Protocols), by route.",
             ["route"],
-            registry=r,
+            r,
         )
         self.tunnel_bytes = FastCounter(
             "gateway_tunnel_bytes_total",
@@ -375,14 +412,12 @@ class Metrics:
             self.duration,
             self.auth_failures,
             self.cache_requests,
+            self.tunnels_active,
         ):
             family.remove_where_in("route", routes)
         self.tunnel_bytes.remove_keys(
             (route, direction) for route in routes for direction in ("up", "down")
         )
-        for route in routes:
-            with contextlib.suppress(KeyError):
-                self.tunnels_active.remove(route)
 
     def forget_target(self, upstream: str, target: str) -> None:
         for outcome in ("ok", "error", "timeout"):
@@ -407,17 +442,23 @@ class RequestCounter:
     `labels()` builds a label tuple (with `str(status)`) per call; caching the
     child per (method, status) keeps that off the hot path. Methods come from
     clients, but llhttp admits only registered ones, so the cache stays small.
+    Slotted, the cache made at the first request: one per route.
     """
+
+    __slots__ = ("_children", "_requests", "_route")
 
     def __init__(self, metrics: Metrics, route: str) -> None:
         self._requests = metrics.requests
         self._route = route
-        self._children: dict[tuple[str, int], CounterChild] = {}
+        self._children: dict[tuple[str, int], CounterChild] | None = None
 
     def count(self, method: str, status: int) -> None:
+        children = self._children
+        if children is None:
+            children = self._children = {}
         key = (method, status)
-        counter = self._children.get(key)
+        counter = children.get(key)
         if counter is None:
             counter = self._requests.labels(self._route, method, str(status))
-            self._children[key] = counter
+            children[key] = counter
         counter.inc()

@@ -48,6 +48,7 @@ from gateway.state.cache import ResponseCache
 from gateway.state.metrics import (
     CACHE_RESULTS,
     CounterChild,
+    GaugeChild,
     HistogramChild,
     Metrics,
     RequestCounter,
@@ -119,13 +120,14 @@ class RouteRuntime:
         if config.rewrite is not None:
             self.rewrite = _rewriter(config.rewrite.pattern, config.rewrite.replace)
         self.auth_failures = metrics.auth_failures
-        self.duration: HistogramChild = metrics.duration.labels(config.name)
-        self.bytes_in: CounterChild = metrics.request_bytes.labels(config.name)
-        self.bytes_out: CounterChild = metrics.response_bytes.labels(config.name)
-        self.rate_limited: CounterChild = metrics.rate_limited.labels(config.name)
+        key = (config.name,)  # one label tuple for every family keyed by route alone
+        self.duration: HistogramChild = metrics.duration.child(key)
+        self.bytes_in: CounterChild = metrics.request_bytes.child(key)
+        self.bytes_out: CounterChild = metrics.response_bytes.child(key)
+        self.rate_limited: CounterChild = metrics.rate_limited.child(key)
         self.count = RequestCounter(metrics, config.name).count
         # WebSocket tunnels: the gauge exists at 0 from the route's load on.
-        self.tunnels = metrics.tunnels_active.labels(config.name)
+        self.tunnels: GaugeChild = metrics.tunnels_active.child(key)
         self.tunnel_up: CounterChild = metrics.tunnel_bytes.labels(config.name, "up")
         self.tunnel_down: CounterChild = metrics.tunnel_bytes.labels(config.name, "down")
         # `[routes.cache]` (None: the route does not cache) and its counters.
