@@ -233,10 +233,19 @@ async def test_a_route_that_only_moved_in_the_file_keeps_its_runtime_buckets_and
         limited = before.routes["limited"]
         assert limited.buckets is not None
         limited.duration.observe(0.5)
+        positions = {name: rt.config.index for name, rt in before.routes.items()}
         # A reload that inserts a route above both: every position shifts.
         after = runtime.build(parse(_routes_config(moved_in, 10)))
-        assert after.routes["limited"] is limited
-        assert after.routes["plain"] is before.routes["plain"]
+        for name in ("limited", "plain"):
+            kept, was = after.routes[name], before.routes[name]
+            # Its series, counters and buckets, not new ones...
+            assert kept is was
+            assert kept.count == was.count  # the same RequestCounter
+            assert kept.duration is was.duration
+            assert kept.buckets is was.buckets
+            # ...with its new position.
+            assert kept.config is next(r for r in after.config.routes if r.name == name)
+            assert kept.config.index == positions[name] + 1
         assert after.table.match("GET", "x", "/new/", {}).name == "new"
         assert after.routes["new"].pool is after.pools["app"]
         # The target changed: a new pool, and the unchanged routes move to it

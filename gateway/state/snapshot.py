@@ -18,6 +18,7 @@ the previous snapshot's pools and `RouteRuntime`s for everything else.
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import re
 import ssl
@@ -96,9 +97,6 @@ class RouteRuntime:
     def __init__(
         self, config: RouteConfig, pool: Pool, buckets: BucketStore | None, metrics: Metrics
     ) -> None:
-        # `config.index` is the route's position when this was built: a kept
-        # RouteRuntime may outlive a move in the file. Nothing reads it from
-        # here (the RouteTable, built from the new config, orders routes).
         self.config = config
         self.name = config.name
         self.pool = pool
@@ -142,9 +140,7 @@ class RouteRuntime:
     def with_pool(self, pool: Pool) -> RouteRuntime:
         """This route on another pool (its upstream's was rebuilt), sharing
         everything else: metric series, buckets, policies."""
-        clone = object.__new__(RouteRuntime)
-        for slot in RouteRuntime.__slots__:
-            object.__setattr__(clone, slot, getattr(self, slot))
+        clone = copy.copy(self)
         clone.pool = pool
         return clone
 
@@ -200,6 +196,7 @@ class Prepared:
     # no limit any more); `commit` records them in `Runtime.buckets`.
     buckets: dict[str, _BucketEntry | None] = field(default_factory=dict)
     cache_signatures: dict[str, tuple[object, ...]] | None = None
+    gone: frozenset[str] | None = None  # base's routes not in config (None: unknown)
 
 
 @dataclass
@@ -254,9 +251,11 @@ class Runtime:
         run one at a time), and builds new objects: the route table and the
         RouteRuntimes of routes on unchanged upstreams (metric children are
         plain objects in dicts; creating one is a single dict store under the
-        GIL). What can still fail (regex compilation, CIDRs) fails here,
-        before any shared state changes, so a failure leaves the old snapshot
-        whole (at worst, zero-valued series for routes that never loaded).
+        GIL); the one write to a live object is an unchanged RouteRuntime's
+        `config`, set to the new, equal config. What can still fail (regex
+        compilation, CIDRs) fails in the table's build, before that, so a
+        failure leaves the old snapshot whole (at worst, zero-valued series
+        for routes that never loaded).
         """
         base = self._current
         table = RouteTable(config.routes)
@@ -295,6 +294,12 @@ class Runtime:
                 # Equal configs, wherever they sit in the file: the old
                 # RouteRuntime is what a rebuild would make (same series,
                 # same buckets), on the new pool if its upstream changed.
+                # It now refers to the new, equal config (one store, atomic
+                # under the GIL; requests still on the old snapshot read the
+                # same values), so the old RouteConfig goes with the old
+                # Config instead of living on in the runtime: one RouteConfig
+                # per route after a reload, not two.
+                was.config = route
                 if same_pool:
                     kept[route.name] = was
                 else:
@@ -329,6 +334,8 @@ class Runtime:
             tuple(rebind),
             buckets,
             signatures,
+            # _routes_seen is base's route names: commit sets both together.
+            self._routes_seen - names,
         )
 
     def commit(self, prepared: Prepared) -> Snapshot:
@@ -353,6 +360,7 @@ class Runtime:
                 todo=config.routes,
                 rebind=(),
                 buckets={},
+                gone=None,
             )
         base = prepared.base
         old_pools = base.pools if base is not None else {}
@@ -391,7 +399,9 @@ class Runtime:
         auth = self.auth.build(config.auth)
         cache = self._cache(config, prepared.cache_signatures)
         self._forget_missing(config, prepared.route_names)
-        gone = self._routes_seen - prepared.route_names
+        gone = prepared.gone
+        if gone is None:
+            gone = self._routes_seen - prepared.route_names
         if gone:
             self.metrics.forget_routes(gone)
         self._routes_seen = prepared.route_names
