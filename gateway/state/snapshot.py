@@ -89,8 +89,7 @@ class RouteRuntime:
         "pool",
         "rate_limited",
         "rewrite",
-        "tunnel_down",
-        "tunnel_up",
+        "tunnel_bytes",
         "tunnels",
     )
 
@@ -126,8 +125,8 @@ class RouteRuntime:
         self.count = RequestCounter(metrics, config.name).count
         # WebSocket tunnels: the gauge exists at 0 from the route's load on.
         self.tunnels: GaugeChild = metrics.tunnels_active.child(key)
-        self.tunnel_up: CounterChild = metrics.tunnel_bytes.labels(config.name, "up")
-        self.tunnel_down: CounterChild = metrics.tunnel_bytes.labels(config.name, "down")
+        # Its bytes series are made at the route's first tunnel (`tunnel_counters`).
+        self.tunnel_bytes = metrics.tunnel_bytes
         # `[routes.cache]` (None: the route does not cache) and its counters.
         self.cache_config = config.cache
         self.cache_counts: dict[str, CounterChild] = _NO_CACHE_COUNTS
@@ -136,6 +135,13 @@ class RouteRuntime:
                 result: metrics.cache_requests.labels(config.name, result)
                 for result in CACHE_RESULTS
             }
+
+    def tunnel_counters(self) -> tuple[CounterChild, CounterChild]:
+        """`gateway_tunnel_bytes_total` up and down for this route, made at
+        its first tunnel: two series per route that never tunnels, times
+        120,000 routes, are megabytes for nothing."""
+        name = self.name
+        return self.tunnel_bytes.labels(name, "up"), self.tunnel_bytes.labels(name, "down")
 
     def with_pool(self, pool: Pool) -> RouteRuntime:
         """This route on another pool (its upstream's was rebuilt), sharing
