@@ -163,8 +163,13 @@ def run(path: str, loop_choice: str) -> int:
     gc.enable()
     from gateway.server import Gateway, StartupError
 
+    # Handed over, not kept here: after the first reload nothing may hold
+    # the first config (at 120,000 routes, tens of MiB).
+    initial = [config]
+    del config
+
     async def main() -> int:
-        gateway = Gateway(config)
+        gateway = Gateway(initial.pop())
         try:
             return await gateway.serve()
         except (OSError, StartupError) as error:  # e.g. address in use

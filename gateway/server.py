@@ -77,7 +77,9 @@ class Gateway:
             config.server.access_log, journald=journald_mode(self.environ)
         )
         self.box: SnapshotBox | None = None
-        self._initial_config = config
+        # Dropped once started: the first config must not outlive its
+        # snapshot (a reload frees the replaced one, see Reloader).
+        self._initial_config: Config | None = config
         self.ready = False
         self.draining = False
         self.stopping = asyncio.Event()
@@ -143,6 +145,8 @@ class Gateway:
 
     async def start(self) -> None:
         config = self._initial_config
+        assert config is not None, "started twice"
+        self._initial_config = None
         with gc_paused():
             self.box = SnapshotBox(self.runtime.build(config))
         # JWKS URLs are fetched in the background: start-up does not wait (CONTRACT.md).

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from typing import Protocol
 
 from msgspec import structs
@@ -31,7 +30,7 @@ from msgspec import structs
 from gateway.core.config import Config, ConfigError, RouteConfig, UpstreamConfig, load
 from gateway.core.systemd import Notifier
 from gateway.state.metrics import Metrics
-from gateway.state.snapshot import Prepared, gc_paused
+from gateway.state.snapshot import Prepared, Snapshot, dismantle, gc_paused
 
 log = logging.getLogger("gateway.reload")
 
@@ -128,6 +127,16 @@ class Reloadable(Protocol):
         """Serve `prepared` from the next request on (on the loop, no await: atomic)."""
 
 
+def _prepare(gw: Reloadable, path: str, old: Config) -> list[tuple[Prepared, str]]:
+    # Everything here is pure: it reads immutable configs and builds new
+    # objects, so it runs beside the loop (see the module doc). In a list the
+    # caller empties: the thread's future keeps its result for as long as it
+    # lives, and the result must not keep the replaced snapshot alive
+    # (Prepared.base) past `dismantle`.
+    config = load(path)
+    return [(gw.prepare(config), describe_changes(old, config))]
+
+
 class Reloader:
     def __init__(self, gateway: Reloadable) -> None:
         self._gateway = gateway
@@ -174,21 +183,26 @@ class Reloader:
 
     async def _reload(self, gw: Reloadable, path: str) -> tuple[bool, str]:
         old = gw.config
-
-        def prepare() -> tuple[Prepared, str]:
-            # Everything here is pure: it reads immutable configs and builds
-            # new objects, so it runs beside the loop (see the module doc).
-            config = load(path)
-            return gw.prepare(config), describe_changes(old, config)
-
+        retired: list[Snapshot] = []
         with gc_paused():
-            return await self._swap(gw, path, old, prepare)
+            result = await self._swap(gw, path, old, retired)
+        # The replaced snapshot (and so the old config) is freed in a worker
+        # thread, a piece at a time: freed here, on the loop, a large one is
+        # one long stall. This frame's reference goes first.
+        del old
+        if retired:
+            await asyncio.to_thread(dismantle, retired)
+        return result
 
     async def _swap(
-        self, gw: Reloadable, path: str, old: Config, prepare: Callable[[], tuple[Prepared, str]]
+        self,
+        gw: Reloadable,
+        path: str,
+        old: Config,
+        retired: list[Snapshot],
     ) -> tuple[bool, str]:
         try:
-            prepared, changes = await asyncio.to_thread(prepare)
+            prepared, changes = (await asyncio.to_thread(_prepare, gw, path, old)).pop()
         except ConfigError as error:
             gw.metrics.config_reloads.labels("failure").inc()
             log.error(
@@ -199,6 +213,7 @@ class Reloader:
             )
             return False, f"reload rejected ({len(error.errors)} errors); old config serving"
         config = prepared.config
+        base = prepared.base
         try:
             gw.apply(prepared)
         except ConfigError as error:
@@ -210,6 +225,9 @@ class Reloader:
                 "\n  ".join(error.errors),
             )
             return False, "reload rejected; old config serving"
+        if base is not None and base.config is old:
+            retired.append(base)  # the snapshot just replaced
+        del prepared, base
         gw.metrics.config_reloads.labels("success").inc()
         gw.metrics.config_last_reload_success.set(time.time())
         if config.server.listen != old.server.listen or config.server.admin != old.server.admin:
