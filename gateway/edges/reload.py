@@ -9,7 +9,9 @@ routes that is seconds of work the event loop must not wait for. Only the
 swap and its incremental bookkeeping (new pools, the metric series of new or
 removed routes, health probes) run on the loop (`Reloadable.apply`), with no
 `await` in between, so every request sees either the old config or the new
-one whole.
+one whole. The replaced snapshot is then freed in a worker thread too,
+piecemeal (`state.snapshot.dismantle`): a million objects freed at once
+would be one long pause of the loop.
 
 systemd sees `RELOADING=1` (with `MONOTONIC_USEC=` in the same datagram) when
 a reload starts and `READY=1` when it ends, valid or not (sd_notify(3),

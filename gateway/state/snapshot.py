@@ -8,11 +8,14 @@ upstream name + target URL. `Runtime.build(config)` makes a
 current snapshot once per request, so each request runs wholly on one config.
 
 A build has two halves, so that a reload of a large config never stalls the
-event loop: `prepare(config)` is pure (the route table, the trusted-proxy
-set, and which routes are unchanged since the last snapshot) and may run in
-a worker thread; `commit(prepared)` runs on the loop and touches only what
-changed (new pools, new routes' metric series, the routes removed), reusing
-the previous snapshot's pools and `RouteRuntime`s for everything else.
+event loop: `prepare(config)` (the route table, the trusted-proxy set, which
+routes are unchanged since the last snapshot, and new `RouteRuntime`s for
+the routes on unchanged upstreams) may run in a worker thread;
+`commit(prepared)` runs on the loop and touches only what changed (new
+pools and the routes on them, the routes removed), reusing the previous
+snapshot's pools and `RouteRuntime`s for everything else. A route that only
+moved in the file counts as unchanged. `dismantle` frees a replaced
+snapshot off the loop.
 """
 
 from __future__ import annotations
