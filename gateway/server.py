@@ -92,7 +92,9 @@ class Gateway:
             config.server.access_log, journald=journald_mode(self.environ)
         )
         self.box: SnapshotBox | None = None
-        self._initial_config = config
+        # Dropped once started: the first config must not outlive its
+        # snapshot (a reload frees the replaced one, see Reloader).
+        self._initial_config: Config | None = config
         self.ready = False
         self.draining = False
         self.stopping = asyncio.Event()
@@ -180,7 +182,7 @@ class Gateway:
         if self.box is None:
             return None
         open_now = {
-            name: int(route.tunnels._value.get())  # the gauge's own count, no second one
+            name: int(route.tunnels.value)  # the gauge's own count, no second one
             for name, route in self.box.snapshot.routes.items()
         }
         open_now = {name: n for name, n in open_now.items() if n}
@@ -214,6 +216,8 @@ class Gateway:
 
     async def start(self) -> None:
         config = self._initial_config
+        assert config is not None, "started twice"
+        self._initial_config = None
         await self.discovery.prime(config)
         if self.worker is not None:
             self.runtime.local_shared = self.worker.buckets
@@ -303,6 +307,8 @@ class Gateway:
         return sock
 
     async def _add_site(self, runner: web.BaseRunner, address: str, out: list[str]) -> None:
+        from aiohttp import web
+
         parsed = parse_listen_address(address)
         site: web.BaseSite
         if isinstance(parsed, str):
@@ -373,6 +379,8 @@ class Gateway:
     async def _add_sock_site(
         self, runner: web.BaseRunner, sock: socket.socket, out: list[str]
     ) -> None:
+        from aiohttp import web
+
         site = web.SockSite(runner, sock, backlog=1024)
         await site.start()
         out.append(_format_sockname(sock))

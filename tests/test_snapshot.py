@@ -192,3 +192,75 @@ async def test_a_reload_drops_the_metric_series_of_removed_routes_and_targets() 
         )
     finally:
         await runtime.close()
+
+
+def _routes_config(first: str, port: int) -> str:
+    limited = """
+        [[routes]]
+        name = "limited"
+        path = "/limited"
+        upstream = "app"
+        rate_limit = { rate = 1, burst = 2, key = "route" }
+        """
+    plain = """
+        [[routes]]
+        name = "plain"
+        path = "/plain"
+        upstream = "app"
+        """
+    return f"""
+        [server]
+        listen = ["127.0.0.1:0"]
+        [upstreams.app]
+        targets = ["http://127.0.0.1:{port}"]
+        {first}
+        {limited}
+        {plain}
+        """
+
+
+async def test_a_route_that_only_moved_in_the_file_keeps_its_runtime_buckets_and_series() -> None:
+    metrics = Metrics()
+    runtime = Runtime(metrics)
+    moved_in = """
+        [[routes]]
+        name = "new"
+        path = "/new"
+        upstream = "app"
+        """
+    try:
+        before = runtime.build(parse(_routes_config("", 10)))
+        limited = before.routes["limited"]
+        assert limited.buckets is not None
+        limited.duration.observe(0.5)
+        positions = {name: rt.config.index for name, rt in before.routes.items()}
+        # A reload that inserts a route above both: every position shifts.
+        after = runtime.build(parse(_routes_config(moved_in, 10)))
+        for name in ("limited", "plain"):
+            kept, was = after.routes[name], before.routes[name]
+            # Its series, counters and buckets, not new ones...
+            assert kept is was
+            assert kept.count == was.count  # the same RequestCounter
+            assert kept.duration is was.duration
+            assert kept.buckets is was.buckets
+            # ...with its new position.
+            assert kept.config is next(r for r in after.config.routes if r.name == name)
+            assert kept.config.index == positions[name] + 1
+        assert after.table.match("GET", "x", "/new/", {}).name == "new"
+        assert after.routes["new"].pool is after.pools["app"]
+        # The target changed: a new pool, and the unchanged routes move to it
+        # with their buckets and series.
+        moved = runtime.build(parse(_routes_config(moved_in, 11)))
+        assert moved.pools["app"] is not after.pools["app"]
+        for name in ("limited", "plain", "new"):
+            assert moved.routes[name].pool is moved.pools["app"]
+        assert moved.routes["limited"].buckets is limited.buckets
+        assert moved.routes["limited"].duration is limited.duration
+        assert (
+            metrics.registry.get_sample_value(
+                "gateway_request_duration_seconds_count", {"route": "limited"}
+            )
+            == 1.0
+        )
+    finally:
+        await runtime.close()

@@ -160,7 +160,7 @@ async def test_text_and_binary_messages_echo_through_a_tunnel_and_are_counted(
 
 def _active(gw: RunningGateway) -> float:
     assert gw.gateway.box is not None
-    return float(gw.gateway.box.snapshot.routes["ws"].tunnels._value.get())
+    return float(gw.gateway.box.snapshot.routes["ws"].tunnels.value)
 
 
 async def test_the_tunnel_gauge_exists_at_zero_from_the_load(

@@ -330,6 +330,27 @@ class RouteTable:
             node.hosts = {host: tuple(found) for host, found in by_host.items()}
         self._root = root
 
+    def parts(self) -> list[object]:
+        """Every object the table is made of, parents before children, for
+        `state.snapshot.dismantle` (freeing a retired table piece by piece)."""
+        out: list[object] = [self.routes]
+        nodes = [self._root]
+        while nodes:
+            node = nodes.pop()
+            out.append(node)
+            out.append(node.anyhost)
+            out.extend(node.anyhost)
+            if node.hosts is not None:
+                out.append(node.hosts)
+                for found in node.hosts.values():
+                    out.append(found)
+                    out.extend(found)
+            if node.children is not None:
+                out.append(node.children)
+                nodes.extend(node.children.values())
+        out.extend(self.routes)
+        return out
+
     def match(
         self,
         method: str | None,

@@ -9,7 +9,9 @@ routes that is seconds of work the event loop must not wait for. Only the
 swap and its incremental bookkeeping (new pools, the metric series of new or
 removed routes, health probes) run on the loop (`Reloadable.apply`), with no
 `await` in between, so every request sees either the old config or the new
-one whole.
+one whole. The replaced snapshot is then freed in a worker thread too,
+piecemeal (`state.snapshot.dismantle`): a million objects freed at once
+would be one long pause of the loop.
 
 systemd sees `RELOADING=1` (with `MONOTONIC_USEC=` in the same datagram) when
 a reload starts and `READY=1` when it ends, valid or not (sd_notify(3),
@@ -22,19 +24,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from msgspec import structs
 
 from gateway.core.config import Config, ConfigError, RouteConfig, UpstreamConfig, load
 from gateway.core.systemd import Notifier
 from gateway.state.metrics import Metrics
-from gateway.state.snapshot import Prepared, gc_paused
+from gateway.state.snapshot import Prepared, Snapshot, dismantle, gc_paused
 
 log = logging.getLogger("gateway.reload")
+
+RELOAD_SWITCH_INTERVAL: Final = 0.001  # seconds
 
 
 def _route_key(route: RouteConfig) -> RouteConfig:
@@ -140,6 +144,16 @@ class ReloadResult:
     changes: str = ""  # describe_changes() of an applied one
 
 
+def _prepare(gw: Reloadable, path: str, old: Config) -> list[tuple[Prepared, str]]:
+    # Everything here is pure: it reads immutable configs and builds new
+    # objects, so it runs beside the loop (see the module doc). In a list the
+    # caller empties: the thread's future keeps its result for as long as it
+    # lives, and the result must not keep the replaced snapshot alive
+    # (Prepared.base) past `dismantle`.
+    config = load(path)
+    return [(gw.prepare(config), describe_changes(old, config))]
+
+
 class Reloader:
     def __init__(self, gateway: Reloadable) -> None:
         self._gateway = gateway
@@ -200,21 +214,34 @@ class Reloader:
         self._errors = ()
         self._changes = ""
         old = gw.config
-
-        def prepare() -> tuple[Prepared, str]:
-            # Everything here is pure: it reads immutable configs and builds
-            # new objects, so it runs beside the loop (see the module doc).
-            config = load(path)
-            return gw.prepare(config), describe_changes(old, config)
-
-        with gc_paused():
-            return await self._swap(gw, path, old, prepare)
+        retired: list[Snapshot] = []
+        # While the worker thread runs, the loop gets the GIL back within
+        # 1 ms of asking instead of 5 (sys.setswitchinterval's default): every
+        # loop iteration waits that long once the thread holds it.
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, RELOAD_SWITCH_INTERVAL))
+        try:
+            with gc_paused():
+                result = await self._swap(gw, path, old, retired)
+        finally:
+            sys.setswitchinterval(interval)
+        # The replaced snapshot (and so the old config) is freed in a worker
+        # thread, a piece at a time: freed here, on the loop, a large one is
+        # one long stall. This frame's reference goes first.
+        del old
+        if retired:
+            await asyncio.to_thread(dismantle, retired)
+        return result
 
     async def _swap(
-        self, gw: Reloadable, path: str, old: Config, prepare: Callable[[], tuple[Prepared, str]]
+        self,
+        gw: Reloadable,
+        path: str,
+        old: Config,
+        retired: list[Snapshot],
     ) -> tuple[bool, str]:
         try:
-            prepared, changes = await asyncio.to_thread(prepare)
+            prepared, changes = (await asyncio.to_thread(_prepare, gw, path, old)).pop()
         except ConfigError as error:
             gw.metrics.config_reloads.labels("failure").inc()
             log.error(
@@ -226,6 +253,7 @@ class Reloader:
             self._errors = tuple(error.errors)
             return False, f"reload rejected ({len(error.errors)} errors); old config serving"
         config = prepared.config
+        base = prepared.base
         try:
             gw.apply(prepared)
         except ConfigError as error:
@@ -238,6 +266,9 @@ class Reloader:
             )
             self._errors = tuple(error.errors)
             return False, "reload rejected; old config serving"
+        if base is not None and base.config is old:
+            retired.append(base)  # the snapshot just replaced
+        del prepared, base
         gw.metrics.config_reloads.labels("success").inc()
         gw.metrics.config_last_reload_success.set(time.time())
         if config.server.listen != old.server.listen or config.server.admin != old.server.admin:

@@ -130,13 +130,15 @@ async def tunnel(
         target_side.abort()
         raise
 
+    tunnel_up, tunnel_down = route.tunnel_counters()
+
     def report(direction: str, count: int) -> None:
         if direction == "up":
             entry.bytes_in += count
-            route.tunnel_up.inc(count)
+            tunnel_up.inc(count)
         else:
             entry.bytes_out += count
-            route.tunnel_down.inc(count)
+            tunnel_down.inc(count)
 
     route.tunnels.inc()
     why = "cancelled"

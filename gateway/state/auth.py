@@ -14,9 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from hashlib import sha256
-from typing import Final
-
-import aiohttp
+from typing import TYPE_CHECKING, Final
 
 from gateway.core.auth import (
     MAX_JWKS_BYTES,
@@ -29,6 +27,9 @@ from gateway.core.auth import (
     parse_jwks,
     secret_fingerprint,
 )
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger("gateway.auth")
 
@@ -152,6 +153,8 @@ class JwksFetcher:
         self.fetches += 1
         try:
             if self._session is None:
+                import aiohttp  # lazily: only JWKS URLs need it
+
                 self._session = aiohttp.ClientSession(
                     timeout=aiohttp.ClientTimeout(total=FETCH_TIMEOUT)
                 )

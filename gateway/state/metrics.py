@@ -32,7 +32,7 @@ from prometheus_client.registry import Collector
 
 from gateway.state.stats import Stats
 
-_Child = TypeVar("_Child", "CounterChild", "HistogramChild")
+_Child = TypeVar("_Child", "CounterChild", "GaugeChild", "HistogramChild")
 
 # Latency buckets from 1 ms to 5 min: the histogram runs to the last body
 # byte, so long downloads and SSE streams need the high end.
@@ -69,6 +69,21 @@ class CounterChild:
         self.value += amount
 
 
+class GaugeChild:
+    """One labelled gauge: a float moved up and down on the loop thread."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.value -= amount
+
+
 class HistogramChild:
     """One labelled histogram: a count per bucket (not cumulative) and a sum."""
 
@@ -76,12 +91,17 @@ class HistogramChild:
 
     def __init__(self, bounds: Sequence[float]) -> None:
         self._bounds = bounds
-        self.counts = [0] * len(bounds)
+        # Made at the first observation: one child per route, and most of
+        # 120,000 routes may never see a request (~180 bytes each).
+        self.counts: list[int] | None = None
         self.total = 0.0
 
     def observe(self, value: float) -> None:
+        counts = self.counts
+        if counts is None:
+            counts = self.counts = [0] * len(self._bounds)
         # Bucket i counts bounds[i-1] < value <= bounds[i] ("le").
-        self.counts[bisect.bisect_left(self._bounds, value)] += 1
+        counts[bisect.bisect_left(self._bounds, value)] += 1
         self.total += value
 
 
@@ -106,11 +126,17 @@ class _Family(Collector, Generic[_Child]):
         registry.register(self)
 
     def labels(self, *values: str) -> _Child:
-        child = self._children.get(values)
+        return self.child(values)
+
+    def child(self, key: tuple[str, ...]) -> _Child:
+        """`labels(*key)`, keeping `key` itself as the series' key: the
+        families labelled by route alone share one tuple per route (some
+        60 bytes each, times the families, times 120,000 routes)."""
+        child = self._children.get(key)
         if child is None:
-            if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
-            child = self._children[values] = self._new_child()
+            if len(key) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {key}")
+            child = self._children[key] = self._new_child()
         return child
 
     def remove(self, *values: str) -> None:
@@ -124,10 +150,21 @@ class _Family(Collector, Generic[_Child]):
 
     def remove_where_in(self, label: str, values: AbstractSet[str]) -> None:
         """Drop every series whose `label` is one of `values`: one pass, however many."""
+        if self.labelnames == (label,):
+            # The label is the whole key: a lookup per value, not a pass over
+            # every series (a reload removing one of 120,000 routes).
+            self.remove_keys((value,) for value in values)
+            return
         index = self.labelnames.index(label)
         gone = [v for v in self._children if v[index] in values]
         for labels in gone:
             del self._children[labels]
+
+    def remove_keys(self, keys: Iterable[tuple[str, ...]]) -> None:
+        """Drop the series with these exact label values, where present."""
+        children = self._children
+        for key in keys:
+            children.pop(key, None)
 
     def describe(self) -> Iterable[Metric]:
         return [self._family()]
@@ -145,6 +182,20 @@ class FastCounter(_Family[CounterChild]):
 
     def _family(self) -> CounterMetricFamily:
         return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> Iterable[Metric]:
+        family = self._family()
+        for values, child in self._children.items():
+            family.add_metric(values, child.value)
+        return [family]
+
+
+class FastGauge(_Family[GaugeChild]):
+    def _new_child(self) -> GaugeChild:
+        return GaugeChild()
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
     def collect(self) -> Iterable[Metric]:
         family = self._family()
@@ -175,10 +226,12 @@ class FastHistogram(_Family[HistogramChild]):
 
     def collect(self) -> Iterable[Metric]:
         family = self._family()
+        zeros = (0,) * len(self._bounds)
         for values, child in self._children.items():
             cumulative = 0
             buckets: list[tuple[str, float]] = []
-            for bound, count in zip(self._bounds, child.counts, strict=True):
+            counts = child.counts or zeros
+            for bound, count in zip(self._bounds, counts, strict=True):
                 cumulative += count
                 buckets.append((_le(bound), cumulative))
             family.add_metric(values, buckets, child.total)
@@ -325,11 +378,13 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, float("inf")),
             registry=r,
         )
-        self.tunnels_active = Gauge(
+        # Counted in plain Python like the families above: prometheus_client's
+        # Gauge child is ~0.6 KiB with its lock, one per route.
+        self.tunnels_active = FastGauge(
             "gateway_tunnels_active",
             "Open WebSocket tunnels (after 101 Switching Protocols), by route.",
             ["route"],
-            registry=r,
+            r,
         )
         self.tunnel_bytes = FastCounter(
             "gateway_tunnel_bytes_total",
@@ -376,12 +431,13 @@ class Metrics:
             self.duration,
             self.auth_failures,
             self.cache_requests,
+            self.tunnels_active,
         ):
             family.remove_where_in("route", routes)
-        self.tunnel_bytes.remove_where_in("route", routes)
+        self.tunnel_bytes.remove_keys(
+            (route, direction) for route in routes for direction in ("up", "down")
+        )
         for route in routes:
-            with contextlib.suppress(KeyError):
-                self.tunnels_active.remove(route)
             self.stats.forget(route)
 
     def forget_target(self, upstream: str, target: str) -> None:
@@ -407,17 +463,23 @@ class RequestCounter:
     `labels()` builds a label tuple (with `str(status)`) per call; caching the
     child per (method, status) keeps that off the hot path. Methods come from
     clients, but llhttp admits only registered ones, so the cache stays small.
+    Slotted, the cache made at the first request: one per route.
     """
+
+    __slots__ = ("_children", "_requests", "_route")
 
     def __init__(self, metrics: Metrics, route: str) -> None:
         self._requests = metrics.requests
         self._route = route
-        self._children: dict[tuple[str, int], CounterChild] = {}
+        self._children: dict[tuple[str, int], CounterChild] | None = None
 
     def count(self, method: str, status: int) -> None:
+        children = self._children
+        if children is None:
+            children = self._children = {}
         key = (method, status)
-        counter = self._children.get(key)
+        counter = children.get(key)
         if counter is None:
             counter = self._requests.labels(self._route, method, str(status))
-            self._children[key] = counter
+            children[key] = counter
         counter.inc()

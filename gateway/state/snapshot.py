@@ -8,22 +8,29 @@ upstream name + target URL. `Runtime.build(config)` makes a
 current snapshot once per request, so each request runs wholly on one config.
 
 A build has two halves, so that a reload of a large config never stalls the
-event loop: `prepare(config)` is pure (the route table, the trusted-proxy
-set, and which routes are unchanged since the last snapshot) and may run in
-a worker thread; `commit(prepared)` runs on the loop and touches only what
-changed (new pools, new routes' metric series, the routes removed), reusing
-the previous snapshot's pools and `RouteRuntime`s for everything else.
+event loop: `prepare(config)` (the route table, the trusted-proxy set, which
+routes are unchanged since the last snapshot, and new `RouteRuntime`s for
+the routes on unchanged upstreams) may run in a worker thread;
+`commit(prepared)` runs on the loop and touches only what changed (new
+pools and the routes on them, the routes removed), reusing the previous
+snapshot's pools and `RouteRuntime`s for everything else. A route that only
+moved in the file counts as unchanged. `dismantle` frees a replaced
+snapshot off the loop.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import re
 import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import Final
+
+from msgspec import structs
 
 from gateway.core.auth import IpRules
 from gateway.core.config import (
@@ -46,6 +53,7 @@ from gateway.state.cache import ResponseCache
 from gateway.state.metrics import (
     CACHE_RESULTS,
     CounterChild,
+    GaugeChild,
     HistogramChild,
     Metrics,
     RequestCounter,
@@ -60,7 +68,38 @@ Clock = Callable[[], float]
 
 
 class RouteRuntime:
-    """A route plus everything precomputed for its requests."""
+    """A route plus everything precomputed for its requests.
+
+    Slotted: a config of 120,000 routes holds 120,000 of these. Built in the
+    reload's worker thread for routes on an unchanged upstream (nothing here
+    is bound to the loop: metric children and bucket stores are plain
+    objects), on the loop otherwise.
+    """
+
+    __slots__ = (
+        "auth_failures",
+        "buckets",
+        "bytes_in",
+        "bytes_out",
+        "cache_config",
+        "cache_counts",
+        "config",
+        "cors",
+        "count",
+        "duration",
+        "ip_rules",
+        "limit_by_consumer",
+        "limit_by_route",
+        "limit_header",
+        "name",
+        "pool",
+        "rate_limited",
+        "rewrite",
+        "shared",
+        "stats",
+        "tunnel_bytes",
+        "tunnels",
+    )
 
     def __init__(
         self,
@@ -87,31 +126,62 @@ class RouteRuntime:
         self.ip_rules: IpRules | None = None
         if access is not None and (access.allow_ips or access.deny_ips):
             self.ip_rules = IpRules(access.allow_ips, access.deny_ips)
-        # Compiled once here, never per request.
+        # Compiled once here, never per request; routes without a rewrite
+        # (nearly all) get neither a pattern nor a closure.
         self.rewrite: Callable[[str], str] | None = None
         if config.rewrite is not None:
-            pattern = re.compile(config.rewrite.pattern)
-            template = config.rewrite.replace
-            self.rewrite = lambda path: pattern.sub(template, path, count=1)
+            self.rewrite = _rewriter(config.rewrite.pattern, config.rewrite.replace)
         self.auth_failures = metrics.auth_failures
-        self.duration: HistogramChild = metrics.duration.labels(config.name)
-        self.bytes_in: CounterChild = metrics.request_bytes.labels(config.name)
-        self.bytes_out: CounterChild = metrics.response_bytes.labels(config.name)
-        self.rate_limited: CounterChild = metrics.rate_limited.labels(config.name)
+        key = (config.name,)  # one label tuple for every family keyed by route alone
+        self.duration: HistogramChild = metrics.duration.child(key)
+        self.bytes_in: CounterChild = metrics.request_bytes.child(key)
+        self.bytes_out: CounterChild = metrics.response_bytes.child(key)
+        self.rate_limited: CounterChild = metrics.rate_limited.child(key)
         self.count = RequestCounter(metrics, config.name).count
         # WebSocket tunnels: the gauge exists at 0 from the route's load on.
-        self.tunnels = metrics.tunnels_active.labels(config.name)
-        self.tunnel_up: CounterChild = metrics.tunnel_bytes.labels(config.name, "up")
-        self.tunnel_down: CounterChild = metrics.tunnel_bytes.labels(config.name, "down")
+        self.tunnels: GaugeChild = metrics.tunnels_active.child(key)
+        # Its bytes series are made at the route's first tunnel (`tunnel_counters`).
+        self.tunnel_bytes = metrics.tunnel_bytes
         # `[routes.cache]` (None: the route does not cache) and its counters.
         self.cache_config = config.cache
-        self.cache_counts: dict[str, CounterChild] = {}
+        self.cache_counts: dict[str, CounterChild] = _NO_CACHE_COUNTS
         if config.cache is not None:
             self.cache_counts = {
                 result: metrics.cache_requests.labels(config.name, result)
                 for result in CACHE_RESULTS
             }
         self.stats: RouteStats = metrics.stats.route(config.name)
+
+    def tunnel_counters(self) -> tuple[CounterChild, CounterChild]:
+        """`gateway_tunnel_bytes_total` up and down for this route, made at
+        its first tunnel: two series per route that never tunnels, times
+        120,000 routes, are megabytes for nothing."""
+        name = self.name
+        return self.tunnel_bytes.labels(name, "up"), self.tunnel_bytes.labels(name, "down")
+
+    def with_pool(self, pool: Pool) -> RouteRuntime:
+        """This route on another pool (its upstream's was rebuilt), sharing
+        everything else: metric series, buckets, policies."""
+        clone = copy.copy(self)
+        clone.pool = pool
+        return clone
+
+
+# Shared by every route without [routes.cache]; never written to.
+_NO_CACHE_COUNTS: Final[dict[str, CounterChild]] = {}
+
+
+def _rewriter(pattern: str, template: str) -> Callable[[str], str]:
+    compiled = re.compile(pattern)
+    return lambda path: compiled.sub(template, path, count=1)
+
+
+def same_route(a: RouteConfig, b: RouteConfig) -> bool:
+    """Equal but for the position in the file (`index`): a route that only
+    moved keeps its RouteRuntime (metric series, rate-limit buckets)."""
+    if a.index == b.index:
+        return a == b
+    return structs.replace(a, index=b.index) == b
 
 
 @dataclass(frozen=True)
@@ -135,11 +205,20 @@ class Prepared:
     trusted: TrustedProxies
     base: Snapshot | None  # the snapshot the comparisons below were made against
     same_upstreams: frozenset[str]  # upstreams whose config equals base's
-    # The new snapshot's routes dict, holding base's RouteRuntime for every
-    # route whose config and upstream are unchanged; `commit` adds the rest.
+    # The new snapshot's routes dict: base's RouteRuntime for every route
+    # whose config (position aside) and upstream are unchanged, and a new one,
+    # built in the worker thread on base's pool, for every other route on an
+    # unchanged upstream. `commit` adds the rest.
     kept: dict[str, RouteRuntime]
-    todo: tuple[RouteConfig, ...]  # routes that need a new RouteRuntime
+    todo: tuple[RouteConfig, ...]  # routes whose RouteRuntime `commit` builds
     route_names: frozenset[str]
+    # Unchanged routes whose upstream changed: `commit` moves them to its new pool.
+    rebind: tuple[RouteRuntime, ...] = ()
+    # Rate-limit stores the routes built in `kept` use (None: the route has
+    # no limit any more); `commit` records them in `Runtime.buckets`.
+    buckets: dict[str, _BucketEntry | None] = field(default_factory=dict)
+    cache_signatures: dict[str, tuple[object, ...]] | None = None
+    gone: frozenset[str] | None = None  # base's routes not in config (None: unknown)
 
 
 @dataclass
@@ -204,48 +283,121 @@ class Runtime:
     def prepare(self, config: Config) -> Prepared:
         """Everything about `config` that needs no loop-bound object.
 
-        Safe in a worker thread: it reads only immutable configs and the
-        current snapshot reference, and builds new objects. What can still
-        fail (regex compilation, CIDRs) fails here, before any shared state
-        changes, so a failure leaves the old snapshot whole.
+        Safe in a worker thread: it reads only immutable configs, the current
+        snapshot reference and `buckets` (which only `commit` writes; reloads
+        run one at a time), and builds new objects: the route table and the
+        RouteRuntimes of routes on unchanged upstreams (metric children are
+        plain objects in dicts; creating one is a single dict store under the
+        GIL); the one write to a live object is an unchanged RouteRuntime's
+        `config`, set to the new, equal config. What can still fail (regex
+        compilation, CIDRs) fails in the table's build, before that, so a
+        failure leaves the old snapshot whole (at worst, zero-valued series
+        for routes that never loaded).
         """
         base = self._current
         table = RouteTable(config.routes)
         trusted = TrustedProxies(config.server.trusted_proxies)
         names = frozenset(route.name for route in config.routes)
+        signatures = {r.name: _cache_signature(r, r.cache) for r in config.routes if r.cache}
         if base is None:
-            return Prepared(config, table, trusted, None, frozenset(), {}, config.routes, names)
+            return Prepared(
+                config,
+                table,
+                trusted,
+                None,
+                frozenset(),
+                {},
+                config.routes,
+                names,
+                cache_signatures=signatures,
+            )
         old = base.config
         same_upstreams = frozenset(
             name for name, up in config.upstreams.items() if old.upstreams.get(name) == up
         )
         kept: dict[str, RouteRuntime] = {}
         todo: list[RouteConfig] = []
+        rebind: list[RouteRuntime] = []
+        buckets: dict[str, _BucketEntry | None] = {}
         old_routes = base.routes
+        old_pools = base.pools
+        metrics = self.metrics
         for route in config.routes:
             was = old_routes.get(route.name)
-            # Equal configs (file position included) on an unchanged pool: the
-            # old RouteRuntime is exactly what a rebuild would make.
-            if was is not None and route.upstream in same_upstreams and was.config == route:
-                kept[route.name] = was
-            else:
+            upstream = route.upstream
+            # Redirect routes ("" upstream) use no pool: nothing to compare.
+            same_pool = upstream in same_upstreams or not upstream
+            if was is not None and same_route(was.config, route):
+                # Equal configs, wherever they sit in the file: the old
+                # RouteRuntime is what a rebuild would make (same series,
+                # same buckets), on the new pool if its upstream changed.
+                # It now refers to the new, equal config (one store, atomic
+                # under the GIL; requests still on the old snapshot read the
+                # same values), so the old RouteConfig goes with the old
+                # Config instead of living on in the runtime: one RouteConfig
+                # per route after a reload, not two.
+                was.config = route
+                if same_pool:
+                    kept[route.name] = was
+                else:
+                    rebind.append(was)
+                continue
+            pool = old_pools.get(upstream) if upstream in same_upstreams else None
+            if pool is None:
                 todo.append(route)
-        return Prepared(config, table, trusted, base, same_upstreams, kept, tuple(todo), names)
+                continue
+            limit = route.rate_limit
+            store = None
+            if limit is None:
+                buckets[route.name] = None
+            else:
+                entry = self.buckets.get(route.name)
+                if entry is None or entry.config != limit:
+                    entry = _BucketEntry(
+                        limit, BucketStore(limit.rate, limit.burst, clock=self.clock)
+                    )
+                    buckets[route.name] = entry
+                store = entry.store
+            kept[route.name] = RouteRuntime(route, pool, store, metrics)
+        return Prepared(
+            config,
+            table,
+            trusted,
+            base,
+            same_upstreams,
+            kept,
+            tuple(todo),
+            names,
+            tuple(rebind),
+            buckets,
+            signatures,
+            # _routes_seen is base's route names: commit sets both together.
+            self._routes_seen - names,
+        )
 
     def commit(self, prepared: Prepared) -> Snapshot:
         """The snapshot for `prepared`; on the loop, no await (atomic with the swap).
 
         Incremental: an upstream whose config is unchanged keeps its `Pool`,
-        and a route whose config and upstream are unchanged keeps its
-        `RouteRuntime` (metric series, rate-limit buckets, CORS policy), so
-        the work here is proportional to what changed.
+        a route whose config and upstream are unchanged keeps its
+        `RouteRuntime` (metric series, rate-limit buckets, CORS policy), and
+        `prepare` already built the RouteRuntimes of the other routes on
+        unchanged upstreams, so the work here is proportional to the routes
+        on new or changed upstreams (nothing per route otherwise).
         """
         config = prepared.config
         if prepared.base is not self._current:
             # Prepared against another snapshot (not the reloader's way):
             # nothing can be reused safely, so rebuild every route here.
             prepared = replace(
-                prepared, base=None, same_upstreams=frozenset(), kept={}, todo=config.routes
+                prepared,
+                base=None,
+                same_upstreams=frozenset(),
+                kept={},
+                todo=config.routes,
+                rebind=(),
+                buckets={},
+                gone=None,
             )
         base = prepared.base
         old_pools = base.pools if base is not None else {}
@@ -254,12 +406,16 @@ class Runtime:
         tls = self._client_tls(config)
         self.client_tls.retain(set(tls.values()))
         pools: dict[str, Pool] = {}
+        rebuilt: set[str] = set()  # unchanged config, but new TLS files
         for name, up in config.upstreams.items():
             kept_pool = old_pools.get(name) if name in prepared.same_upstreams else None
             if kept_pool is not None and kept_pool.tls is tls.get(name):
                 pools[name] = kept_pool
             else:  # new or changed, or its TLS files changed under the same config
                 pools[name] = self._pool(up, tls.get(name))
+                if kept_pool is not None:
+                    rebuilt.add(name)
+        previous_shared = self.shared
         shared = self._shared(config)
 
         def store_of(route: RouteConfig) -> SharedStore | None:
@@ -270,13 +426,25 @@ class Runtime:
 
         routes = prepared.kept  # built for this snapshot alone: ours to fill
         metrics = self.metrics
+        if rebuilt:  # rare: a per-route pass only then
+            for name, runtime in list(routes.items()):
+                if runtime.config.upstream in rebuilt:
+                    routes[name] = runtime.with_pool(pools[runtime.config.upstream])
+        for runtime in prepared.rebind:
+            routes[runtime.name] = runtime.with_pool(pools[runtime.config.upstream])
+        for name, entry in prepared.buckets.items():
+            if entry is None:
+                self.buckets.pop(name, None)
+            else:
+                self.buckets[name] = entry
         todo = list(prepared.todo)
-        for name, runtime in list(routes.items()):
-            if runtime.pool is not pools.get(
-                runtime.config.upstream, runtime.pool
-            ) or runtime.shared is not store_of(runtime.config):
-                del routes[name]  # its pool or store was replaced: so is the route
-                todo.append(runtime.config)
+        if shared is not None or previous_shared is not None or self.local_shared is not None:
+            # A shared store in play (Redis, or the main's buckets in a
+            # worker): routes built or kept without theirs are built again.
+            for name, runtime in list(routes.items()):
+                if runtime.shared is not store_of(runtime.config):
+                    del routes[name]
+                    todo.append(runtime.config)
         for route in todo:
             # A redirect route has no upstream; it answers before any pool
             # is used, so an empty one stands in (never in `pools`, never probed).
@@ -285,9 +453,11 @@ class Runtime:
                 route, pool, self._buckets(route), metrics, store_of(route)
             )
         auth = self.auth.build(config.auth)
-        cache = self._cache(config)
+        cache = self._cache(config, prepared.cache_signatures)
         self._forget_missing(config, prepared.route_names)
-        gone = self._routes_seen - prepared.route_names
+        gone = prepared.gone
+        if gone is None:
+            gone = self._routes_seen - prepared.route_names
         if gone:
             self.metrics.forget_routes(gone)
         self._routes_seen = prepared.route_names
@@ -358,10 +528,13 @@ class Runtime:
             panic = self.panics[up.name] = PanicState(up.name, self.metrics)
         return Pool(up, tuple(targets), self.client, budget, panic, tls)
 
-    def _cache(self, config: Config) -> ResponseCache | None:
+    def _cache(
+        self, config: Config, signatures: dict[str, tuple[object, ...]] | None = None
+    ) -> ResponseCache | None:
         """The store for `config`: the same one while [cache] is unchanged,
         minus the entries of routes whose cache config or match changed."""
-        signatures = {r.name: _cache_signature(r, r.cache) for r in config.routes if r.cache}
+        if signatures is None:
+            signatures = {r.name: _cache_signature(r, r.cache) for r in config.routes if r.cache}
         if config.cache is None:
             self.cache = None
         elif self.cache is None or config.cache != self.cache_config:
@@ -456,6 +629,33 @@ def gc_paused() -> Iterator[None]:
             gc.freeze()
         if enabled:
             gc.enable()
+
+
+def dismantle(retired: list[Snapshot]) -> None:
+    """Free a snapshot a reload replaced, a piece at a time; in a worker thread.
+
+    A snapshot of 120,000 routes is about a million objects (configs, the
+    route table's trie, its compiled entries). Freed by its last reference,
+    that is one deallocation cascade with the GIL held: 100 ms and more
+    without a break for the event loop. Here every piece is held in a list
+    first, the snapshot dropped (its containers go, their items survive in
+    the list), and then the list is emptied one item per bytecode step,
+    parents before children, so each step frees one object (its exclusive
+    leaves at most) and the interpreter can hand the GIL to the loop between
+    any two. `retired` must hold the only references the caller has
+    (it is emptied here); pieces still in use (unchanged RouteRuntimes,
+    requests still running on the old snapshot) merely lose one reference.
+    """
+    snapshot = retired.pop()
+    held: list[object] = [snapshot, snapshot.config, snapshot.routes]
+    held.extend(snapshot.table.parts())
+    held.append(snapshot.config.routes)
+    held.extend(snapshot.config.routes)
+    held.extend(snapshot.routes.values())
+    del snapshot
+    held.reverse()  # pop() from the end: parents first
+    while held:
+        held.pop()
 
 
 def _cache_signature(route: RouteConfig, cache: RouteCacheConfig) -> tuple[object, ...]:

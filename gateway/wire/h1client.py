@@ -54,9 +54,8 @@ import ssl
 import threading
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from http import HTTPStatus
-from typing import Final, cast
+from typing import TYPE_CHECKING, Final, cast
 
-import aiohttp
 import httptools
 from cachetools import TTLCache
 from multidict import CIMultiDict
@@ -66,6 +65,9 @@ from gateway.wire import splice
 from gateway.wire.tls import ClientTLS
 from gateway.wire.vetting import MAX_HEAD_BYTES, MAX_REQUEST_LINE, section_limit
 from gateway.wire.writeflow import WriteFlow
+
+if TYPE_CHECKING:
+    import aiohttp
 
 # Response read-ahead (bench/slow_streams.py). The socket is read into one
 # buffer per thread, at most `_read_size` bytes at a time, and body bytes wait
@@ -1207,6 +1209,10 @@ class _CachingResolver:
         if cached is not None:
             return cached
         if self._resolver is None:
+            # Imported at the first host name (IP literals never get here):
+            # aiohttp costs start-up 0.15 s and ~25 MiB otherwise.
+            import aiohttp
+
             self._resolver = aiohttp.AsyncResolver()
         found = await self._resolver.resolve(host, port, family=socket.AF_UNSPEC)
         addresses = tuple(dict.fromkeys(str(entry["host"]) for entry in found))
