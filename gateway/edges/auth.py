@@ -106,12 +106,40 @@ class AuthStep:
     ) -> RequestAuth:
         """IP access (403), auth (401), scopes and claims (403), in that order."""
         self.check_ip(route, client)
-        config = route.config
         identity: Identity | None = None
         jwt = False
-        if config.auth:
+        if route.config.auth:
             identity, jwt = await self._authenticate(snap.auth, route, headers)
             self._authorize(route, identity, jwt)
+        return self._context(snap, route, client, rid, host, raw_path, identity, jwt)
+
+    def check_open(
+        self,
+        snap: Snapshot,
+        route: RouteRuntime,
+        *,
+        client: str,
+        rid: str,
+        host: str | None,
+        raw_path: str,
+    ) -> RequestAuth:
+        """`check` for a route without `auth` (most): IP access (403) only,
+        and no coroutine on the request path for it."""
+        self.check_ip(route, client)
+        return self._context(snap, route, client, rid, host, raw_path, None, False)
+
+    def _context(
+        self,
+        snap: Snapshot,
+        route: RouteRuntime,
+        client: str,
+        rid: str,
+        host: str | None,
+        raw_path: str,
+        identity: Identity | None,
+        jwt: bool,
+    ) -> RequestAuth:
+        config = route.config
         if route.rewrite is not None and has_dot_segment(
             forward_path(config, raw_path, None, "", route.rewrite)
         ):

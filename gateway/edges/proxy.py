@@ -44,7 +44,7 @@ from gateway.core.headers import (
     request_id,
     upstream_request_headers,
 )
-from gateway.core.limits import rate_limit_headers
+from gateway.core.limits import TokenBucket, rate_limit_headers
 from gateway.core.retry import backoff, may_retry
 from gateway.core.routing import forward_path, has_dot_segment
 from gateway.core.tracing import trace_context
@@ -384,17 +384,31 @@ class ProxyHandler:
         if route.cors is not None:
             ex.cors_headers = route.cors.response_headers(headers)
         # IP access (403), credentials (401), scopes and claims (403).
-        ex.auth = auth = await self._auth.check(
-            ex.snap,
-            route,
-            headers,
-            client=ex.client,
-            rid=ex.request_id,
-            host=ex.host,
-            raw_path=ex.raw_path,
-        )
+        if route.config.auth:
+            auth = await self._auth.check(
+                ex.snap,
+                route,
+                headers,
+                client=ex.client,
+                rid=ex.request_id,
+                host=ex.host,
+                raw_path=ex.raw_path,
+            )
+        else:  # no coroutine for a route without auth
+            auth = self._auth.check_open(
+                ex.snap,
+                route,
+                client=ex.client,
+                rid=ex.request_id,
+                host=ex.host,
+                raw_path=ex.raw_path,
+            )
+        ex.auth = auth
         ex.consumer = auth.consumer
-        ex.limit_headers = await self._admit(ex)
+        if route.shared is None:
+            ex.limit_headers = self._admit(ex)
+        else:
+            ex.limit_headers = await self._admit_shared(ex)
         if route.config.redirect is not None:
             return self._auth.redirect(route, auth, ex.raw_path, ex.raw_query)
         return None
@@ -463,35 +477,54 @@ class ProxyHandler:
         bucket = route.buckets.peek(key)
         return rate_limit_headers(route.name, bucket, self._clock(), True)
 
-    async def _admit(self, ex: _Exchange) -> Sequence[tuple[str, str]]:
+    def _admit(self, ex: _Exchange) -> Sequence[tuple[str, str]]:
         """Rate-limit, then body-size checks (the contract's order: a request
         over its limit is a 429 whatever its size), before any upstream work;
         the rate-limit headers every response to the request then carries."""
         route = ex.runtime
         assert route is not None
-        request = ex.request
         headers: Sequence[tuple[str, str]] = _NO_HEADERS
         buckets = route.buckets
         if buckets is not None:
-            who = ex.auth.who if ex.auth is not None else None
-            key = _bucket_key(route, request.headers, ex.client, who)
-            if route.shared is None:
-                allowed, bucket = buckets.take(key)
-            else:
-                # store = "redis" (or the main process's buckets in a worker):
-                # one round trip, or the local bucket while the store is down.
-                allowed, bucket = await route.shared.take(route.name, key, buckets)
-            headers = rate_limit_headers(route.name, bucket, self._clock(), allowed)
-            if not allowed:
-                route.rate_limited.inc()
-                raise RateLimited("rate limit exceeded", dict(headers))
+            allowed, bucket = buckets.take(self._key(ex, route))
+            headers = self._limited(route, bucket, allowed)
+        self._size_check(ex, route, headers)
+        return headers
+
+    async def _admit_shared(self, ex: _Exchange) -> Sequence[tuple[str, str]]:
+        """`_admit` for store = "redis" (or the main process's buckets in a
+        worker): one round trip, or the local bucket while the store is down."""
+        route = ex.runtime
+        assert route is not None
+        assert route.shared is not None
+        assert route.buckets is not None
+        allowed, bucket = await route.shared.take(route.name, self._key(ex, route), route.buckets)
+        headers = self._limited(route, bucket, allowed)
+        self._size_check(ex, route, headers)
+        return headers
+
+    @staticmethod
+    def _key(ex: _Exchange, route: RouteRuntime) -> str:
+        who = ex.auth.who if ex.auth is not None else None
+        return _bucket_key(route, ex.request.headers, ex.client, who)
+
+    def _limited(
+        self, route: RouteRuntime, bucket: TokenBucket, allowed: bool
+    ) -> Sequence[tuple[str, str]]:
+        headers = rate_limit_headers(route.name, bucket, self._clock(), allowed)
+        if not allowed:
+            route.rate_limited.inc()
+            raise RateLimited("rate limit exceeded", dict(headers))
+        return headers
+
+    @staticmethod
+    def _size_check(ex: _Exchange, route: RouteRuntime, headers: Sequence[tuple[str, str]]) -> None:
         limit = route.config.max_body_bytes
-        length = request.content_length
+        length = ex.request.content_length
         if limit and length is not None and length > limit:
             raise BodyTooLarge(
                 f"request body of {length} bytes is over the {limit} byte limit", dict(headers)
             )
-        return headers
 
     @staticmethod
     def _error_reply(ex: _Exchange, error: GatewayError) -> Reply:
