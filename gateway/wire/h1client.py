@@ -63,7 +63,7 @@ from multidict import CIMultiDict
 from gateway.core.headers import encode_head
 from gateway.wire import splice
 from gateway.wire.tls import ClientTLS
-from gateway.wire.vetting import MAX_HEAD_BYTES, MAX_REQUEST_LINE, section_limit
+from gateway.wire.vetting import MAX_HEAD_BYTES, MAX_HEADERS, MAX_REQUEST_LINE, section_limit
 from gateway.wire.writeflow import WriteFlow
 
 if TYPE_CHECKING:
@@ -389,6 +389,7 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         self._reason = b""
         self._raw_headers: list[tuple[str, str]] = []
         self._head_bytes = 0  # raw bytes read while waiting for the head
+        self._poller: select.poll | None = None  # see unheard()
         self._section_size = 0  # the heads so far (1xx included), or the trailers
         self._fields = 0  # fields of the head or trailer section being parsed
         self._stalled = 0  # bytes fed since the last progress (see _MAX_STALLED)
@@ -576,21 +577,19 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         state = self._state
+        if state != _HEAD and state != _BODY:
+            return
+        # A head's fields, or (in _BODY) chunked trailers: dropped, as
+        # aiohttp's client does, but bounded as a head is (CONTRACT.md: a
+        # trailer section over 64 KiB). The caps inline: a call per field is
+        # measurable per request; the reason comes from vetting's one rule.
+        fields = self._fields = self._fields + 1
+        size = self._section_size = self._section_size + len(name) + len(value) + 4
+        if size > MAX_HEAD_BYTES or fields > MAX_HEADERS:
+            section = "response head" if state == _HEAD else "trailer section"
+            raise _Refused(f"{section}: {section_limit(fields, size)}")
         if state == _HEAD:
-            self._fields += 1
-            self._section_size += len(name) + len(value) + 4
-            problem = section_limit(self._fields, self._section_size)
-            if problem is not None:
-                raise _Refused(f"response head: {problem}")
             self._raw_headers.append((_decode(name), _decode(value)))
-        elif state == _BODY:
-            # Chunked trailers: dropped, as aiohttp's client does, but bounded
-            # as a head is (CONTRACT.md: a trailer section over 64 KiB).
-            self._fields += 1
-            self._section_size += len(name) + len(value) + 4
-            problem = section_limit(self._fields, self._section_size)
-            if problem is not None:
-                raise _Refused(f"trailer section: {problem}")
 
     def on_headers_complete(self) -> None:
         if self._state != _HEAD:
@@ -726,14 +725,19 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         TLS: the socket may hold records without data (a TLS 1.3 session
         ticket); decrypted stray bytes still end an idle connection through
         data_received."""
-        transport = self._transport
-        if transport is None or self._tls:
-            return False
-        sock = transport.get_extra_info("socket")
-        if sock is None:
-            return False
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)  # no await: the fd is still this one
+        poller = self._poller
+        if poller is None:
+            transport = self._transport
+            if transport is None or self._tls:
+                return False
+            sock = transport.get_extra_info("socket")
+            if sock is None:
+                return False
+            # Made once per connection. It holds the descriptor's number, not
+            # the socket: the caller checks `usable()` (transport open, so the
+            # number is still this socket's) before every poll.
+            poller = self._poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
         return bool(poller.poll(0))
 
     def stale(self) -> bool:
