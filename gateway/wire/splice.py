@@ -287,6 +287,7 @@ class Relay:
         self._pipe_bytes = pipe_bytes
         self._closed = False
         self._tunnel = tunnel
+        self._grown = False  # see _drain
         #: Bytes delivered to the destination so far (also after a failure
         #: or cancellation: for the access log).
         self.moved = 0
@@ -331,6 +332,29 @@ class Relay:
             pipe_bytes = 65536
         return cls(pipe_r, pipe_w, pipe_bytes)
 
+    def _drain(
+        self, loop: asyncio.AbstractEventLoop, src: int, dst: int, in_pipe: int, started_at: float
+    ) -> int:
+        """Splice what the pipe holds into `dst`; how many bytes went (0: the
+        destination is full). Grows the relay once, when the destination has
+        taken GROW_AFTER bytes at GROW_RATE on average since `started_at` (a
+        stream that turns fast later grows then)."""
+        try:
+            n = os.splice(self._pipe_r, dst, in_pipe, flags=_FLAGS)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise SinkFailed(f"writing failed: {_reason(exc)}", self.moved) from exc
+        self.moved += n
+        if (
+            not self._grown
+            and self.moved >= GROW_AFTER
+            and self.moved >= GROW_RATE * (loop.time() - started_at)
+        ):
+            self._grown = True
+            self._grow(src, dst)
+        return n
+
     def _grow(self, src: int, dst: int) -> int:
         """The destination keeps up: a full-size pipe and held socket buffers
         (see GROW_AFTER); returns the pipe's size. A tunnel keeps its pipe."""
@@ -374,7 +398,7 @@ class Relay:
         exception.
         """
         loop = asyncio.get_running_loop()
-        pipe_r, pipe_w, chunk = self._pipe_r, self._pipe_w, self._pipe_bytes
+        pipe_w, chunk = self._pipe_w, self._pipe_bytes
         left = count  # still to take from the source
         in_pipe = 0
         if sink.gone():
@@ -384,29 +408,13 @@ class Relay:
         src, dst = source.fd, sink.fd
         hold_sink_small(dst)
         grow_at = loop.time()  # GROW_AFTER bytes by `grow_at`: fast enough
-        grown = False
         while left or in_pipe:
             drained = filled = False
             if in_pipe:
-                try:
-                    n = os.splice(pipe_r, dst, in_pipe, flags=_FLAGS)
-                except BlockingIOError:
-                    pass
-                except OSError as exc:
-                    raise SinkFailed(f"writing failed: {_reason(exc)}", self.moved) from exc
-                else:
-                    in_pipe -= n
-                    self.moved += n
-                    drained = n > 0
-                    # The average since the start: a stream that turns fast
-                    # later grows then.
-                    if (
-                        not grown
-                        and self.moved >= GROW_AFTER
-                        and self.moved >= GROW_RATE * (loop.time() - grow_at)
-                    ):
-                        grown = True
-                        chunk = self._grow(src, dst)
+                n = self._drain(loop, src, dst, in_pipe, grow_at)
+                in_pipe -= n
+                drained = n > 0
+                chunk = self._pipe_bytes  # grown, once the destination keeps up
             if left:
                 try:
                     # Never ask for more than is left: the bytes after this
@@ -452,13 +460,12 @@ class Relay:
         connections must end. At EOF the pipe is emptied first.
         """
         loop = asyncio.get_running_loop()
-        pipe_r, pipe_w, chunk = self._pipe_r, self._pipe_w, self._pipe_bytes
+        pipe_w, chunk = self._pipe_w, self._pipe_bytes
         in_pipe = 0
         eof = False
         src, dst = source.fd, sink.fd
         hold_sink_small(dst)
         grow_at = loop.time()
-        grown = False
         while not eof or in_pipe:
             if sink.gone():
                 raise SinkFailed("the connection closed", self.moved)
@@ -466,25 +473,10 @@ class Relay:
                 raise SourceClosed("the connection closed", self.moved)
             drained = filled = False
             if in_pipe:
-                try:
-                    n = os.splice(pipe_r, dst, in_pipe, flags=_FLAGS)
-                except BlockingIOError:
-                    pass
-                except OSError as exc:
-                    raise SinkFailed(f"writing failed: {_reason(exc)}", self.moved) from exc
-                else:
-                    in_pipe -= n
-                    self.moved += n
-                    drained = n > 0
-                    # The average since the start: a stream that turns fast
-                    # later grows then.
-                    if (
-                        not grown
-                        and self.moved >= GROW_AFTER
-                        and self.moved >= GROW_RATE * (loop.time() - grow_at)
-                    ):
-                        grown = True
-                        chunk = self._grow(src, dst)
+                n = self._drain(loop, src, dst, in_pipe, grow_at)
+                in_pipe -= n
+                drained = n > 0
+                chunk = self._pipe_bytes  # grown, once the destination keeps up
             if not eof and in_pipe < chunk:
                 try:
                     n = os.splice(src, pipe_w, chunk - in_pipe, flags=_FLAGS)
