@@ -306,31 +306,29 @@ class Relay:
         """A relay for one direction of a tunnel (see MAX_TUNNEL_ACTIVE)."""
         if not AVAILABLE or cls.tunnels_active >= MAX_TUNNEL_ACTIVE:
             return None
-        try:
-            pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as exc:
-            log.warning("zero-copy tunnel unavailable, copying instead: %s", exc)
-            return None
-        try:
-            pipe_bytes = fcntl.fcntl(pipe_w, fcntl.F_GETPIPE_SZ)
-        except OSError:
-            pipe_bytes = 65536
-        return cls(pipe_r, pipe_w, pipe_bytes, tunnel=True)
+        return cls._with_pipe(tunnel=True)
 
     @classmethod
     def open(cls) -> Relay | None:
         if not AVAILABLE or cls.active >= MAX_ACTIVE:
             return None
+        return cls._with_pipe(tunnel=False)
+
+    @classmethod
+    def _with_pipe(cls, *, tunnel: bool) -> Relay | None:
+        """A relay on a new pipe of the default size; None (the caller copies)
+        when the process is out of descriptors or pipe pages."""
         try:
             pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
-            log.warning("zero-copy relay unavailable, copying instead: %s", exc)
+            what = "tunnel" if tunnel else "relay"
+            log.warning("zero-copy %s unavailable, copying instead: %s", what, exc)
             return None
         try:
             pipe_bytes = fcntl.fcntl(pipe_w, fcntl.F_GETPIPE_SZ)
         except OSError:
             pipe_bytes = 65536
-        return cls(pipe_r, pipe_w, pipe_bytes)
+        return cls(pipe_r, pipe_w, pipe_bytes, tunnel=tunnel)
 
     def _drain(
         self, loop: asyncio.AbstractEventLoop, src: int, dst: int, in_pipe: int, started_at: float
