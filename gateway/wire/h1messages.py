@@ -37,10 +37,15 @@ _INTERIM_HIGH: Final = 64 * 1024
 # the kernel (bench/slow_streams.py --op upload --target-rate: this alone
 # cost 850-940 KiB of RSS per upload). A body nobody reads (pipelined, or
 # answered unread: OPTIONS *) is parsed up to this, so that a small one
-# reaches its end and the connection can go on. The request being handled
-# holds at most _HANDLED_HIGH before its handler reads: what the handler
-# reads at once, a target that does not keep up holds in our memory.
-_BODY_HIGH: Final = 256 * 1024
+# reaches its end and the connection can go on: 512 KiB, the 256 KiB this
+# was plus the one 256 KiB read that used to go past it before h1server
+# sized its reads (READ_MAX), so that what ends in time stays the same. The
+# request being handled holds at most _HANDLED_HIGH before its handler
+# reads: what the handler reads at once, a target that does not keep up
+# holds in our memory.
+_BODY_HIGH: Final = 512 * 1024
+#: The largest room a body has (h1server sizes its reads by it).
+BODY_HIGH: Final = _BODY_HIGH
 _HANDLED_HIGH: Final = 64 * 1024
 #: Why a connection stopped reading (Connection.pause_reading's bits).
 PAUSE_BODY: Final = 1
@@ -65,6 +70,8 @@ class ClientConnection(Protocol):
     def write_blocked(self) -> bool: ...
     async def drain(self, stall_timeout: float | None = None) -> None: ...
     def pause_reading(self, reason: int) -> None: ...
+    def read_more(self) -> None: ...
+    def read_less(self) -> None: ...
     def resume_reading(self, reason: int) -> None: ...
     def hand_over_body(self, request: Request) -> tuple[bytes, int]: ...
     def body_spliced(self, request: Request) -> None: ...
@@ -107,12 +114,29 @@ class Body:
         self._chunks.append(data)
         self._size += len(data)
         self.total_bytes += len(data)
-        waiter = self._waiter
-        # Read, but nobody waits now (or was woken already): the handler is busy.
-        busy = self._read and (waiter is None or waiter.done())
-        if self._conn is not None and (busy or self._size > self._high):
-            self._conn.pause_reading(PAUSE_BODY)
+        conn = self._conn
+        if conn is not None:
+            waiter = self._waiter
+            if waiter is None:
+                # Nobody waits: the handler is busy with what it read (its
+                # target has not taken it), or does not read yet. The rest
+                # waits in the kernel, and reads shrink (h1server READ_MIN).
+                if self._read or self._size > self._high:
+                    conn.read_less()
+                    conn.pause_reading(PAUSE_BODY)
+            elif waiter.done():
+                # Woken by an earlier piece and yet to run: busy too, but
+                # not slow (a read of several chunks, or libuv's next read).
+                conn.pause_reading(PAUSE_BODY)
+            else:
+                conn.read_more()  # it was waiting for this: it keeps up
+                if self._size > self._high:
+                    conn.pause_reading(PAUSE_BODY)
         self._wake()
+
+    def room(self) -> int:
+        """What may still be buffered before reading pauses (`_BODY_HIGH`)."""
+        return self._high - self._size
 
     def handled(self) -> None:
         """Its request's handler runs from now (see _HANDLED_HIGH)."""
