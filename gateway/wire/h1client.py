@@ -78,9 +78,14 @@ if TYPE_CHECKING:
 # waiting when data came) doubles the read size up to READ_AHEAD_MAX, which
 # a fast client needs (fewer reads per byte); one that falls behind takes it
 # back to READ_AHEAD_MIN. A 1 MiB read-ahead before pausing cost 1.3-1.5 MiB
-# of RSS per slow download; this holds at most one read per stream.
+# of RSS per slow download; this holds at most one read per stream. A client
+# that stalls after a fast start (loopback fills a 4 MiB send buffer at once)
+# leaves up to one read in its transport and one here: with a 64 KiB maximum,
+# 200 `curl --limit-rate 1M` downloads cost 132-140 KiB of RSS each, with
+# 32 KiB 99 (bench/slow_streams.py, the same run), for 15 % of a fast copied
+# download's MB/s (1 GiB, spliced downloads do not read here).
 READ_AHEAD_MIN: Final = 16 * 1024
-READ_AHEAD_MAX: Final = 64 * 1024
+READ_AHEAD_MAX: Final = 32 * 1024
 #: The most unread response body bytes a connection holds (one read).
 MAX_BUFFERED: Final = READ_AHEAD_MAX
 # Below the common upstream idle timeouts (aiohttp 75 s, nginx 75 s) so we
