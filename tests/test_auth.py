@@ -208,16 +208,40 @@ def test_token_cache_is_bounded_and_expires_with_the_token() -> None:
 
     nobody = Identity("p", None, frozenset(), {})
     for i in range(10):
-        cache.put(TokenCache.key(f"t{i}"), Verified(nobody, "f", 1010.0))
+        cache.put(f"t{i}", Verified(nobody, "f", 1010.0))
     assert len(cache) == 3
-    assert cache.get(TokenCache.key("t9")) is not None
+    assert cache.get("t9") is not None
     now[0] = 1011.0
-    assert cache.get(TokenCache.key("t9")) is None
-    cache.put(TokenCache.key("a"), Verified(nobody, "old", 2000.0))
-    cache.put(TokenCache.key("b"), Verified(nobody, "new", 2000.0))
+    assert cache.get("t9") is None
+    cache.put("a", Verified(nobody, "old", 2000.0))
+    cache.put("b", Verified(nobody, "new", 2000.0))
     assert cache.retain({"new"}) == 2  # "a" and the one "f" token still held
-    assert cache.get(TokenCache.key("a")) is None
-    assert cache.get(TokenCache.key("b")) is not None
+    assert cache.get("a") is None
+    assert cache.get("b") is not None
+    assert cache.chars == 1
+
+
+def test_token_cache_holds_at_most_its_budget_of_token_text() -> None:
+    from gateway.core.auth import Identity, Verified
+
+    cache = TokenCache(maxsize=1000, clock=lambda: 0.0, maxchars=100)
+    nobody = Identity("p", None, frozenset(), {})
+    for i in range(50):
+        cache.put(f"{i:030d}", Verified(nobody, "f", 1.0))  # 30 characters each
+        assert cache.chars <= 100
+    assert len(cache) == 3
+    assert cache.get(f"{49:030d}") is not None
+    assert cache.get(f"{46:030d}") is None  # the oldest went first
+    cache.put("x" * 101, Verified(nobody, "f", 1.0))  # larger than the budget: not kept
+    assert len(cache) == 3
+    cache.put(f"{49:030d}", Verified(nobody, "f", 1.0))  # the same token again
+    assert (len(cache), cache.chars) == (3, 90)
+    now = [0.0]
+    cache = TokenCache(clock=lambda: now[0], maxchars=100)
+    cache.put("t" * 40, Verified(nobody, "f", 5.0))
+    now[0] = 5.0
+    assert cache.get("t" * 40) is None  # expired at its exp + leeway: dropped, not served
+    assert cache.chars == 0
 
 
 def test_bearer_token_reading() -> None:
