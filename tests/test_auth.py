@@ -380,3 +380,23 @@ def test_gateway_apikey_prints_a_key_whose_hash_is_the_block(
     assert errors == []
     assert consumers[0].name == "acme"
     assert cli.main(["apikey", "bad name"]) == 2
+
+
+def test_api_keys_remember_only_keys_that_passed_and_at_most_one_per_consumer() -> None:
+    from gateway.core.auth import ApiKeyPolicy
+    from gateway.state.auth import ApiKeys
+
+    consumer = Consumer(name="acme", key_sha256=hash_key("secret-key"), scopes=("a",))
+    api = ApiKeys(ApiKeyPolicy(name="p", consumers=(consumer,)))
+    hostile = ["", "secret-key ", "secret-kez", "x" * 513, "secret-key\r\n", "\x00", "\udcff"]
+    for key in [*hostile, *(f"guess-{i}" for i in range(200))]:
+        assert api.identity(key) is None
+    assert len(api) == 0  # a wrong key is never remembered
+    first = api.identity("secret-key")
+    assert first is not None
+    assert (first.policy, first.consumer, first.scopes) == ("p", "acme", frozenset({"a"}))
+    assert api.identity("secret-key") is first  # the second time: remembered
+    assert len(api) == 1
+    for key in hostile:
+        assert api.identity(key) is None
+    assert len(api) == 1

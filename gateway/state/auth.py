@@ -290,6 +290,9 @@ class ApiKeys:
             self._seen[key] = identity
         return identity
 
+    def __len__(self) -> int:
+        return len(self._seen)
+
 
 @dataclass
 class PolicySet:
