@@ -250,6 +250,19 @@ def test_bearer_token_reading() -> None:
     assert bearer_token("Basic abc") is None
     assert bearer_token("Bearer") is None
     assert bearer_token(None) is None
+    assert bearer_token("Bearer  ") is None
+    assert bearer_token("Bearer \tabc\u3000") == "abc"
+
+
+@given(st.sampled_from(["Bearer ", "bearer ", " Bearer ", "BEARER  ", "Bearer\t"]), st.text())
+@example("Bearer ", " a b ")
+@example("Bearer ", "\x85")
+def test_bearer_token_fast_spelling_reads_as_the_general_rule(scheme: str, rest: str) -> None:
+    value = scheme + rest
+    # The rule as first written (RFC 6750 2.1, scheme case-insensitive):
+    name, _, token = value.strip().partition(" ")
+    expected = (token.strip() or None) if name.lower() == "bearer" else None
+    assert bearer_token(value) == expected
 
 
 # -- gateway check ---------------------------------------------------------------

@@ -594,6 +594,10 @@ def bearer_token(authorization: str | None) -> str | None:
     case-insensitive, RFC 9110 11.1), or None."""
     if not authorization:
         return None
+    if authorization.startswith("Bearer "):
+        # The spelling nearly every client sends: the same answer as the
+        # general path below, without its copies (a cached token's budget).
+        return authorization[7:].strip() or None
     scheme, _, token = authorization.strip().partition(" ")
     if scheme.lower() != "bearer":
         return None

@@ -103,6 +103,17 @@ class RequestAuth:
         return self.identity.claims if self.identity is not None else _EMPTY
 
 
+def _bearer(headers: CIMultiDictProxy[str]) -> str | None:
+    """The bearer token of the request, "duplicated" for two Authorization
+    fields: we would check one and the target might read the other, so
+    neither is believed (RFC 9110 5.3: not a list field); "duplicated" is
+    presented, and never valid (not a compact JWS)."""
+    authorization = headers.getall("Authorization", ())
+    if len(authorization) == 1:
+        return bearer_token(authorization[0])
+    return "duplicated" if authorization else None
+
+
 class KeysStale(Exception):
     """A token names a key that its policy's JWKS URL may have gained since
     the last fetch: the request waits for a refetch (`AuthStep.check_refetched`),
@@ -236,15 +247,13 @@ class AuthStep:
     ) -> tuple[Identity, bool]:
         presented = False
         expired = False
-        authorization = headers.getall("Authorization", ())
-        # Two Authorization fields: we would check one and the target might
-        # read the other; neither is believed (RFC 9110 5.3: not a list field).
-        token = bearer_token(authorization[0]) if len(authorization) == 1 else None
-        if len(authorization) > 1:
-            token = "duplicated"  # presented, and never valid (not a compact JWS)
+        token: str | None = None
+        read = False  # Authorization is read for the first JWT policy only
         for name in route.config.auth:
             keys = policies.jwt.get(name)
             if keys is not None:
+                if not read:
+                    token, read = _bearer(headers), True
                 if token is None:
                     continue
                 presented = True
@@ -275,6 +284,8 @@ class AuthStep:
             "invalid": "credentials not accepted",
             "expired": "the token has expired",
         }[reason]
+        if not read:
+            token = _bearer(headers)
         challenges = [
             bearer_challenge("invalid_token" if token else None)
             if name in policies.jwt
