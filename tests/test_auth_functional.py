@@ -781,3 +781,67 @@ async def test_a_cached_identity_forwards_its_claims_every_time_and_forgeries_st
             assert _sent(body, "X-Injected") == []
             assert _sent(body, "X-Auth-Subject") == ["dave"]
     assert sum("not forwarded" in r.getMessage() for r in caplog.records) == 2
+
+
+async def test_a_kid_unknown_to_two_jwks_urls_refetches_each_once_then_passes_or_not(
+    echo: TestServer,
+    keys: dict[str, KeyPair],
+    start_upstream: UpstreamFactory,
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    first, second = _Jwks(), _Jwks()
+    rsa, es, ed = keys["RS256"], keys["ES256"], keys["EdDSA"]
+    first.document = second.document = jwks(rsa)
+    app = web.Application()
+    app.router.add_get("/first.json", first.handle)
+    app.router.add_get("/second.json", second.handle)
+    server = await start_upstream(app)
+    policies = "".join(
+        f"""
+        [auth.{name}]
+        type = "jwt"
+        algorithms = ["RS256", "ES256", "EdDSA"]
+        jwks_url = "http://127.0.0.1:{server.port}/{name}.json"
+        jwks_refresh = 300
+        """
+        for name in ("first", "second")
+    )
+    text = f"""
+        [server]
+        listen = ["127.0.0.1:0"]
+        admin = ""
+        {policies}
+        [upstreams.app]
+        targets = ["http://127.0.0.1:{echo.port}"]
+        [[routes]]
+        name = "r"
+        path = "/"
+        upstream = "app"
+        auth = ["first", "second"]
+    """
+    gateway, url, _, _ = await _start(text, tmp_path)
+    try:
+        stores = [gateway.runtime.auth.jwt[name] for name in ("first", "second")]
+        await wait_for(lambda: all(store.keys for store in stores), WAIT)
+        fetchers = [store.fetcher for store in stores if store.fetcher is not None]
+        assert len(fetchers) == 2
+        # Only the second set gains the ES256 key: the token waits for both
+        # refetches (the first policy's finds nothing) and passes the second.
+        second.document = jwks(rsa, es)
+        for fetcher in fetchers:
+            fetcher._last_started_at -= 60
+        hits = (first.hits, second.hits)
+        assert (await _get(client, f"{url}/x", es.token()))[0] == 200
+        assert (first.hits, second.hits) == (hits[0] + 1, hits[1] + 1)
+        # A kid neither set has, with both refetches allowed: one fetch each, 401.
+        for fetcher in fetchers:
+            fetcher._last_started_at -= 60
+        assert (await _get(client, f"{url}/x", ed.token()))[0] == 401
+        assert (first.hits, second.hits) == (hits[0] + 2, hits[1] + 2)
+        # Within the 30 s floor: refused at once, no fetch.
+        assert (await _get(client, f"{url}/x", ed.token(claims(sub="b"))))[0] == 401
+        assert (first.hits, second.hits) == (hits[0] + 2, hits[1] + 2)
+        assert (await _get(client, f"{url}/x", es.token(claims(sub="c"))))[0] == 200
+    finally:
+        await gateway.close()
