@@ -208,16 +208,40 @@ def test_token_cache_is_bounded_and_expires_with_the_token() -> None:
 
     nobody = Identity("p", None, frozenset(), {})
     for i in range(10):
-        cache.put(TokenCache.key(f"t{i}"), Verified(nobody, "f", 1010.0))
+        cache.put(f"t{i}", Verified(nobody, "f", 1010.0))
     assert len(cache) == 3
-    assert cache.get(TokenCache.key("t9")) is not None
+    assert cache.get("t9") is not None
     now[0] = 1011.0
-    assert cache.get(TokenCache.key("t9")) is None
-    cache.put(TokenCache.key("a"), Verified(nobody, "old", 2000.0))
-    cache.put(TokenCache.key("b"), Verified(nobody, "new", 2000.0))
+    assert cache.get("t9") is None
+    cache.put("a", Verified(nobody, "old", 2000.0))
+    cache.put("b", Verified(nobody, "new", 2000.0))
     assert cache.retain({"new"}) == 2  # "a" and the one "f" token still held
-    assert cache.get(TokenCache.key("a")) is None
-    assert cache.get(TokenCache.key("b")) is not None
+    assert cache.get("a") is None
+    assert cache.get("b") is not None
+    assert cache.chars == 1
+
+
+def test_token_cache_holds_at_most_its_budget_of_token_text() -> None:
+    from gateway.core.auth import Identity, Verified
+
+    cache = TokenCache(maxsize=1000, clock=lambda: 0.0, maxchars=100)
+    nobody = Identity("p", None, frozenset(), {})
+    for i in range(50):
+        cache.put(f"{i:030d}", Verified(nobody, "f", 1.0))  # 30 characters each
+        assert cache.chars <= 100
+    assert len(cache) == 3
+    assert cache.get(f"{49:030d}") is not None
+    assert cache.get(f"{46:030d}") is None  # the oldest went first
+    cache.put("x" * 101, Verified(nobody, "f", 1.0))  # larger than the budget: not kept
+    assert len(cache) == 3
+    cache.put(f"{49:030d}", Verified(nobody, "f", 1.0))  # the same token again
+    assert (len(cache), cache.chars) == (3, 90)
+    now = [0.0]
+    cache = TokenCache(clock=lambda: now[0], maxchars=100)
+    cache.put("t" * 40, Verified(nobody, "f", 5.0))
+    now[0] = 5.0
+    assert cache.get("t" * 40) is None  # expired at its exp + leeway: dropped, not served
+    assert cache.chars == 0
 
 
 def test_bearer_token_reading() -> None:
@@ -226,6 +250,19 @@ def test_bearer_token_reading() -> None:
     assert bearer_token("Basic abc") is None
     assert bearer_token("Bearer") is None
     assert bearer_token(None) is None
+    assert bearer_token("Bearer  ") is None
+    assert bearer_token("Bearer \tabc\u3000") == "abc"
+
+
+@given(st.sampled_from(["Bearer ", "bearer ", " Bearer ", "BEARER  ", "Bearer\t"]), st.text())
+@example("Bearer ", " a b ")
+@example("Bearer ", "\x85")
+def test_bearer_token_fast_spelling_reads_as_the_general_rule(scheme: str, rest: str) -> None:
+    value = scheme + rest
+    # The rule as first written (RFC 6750 2.1, scheme case-insensitive):
+    name, _, token = value.strip().partition(" ")
+    expected = (token.strip() or None) if name.lower() == "bearer" else None
+    assert bearer_token(value) == expected
 
 
 # -- gateway check ---------------------------------------------------------------
@@ -356,3 +393,23 @@ def test_gateway_apikey_prints_a_key_whose_hash_is_the_block(
     assert errors == []
     assert consumers[0].name == "acme"
     assert cli.main(["apikey", "bad name"]) == 2
+
+
+def test_api_keys_remember_only_keys_that_passed_and_at_most_one_per_consumer() -> None:
+    from gateway.core.auth import ApiKeyPolicy
+    from gateway.state.auth import ApiKeys
+
+    consumer = Consumer(name="acme", key_sha256=hash_key("secret-key"), scopes=("a",))
+    api = ApiKeys(ApiKeyPolicy(name="p", consumers=(consumer,)))
+    hostile = ["", "secret-key ", "secret-kez", "x" * 513, "secret-key\r\n", "\x00", "\udcff"]
+    for key in [*hostile, *(f"guess-{i}" for i in range(200))]:
+        assert api.identity(key) is None
+    assert len(api) == 0  # a wrong key is never remembered
+    first = api.identity("secret-key")
+    assert first is not None
+    assert (first.policy, first.consumer, first.scopes) == ("p", "acme", frozenset({"a"}))
+    assert api.identity("secret-key") is first  # the second time: remembered
+    assert len(api) == 1
+    for key in hostile:
+        assert api.identity(key) is None
+    assert len(api) == 1

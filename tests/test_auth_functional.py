@@ -676,3 +676,172 @@ async def test_a_jwks_streamed_in_slow_chunks_is_read_whole_and_an_endless_one_i
         assert (await _get(client, f"{url}/endless", rsa.token()))[0] == 401
     finally:
         await gateway.close()
+
+
+# -- the caches of the hit path (a token or key sent again) ------------------
+
+
+async def test_a_cached_token_is_refused_once_its_exp_and_leeway_pass(
+    gw: tuple[Gateway, str, Any], keys: dict[str, KeyPair], client: aiohttp.ClientSession
+) -> None:
+    gateway, url, _ = gw
+    # exp 3 s ago is still inside the policy's 5 s leeway: accepted and
+    # cached until exp + 5, one to two seconds from now.
+    exp = int(time.time()) - 3
+    token = keys["RS256"].token(claims(exp=exp, iat=exp - 60))
+    for _ in range(2):  # the second answer comes from the cache
+        assert (await _get(client, f"{url}/orders", token))[0] == 200
+    assert len(gateway.runtime.auth.jwt["staff"].cache) == 1
+    await asyncio.sleep(min(WAIT, max(0.0, exp + 5.0 + 0.05 - time.time())))  # at most ~2 s
+    status, body, response = await _get(client, f"{url}/orders", token)
+    assert status == 401
+    assert "expired" in json.dumps(body)
+    assert 'error="invalid_token"' in response.headers["WWW-Authenticate"]
+    assert len(gateway.runtime.auth.jwt["staff"].cache) == 0
+
+
+async def test_an_api_key_revoked_by_a_reload_stops_at_once_though_it_was_remembered(
+    echo: TestServer, keys: dict[str, KeyPair], tmp_path: Path, client: aiohttp.ClientSession
+) -> None:
+    os.environ["GW_TEST_SECRET"] = SECRET
+    jwks_path, keys_path = _files(tmp_path, keys)
+    assert echo.port is not None
+    gateway, url, _, _ = await _start(_config(echo.port, jwks_path, keys_path), tmp_path)
+    try:
+        assert gateway.reloader is not None
+        for _ in range(3):  # found once, then answered from what the table remembers
+            status, body, _ = await _get(client, f"{url}/orders", **{"X-Api-Key": KEY})
+            assert status == 200
+            assert _sent(body, "X-Auth-Consumer") == ["acme"]
+        other = hashlib.sha256(b"another-key-entirely-0123456789").hexdigest()
+        keys_path.write_text(f'[consumers.beta]\nkey_sha256 = "{other}"\n')
+        assert await gateway.reloader.reload_once()
+        status, body, response = await _get(client, f"{url}/orders", **{"X-Api-Key": KEY})
+        assert status == 401
+        assert 'ApiKey realm="gateway", header="X-Api-Key"' in response.headers.getall(
+            "WWW-Authenticate"
+        )
+    finally:
+        await gateway.close()
+
+
+async def test_a_cached_token_or_key_sent_twice_in_one_request_is_still_refused(
+    gw: tuple[Gateway, str, Any], keys: dict[str, KeyPair], client: aiohttp.ClientSession
+) -> None:
+    _, url, _ = gw
+    token = keys["RS256"].token()
+    assert (await _get(client, f"{url}/orders", token))[0] == 200
+    assert (await _get(client, f"{url}/orders", **{"X-Api-Key": KEY}))[0] == 200
+    for twice in (
+        b"Authorization: Bearer " + token.encode() + b"\r\nAuthorization: Bearer x\r\n",
+        (b"Authorization: Bearer " + token.encode() + b"\r\n") * 2,
+        b"X-Api-Key: " + KEY.encode() + b"\r\nX-Api-Key: " + KEY.encode() + b"\r\n",
+    ):
+        answer = await _raw(
+            url, b"GET /orders HTTP/1.1\r\nHost: a\r\nConnection: close\r\n" + twice + b"\r\n"
+        )
+        assert answer.startswith(b"HTTP/1.1 401"), answer[:60]
+
+
+async def test_a_cached_identity_forwards_its_claims_every_time_and_forgeries_still_go(
+    gw: tuple[Gateway, str, Any],
+    keys: dict[str, KeyPair],
+    client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, url, _ = gw
+    rsa = keys["RS256"]
+    token = rsa.token(claims(sub="carol", note="plain"))
+    for forged in ("admin", "root"):
+        status, body, _ = await _get(
+            client,
+            f"{url}/orders",
+            token,
+            **{"X-Auth-Subject": forged, "X-Auth-Note": forged, "X-Auth-Consumer": forged},
+        )
+        assert status == 200
+        assert _sent(body, "X-Auth-Subject") == ["carol"]
+        assert _sent(body, "X-Auth-Note") == ["plain"]
+        assert _sent(body, "X-Auth-Consumer") == []
+    for _ in range(2):
+        status, body, _ = await _get(
+            client, f"{url}/orders", **{"X-Api-Key": KEY, "X-Auth-Subject": "forged"}
+        )
+        assert status == 200
+        assert _sent(body, "X-Auth-Consumer") == ["acme"]
+        assert _sent(body, "X-Auth-Subject") == []
+    # A claim that cannot be sent is dropped, and logged, on every request
+    # that carries the token, not only the first.
+    bad = rsa.token(claims(sub="dave", note="a\r\nX-Injected: 1"))
+    with caplog.at_level("WARNING", logger="gateway.auth"):
+        for _ in range(2):
+            status, body, _ = await _get(client, f"{url}/orders", bad)
+            assert status == 200
+            assert _sent(body, "X-Auth-Note") == []
+            assert _sent(body, "X-Injected") == []
+            assert _sent(body, "X-Auth-Subject") == ["dave"]
+    assert sum("not forwarded" in r.getMessage() for r in caplog.records) == 2
+
+
+async def test_a_kid_unknown_to_two_jwks_urls_refetches_each_once_then_passes_or_not(
+    echo: TestServer,
+    keys: dict[str, KeyPair],
+    start_upstream: UpstreamFactory,
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    first, second = _Jwks(), _Jwks()
+    rsa, es, ed = keys["RS256"], keys["ES256"], keys["EdDSA"]
+    first.document = second.document = jwks(rsa)
+    app = web.Application()
+    app.router.add_get("/first.json", first.handle)
+    app.router.add_get("/second.json", second.handle)
+    server = await start_upstream(app)
+    policies = "".join(
+        f"""
+        [auth.{name}]
+        type = "jwt"
+        algorithms = ["RS256", "ES256", "EdDSA"]
+        jwks_url = "http://127.0.0.1:{server.port}/{name}.json"
+        jwks_refresh = 300
+        """
+        for name in ("first", "second")
+    )
+    text = f"""
+        [server]
+        listen = ["127.0.0.1:0"]
+        admin = ""
+        {policies}
+        [upstreams.app]
+        targets = ["http://127.0.0.1:{echo.port}"]
+        [[routes]]
+        name = "r"
+        path = "/"
+        upstream = "app"
+        auth = ["first", "second"]
+    """
+    gateway, url, _, _ = await _start(text, tmp_path)
+    try:
+        stores = [gateway.runtime.auth.jwt[name] for name in ("first", "second")]
+        await wait_for(lambda: all(store.keys for store in stores), WAIT)
+        fetchers = [store.fetcher for store in stores if store.fetcher is not None]
+        assert len(fetchers) == 2
+        # Only the second set gains the ES256 key: the token waits for both
+        # refetches (the first policy's finds nothing) and passes the second.
+        second.document = jwks(rsa, es)
+        for fetcher in fetchers:
+            fetcher._last_started_at -= 60
+        hits = (first.hits, second.hits)
+        assert (await _get(client, f"{url}/x", es.token()))[0] == 200
+        assert (first.hits, second.hits) == (hits[0] + 1, hits[1] + 1)
+        # A kid neither set has, with both refetches allowed: one fetch each, 401.
+        for fetcher in fetchers:
+            fetcher._last_started_at -= 60
+        assert (await _get(client, f"{url}/x", ed.token()))[0] == 401
+        assert (first.hits, second.hits) == (hits[0] + 2, hits[1] + 2)
+        # Within the 30 s floor: refused at once, no fetch.
+        assert (await _get(client, f"{url}/x", ed.token(claims(sub="b"))))[0] == 401
+        assert (first.hits, second.hits) == (hits[0] + 2, hits[1] + 2)
+        assert (await _get(client, f"{url}/x", es.token(claims(sub="c"))))[0] == 200
+    finally:
+        await gateway.close()

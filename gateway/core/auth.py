@@ -471,7 +471,7 @@ class Identity:
     or the key's consumer name), its scopes and the token's claims. Built
     once per verified token and shared by every request that repeats it."""
 
-    __slots__ = ("claims", "consumer", "policy", "scopes")
+    __slots__ = ("claims", "consumer", "policy", "scopes", "sent")
 
     def __init__(
         self, policy: str, consumer: str | None, scopes: frozenset[str], claims: dict[str, Any]
@@ -480,6 +480,10 @@ class Identity:
         self.consumer = consumer
         self.scopes = scopes
         self.claims = claims
+        # The identity headers it sends, worked out once for the policy's
+        # forwards (the tuple they were worked out for, then the pairs):
+        # see gateway/edges/auth.py.
+        self.sent: tuple[object, tuple[tuple[str, str], ...]] | None = None
 
 
 class Verified:
@@ -590,6 +594,10 @@ def bearer_token(authorization: str | None) -> str | None:
     case-insensitive, RFC 9110 11.1), or None."""
     if not authorization:
         return None
+    if authorization.startswith("Bearer "):
+        # The spelling nearly every client sends: the same answer as the
+        # general path below, without its copies (a cached token's budget).
+        return authorization[7:].strip() or None
     scheme, _, token = authorization.strip().partition(" ")
     if scheme.lower() != "bearer":
         return None

@@ -46,19 +46,42 @@ _EMPTY: Final[dict[str, Any]] = {}
 class RequestAuth:
     """One request's identity and the values its placeholders read."""
 
-    __slots__ = ("identity", "jwt", "policies", "values")
+    __slots__ = ("_values", "client", "host", "identity", "jwt", "policies", "request_id", "route")
 
     def __init__(
         self,
         identity: Identity | None,
-        values: dict[str, str],
         policies: PolicySet,
         jwt: bool,
+        client: str,
+        request_id: str,
+        route: str,
+        host: str | None,
     ) -> None:
         self.identity = identity
-        self.values = values
         self.policies = policies
         self.jwt = jwt  # the identity came from a JWT policy
+        self.client = client
+        self.request_id = request_id
+        self.route = route
+        self.host = host
+        self._values: dict[str, str] | None = None
+
+    @property
+    def values(self) -> dict[str, str]:
+        """The placeholders' values, built on first use: most routes have no
+        transform that reads them."""
+        values = self._values
+        if values is None:
+            identity = self.identity
+            values = self._values = {
+                "client_ip": self.client,
+                "request_id": self.request_id,
+                "route": self.route,
+                "host": self.host or "",
+                "consumer": identity.consumer or "" if identity is not None else "",
+            }
+        return values
 
     @property
     def consumer(self) -> str | None:
@@ -80,6 +103,27 @@ class RequestAuth:
         return self.identity.claims if self.identity is not None else _EMPTY
 
 
+def _bearer(headers: CIMultiDictProxy[str]) -> str | None:
+    """The bearer token of the request, "duplicated" for two Authorization
+    fields: we would check one and the target might read the other, so
+    neither is believed (RFC 9110 5.3: not a list field); "duplicated" is
+    presented, and never valid (not a compact JWS)."""
+    authorization = headers.getall("Authorization", ())
+    if len(authorization) == 1:
+        return bearer_token(authorization[0])
+    return "duplicated" if authorization else None
+
+
+class KeysStale(Exception):
+    """A token names a key that its policy's JWKS URL may have gained since
+    the last fetch: the request waits for a refetch (`AuthStep.check_refetched`),
+    the one part of the auth step that awaits."""
+
+    def __init__(self, keys: JwtKeys) -> None:
+        super().__init__(keys.policy.name)
+        self.keys = keys
+
+
 class AuthStep:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
@@ -93,7 +137,7 @@ class AuthStep:
             route.auth_failures.labels(route.name, "ip_denied").inc()
             raise Forbidden("the client address is not allowed on this route")
 
-    async def check(
+    def check(
         self,
         snap: Snapshot,
         route: RouteRuntime,
@@ -103,15 +147,64 @@ class AuthStep:
         rid: str,
         host: str | None,
         raw_path: str,
+        refetched: tuple[JwtKeys, ...] | None = (),
     ) -> RequestAuth:
-        """IP access (403), auth (401), scopes and claims (403), in that order."""
+        """IP access (403), auth (401), scopes and claims (403), in that order.
+
+        Synchronous: a token in the cache, a key, or a full signature check
+        needs no wait, so no coroutine is made per request for them. Raises
+        KeysStale when a token names a kid a JWKS URL may have gained: the
+        caller then awaits `check_refetched`. `refetched`: the key sets
+        refetched for this request already (None: none may be).
+        """
         self.check_ip(route, client)
-        identity: Identity | None = None
-        jwt = False
-        if route.config.auth:
-            identity, jwt = await self._authenticate(snap.auth, route, headers)
+        identity, jwt = self._authenticate(snap.auth, route, headers, refetched)
+        if route.config.access is not None:
             self._authorize(route, identity, jwt)
         return self._context(snap, route, client, rid, host, raw_path, identity, jwt)
+
+    async def check_refetched(
+        self,
+        stale: KeysStale,
+        snap: Snapshot,
+        route: RouteRuntime,
+        headers: CIMultiDictProxy[str],
+        *,
+        client: str,
+        rid: str,
+        host: str | None,
+        raw_path: str,
+    ) -> RequestAuth:
+        """`check` after the refetch a KeysStale asked for (once per key set
+        and request, at most every 30 s per set: see JwksFetcher.refetch).
+        The token is then checked again against every policy of the route,
+        as if the new keys had been there from the start."""
+
+        def recheck(refetched: tuple[JwtKeys, ...] | None) -> RequestAuth:
+            return self.check(
+                snap,
+                route,
+                headers,
+                client=client,
+                rid=rid,
+                host=host,
+                raw_path=raw_path,
+                refetched=refetched,
+            )
+
+        refetched: tuple[JwtKeys, ...] = ()
+        # Each round refetches a key set not refetched before, and a route
+        # has as many sets as policies: the count bounds the loop.
+        for _ in route.config.auth:
+            keys = stale.keys
+            refetched += (keys,)
+            if keys.fetcher is not None:
+                await keys.fetcher.refetch()
+            try:
+                return recheck(refetched)
+            except KeysStale as again:
+                stale = again
+        return recheck(None)
 
     def check_open(
         self,
@@ -123,13 +216,12 @@ class AuthStep:
         host: str | None,
         raw_path: str,
     ) -> RequestAuth:
-        """`check` for a route without `auth` (most): IP access (403) only,
-        and no coroutine on the request path for it."""
+        """`check` for a route without `auth` (most): IP access (403) only."""
         self.check_ip(route, client)
         return self._context(snap, route, client, rid, host, raw_path, None, False)
 
+    @staticmethod
     def _context(
-        self,
         snap: Snapshot,
         route: RouteRuntime,
         client: str,
@@ -139,57 +231,52 @@ class AuthStep:
         identity: Identity | None,
         jwt: bool,
     ) -> RequestAuth:
-        config = route.config
         if route.rewrite is not None and has_dot_segment(
-            forward_path(config, raw_path, None, "", route.rewrite)
+            forward_path(route.config, raw_path, None, "", route.rewrite)
         ):
             # The rewrite must confine the path as a prefix does (CONTRACT.md "On the wire").
             raise BadRequest("the rewritten path holds a dot-segment")
-        values = {
-            "client_ip": client,
-            "request_id": rid,
-            "route": route.name,
-            "host": host or "",
-            "consumer": identity.consumer or "" if identity is not None else "",
-        }
-        return RequestAuth(identity, values, snap.auth, jwt)
+        return RequestAuth(identity, snap.auth, jwt, client, rid, route.name, host)
 
-    async def _authenticate(
-        self, policies: PolicySet, route: RouteRuntime, headers: CIMultiDictProxy[str]
+    def _authenticate(
+        self,
+        policies: PolicySet,
+        route: RouteRuntime,
+        headers: CIMultiDictProxy[str],
+        refetched: tuple[JwtKeys, ...] | None,
     ) -> tuple[Identity, bool]:
         presented = False
         expired = False
-        challenges: list[str] = []
-        authorization = headers.getall("Authorization", ())
-        # Two Authorization fields: we would check one and the target might
-        # read the other; neither is believed (RFC 9110 5.3: not a list field).
-        token = bearer_token(authorization[0]) if len(authorization) == 1 else None
-        if len(authorization) > 1:
-            token = "duplicated"  # presented, and never valid (not a compact JWS)
+        token: str | None = None
+        read = False  # Authorization is read for the first JWT policy only
         for name in route.config.auth:
             keys = policies.jwt.get(name)
             if keys is not None:
-                challenges.append(bearer_challenge("invalid_token" if token else None))
+                if not read:
+                    token, read = _bearer(headers), True
                 if token is None:
                     continue
                 presented = True
+                # A token sent again: its cached verdict, until its exp.
+                verified = keys.cache.get(token)
+                if verified is not None:
+                    return verified.identity, True
                 try:
-                    return await self._verify(keys, token), True
+                    return self._verify(keys, token, refetched), True
                 except TokenRejected as rejected:
                     expired = expired or rejected.reason == "expired"
                     # debug: a flood of bad tokens must not flood the log (the metric counts them)
                     log.debug("auth %s on route %s: %s", name, route.name, rejected)
                 continue
-            policy, table = policies.api_keys[name]
-            challenges.append(api_key_challenge(policy.header))
-            keys_sent = headers.getall(policy.header, ())
+            api = policies.api_keys[name]
+            keys_sent = headers.getall(api.policy.header, ())
             if not keys_sent:
                 continue
             presented = True
             # One key field only, for the same reason as Authorization above.
-            consumer = table.find(keys_sent[0]) if len(keys_sent) == 1 else None
-            if consumer is not None:
-                return Identity(name, consumer.name, frozenset(consumer.scopes), {}), False
+            identity = api.identity(keys_sent[0]) if len(keys_sent) == 1 else None
+            if identity is not None:
+                return identity, False
         reason = "expired" if expired else "invalid" if presented else "missing"
         route.auth_failures.labels(route.name, reason).inc()
         message = {
@@ -197,21 +284,26 @@ class AuthStep:
             "invalid": "credentials not accepted",
             "expired": "the token has expired",
         }[reason]
+        if not read:
+            token = _bearer(headers)
+        challenges = [
+            bearer_challenge("invalid_token" if token else None)
+            if name in policies.jwt
+            else api_key_challenge(policies.api_keys[name].policy.header)
+            for name in route.config.auth
+        ]
         raise Unauthorized(message, tuple(dict.fromkeys(challenges)))
 
-    async def _verify(self, keys: JwtKeys, token: str) -> Identity:
-        cache = keys.cache
-        cache_key = cache.key(token)
-        verified = cache.get(cache_key)
-        if verified is None:
-            try:
-                verified = verify_jwt(token, keys.policy, keys.keys, self._clock())
-            except UnknownKid:
-                # A rotated key set: refetch once (at most every 30 s) and retry.
-                if keys.fetcher is None or not await keys.fetcher.refetch():
-                    raise
-                verified = verify_jwt(token, keys.policy, keys.keys, self._clock())
-            cache.put(cache_key, verified)
+    def _verify(self, keys: JwtKeys, token: str, refetched: tuple[JwtKeys, ...] | None) -> Identity:
+        """A token not in the cache: its full check, cached if it passes."""
+        try:
+            verified = verify_jwt(token, keys.policy, keys.keys, self._clock())
+        except UnknownKid:
+            # A rotated key set: refetch once (at most every 30 s) and retry.
+            if keys.fetcher is not None and refetched is not None and keys not in refetched:
+                raise KeysStale(keys) from None
+            raise
+        keys.cache.put(token, verified)
         return verified.identity
 
     def _authorize(self, route: RouteRuntime, identity: Identity, jwt: bool) -> None:
@@ -239,12 +331,12 @@ class AuthStep:
         if location is None:
             log.warning(
                 "request %s: route %s: redirect dropped, its value holds CR, LF or NUL",
-                ctx.values["request_id"],
+                ctx.request_id,
                 route.name,
             )
             raise BadRequest("the redirect target cannot be formed")
         headers: CIMultiDict[str] = CIMultiDict(
-            {"Location": location, "X-Request-ID": ctx.values["request_id"]}
+            {"Location": location, "X-Request-ID": ctx.request_id}
         )
         self.response_headers(headers, route, ctx)
         return Reply(route.config.redirect_status, b"", headers)
@@ -277,21 +369,36 @@ class AuthStep:
     @staticmethod
     def _forward_identity(headers: CIMultiDict[str], ctx: RequestAuth, identity: Identity) -> None:
         forwards = ctx.policies.forwards.get(identity.policy, ())
+        sent = identity.sent
+        if sent is not None and sent[0] is forwards:
+            # Worked out for this identity (a cached token or key) and this
+            # policy set's forwards already: the same pairs, all sendable.
+            for header, text in sent[1]:
+                headers[header] = text
+            return
+        pairs: list[tuple[str, str]] = []
+        clean = True
         for claim, header in forwards:
             if claim is None:  # the consumer name of a key policy (charset checked at load)
                 if identity.consumer is not None:
-                    headers[header] = identity.consumer
+                    pairs.append((header, identity.consumer))
                 continue
             value = claim_text(identity.claims.get(claim))
             if value is None:
                 continue
             if not sendable(value):
+                # Not remembered: each request that carries it logs it.
+                clean = False
                 log.warning(
                     "request %s: claim %r not forwarded: it holds CR, LF or NUL",
-                    ctx.values["request_id"],
+                    ctx.request_id,
                     claim,
                 )
                 continue
+            pairs.append((header, value))
+        if clean:
+            identity.sent = (forwards, tuple(pairs))
+        for header, value in pairs:
             headers[header] = value
 
     @classmethod
@@ -317,7 +424,7 @@ class AuthStep:
                 if value is None:
                     log.warning(
                         "request %s: route %s: header %s not sent: its value holds CR, LF or NUL",
-                        ctx.values["request_id"],
+                        ctx.request_id,
                         route,
                         name,
                     )

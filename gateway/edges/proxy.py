@@ -49,7 +49,7 @@ from gateway.core.retry import backoff, may_retry
 from gateway.core.routing import forward_path, has_dot_segment
 from gateway.core.tracing import trace_context
 from gateway.edges import upgrade
-from gateway.edges.auth import AuthStep, RequestAuth
+from gateway.edges.auth import AuthStep, KeysStale, RequestAuth
 from gateway.edges.cache import CacheRequest, CacheStep, unconsulted
 from gateway.state.log import AccessEntry, AccessLog
 from gateway.state.metrics import Metrics, RequestCounter
@@ -385,16 +385,29 @@ class ProxyHandler:
             ex.cors_headers = route.cors.response_headers(headers)
         # IP access (403), credentials (401), scopes and claims (403).
         if route.config.auth:
-            auth = await self._auth.check(
-                ex.snap,
-                route,
-                headers,
-                client=ex.client,
-                rid=ex.request_id,
-                host=ex.host,
-                raw_path=ex.raw_path,
-            )
-        else:  # no coroutine for a route without auth
+            # Synchronous unless a token names a kid a JWKS URL may have gained.
+            try:
+                auth = self._auth.check(
+                    ex.snap,
+                    route,
+                    headers,
+                    client=ex.client,
+                    rid=ex.request_id,
+                    host=ex.host,
+                    raw_path=ex.raw_path,
+                )
+            except KeysStale as stale:
+                auth = await self._auth.check_refetched(
+                    stale,
+                    ex.snap,
+                    route,
+                    headers,
+                    client=ex.client,
+                    rid=ex.request_id,
+                    host=ex.host,
+                    raw_path=ex.raw_path,
+                )
+        else:
             auth = self._auth.check_open(
                 ex.snap,
                 route,
