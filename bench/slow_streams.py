@@ -33,6 +33,7 @@ import fcntl
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -289,6 +290,12 @@ async def _stream(
         return False
     finally:
         counts.append(moved)
+        if op == "upload" and moved < size:
+            # A client that gives up mid-upload aborts (RST): a plain close
+            # would leave its kernel delivering the queued rest to the
+            # gateway at the target's pace, an upload still in flight when
+            # "2 s after" is sampled.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()
 
 

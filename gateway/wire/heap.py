@@ -7,6 +7,13 @@ too (bench/slow_streams.py: three rounds of 200 slow downloads left RSS at
 105, 169, 169 MiB over a 45 MiB idle baseline). `malloc_trim(0)` releases
 every free page inside the heap (madvise), not only its top. It walks the
 heap, so it runs once after the load has dropped, never per request.
+
+Before it, a full garbage collection: a request that ended by an exception
+(a client reset mid-upload, a cancelled relay) leaves a reference cycle
+(the exception's traceback holds the frames that hold it, and their
+buffers) that only the oldest generation's collection frees, and that runs
+rarely once start-up froze the config (cli.py). Without it, 1,000 uploads
+whose clients reset left RSS 50 MiB over idle; collected, 17 MiB.
 Elsewhere than glibc (musl, macOS) there is nothing to call: `trim()` is a
 no-op.
 """
@@ -14,6 +21,7 @@ no-op.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 from collections.abc import Callable
 from typing import Final
@@ -38,7 +46,9 @@ AVAILABLE: Final = _TRIM is not None
 
 
 def trim() -> bool:
-    """Return the heap's free pages to the system; True if any went back."""
+    """Free garbage cycles, then return the heap's free pages to the system;
+    True if any went back."""
+    gc.collect()
     if _TRIM is None:
         return False
     return bool(_TRIM(0))
