@@ -360,6 +360,11 @@ def test_the_service_runs_the_gateway_from_its_venv() -> None:
     assert "/usr/local/bin" not in (UNITS / "gateway.service").read_text()
 
 
+def test_the_service_writes_no_core_dumps_of_credentials() -> None:
+    # The token cache and the remembered API keys hold credentials as sent.
+    assert ("LimitCORE", "0") in _directives(UNITS / "gateway.service")
+
+
 def test_the_socket_units_listen_on_loopback_only() -> None:
     # Shipped units expose nothing an operator did not ask for; the comments say how
     # to open the proxy port up (a drop-in).
