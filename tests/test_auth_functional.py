@@ -387,6 +387,36 @@ async def test_raw_socket_cannot_forge_identity_headers_on_any_route(
         assert _sent(body, forged.decode()) == []
 
 
+async def test_a_token_with_bytes_beyond_ascii_is_a_401_not_a_500(
+    gw: tuple[Gateway, str, Any], keys: dict[str, KeyPair]
+) -> None:
+    # Header values decode with surrogateescape: a lone 0xff byte became a
+    # lone surrogate that PyJWT's encoder raised on (500 and a traceback).
+    _, url, _ = gw
+    good = keys["RS256"].token(claims()).encode()
+    head, _, rest = good.partition(b".")
+    for token in (
+        b"eyJ\xff.a.b",
+        head + b"\xff." + rest,
+        good + b"\xc3\xa9",
+        "\u00e9y\u00e9.\u00e9.\u00e9".encode(),
+        b"\x80\x81.\x82.\x83",
+    ):
+        answer = await _raw(
+            url,
+            b"GET /orders/1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+            b"Authorization: Bearer " + token + b"\r\n\r\n",
+        )
+        assert answer.startswith(b"HTTP/1.1 401"), (token, answer[:120])
+        assert b'error="invalid_token"' in answer
+    answer = await _raw(
+        url,
+        b"GET /orders/1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+        b"Authorization: Bearer " + good + b"\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:120]
+
+
 async def test_crlf_in_a_claim_never_reaches_a_header(
     gw: tuple[Gateway, str, Any], keys: dict[str, KeyPair], client: aiohttp.ClientSession
 ) -> None:

@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from gateway.wire import h1server
+from gateway.wire.h1messages import Body
 from tests.conftest import GatewayFactory, RunningGateway, UpstreamFactory, one_upstream_config
 from tests.wire import read_head
 
@@ -301,3 +302,19 @@ async def test_a_flood_of_pipelined_requests_is_answered_up_to_a_bound_then_clos
     _, headers = await read_head(reader)
     assert await reader.readexactly(int(headers["content-length"])) == b"hi /again"
     writer.close()
+
+
+async def test_a_lost_body_raises_a_new_error_each_read_and_keeps_no_frame() -> None:
+    # The stored exception must not gather readany's frame in a traceback:
+    # that is a reference cycle through the body (and its buffered chunks)
+    # that only the collector's oldest generation frees (gateway/wire/heap.py).
+    body = Body(None)
+    lost = ConnectionResetError("the client connection was lost")
+    body.set_exception(lost)
+    raised = []
+    for _ in range(2):
+        with pytest.raises(ConnectionResetError, match="was lost") as info:
+            await body.readany()
+        raised.append(info.value)
+    assert lost.__traceback__ is None
+    assert raised[0] is not raised[1]

@@ -521,7 +521,10 @@ def verify_jwt(
 
     if len(token) > MAX_TOKEN_BYTES:
         raise TokenRejected("invalid", "token too large")
-    if token.count(".") != 2:
+    if token.count(".") != 2 or not token.isascii():
+        # A compact JWS is base64url and dots (RFC 7515 7.1). A byte past
+        # ASCII arrives as a lone surrogate (header values decode with
+        # surrogateescape), which PyJWT's encoder raises on, unmapped.
         raise TokenRejected("invalid", "not a compact JWS")
     try:
         header = jwt.get_unverified_header(token)

@@ -189,8 +189,13 @@ class Body:
         """The bytes buffered now, waiting for some; b"" at the end of the body."""
         self._read = True
         while not self._chunks:
-            if self._exc is not None:
-                raise self._exc
+            exc = self._exc
+            if exc is not None:
+                # A new exception per raise: the stored one would gather this
+                # frame into its traceback, a reference cycle (body, exception,
+                # traceback, frame, body) that keeps the buffered chunks until
+                # the collector's oldest generation runs.
+                raise type(exc)(*exc.args)
             if self._eof:
                 return b""
             waiter = asyncio.get_running_loop().create_future()

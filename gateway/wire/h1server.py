@@ -98,9 +98,12 @@ _MAX_QUEUED: Final = 8
 # client sends the rest again (RFC 9112 9.3.2), as after any server close.
 MAX_PIPELINED: Final = 64
 #: The heap is trimmed (heap.py) TRIM_DELAY seconds after the open connections
-#: fell to half their peak, by at least TRIM_AFTER_DROP.
+#: fell to half their peak, by at least TRIM_AFTER_DROP, and at most once per
+#: TRIM_EVERY seconds: a trim runs a full garbage collection, which a client
+#: opening and closing connections in bursts must not be able to pace.
 TRIM_AFTER_DROP: Final = 32
 TRIM_DELAY: Final = 0.5
+TRIM_EVERY: Final = 10.0
 #: How often a connection whose request body is paused (PAUSE_BODY) looks
 #: whether its client has gone (`_watch_peer`).
 PEER_WATCH_EVERY: Final = 1.0
@@ -854,6 +857,7 @@ class H1Server:
         # Connections open at most since the heap was last trimmed (forget()).
         self._peak = 0
         self._trim: asyncio.TimerHandle | None = None
+        self._trimmed_at = float("-inf")  # loop time of the last trim
 
     def __call__(self) -> Connection:
         return Connection(self)
@@ -874,10 +878,12 @@ class H1Server:
             self._peak = count
             if self._trim is None:
                 loop = asyncio.get_running_loop()
-                self._trim = loop.call_later(TRIM_DELAY, self._trim_heap)
+                delay = max(TRIM_DELAY, self._trimmed_at + TRIM_EVERY - loop.time())
+                self._trim = loop.call_later(delay, self._trim_heap)
 
     def _trim_heap(self) -> None:
         self._trim = None
+        self._trimmed_at = asyncio.get_running_loop().time()
         heap.trim()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:

@@ -47,8 +47,13 @@ AVAILABLE: Final = _TRIM is not None
 
 def trim() -> bool:
     """Free garbage cycles, then return the heap's free pages to the system;
-    True if any went back."""
-    gc.collect()
+    True if any went back.
+
+    No collection while collection is off: a reload turns it off while it
+    builds the new config (snapshot.gc_paused), whose objects a collection
+    would scan with the GIL held, the stall that pause exists to avoid."""
+    if gc.isenabled():
+        gc.collect()
     if _TRIM is None:
         return False
     return bool(_TRIM(0))
