@@ -107,6 +107,47 @@ async def test_large_download_is_spliced_intact_and_the_target_connection_reused
     assert [entry["bytes_out"] for entry in log] == [SIZE, SIZE, 100]
 
 
+async def test_a_spliced_upload_goes_on_a_fresh_target_connection(
+    make_gateway: GatewayFactory, start_upstream: UpstreamFactory, relays: list[int]
+) -> None:
+    # A pooled connection's receive window is what its earlier small
+    # exchanges made it (see h1client ConnectionPool.request); small requests
+    # still reuse connections, the upload's included once it is done.
+    peers: list[str] = []
+
+    async def small(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        peers.append(str(request.transport.get_extra_info("peername")))
+        return web.Response(text="ok")
+
+    async def sink(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        peers.append(str(request.transport.get_extra_info("peername")))
+        return await hash_sink(request)
+
+    app = web.Application()
+    app.router.add_get("/small", small)
+    app.router.add_post("/sink", sink)
+    upstream = await start_upstream(app)
+    gw = await make_gateway(one_upstream_config(upstream.port))
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    small_get = b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n"
+    writer.write(small_get)
+    assert (await read_response(reader))[0] == 200
+    writer.write(f"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: {SIZE}\r\n\r\n".encode())
+    writer.write(BODY)
+    status, _, body = await read_response(reader)
+    assert status == 200
+    assert json.loads(body)["sha256"] == hashlib.sha256(BODY).hexdigest()
+    writer.write(small_get)
+    assert (await read_response(reader))[0] == 200
+    writer.close()
+    assert len(relays) == 1  # the upload was spliced
+    first, upload, last = peers
+    assert upload != first  # not the idle pooled connection
+    assert last in (first, upload)  # small requests reuse the pool
+
+
 @pytest.mark.parametrize("expect", [False, True], ids=["plain", "expect-100-continue"])
 async def test_large_upload_is_spliced_intact_and_the_connection_serves_the_next_request(
     make_gateway: GatewayFactory,

@@ -1330,7 +1330,15 @@ class ConnectionPool:
         items = headers.items() if isinstance(headers, CIMultiDict) else headers
         head = serialize_head(method, path_qs, items, body is not None and content_length is None)
         key = (scheme, host, port, tls.tag if tls is not None and scheme == "https" else "")
-        conn = self._take(key)
+        # A spliced upload (a large body of known length) goes on a fresh
+        # connection. A pooled one had its receive window sized by the
+        # target's kernel from the small exchanges it carried (Linux only
+        # grows it, from what the target read per round trip early on): in
+        # half the gateway processes that held 1 GiB uploads to 0.43-0.49x
+        # of a direct connection, where fresh ones reached 0.57x and more
+        # (bench/ab_bulk.py, docs/performance.md). One connect is nothing
+        # beside such a body, and no keep-alive race can cut it either.
+        conn = None if isinstance(body, DirectBody) else self._take(key)
         if conn is not None:
             try:
                 return await conn.send(
