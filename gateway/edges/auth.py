@@ -10,6 +10,7 @@ The proxy calls it at four points (see proxy.py, each marked `# auth hook`):
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -117,11 +118,15 @@ def _bearer(headers: CIMultiDictProxy[str]) -> str | None:
 class KeysStale(Exception):
     """A token names a key that its policy's JWKS URL may have gained since
     the last fetch: the request waits for a refetch (`AuthStep.check_refetched`),
-    the one part of the auth step that awaits."""
+    the one part of the auth step that awaits. `AuthStep.check` fills in
+    `again` (the same check, given the key sets refetched so far) and
+    `rounds` (the route's policies: at most that many sets to refetch)."""
 
     def __init__(self, keys: JwtKeys) -> None:
         super().__init__(keys.policy.name)
         self.keys = keys
+        self.again: functools.partial[RequestAuth] | None = None
+        self.rounds = 0
 
 
 class AuthStep:
@@ -158,53 +163,46 @@ class AuthStep:
         refetched for this request already (None: none may be).
         """
         self.check_ip(route, client)
-        identity, jwt = self._authenticate(snap.auth, route, headers, refetched)
+        try:
+            identity, jwt = self._authenticate(snap.auth, route, headers, refetched)
+        except KeysStale as stale:
+            if stale.again is None:  # what check_refetched needs to run this check again
+                stale.again = functools.partial(
+                    self.check,
+                    snap,
+                    route,
+                    headers,
+                    client=client,
+                    rid=rid,
+                    host=host,
+                    raw_path=raw_path,
+                )
+                stale.rounds = len(route.config.auth)
+            raise
         if route.config.access is not None:
             self._authorize(route, identity, jwt)
         return self._context(snap, route, client, rid, host, raw_path, identity, jwt)
 
-    async def check_refetched(
-        self,
-        stale: KeysStale,
-        snap: Snapshot,
-        route: RouteRuntime,
-        headers: CIMultiDictProxy[str],
-        *,
-        client: str,
-        rid: str,
-        host: str | None,
-        raw_path: str,
-    ) -> RequestAuth:
+    async def check_refetched(self, stale: KeysStale) -> RequestAuth:
         """`check` after the refetch a KeysStale asked for (once per key set
         and request, at most every 30 s per set: see JwksFetcher.refetch).
         The token is then checked again against every policy of the route,
         as if the new keys had been there from the start."""
-
-        def recheck(refetched: tuple[JwtKeys, ...] | None) -> RequestAuth:
-            return self.check(
-                snap,
-                route,
-                headers,
-                client=client,
-                rid=rid,
-                host=host,
-                raw_path=raw_path,
-                refetched=refetched,
-            )
-
+        again = stale.again
+        assert again is not None  # set by `check`, which raised it
         refetched: tuple[JwtKeys, ...] = ()
         # Each round refetches a key set not refetched before, and a route
-        # has as many sets as policies: the count bounds the loop.
-        for _ in route.config.auth:
+        # has as many sets as policies: that bounds the loop.
+        for _ in range(stale.rounds):
             keys = stale.keys
             refetched += (keys,)
             if keys.fetcher is not None:
                 await keys.fetcher.refetch()
             try:
-                return recheck(refetched)
-            except KeysStale as again:
-                stale = again
-        return recheck(None)
+                return again(refetched=refetched)
+            except KeysStale as later:
+                stale = later
+        return again(refetched=None)
 
     def check_open(
         self,

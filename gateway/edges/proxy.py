@@ -397,16 +397,7 @@ class ProxyHandler:
                     raw_path=ex.raw_path,
                 )
             except KeysStale as stale:
-                auth = await self._auth.check_refetched(
-                    stale,
-                    ex.snap,
-                    route,
-                    headers,
-                    client=ex.client,
-                    rid=ex.request_id,
-                    host=ex.host,
-                    raw_path=ex.raw_path,
-                )
+                auth = await self._auth.check_refetched(stale)
         else:
             auth = self._auth.check_open(
                 ex.snap,
