@@ -51,7 +51,6 @@ import re
 import select
 import socket
 import ssl
-import threading
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Final, cast
@@ -62,6 +61,7 @@ from multidict import CIMultiDict
 
 from gateway.core.headers import encode_head
 from gateway.wire import splice
+from gateway.wire.readbuffer import ThreadReadBuffer
 from gateway.wire.tls import ClientTLS
 from gateway.wire.vetting import MAX_HEAD_BYTES, MAX_HEADERS, MAX_REQUEST_LINE, section_limit
 from gateway.wire.writeflow import WriteFlow
@@ -358,18 +358,8 @@ class H1Response:
             conn.abort()
 
 
-class _ReadBuffer(threading.local):
-    """The buffer every connection of a thread's loop reads into (as uvloop's
-    own): the parser copies what it keeps (httptools hands body pieces out as
-    bytes), so nothing refers to it after `buffer_updated` returns, and one
-    buffer serves every connection instead of a new bytes object per read.
-    Per thread, because a read into it releases the GIL."""
-
-    def __init__(self) -> None:
-        self.view = memoryview(bytearray(READ_AHEAD_MAX))
-
-
-_READ_BUFFER: Final = _ReadBuffer()
+# The target sockets' reads land here (see READ_AHEAD_MIN; readbuffer.py).
+_READ_BUFFER: Final = ThreadReadBuffer(READ_AHEAD_MAX)
 
 
 class _Connection(WriteFlow, asyncio.BufferedProtocol):

@@ -36,7 +36,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-import threading
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Final, cast
@@ -68,6 +67,7 @@ from gateway.wire.h1messages import (
     json_reply,
     reason_phrase,
 )
+from gateway.wire.readbuffer import ThreadReadBuffer
 from gateway.wire.vetting import (
     MAX_FIELD_SIZE,
     MAX_HEAD_BYTES,
@@ -147,18 +147,8 @@ READ_MIN: Final = 16 * 1024
 READ_MAX: Final = 32 * 1024
 
 
-class _ReadBuffer(threading.local):
-    """The buffer every client connection of a thread's loop reads into (as
-    h1client's): httptools hands its callbacks copies (bytes), and the few
-    bytes kept past a read (a tunnel's, an upgrade's tail) are copied out,
-    so nothing refers to it after `buffer_updated` returns. Per thread,
-    because a read into it releases the GIL."""
-
-    def __init__(self) -> None:
-        self.view = memoryview(bytearray(BODY_HIGH))
-
-
-_READ_BUFFER: Final = _ReadBuffer()
+# The client sockets' reads land here (see READ_MIN; readbuffer.py).
+_READ_BUFFER: Final = ThreadReadBuffer(BODY_HIGH)
 
 
 class _PipelineFull(Exception):
