@@ -229,7 +229,7 @@ class Gateway:
         if self.worker is None:
             self.health.sync(self.box.snapshot)
         self.discovery.sync(config)
-        handler = ProxyHandler(self.box, self.metrics, self.access_log, self._client_timeout)
+        handler = ProxyHandler(self.box, self.metrics, self.access_log)
         self._handler = handler
         self._proxy_server = H1Server(handler, on_refusal=handler.record_refusal)
         inherited = self._inherited_sockets()

@@ -108,6 +108,7 @@ class CircuitBreaker:
         "_open_until",
         "_state",
         "_trial",
+        "closed",
         "cooldown",
         "failures",
         "max_cooldown",
@@ -137,6 +138,10 @@ class CircuitBreaker:
         self.on_change = on_change
         self._clock = clock
         self._state: BreakerState = CLOSED
+        # `_state == CLOSED`, kept beside it: the per-request pick reads it
+        # as a plain attribute (a property or method call costs more than
+        # the test itself).
+        self.closed = True
         self._consecutive = 0
         # The cooldown the next opening lasts: `cooldown`, doubled per failed trial.
         self._cooldown_now = cooldown
@@ -267,6 +272,7 @@ class CircuitBreaker:
         if new == CLOSED:
             self._consecutive = 0
         self._state = new
+        self.closed = new == CLOSED
         if self.on_change is not None:
             self.on_change(old, new, reason)
 

@@ -120,7 +120,7 @@ def _append(out: CIMultiDict[str], name: str, value: str) -> None:
     if existing:
         out[name] = ", ".join([*existing, value])
     else:
-        out[name] = value
+        out.add(name, value)
 
 
 def upstream_request_headers(
@@ -151,7 +151,10 @@ def upstream_request_headers(
     # The peer is appended even when untrusted: the chain is kept for the
     # target's information, and `client_ip` decides what to believe of it.
     if peer:
-        _append(out, "X-Forwarded-For", peer)
+        if "X-Forwarded-For" in out:
+            _append(out, "X-Forwarded-For", peer)
+        else:  # the usual first hop, without a call
+            out.add("X-Forwarded-For", peer)
 
     if peer_trusted:
         # A trusted proxy in front already said what the client used.
@@ -171,7 +174,10 @@ def upstream_request_headers(
             if name in out:
                 del out[name]
 
-    _append(out, "Via", VIA)
+    if "Via" in out:
+        _append(out, "Via", VIA)
+    else:
+        out.add("Via", VIA)
     out["X-Request-ID"] = request_id
     if trace is not None:
         out["traceparent"] = trace.traceparent
@@ -189,7 +195,10 @@ def client_response_headers(
 ) -> CIMultiDict[str]:
     """The headers sent to the client for a target's response."""
     out = _end_to_end(upstream)
-    _append(out, "Via", VIA)
+    if "Via" in out:
+        _append(out, "Via", VIA)
+    else:
+        out.add("Via", VIA)
     # The gateway's id wins over whatever the target echoed, so the client,
     # the access log and the target's request all carry the same one.
     out["X-Request-ID"] = request_id

@@ -64,21 +64,19 @@ class TraceContext:
     """The trace one request belongs to, and the gateway's span in it.
 
     `continued`: the trace came from the client (its `tracestate` goes on);
-    False when the gateway started it.
+    False when the gateway started it. `traceparent`: the header the target
+    gets, version 00 with the gateway's span as parent (built here, once: every
+    proxied request sends it).
     """
 
-    __slots__ = ("continued", "flags", "span_id", "trace_id")
+    __slots__ = ("continued", "flags", "span_id", "trace_id", "traceparent")
 
     def __init__(self, trace_id: str, span_id: str, flags: str, continued: bool) -> None:
         self.trace_id = trace_id
         self.span_id = span_id
         self.flags = flags
         self.continued = continued
-
-    @property
-    def traceparent(self) -> str:
-        """The header the target gets: version 00, the gateway's span as parent."""
-        return f"00-{self.trace_id}-{self.span_id}-{self.flags}"
+        self.traceparent = f"00-{trace_id}-{span_id}-{flags}"
 
 
 def parse_traceparent(value: str) -> tuple[str, str] | None:
@@ -108,5 +106,9 @@ def trace_context(values: list[str] | None) -> TraceContext:
         parsed = parse_traceparent(values[0])
         if parsed is not None:
             return TraceContext(parsed[0], new_span_id(), parsed[1], True)
-    trace_id, span_id = _new_ids()
+    # A new trace: most requests. `_new_ids` inline (a call per request saved).
+    both = f"{_bits(192):048x}"
+    trace_id, span_id = both[:32], both[32:]
+    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+        trace_id, span_id = _new_ids()  # one draw in 2**64
     return TraceContext(trace_id, span_id, NEW_TRACE_FLAGS, False)

@@ -124,13 +124,16 @@ class _Exchange(AccessEntry):
     def __init__(self, request: Request, snap: Snapshot, started_at: float) -> None:
         headers = request.headers
         peer = request.remote or ""
-        if snap.trusted.is_trusted(peer):
-            client = snap.trusted.client_ip(peer, headers.getall("X-Forwarded-For", None))
+        trusted = snap.trusted
+        if trusted.networks and trusted.is_trusted(peer):
+            client = trusted.client_ip(peer, headers.getall("X-Forwarded-For", None))
             peer_trusted = True
         else:
             client, peer_trusted = peer, False
-        rid = request_id(headers.get("X-Request-ID"), new_request_id)
-        super().__init__(rid, client, request.method, request.raw_path, started_at)
+        incoming_id = headers.get("X-Request-ID")
+        rid = new_request_id() if incoming_id is None else request_id(incoming_id, new_request_id)
+        raw = request.raw_path
+        super().__init__(rid, client, request.method, raw, started_at)
         # W3C trace context: continued or started here; its id is logged.
         self.trace = trace_context(headers.getall("traceparent", None))
         self.trace_id = self.trace.trace_id
@@ -138,8 +141,13 @@ class _Exchange(AccessEntry):
         self.snap = snap
         self.peer = peer
         self.peer_trusted = peer_trusted
-        authority, self.raw_path, self.raw_query = split_target(request.raw_path)
-        self.host = authority if authority is not None else headers.get("Host")
+        if raw[0] == "/":  # origin-form, nearly every request: split_target's first case
+            path, sep, query = raw.partition("?")
+            self.raw_path, self.raw_query = path, (query if sep else None)
+            self.host = headers.get("Host")
+        else:
+            authority, self.raw_path, self.raw_query = split_target(raw)
+            self.host = authority if authority is not None else headers.get("Host")
         self.scheme = "https" if request.secure else "http"
         self.runtime: RouteRuntime | None = None
         self.limit_headers = _NO_HEADERS
@@ -277,13 +285,11 @@ class ProxyHandler:
         box: SnapshotBox,
         metrics: Metrics,
         access_log: AccessLog,
-        client_timeout: Callable[[], float],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._box = box
         self._metrics = metrics
         self._access_log = access_log
-        self._client_timeout = client_timeout
         self._clock = clock
         # Requests that matched no route (or were refused before routing).
         self._count_unrouted = RequestCounter(metrics, "").count
@@ -302,7 +308,7 @@ class ProxyHandler:
         started = self._clock()
         # A response the client does not read may stall this long, then the
         # connection is aborted (CONTRACT.md client_timeout; nginx's send_timeout).
-        request.writer.send_timeout = self._client_timeout()
+        request.writer.send_timeout = snap.config.server.client_timeout
         ex = _Exchange(request, snap, started)
         self._live.add(ex)
         whole = False  # the response went out whole (or was aborted for the target)
@@ -355,7 +361,8 @@ class ProxyHandler:
                     route.bytes_out.inc(ex.bytes_out)
             else:
                 self._count_unrouted(ex.method, status)
-            self._access_log.record(ex, duration)
+            if self._access_log.enabled:
+                self._access_log.record(ex, duration)
 
     async def _route(self, ex: _Exchange) -> Reply | None:
         """Route and admit the request; a Reply when the gateway answers it
@@ -398,6 +405,8 @@ class ProxyHandler:
                 )
             except KeysStale as stale:
                 auth = await self._auth.check_refetched(stale)
+        elif route.plain and not ex.snap.auth.forwarded:
+            auth = None  # nothing to check, forward, strip or transform
         else:
             auth = self._auth.check_open(
                 ex.snap,
@@ -408,12 +417,14 @@ class ProxyHandler:
                 raw_path=ex.raw_path,
             )
         ex.auth = auth
-        ex.consumer = auth.consumer
-        if route.shared is None:
-            ex.limit_headers = self._admit(ex)
-        else:
+        if auth is not None:
+            ex.consumer = auth.consumer
+        if route.shared is not None:
             ex.limit_headers = await self._admit_shared(ex)
+        elif route.buckets is not None or request.content_length is not None:
+            ex.limit_headers = self._admit(ex)  # (nothing to admit: no call)
         if route.config.redirect is not None:
+            assert auth is not None  # a redirect route is never plain
             return self._auth.redirect(route, auth, ex.raw_path, ex.raw_query)
         return None
 
@@ -549,14 +560,18 @@ class ProxyHandler:
         route = ex.runtime
         assert route is not None
         budget = route.pool.budget
-        ex.upgrade = upgrade.plan(ex.request, route)  # a WebSocket upgrade, if any
+        # A WebSocket upgrade, if any (the server flagged the request's headers).
+        ex.upgrade = ex.request.websocket and upgrade.plan(ex.request, route)
         budget.enter()
         try:
             while True:
                 target = self._pick(ex)
                 if target is None:
                     continue  # lost the half-open trial to another request
-                with target:
+                # One request in flight on the target (least-connections, the
+                # gauge); what `with target:` does, without two calls.
+                target.in_flight += 1
+                try:
                     upstream = await self._try(ex, target)
                     if upstream is not None and self._decide(ex, target, upstream):
                         if upstream.status == 101:  # the WebSocket switch (upgrade.py)
@@ -573,7 +588,9 @@ class ProxyHandler:
                             return
                         await self._relay(ex, upstream)
                         return
-                # Back off outside `hold()`: the failed target is not in flight.
+                finally:
+                    target.in_flight -= 1
+                # Back off with the failed target no longer in flight.
                 await asyncio.sleep(backoff(ex.attempt))
                 ex.attempt += 1
         finally:
@@ -609,6 +626,9 @@ class ProxyHandler:
         # attempt must land on the breaker that admitted it.
         breaker = target.breaker
         ex.breaker = breaker
+        if breaker.closed:  # admits every request and holds no trial
+            ex.trial = False
+            return target
         if not breaker.acquire(early):
             return None
         # Only the trial may hand the half-open state back: a request
@@ -809,7 +829,7 @@ class ProxyHandler:
         """
         request = ex.request
         content = request.content
-        timeout = self._client_timeout()
+        timeout = ex.snap.config.server.client_timeout
         request.writer.send_continue()
         while True:
             try:
@@ -847,7 +867,7 @@ class ProxyHandler:
         if relay is None:
             source.close()
             return None  # at the cap, or out of descriptors: copy
-        return _SplicedUpload(ex, relay, source, self._client_timeout())
+        return _SplicedUpload(ex, relay, source, ex.snap.config.server.client_timeout)
 
     async def _relay(self, ex: _Exchange, upstream: H1Response) -> None:
         """Copy the target's response to the client as it arrives."""

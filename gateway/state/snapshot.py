@@ -92,6 +92,7 @@ class RouteRuntime:
         "limit_by_route",
         "limit_header",
         "name",
+        "plain",
         "pool",
         "rate_limited",
         "rewrite",
@@ -131,6 +132,19 @@ class RouteRuntime:
         self.rewrite: Callable[[str], str] | None = None
         if config.rewrite is not None:
             self.rewrite = _rewriter(config.rewrite.pattern, config.rewrite.replace)
+        # None of the auth step applies to the route (edges/auth.py): no
+        # policy, IP rule, rewrite, header transform, redirect or credential
+        # to strip. Its requests then skip the step, unless the snapshot's
+        # policies forward identity headers, which every route strips.
+        self.plain = (
+            not config.auth
+            and self.ip_rules is None
+            and self.rewrite is None
+            and config.request_headers is None
+            and config.response_headers is None
+            and config.redirect is None
+            and not config.strip_credentials
+        )
         self.auth_failures = metrics.auth_failures
         key = (config.name,)  # one label tuple for every family keyed by route alone
         self.duration: HistogramChild = metrics.duration.child(key)

@@ -215,6 +215,17 @@ class Pool:
         in between: then the acquire is granted. None: nothing can be tried.
         """
         targets = self.targets
+        if not exclude and not self.panic.active:
+            # The usual first attempt: every target healthy with its breaker
+            # closed, so all of them are candidates and none panics. Tested
+            # inline: this runs per request, and the general path below
+            # makes two lists and five calls for the same answer.
+            for target in targets:
+                if not (target.healthy and target.breaker.closed):
+                    break
+            else:
+                chosen = self.balancer.pick(targets, client)
+                return None if chosen is None else (chosen, False)
         ready = [t for t in targets if t.available()]
         threshold = self.config.panic_threshold
         panicking = in_panic(len(ready), len(targets), threshold)
