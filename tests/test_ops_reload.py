@@ -318,6 +318,17 @@ async def test_sighups_in_quick_succession_coalesce_and_the_last_file_wins(
         async with asyncio.timeout(10):
             while (await get(session, gw.url + "/final"))[0] != 200:
                 await gw.notify.next("READY=1")
+        # A coalesced reload may still be running (or about to start): a
+        # SIGTERM then ends it without its READY=1. Stop once every reload
+        # begun has ended, twice 0.2 s apart (no pending one started between).
+        async with asyncio.timeout(10):
+            settled = 0
+            while settled < 2:
+                await asyncio.sleep(0.2)
+                states = gw.notify.states()
+                begun = sum(s.startswith("RELOADING=1") for s in states)
+                ended = sum(s.startswith("READY=1") for s in states) - 1
+                settled = settled + 1 if ended == begun else 0
         gw.send(signal.SIGTERM)
         assert await gw.wait() == 0
     assert_clean_exit(gw.stderr())
