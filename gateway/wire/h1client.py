@@ -365,6 +365,53 @@ _READ_BUFFER: Final = ThreadReadBuffer(READ_AHEAD_MAX)
 class _Connection(WriteFlow, asyncio.BufferedProtocol):
     """One TCP connection to a target and the exchange running on it."""
 
+    # Slots: past 30 attributes CPython 3.11 gives up the instance's shared
+    # key table, and every attribute read or write of the request path falls
+    # back to a hashed lookup (LOAD_ATTR_WITH_HINT); a slot is an offset.
+    __slots__ = (
+        "_body_done",
+        "_body_pulled",
+        "_body_received",
+        "_body_task",
+        "_buffered",
+        "_chunks",
+        "_content_length",
+        "_deadline",
+        "_drain_size",
+        "_error",
+        "_fields",
+        "_head_bytes",
+        "_head_keep_alive",
+        "_is_head",
+        "_keep_alive",
+        "_key",
+        "_loop",
+        "_made",
+        "_on_interim",
+        "_parser",
+        "_poller",
+        "_pool",
+        "_progress",
+        "_raw_headers",
+        "_read_size",
+        "_reading_paused",
+        "_reason",
+        "_response",
+        "_section_size",
+        "_stalled",
+        "_state",
+        "_timeout",
+        "_timer",
+        "_timer_at",
+        "_tls",
+        "_transport",
+        "_tunnel_eof",
+        "_upgrade",
+        "_waiter",
+        "idle_at",
+        "reused",
+    )
+
     def __init__(self, pool: ConnectionPool, key: _Key) -> None:
         super().__init__()
         self._pool = pool
