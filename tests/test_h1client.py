@@ -1192,3 +1192,35 @@ async def test_read_ahead_shrinks_for_a_slow_reader_and_grows_for_a_fast_one(
     assert total == size
     assert READ_AHEAD_MIN < fast <= MAX_BUFFERED
     response.release()
+
+
+async def test_a_plain_response_to_an_upgrade_request_is_not_pooled(
+    pool: ConnectionPool, raw: Callable[[Handler], Awaitable[RawServer]]
+) -> None:
+    # The request said "Connection: upgrade": a target that answered with a
+    # plain keep-alive response instead is not trusted with another request.
+    async def plain(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(2):
+            await server.read_head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nno")
+            await writer.drain()
+
+    server = await raw(plain)
+    response = await pool.request(
+        "GET",
+        HOST,
+        server.port,
+        "/",
+        [("Host", "x"), ("Connection", "upgrade"), ("Upgrade", "websocket")],
+        None,
+        None,
+        5.0,
+        5.0,
+        upgrade=True,
+    )
+    assert (response.status, await read_all(response)) == (200, b"no")
+    response.release()
+    assert (pool.open_count, pool.idle_count) == (0, 0)
+    # The next request, a plain one, goes on a fresh connection.
+    _, body = await fetch(pool, server.port)
+    assert (body, server.connections) == (b"no", 2)

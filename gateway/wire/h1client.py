@@ -660,11 +660,6 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         if status < 200:
             self._interim(status)
             return
-        if self._upgrade:
-            # Asked to switch and answered with a plain response: relayed as
-            # one, but the connection, which said "Connection: upgrade", is
-            # not trusted with another request.
-            self._head_keep_alive = False
         headers = CIMultiDict(self._raw_headers)
         problem = framing_problem(headers)
         if problem is not None:
@@ -680,9 +675,13 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         length = headers.get("Content-Length")
         self._content_length = int(length) if length is not None else None  # see framing_problem
         # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty
-        # framing; the connection closes after it.
-        self._head_keep_alive = parser.should_keep_alive() and not (
-            "Transfer-Encoding" in headers and parser.get_http_version() == "1.0"
+        # framing; the connection closes after it. Asked to switch and
+        # answered with a plain response: relayed as one, but the connection,
+        # which said "Connection: upgrade", is not trusted with another request.
+        self._head_keep_alive = (
+            parser.should_keep_alive()
+            and not self._upgrade
+            and not ("Transfer-Encoding" in headers and parser.get_http_version() == "1.0")
         )
         if self._is_head:
             # RFC 9110 9.3.2: a response to HEAD has no body, whatever its
