@@ -21,6 +21,7 @@ from gateway.wire.h1client import (
     H1ReadTimeout,
     H1Response,
     H1ServerDisconnected,
+    _reason,
     serialize_head,
 )
 from tests.conftest import UpstreamFactory, wait_for
@@ -1224,3 +1225,18 @@ async def test_a_plain_response_to_an_upgrade_request_is_not_pooled(
     # The next request, a plain one, goes on a fresh connection.
     _, body = await fetch(pool, server.port)
     assert (body, server.connections) == (b"no", 2)
+
+
+def test_a_reason_phrase_is_replaced_exactly_when_it_holds_a_control_byte() -> None:
+    # _reason's fast path (str.isprintable) must agree with RFC 9112 4's
+    # rule for every byte, alone and inside UTF-8 sequences.
+    allowed = {0x09, *range(0x20, 0x7F), *range(0x80, 0x100)}
+    samples = [bytes([byte]) for byte in range(256)]
+    samples += ["é".encode(), "\u2028".encode(), "\u00a0".encode(), b"\xc3", b"\xff\x00"]
+    for sample in samples:
+        raw = b"A " + sample + b" Z"
+        expected = raw.decode("utf-8", "surrogateescape")
+        if not all(byte in allowed for byte in raw):
+            expected = "OK"
+        assert _reason(raw, 200) == expected, raw
+    assert _reason(b"\x00", 299) == ""  # no standard phrase to fall back on

@@ -185,6 +185,7 @@ class H1BodyError(H1Error):
 
 def _decode(raw: bytes) -> str:
     # As aiohttp's parsers do: the bytes survive to the client unchanged.
+    # (Spelled out inline in on_header: a call per field is measurable.)
     return raw.decode("utf-8", "surrogateescape")
 
 
@@ -197,16 +198,23 @@ def _reason(raw: bytes, status: int) -> str:
     """The target's reason phrase, or the standard one when it holds a
     control byte: relayed as sent, it would put that byte in the status line
     the client reads (a NUL cuts C strings; ESC reaches terminals)."""
-    if _REASON_CTL.search(raw) is None:
-        return _decode(raw)
+    reason = _decode(raw)
+    # A printable str holds no control character (all are category Cc, never
+    # printable), and UTF-8 puts none inside a multi-byte sequence: the
+    # common case is told by one C call, without the regex.
+    if reason.isprintable() or _REASON_CTL.search(raw) is None:
+        return reason
     try:
         return HTTPStatus(status).phrase
     except ValueError:
         return ""
 
 
-def framing_problem(headers: CIMultiDict[str]) -> str | None:
+def framing_problem(codings: list[str], lengths: list[str]) -> str | None:
     """Why a response's framing cannot be relayed faithfully, or None.
+
+    `codings` and `lengths`: the head's Transfer-Encoding and Content-Length
+    field values (`getall`), looked up once by the caller, which needs them too.
 
     CONTRACT.md: both Content-Length and Transfer-Encoding, or a transfer
     coding other than chunked, is a 502. llhttp refuses the first and bad or
@@ -215,8 +223,6 @@ def framing_problem(headers: CIMultiDict[str]) -> str | None:
     of, and it reads a body whose last coding is not chunked to EOF (RFC 9112
     6.3). RFC 9112 6.1: chunked is applied once, and last.
     """
-    codings = headers.getall("Transfer-Encoding", ())
-    lengths = headers.getall("Content-Length", ())
     if codings:
         if lengths:
             return "both Content-Length and Transfer-Encoding"
@@ -631,7 +637,9 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             section = "response head" if state == _HEAD else "trailer section"
             raise _Refused(f"{section}: {section_limit(fields, size)}")
         if state == _HEAD:
-            self._raw_headers.append((_decode(name), _decode(value)))
+            self._raw_headers.append(
+                (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+            )
 
     def on_headers_complete(self) -> None:
         if self._state != _HEAD:
@@ -661,7 +669,9 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             self._interim(status)
             return
         headers = CIMultiDict(self._raw_headers)
-        problem = framing_problem(headers)
+        codings: list[str] = headers.getall("Transfer-Encoding", [])
+        lengths: list[str] = headers.getall("Content-Length", [])
+        problem = framing_problem(codings, lengths)
         if problem is not None:
             raise _Refused(problem)
         self._section_size = 0  # from here on: the trailers'
@@ -672,8 +682,7 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         # For a zero-copy hand-over. llhttp already refused a bad or second
         # Content-Length, and one with Transfer-Encoding; checked again here
         # because a wrong count would splice the next response's bytes.
-        length = headers.get("Content-Length")
-        self._content_length = int(length) if length is not None else None  # see framing_problem
+        self._content_length = int(lengths[0]) if lengths else None  # see framing_problem
         # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty
         # framing; the connection closes after it. Asked to switch and
         # answered with a plain response: relayed as one, but the connection,
@@ -681,7 +690,7 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         self._head_keep_alive = (
             parser.should_keep_alive()
             and not self._upgrade
-            and not ("Transfer-Encoding" in headers and parser.get_http_version() == "1.0")
+            and not (codings and parser.get_http_version() == "1.0")
         )
         if self._is_head:
             # RFC 9110 9.3.2: a response to HEAD has no body, whatever its
