@@ -413,6 +413,7 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         "_transport",
         "_tunnel_eof",
         "_upgrade",
+        "_view",
         "_waiter",
         "idle_at",
         "reused",
@@ -426,6 +427,9 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         # bytes on the socket are records, not the body.
         self._tls = key[0] == "https"
         self._loop = asyncio.get_running_loop()
+        # The read buffer of this thread, the loop's (a threading.local
+        # lookup per read otherwise).
+        self._view = _READ_BUFFER.view
         self._transport: asyncio.Transport | None = None
         self._made = False
         self._parser = httptools.HttpResponseParser(self)
@@ -515,12 +519,12 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         # (at least READ_AHEAD_MIN), so the two hold about `_read_size`, not
         # twice it (the reader joins them into one piece it then writes).
         size = self._read_size - self._buffered
-        return _READ_BUFFER.view[: size if size >= READ_AHEAD_MIN else READ_AHEAD_MIN]
+        return self._view[: size if size >= READ_AHEAD_MIN else READ_AHEAD_MIN]
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(_READ_BUFFER.view[:nbytes])
-
-    def data_received(self, data: bytes | memoryview) -> None:
+        # Every read lands here (a BufferedProtocol: no data_received), as a
+        # view of the thread's one read buffer.
+        data = self._view[:nbytes]
         state = self._state
         if state == _TUNNEL:
             # A copy: under uvloop `data` is a view of the one reused read buffer.
@@ -773,8 +777,8 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         while it was idle would otherwise be read as the next request's
         response (urllib3 polls before reuse for the same reason). Not on
         TLS: the socket may hold records without data (a TLS 1.3 session
-        ticket); decrypted stray bytes still end an idle connection through
-        data_received."""
+        ticket); decrypted stray bytes still end an idle connection when they
+        are read (buffer_updated)."""
         poller = self._poller
         if poller is None:
             transport = self._transport
