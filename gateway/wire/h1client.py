@@ -842,7 +842,10 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             self._body_task = self._loop.create_task(self._send_body(body, content_length))
         try:
             while self._state == _HEAD and self._error is None:
-                await self._wait()
+                try:
+                    await self._waiter_armed()
+                finally:
+                    self._waiter = None
         except BaseException:
             # Cancelled (client gone) or timed out: the exchange is in an
             # unknown state; the connection goes, never back to the pool.
@@ -1023,27 +1026,31 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             if state != _BODY:
                 raise H1ReadError("connection closed")
             self._resume_reading()  # after hold(): nothing is here, so read
-            await self._wait()
+            try:
+                await self._waiter_armed()
+            except asyncio.CancelledError:
+                self.abort()
+                raise
+            finally:
+                self._waiter = None
 
-    async def _wait(self) -> None:
+    def _waiter_armed(self) -> asyncio.Future[None]:
+        """The future the next event (data, EOF, failure, the read timeout)
+        completes, stored as `_waiter`, with the timer armed for it.
+
+        The caller awaits it and clears `_waiter` after (a future awaited
+        directly: a coroutine around it cost a frame per wait), and aborts
+        the connection when cancelled."""
         loop = self._loop
-        waiter = loop.create_future()
-        self._waiter = waiter
-        deadline = loop.time() + self._timeout
-        self._deadline = deadline
+        waiter = self._waiter = loop.create_future()
+        deadline = self._deadline = loop.time() + self._timeout
         timer = self._timer
         if timer is None or self._timer_at > deadline:
             if timer is not None:
                 timer.cancel()
             self._timer_at = deadline
             self._timer = loop.call_at(deadline, self._on_timer)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            self.abort()
-            raise
-        finally:
-            self._waiter = None
+        return waiter
 
     def _on_timer(self) -> None:
         self._timer = None
