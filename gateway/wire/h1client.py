@@ -124,7 +124,6 @@ _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 # port are not, nor https with two upstreams' different TLS settings.
 _Key = tuple[str, str, int, str]
 _Target = tuple[str, str, int]
-_SCHEMES: Final = frozenset({"http", "https"})
 
 _IDLE: Final = 0  # no request on the connection (pooled or fresh)
 _HEAD: Final = 1  # request sent, response head not in yet
@@ -417,12 +416,14 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         "_waiter",
         "idle_at",
         "reused",
+        "target",
     )
 
     def __init__(self, pool: ConnectionPool, key: _Key) -> None:
         super().__init__()
         self._pool = pool
         self._key = key
+        self.target: _Target = key[:3]  # (scheme, host, port): see ConnectionPool.retain
         # Zero-copy (splice.py) moves raw socket bytes: never on TLS, whose
         # bytes on the socket are records, not the body.
         self._tls = key[0] == "https"
@@ -441,7 +442,7 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         self._reason = b""
         self._raw_headers: list[tuple[str, str]] = []
         self._head_bytes = 0  # raw bytes read while waiting for the head
-        self._poller: select.poll | None = None  # see unheard()
+        self._poller: select.poll | None = None  # see reusable()
         self._section_size = 0  # the heads so far (1xx included), or the trailers
         self._fields = 0  # fields of the head or trailer section being parsed
         self._stalled = 0  # bytes fed since the last progress (see _MAX_STALLED)
@@ -705,7 +706,10 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             self._keep_alive = self._head_keep_alive
             self._state = _DONE
             self._parser = httptools.HttpResponseParser(self)
-        self._wake()
+        # _wake's first half: the transport is open (it is being read).
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _interim(self, status: int) -> None:
         """A 1xx head is in: hand it to the caller, then wait for the next head.
@@ -761,7 +765,10 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         if state == _BODY:
             self._keep_alive = self._head_keep_alive and self._parser.should_keep_alive()
             self._state = _DONE
-            self._wake()
+            # _wake's first half: the transport is open (it is being read).
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
         # _HEAD: the end of a 1xx, the real response follows. _DONE: the old
         # parser of a HEAD response ending its (absent) body.
 
@@ -771,28 +778,32 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         transport = self._transport
         return transport is not None and not transport.is_closing()
 
-    def unheard(self) -> bool:
-        """Whether the socket holds bytes (or an EOF) the loop has yet to
-        deliver. Checked when a pooled connection is taken: bytes that came
-        while it was idle would otherwise be read as the next request's
-        response (urllib3 polls before reuse for the same reason). Not on
-        TLS: the socket may hold records without data (a TLS 1.3 session
-        ticket); decrypted stray bytes still end an idle connection when they
-        are read (buffer_updated)."""
+    def reusable(self) -> bool:
+        """Whether a pooled connection may carry the next request: open, and
+        its socket holds no byte (nor an EOF) the loop has yet to deliver.
+
+        Checked when it is taken from the pool: bytes that came while it was
+        idle would otherwise be read as the next request's response (urllib3
+        polls before reuse for the same reason). Not polled on TLS: the
+        socket may hold records without data (a TLS 1.3 session ticket);
+        decrypted stray bytes still end an idle connection when they are
+        read (buffer_updated)."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return False
         poller = self._poller
         if poller is None:
-            transport = self._transport
-            if transport is None or self._tls:
-                return False
+            if self._tls:
+                return True
             sock = transport.get_extra_info("socket")
             if sock is None:
-                return False
+                return True
             # Made once per connection. It holds the descriptor's number, not
-            # the socket: the caller checks `usable()` (transport open, so the
-            # number is still this socket's) before every poll.
+            # the socket: polled only while the transport is open (checked
+            # above), so the number is still this socket's.
             poller = self._poller = select.poll()
             poller.register(sock.fileno(), select.POLLIN)
-        return bool(poller.poll(0))
+        return not poller.poll(0)
 
     def stale(self) -> bool:
         """Whether a failed exchange may go again on a fresh connection: this
@@ -1107,7 +1118,8 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             and self._body_done
             and self._error is None
             and not self._chunks
-            and self.usable()
+            and (transport := self._transport) is not None
+            and not transport.is_closing()
         ):
             self._state = _IDLE
             self._response = None
@@ -1379,7 +1391,7 @@ class ConnectionPool:
         H1ServerDisconnected, H1ProtocolError, H1ReadTimeout or H1BodyError;
         on any of them, or on cancellation, the connection is closed.
         """
-        if scheme not in _SCHEMES:
+        if scheme != "http" and scheme != "https":
             raise ValueError(f"scheme must be http or https, got {scheme!r}")
         if self._closed:
             raise H1ConnectError("connection pool is closed", timed_out=False)
@@ -1394,7 +1406,7 @@ class ConnectionPool:
         # of a direct connection, where fresh ones reached 0.57x and more
         # (bench/ab_bulk.py, docs/performance.md). One connect is nothing
         # beside such a body, and no keep-alive race can cut it either.
-        conn = None if isinstance(body, DirectBody) else self._take(key)
+        conn = None if body is not None and isinstance(body, DirectBody) else self._take(key)
         if conn is not None:
             try:
                 return await conn.send(
@@ -1414,7 +1426,7 @@ class ConnectionPool:
         stack = self._idle.get(key)
         while stack:
             conn = stack.pop()
-            if conn.usable() and not conn.unheard():
+            if conn.reusable():
                 conn.reused = True
                 return conn
             conn.abort()  # closed by the target while idle, or it sent stray bytes
@@ -1492,7 +1504,7 @@ class ConnectionPool:
 
     def put(self, conn: _Connection) -> None:
         live = self._live
-        if self._closed or (live is not None and conn._key[:3] not in live):
+        if self._closed or (live is not None and conn.target not in live):
             conn.abort()
             return
         loop = conn._loop
