@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -1240,3 +1241,29 @@ def test_a_reason_phrase_is_replaced_exactly_when_it_holds_a_control_byte() -> N
             expected = "OK"
         assert _reason(raw, 200) == expected, raw
     assert _reason(b"\x00", 299) == ""  # no standard phrase to fall back on
+
+
+async def test_stray_bytes_the_loop_has_yet_to_read_end_reuse_when_the_connection_is_taken(
+    pool: ConnectionPool, raw: Callable[[Handler], Awaitable[RawServer]]
+) -> None:
+    # A forged response that reached the idle connection's socket since the
+    # loop last read it: only the poll when it is taken from the pool can
+    # tell, and the next request must not get it as its response.
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        for _ in range(2):
+            await server.read_head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        await reader.read()
+
+    server = await raw(handler)
+    _, body = await fetch(pool, server.port)
+    assert (body, pool.idle_count) == (b"ok", 1)
+    writers[0].transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged")
+    # Blocking on purpose: the bytes arrive, and the loop does not run to read them.
+    time.sleep(0.05)  # noqa: ASYNC251
+    _, body = await fetch(pool, server.port)
+    assert (body, server.connections) == (b"ok", 2)
