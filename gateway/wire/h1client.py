@@ -273,7 +273,11 @@ class DirectBody:
 
 
 class H1Response:
-    """One response: status and head at once, the body through `read_chunk()`."""
+    """One response: status and head at once, the body through `read_chunk()`.
+
+    Its questions are answered from the connection's state directly (same
+    module): a second call per question was measurable per request.
+    """
 
     __slots__ = ("_conn", "headers", "reason", "status")
 
@@ -290,6 +294,8 @@ class H1Response:
         conn = self._conn
         if conn is None:
             return b""
+        if conn._chunks:  # here already (a small body): no second coroutine
+            return conn.take_chunks()
         return await conn.read_chunk()
 
     def hold(self) -> None:
@@ -307,12 +313,16 @@ class H1Response:
         Small: the caller may join it with the head into one write (a copy).
         """
         conn = self._conn
-        return conn is None or conn.has_news()
+        if conn is None:
+            return True
+        if conn._chunks:
+            return conn._buffered < JOIN_BELOW
+        return conn._state != _BODY or conn._error is not None
 
     def complete(self) -> bool:
         """Whether the body has been read to its clean end (nothing is left)."""
         conn = self._conn
-        return conn is None or conn.drained()
+        return conn is None or (conn._state == _DONE and not conn._chunks and conn._error is None)
 
     def unread(self) -> int:
         """Body bytes of a Content-Length response still in the socket (else 0)."""
@@ -569,7 +579,8 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             return
         if self._chunks:
             if waiting:
-                self._read_size = min(self._read_size * 2, READ_AHEAD_MAX)
+                size = self._read_size * 2
+                self._read_size = size if size < READ_AHEAD_MAX else READ_AHEAD_MAX
             else:
                 if not woken:  # busy elsewhere: its client has not taken the last piece
                     self._read_size = READ_AHEAD_MIN
@@ -840,7 +851,9 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         transport.write(head)
         self._body_done = body is None
         self._body_pulled = False
-        if isinstance(body, DirectBody):
+        if body is None:
+            pass
+        elif isinstance(body, DirectBody):
             direct = body
             self._body_task = self._loop.create_task(self._pour_body(direct))
             # `pour` may never run: the target answered (and the connection
@@ -849,7 +862,7 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             # holds (a relay's pipe, the client socket's duplicate) is
             # released when the task ends, however it ends.
             self._body_task.add_done_callback(lambda _task: direct.discard())
-        elif body is not None:
+        else:
             self._body_task = self._loop.create_task(self._send_body(body, content_length))
         try:
             while self._state == _HEAD and self._error is None:
@@ -969,14 +982,6 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             self._deadline = self._loop.time() + self._timeout
         await self._wait_for_drain(self._loop)
 
-    def has_news(self) -> bool:
-        if self._chunks:
-            return self._buffered < JOIN_BELOW
-        return self._state != _BODY or self._error is not None
-
-    def drained(self) -> bool:
-        return self._state == _DONE and not self._chunks and self._error is None
-
     def unread(self) -> int:
         length = self._content_length
         if self._state != _BODY or length is None:
@@ -1020,15 +1025,19 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         self._keep_alive = self._head_keep_alive
         self._resume_reading()
 
+    def take_chunks(self) -> bytes:
+        """The body bytes read so far (some are), as one piece; reading resumes."""
+        chunks = self._chunks
+        self._chunks = []
+        self._buffered = 0
+        if self._reading_paused:
+            self._resume_reading()
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
     async def read_chunk(self) -> bytes:
         while True:
-            chunks = self._chunks
-            if chunks:
-                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                self._chunks = []
-                self._buffered = 0
-                self._resume_reading()
-                return data
+            if self._chunks:
+                return self.take_chunks()
             if self._error is not None:
                 raise self._error
             state = self._state
