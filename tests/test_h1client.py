@@ -1267,3 +1267,28 @@ async def test_stray_bytes_the_loop_has_yet_to_read_end_reuse_when_the_connectio
     time.sleep(0.05)  # noqa: ASYNC251
     _, body = await fetch(pool, server.port)
     assert (body, server.connections) == (b"ok", 2)
+
+
+async def test_header_bytes_that_are_not_utf8_survive_as_surrogate_escapes(
+    pool: ConnectionPool, raw: Callable[[Handler], Awaitable[RawServer]]
+) -> None:
+    # Strict UTF-8 first, surrogateescape when it fails: either way the
+    # bytes go back out unchanged (encode "utf-8", "surrogateescape").
+    server = await raw(
+        answer(
+            b"HTTP/1.1 200 OK\r\nX-Latin: caf\xe9\r\nX-Raw: \xed\xa0\x80\r\n"
+            b"X-Utf8: caf\xc3\xa9\r\nContent-Length: 2\r\n\r\nok"
+        )
+    )
+    response, body = await fetch(pool, server.port)
+    assert body == b"ok"
+    fields = list(response.headers.items())
+    assert fields[:3] == [
+        ("X-Latin", "caf\udce9"),
+        ("X-Raw", "\udced\udca0\udc80"),
+        ("X-Utf8", "caf\xe9"),
+    ]
+    assert [
+        (name.encode("utf-8", "surrogateescape"), value.encode("utf-8", "surrogateescape"))
+        for name, value in fields[:2]
+    ] == [(b"X-Latin", b"caf\xe9"), (b"X-Raw", b"\xed\xa0\x80")]

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 from cachetools import TTLCache
-from multidict import CIMultiDict
+from multidict import CIMultiDict, istr
 
 from gateway.core.headers import encode_head
 from gateway.wire import splice
@@ -184,9 +184,13 @@ class H1BodyError(H1Error):
 
 def _decode(raw: bytes) -> str:
     # As aiohttp's parsers do: the bytes survive to the client unchanged.
-    # (Spelled out inline in on_header: a call per field is measurable.)
     return raw.decode("utf-8", "surrogateescape")
 
+
+# Looked up in every response head: as istr, multidict folds their case once
+# here, not at each lookup.
+_TRANSFER_ENCODING: Final = istr("Transfer-Encoding")
+_CONTENT_LENGTH: Final = istr("Content-Length")
 
 #: RFC 9112 4: reason-phrase = *( HTAB / SP / VCHAR / obs-text ); llhttp
 #: lets other control bytes (NUL, ESC, DEL, a bare CR) through.
@@ -653,9 +657,13 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             section = "response head" if state == _HEAD else "trailer section"
             raise _Refused(f"{section}: {section_limit(fields, size)}")
         if state == _HEAD:
-            self._raw_headers.append(
-                (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-            )
+            # Strict UTF-8 first: the same str for any valid input, and
+            # bytes.decode() without arguments skips the codec lookup.
+            try:
+                field = (name.decode(), value.decode())
+            except UnicodeDecodeError:
+                field = (_decode(name), _decode(value))
+            self._raw_headers.append(field)
 
     def on_headers_complete(self) -> None:
         if self._state != _HEAD:
@@ -685,8 +693,8 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             self._interim(status)
             return
         headers = CIMultiDict(self._raw_headers)
-        codings: list[str] = headers.getall("Transfer-Encoding", [])
-        lengths: list[str] = headers.getall("Content-Length", [])
+        codings: list[str] = headers.getall(_TRANSFER_ENCODING, [])
+        lengths: list[str] = headers.getall(_CONTENT_LENGTH, [])
         problem = framing_problem(codings, lengths)
         if problem is not None:
             raise _Refused(problem)
