@@ -427,6 +427,7 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         "_tunnel_eof",
         "_upgrade",
         "_view",
+        "_view_min",
         "_waiter",
         "idle_at",
         "reused",
@@ -445,6 +446,7 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         # The read buffer of this thread, the loop's (a threading.local
         # lookup per read otherwise).
         self._view = _READ_BUFFER.view
+        self._view_min = self._view[:READ_AHEAD_MIN]
         self._transport: asyncio.Transport | None = None
         self._made = False
         self._parser = httptools.HttpResponseParser(self)
@@ -534,7 +536,9 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         # (at least READ_AHEAD_MIN), so the two hold about `_read_size`, not
         # twice it (the reader joins them into one piece it then writes).
         size = self._read_size - self._buffered
-        return self._view[: size if size >= READ_AHEAD_MIN else READ_AHEAD_MIN]
+        if size <= READ_AHEAD_MIN:
+            return self._view_min  # the common size, sliced once per connection
+        return self._view[:size]  # at most READ_AHEAD_MAX, the buffer's size
 
     def buffer_updated(self, nbytes: int) -> None:
         # Every read lands here (a BufferedProtocol: no data_received), as a
