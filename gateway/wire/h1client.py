@@ -51,7 +51,7 @@ import re
 import select
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Collection, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Final, cast
 
@@ -213,7 +213,7 @@ def _reason(raw: bytes, status: int) -> str:
         return ""
 
 
-def framing_problem(codings: list[str], lengths: list[str]) -> str | None:
+def framing_problem(codings: Sequence[str], lengths: Sequence[str]) -> str | None:
     """Why a response's framing cannot be relayed faithfully, or None.
 
     `codings` and `lengths`: the head's Transfer-Encoding and Content-Length
@@ -697,8 +697,11 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             self._interim(status)
             return
         headers = CIMultiDict(self._raw_headers)
-        codings: list[str] = headers.getall(_TRANSFER_ENCODING, [])
-        lengths: list[str] = headers.getall(_CONTENT_LENGTH, [])
+        # Copied: the list is emptied for the next exchange, not replaced.
+        self._raw_headers.clear()
+        # () when absent: no list made for a field most heads lack.
+        codings: Sequence[str] = headers.getall(_TRANSFER_ENCODING, ())
+        lengths: Sequence[str] = headers.getall(_CONTENT_LENGTH, ())
         problem = framing_problem(codings, lengths)
         if problem is not None:
             raise _Refused(problem)
@@ -853,7 +856,6 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         self._on_interim = on_interim
         self._timeout = read_timeout
         self._reason = b""
-        self._raw_headers = []
         self._head_bytes = 0
         self._section_size = 0
         self._fields = 0
@@ -1040,11 +1042,12 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
     def take_chunks(self) -> bytes:
         """The body bytes read so far (some are), as one piece; reading resumes."""
         chunks = self._chunks
-        self._chunks = []
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()  # emptied for the next pieces, not replaced
         self._buffered = 0
         if self._reading_paused:
             self._resume_reading()
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return data
 
     async def read_chunk(self) -> bytes:
         while True:
