@@ -555,7 +555,7 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             self._stray()
             return
         if state == _HEAD:
-            self._head_bytes += len(data)
+            self._head_bytes += nbytes
         self._progress = False
         # The reader keeps up when it was waiting for this (see READ_AHEAD_MIN);
         # woken already (libuv reads up to 32 times per readiness event), it
@@ -598,7 +598,7 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             return
         # Bytes that completed no head, no body data, no message: a head,
         # trailers or chunk extensions, still going (see _MAX_STALLED).
-        self._stalled += len(data)
+        self._stalled += nbytes
         if self._stalled > _MAX_STALLED:
             if self._state == _HEAD:
                 self._fail(H1ProtocolError("response head too large"))
