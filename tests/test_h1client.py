@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -21,6 +22,7 @@ from gateway.wire.h1client import (
     H1ReadTimeout,
     H1Response,
     H1ServerDisconnected,
+    _reason,
     serialize_head,
 )
 from tests.conftest import UpstreamFactory, wait_for
@@ -1192,3 +1194,101 @@ async def test_read_ahead_shrinks_for_a_slow_reader_and_grows_for_a_fast_one(
     assert total == size
     assert READ_AHEAD_MIN < fast <= MAX_BUFFERED
     response.release()
+
+
+async def test_a_plain_response_to_an_upgrade_request_is_not_pooled(
+    pool: ConnectionPool, raw: Callable[[Handler], Awaitable[RawServer]]
+) -> None:
+    # The request said "Connection: upgrade": a target that answered with a
+    # plain keep-alive response instead is not trusted with another request.
+    async def plain(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(2):
+            await server.read_head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nno")
+            await writer.drain()
+
+    server = await raw(plain)
+    response = await pool.request(
+        "GET",
+        HOST,
+        server.port,
+        "/",
+        [("Host", "x"), ("Connection", "upgrade"), ("Upgrade", "websocket")],
+        None,
+        None,
+        5.0,
+        5.0,
+        upgrade=True,
+    )
+    assert (response.status, await read_all(response)) == (200, b"no")
+    response.release()
+    assert (pool.open_count, pool.idle_count) == (0, 0)
+    # The next request, a plain one, goes on a fresh connection.
+    _, body = await fetch(pool, server.port)
+    assert (body, server.connections) == (b"no", 2)
+
+
+def test_a_reason_phrase_is_replaced_exactly_when_it_holds_a_control_byte() -> None:
+    # _reason's fast path (str.isprintable) must agree with RFC 9112 4's
+    # rule for every byte, alone and inside UTF-8 sequences.
+    allowed = {0x09, *range(0x20, 0x7F), *range(0x80, 0x100)}
+    samples = [bytes([byte]) for byte in range(256)]
+    samples += ["é".encode(), "\u2028".encode(), "\u00a0".encode(), b"\xc3", b"\xff\x00"]
+    for sample in samples:
+        raw = b"A " + sample + b" Z"
+        expected = raw.decode("utf-8", "surrogateescape")
+        if not all(byte in allowed for byte in raw):
+            expected = "OK"
+        assert _reason(raw, 200) == expected, raw
+    assert _reason(b"\x00", 299) == ""  # no standard phrase to fall back on
+
+
+async def test_stray_bytes_the_loop_has_yet_to_read_end_reuse_when_the_connection_is_taken(
+    pool: ConnectionPool, raw: Callable[[Handler], Awaitable[RawServer]]
+) -> None:
+    # A forged response that reached the idle connection's socket since the
+    # loop last read it: only the poll when it is taken from the pool can
+    # tell, and the next request must not get it as its response.
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        for _ in range(2):
+            await server.read_head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        await reader.read()
+
+    server = await raw(handler)
+    _, body = await fetch(pool, server.port)
+    assert (body, pool.idle_count) == (b"ok", 1)
+    writers[0].transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged")
+    # Blocking on purpose: the bytes arrive, and the loop does not run to read them.
+    time.sleep(0.05)  # noqa: ASYNC251
+    _, body = await fetch(pool, server.port)
+    assert (body, server.connections) == (b"ok", 2)
+
+
+async def test_header_bytes_that_are_not_utf8_survive_as_surrogate_escapes(
+    pool: ConnectionPool, raw: Callable[[Handler], Awaitable[RawServer]]
+) -> None:
+    # Strict UTF-8 first, surrogateescape when it fails: either way the
+    # bytes go back out unchanged (encode "utf-8", "surrogateescape").
+    server = await raw(
+        answer(
+            b"HTTP/1.1 200 OK\r\nX-Latin: caf\xe9\r\nX-Raw: \xed\xa0\x80\r\n"
+            b"X-Utf8: caf\xc3\xa9\r\nContent-Length: 2\r\n\r\nok"
+        )
+    )
+    response, body = await fetch(pool, server.port)
+    assert body == b"ok"
+    fields = list(response.headers.items())
+    assert fields[:3] == [
+        ("X-Latin", "caf\udce9"),
+        ("X-Raw", "\udced\udca0\udc80"),
+        ("X-Utf8", "caf\xe9"),
+    ]
+    assert [
+        (name.encode("utf-8", "surrogateescape"), value.encode("utf-8", "surrogateescape"))
+        for name, value in fields[:2]
+    ] == [(b"X-Latin", b"caf\xe9"), (b"X-Raw", b"\xed\xa0\x80")]

@@ -51,13 +51,13 @@ import re
 import select
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Collection, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 from cachetools import TTLCache
-from multidict import CIMultiDict
+from multidict import CIMultiDict, istr
 
 from gateway.core.headers import encode_head
 from gateway.wire import splice
@@ -124,7 +124,6 @@ _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 # port are not, nor https with two upstreams' different TLS settings.
 _Key = tuple[str, str, int, str]
 _Target = tuple[str, str, int]
-_SCHEMES: Final = frozenset({"http", "https"})
 
 _IDLE: Final = 0  # no request on the connection (pooled or fresh)
 _HEAD: Final = 1  # request sent, response head not in yet
@@ -188,6 +187,11 @@ def _decode(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
+# Looked up in every response head: as istr, multidict folds their case once
+# here, not at each lookup.
+_TRANSFER_ENCODING: Final = istr("Transfer-Encoding")
+_CONTENT_LENGTH: Final = istr("Content-Length")
+
 #: RFC 9112 4: reason-phrase = *( HTAB / SP / VCHAR / obs-text ); llhttp
 #: lets other control bytes (NUL, ESC, DEL, a bare CR) through.
 _REASON_CTL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -197,16 +201,23 @@ def _reason(raw: bytes, status: int) -> str:
     """The target's reason phrase, or the standard one when it holds a
     control byte: relayed as sent, it would put that byte in the status line
     the client reads (a NUL cuts C strings; ESC reaches terminals)."""
-    if _REASON_CTL.search(raw) is None:
-        return _decode(raw)
+    reason = _decode(raw)
+    # A printable str holds no control character (all are category Cc, never
+    # printable), and UTF-8 puts none inside a multi-byte sequence: the
+    # common case is told by one C call, without the regex.
+    if reason.isprintable() or _REASON_CTL.search(raw) is None:
+        return reason
     try:
         return HTTPStatus(status).phrase
     except ValueError:
         return ""
 
 
-def framing_problem(headers: CIMultiDict[str]) -> str | None:
+def framing_problem(codings: Sequence[str], lengths: Sequence[str]) -> str | None:
     """Why a response's framing cannot be relayed faithfully, or None.
+
+    `codings` and `lengths`: the head's Transfer-Encoding and Content-Length
+    field values (`getall`), looked up once by the caller, which needs them too.
 
     CONTRACT.md: both Content-Length and Transfer-Encoding, or a transfer
     coding other than chunked, is a 502. llhttp refuses the first and bad or
@@ -215,8 +226,6 @@ def framing_problem(headers: CIMultiDict[str]) -> str | None:
     of, and it reads a body whose last coding is not chunked to EOF (RFC 9112
     6.3). RFC 9112 6.1: chunked is applied once, and last.
     """
-    codings = headers.getall("Transfer-Encoding", ())
-    lengths = headers.getall("Content-Length", ())
     if codings:
         if lengths:
             return "both Content-Length and Transfer-Encoding"
@@ -268,7 +277,11 @@ class DirectBody:
 
 
 class H1Response:
-    """One response: status and head at once, the body through `read_chunk()`."""
+    """One response: status and head at once, the body through `read_chunk()`.
+
+    Its questions are answered from the connection's state directly (same
+    module): a second call per question was measurable per request.
+    """
 
     __slots__ = ("_conn", "headers", "reason", "status")
 
@@ -285,6 +298,8 @@ class H1Response:
         conn = self._conn
         if conn is None:
             return b""
+        if conn._chunks:  # here already (a small body): no second coroutine
+            return conn.take_chunks()
         return await conn.read_chunk()
 
     def hold(self) -> None:
@@ -302,12 +317,16 @@ class H1Response:
         Small: the caller may join it with the head into one write (a copy).
         """
         conn = self._conn
-        return conn is None or conn.has_news()
+        if conn is None:
+            return True
+        if conn._chunks:
+            return conn._buffered < JOIN_BELOW
+        return conn._state != _BODY or conn._error is not None
 
     def complete(self) -> bool:
         """Whether the body has been read to its clean end (nothing is left)."""
         conn = self._conn
-        return conn is None or conn.drained()
+        return conn is None or (conn._state == _DONE and not conn._chunks and conn._error is None)
 
     def unread(self) -> int:
         """Body bytes of a Content-Length response still in the socket (else 0)."""
@@ -365,14 +384,69 @@ _READ_BUFFER: Final = ThreadReadBuffer(READ_AHEAD_MAX)
 class _Connection(WriteFlow, asyncio.BufferedProtocol):
     """One TCP connection to a target and the exchange running on it."""
 
+    # Slots: past 30 attributes CPython 3.11 gives up the instance's shared
+    # key table, and every attribute read or write of the request path falls
+    # back to a hashed lookup (LOAD_ATTR_WITH_HINT); a slot is an offset.
+    __slots__ = (
+        "_body_done",
+        "_body_pulled",
+        "_body_received",
+        "_body_task",
+        "_buffered",
+        "_chunks",
+        "_content_length",
+        "_deadline",
+        "_drain_size",
+        "_error",
+        "_fields",
+        "_head_bytes",
+        "_head_keep_alive",
+        "_is_head",
+        "_keep_alive",
+        "_key",
+        "_loop",
+        "_made",
+        "_on_interim",
+        "_parser",
+        "_poller",
+        "_pool",
+        "_progress",
+        "_raw_headers",
+        "_read_size",
+        "_reading_paused",
+        "_reason",
+        "_response",
+        "_section_size",
+        "_stalled",
+        "_state",
+        "_timeout",
+        "_timer",
+        "_timer_at",
+        "_tls",
+        "_transport",
+        "_tunnel_eof",
+        "_upgrade",
+        "_view",
+        "_view_min",
+        "_waiter",
+        "idle_at",
+        "reused",
+        "target",
+    )
+
     def __init__(self, pool: ConnectionPool, key: _Key) -> None:
         super().__init__()
         self._pool = pool
         self._key = key
+        self.target: _Target = key[:3]  # (scheme, host, port): see ConnectionPool.retain
         # Zero-copy (splice.py) moves raw socket bytes: never on TLS, whose
         # bytes on the socket are records, not the body.
         self._tls = key[0] == "https"
         self._loop = asyncio.get_running_loop()
+        # The read buffer of this thread, the loop's (a threading.local
+        # lookup per read otherwise).
+        self._view = _READ_BUFFER.view
+        self._view_min = self._view[:READ_AHEAD_MIN]
         self._transport: asyncio.Transport | None = None
         self._made = False
         self._parser = httptools.HttpResponseParser(self)
@@ -384,7 +458,7 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         self._reason = b""
         self._raw_headers: list[tuple[str, str]] = []
         self._head_bytes = 0  # raw bytes read while waiting for the head
-        self._poller: select.poll | None = None  # see unheard()
+        self._poller: select.poll | None = None  # see reusable()
         self._section_size = 0  # the heads so far (1xx included), or the trailers
         self._fields = 0  # fields of the head or trailer section being parsed
         self._stalled = 0  # bytes fed since the last progress (see _MAX_STALLED)
@@ -462,12 +536,14 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         # (at least READ_AHEAD_MIN), so the two hold about `_read_size`, not
         # twice it (the reader joins them into one piece it then writes).
         size = self._read_size - self._buffered
-        return _READ_BUFFER.view[: size if size >= READ_AHEAD_MIN else READ_AHEAD_MIN]
+        if size <= READ_AHEAD_MIN:
+            return self._view_min  # the common size, sliced once per connection
+        return self._view[:size]  # at most READ_AHEAD_MAX, the buffer's size
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(_READ_BUFFER.view[:nbytes])
-
-    def data_received(self, data: bytes | memoryview) -> None:
+        # Every read lands here (a BufferedProtocol: no data_received), as a
+        # view of the thread's one read buffer.
+        data = self._view[:nbytes]
         state = self._state
         if state == _TUNNEL:
             # A copy: under uvloop `data` is a view of the one reused read buffer.
@@ -479,7 +555,7 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             self._stray()
             return
         if state == _HEAD:
-            self._head_bytes += len(data)
+            self._head_bytes += nbytes
         self._progress = False
         # The reader keeps up when it was waiting for this (see READ_AHEAD_MIN);
         # woken already (libuv reads up to 32 times per readiness event), it
@@ -511,7 +587,8 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             return
         if self._chunks:
             if waiting:
-                self._read_size = min(self._read_size * 2, READ_AHEAD_MAX)
+                size = self._read_size * 2
+                self._read_size = size if size < READ_AHEAD_MAX else READ_AHEAD_MAX
             else:
                 if not woken:  # busy elsewhere: its client has not taken the last piece
                     self._read_size = READ_AHEAD_MIN
@@ -521,7 +598,7 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             return
         # Bytes that completed no head, no body data, no message: a head,
         # trailers or chunk extensions, still going (see _MAX_STALLED).
-        self._stalled += len(data)
+        self._stalled += nbytes
         if self._stalled > _MAX_STALLED:
             if self._state == _HEAD:
                 self._fail(H1ProtocolError("response head too large"))
@@ -584,7 +661,13 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             section = "response head" if state == _HEAD else "trailer section"
             raise _Refused(f"{section}: {section_limit(fields, size)}")
         if state == _HEAD:
-            self._raw_headers.append((_decode(name), _decode(value)))
+            # Strict UTF-8 first: the same str for any valid input, and
+            # bytes.decode() without arguments skips the codec lookup.
+            try:
+                field = (name.decode(), value.decode())
+            except UnicodeDecodeError:
+                field = (_decode(name), _decode(value))
+            self._raw_headers.append(field)
 
     def on_headers_complete(self) -> None:
         if self._state != _HEAD:
@@ -613,13 +696,13 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         if status < 200:
             self._interim(status)
             return
-        if self._upgrade:
-            # Asked to switch and answered with a plain response: relayed as
-            # one, but the connection, which said "Connection: upgrade", is
-            # not trusted with another request.
-            self._head_keep_alive = False
         headers = CIMultiDict(self._raw_headers)
-        problem = framing_problem(headers)
+        # Copied: the list is emptied for the next exchange, not replaced.
+        self._raw_headers.clear()
+        # () when absent: no list made for a field most heads lack.
+        codings: Sequence[str] = headers.getall(_TRANSFER_ENCODING, ())
+        lengths: Sequence[str] = headers.getall(_CONTENT_LENGTH, ())
+        problem = framing_problem(codings, lengths)
         if problem is not None:
             raise _Refused(problem)
         self._section_size = 0  # from here on: the trailers'
@@ -630,12 +713,15 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         # For a zero-copy hand-over. llhttp already refused a bad or second
         # Content-Length, and one with Transfer-Encoding; checked again here
         # because a wrong count would splice the next response's bytes.
-        length = headers.get("Content-Length")
-        self._content_length = int(length) if length is not None else None  # see framing_problem
+        self._content_length = int(lengths[0]) if lengths else None  # see framing_problem
         # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty
-        # framing; the connection closes after it.
-        self._head_keep_alive = parser.should_keep_alive() and not (
-            "Transfer-Encoding" in headers and parser.get_http_version() == "1.0"
+        # framing; the connection closes after it. Asked to switch and
+        # answered with a plain response: relayed as one, but the connection,
+        # which said "Connection: upgrade", is not trusted with another request.
+        self._head_keep_alive = (
+            parser.should_keep_alive()
+            and not self._upgrade
+            and not (codings and parser.get_http_version() == "1.0")
         )
         if self._is_head:
             # RFC 9110 9.3.2: a response to HEAD has no body, whatever its
@@ -646,7 +732,10 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             self._keep_alive = self._head_keep_alive
             self._state = _DONE
             self._parser = httptools.HttpResponseParser(self)
-        self._wake()
+        # _wake's first half: the transport is open (it is being read).
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _interim(self, status: int) -> None:
         """A 1xx head is in: hand it to the caller, then wait for the next head.
@@ -702,7 +791,10 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         if state == _BODY:
             self._keep_alive = self._head_keep_alive and self._parser.should_keep_alive()
             self._state = _DONE
-            self._wake()
+            # _wake's first half: the transport is open (it is being read).
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
         # _HEAD: the end of a 1xx, the real response follows. _DONE: the old
         # parser of a HEAD response ending its (absent) body.
 
@@ -712,28 +804,32 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         transport = self._transport
         return transport is not None and not transport.is_closing()
 
-    def unheard(self) -> bool:
-        """Whether the socket holds bytes (or an EOF) the loop has yet to
-        deliver. Checked when a pooled connection is taken: bytes that came
-        while it was idle would otherwise be read as the next request's
-        response (urllib3 polls before reuse for the same reason). Not on
-        TLS: the socket may hold records without data (a TLS 1.3 session
-        ticket); decrypted stray bytes still end an idle connection through
-        data_received."""
+    def reusable(self) -> bool:
+        """Whether a pooled connection may carry the next request: open, and
+        its socket holds no byte (nor an EOF) the loop has yet to deliver.
+
+        Checked when it is taken from the pool: bytes that came while it was
+        idle would otherwise be read as the next request's response (urllib3
+        polls before reuse for the same reason). Not polled on TLS: the
+        socket may hold records without data (a TLS 1.3 session ticket);
+        decrypted stray bytes still end an idle connection when they are
+        read (buffer_updated)."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return False
         poller = self._poller
         if poller is None:
-            transport = self._transport
-            if transport is None or self._tls:
-                return False
+            if self._tls:
+                return True
             sock = transport.get_extra_info("socket")
             if sock is None:
-                return False
+                return True
             # Made once per connection. It holds the descriptor's number, not
-            # the socket: the caller checks `usable()` (transport open, so the
-            # number is still this socket's) before every poll.
+            # the socket: polled only while the transport is open (checked
+            # above), so the number is still this socket's.
             poller = self._poller = select.poll()
             poller.register(sock.fileno(), select.POLLIN)
-        return bool(poller.poll(0))
+        return not poller.poll(0)
 
     def stale(self) -> bool:
         """Whether a failed exchange may go again on a fresh connection: this
@@ -760,7 +856,6 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         self._on_interim = on_interim
         self._timeout = read_timeout
         self._reason = b""
-        self._raw_headers = []
         self._head_bytes = 0
         self._section_size = 0
         self._fields = 0
@@ -770,7 +865,9 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         transport.write(head)
         self._body_done = body is None
         self._body_pulled = False
-        if isinstance(body, DirectBody):
+        if body is None:
+            pass
+        elif isinstance(body, DirectBody):
             direct = body
             self._body_task = self._loop.create_task(self._pour_body(direct))
             # `pour` may never run: the target answered (and the connection
@@ -779,11 +876,14 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             # holds (a relay's pipe, the client socket's duplicate) is
             # released when the task ends, however it ends.
             self._body_task.add_done_callback(lambda _task: direct.discard())
-        elif body is not None:
+        else:
             self._body_task = self._loop.create_task(self._send_body(body, content_length))
         try:
             while self._state == _HEAD and self._error is None:
-                await self._wait()
+                try:
+                    await self._waiter_armed()
+                finally:
+                    self._waiter = None
         except BaseException:
             # Cancelled (client gone) or timed out: the exchange is in an
             # unknown state; the connection goes, never back to the pool.
@@ -896,14 +996,6 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             self._deadline = self._loop.time() + self._timeout
         await self._wait_for_drain(self._loop)
 
-    def has_news(self) -> bool:
-        if self._chunks:
-            return self._buffered < JOIN_BELOW
-        return self._state != _BODY or self._error is not None
-
-    def drained(self) -> bool:
-        return self._state == _DONE and not self._chunks and self._error is None
-
     def unread(self) -> int:
         length = self._content_length
         if self._state != _BODY or length is None:
@@ -947,15 +1039,20 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
         self._keep_alive = self._head_keep_alive
         self._resume_reading()
 
+    def take_chunks(self) -> bytes:
+        """The body bytes read so far (some are), as one piece; reading resumes."""
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()  # emptied for the next pieces, not replaced
+        self._buffered = 0
+        if self._reading_paused:
+            self._resume_reading()
+        return data
+
     async def read_chunk(self) -> bytes:
         while True:
-            chunks = self._chunks
-            if chunks:
-                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                self._chunks = []
-                self._buffered = 0
-                self._resume_reading()
-                return data
+            if self._chunks:
+                return self.take_chunks()
             if self._error is not None:
                 raise self._error
             state = self._state
@@ -964,27 +1061,31 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             if state != _BODY:
                 raise H1ReadError("connection closed")
             self._resume_reading()  # after hold(): nothing is here, so read
-            await self._wait()
+            try:
+                await self._waiter_armed()
+            except asyncio.CancelledError:
+                self.abort()
+                raise
+            finally:
+                self._waiter = None
 
-    async def _wait(self) -> None:
+    def _waiter_armed(self) -> asyncio.Future[None]:
+        """The future the next event (data, EOF, failure, the read timeout)
+        completes, stored as `_waiter`, with the timer armed for it.
+
+        The caller awaits it and clears `_waiter` after (a future awaited
+        directly: a coroutine around it cost a frame per wait), and aborts
+        the connection when cancelled."""
         loop = self._loop
-        waiter = loop.create_future()
-        self._waiter = waiter
-        deadline = loop.time() + self._timeout
-        self._deadline = deadline
+        waiter = self._waiter = loop.create_future()
+        deadline = self._deadline = loop.time() + self._timeout
         timer = self._timer
         if timer is None or self._timer_at > deadline:
             if timer is not None:
                 timer.cancel()
             self._timer_at = deadline
             self._timer = loop.call_at(deadline, self._on_timer)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            self.abort()
-            raise
-        finally:
-            self._waiter = None
+        return waiter
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -1041,7 +1142,8 @@ class _Connection(WriteFlow, asyncio.BufferedProtocol):
             and self._body_done
             and self._error is None
             and not self._chunks
-            and self.usable()
+            and (transport := self._transport) is not None
+            and not transport.is_closing()
         ):
             self._state = _IDLE
             self._response = None
@@ -1313,7 +1415,7 @@ class ConnectionPool:
         H1ServerDisconnected, H1ProtocolError, H1ReadTimeout or H1BodyError;
         on any of them, or on cancellation, the connection is closed.
         """
-        if scheme not in _SCHEMES:
+        if scheme != "http" and scheme != "https":
             raise ValueError(f"scheme must be http or https, got {scheme!r}")
         if self._closed:
             raise H1ConnectError("connection pool is closed", timed_out=False)
@@ -1328,7 +1430,7 @@ class ConnectionPool:
         # of a direct connection, where fresh ones reached 0.57x and more
         # (bench/ab_bulk.py, docs/performance.md). One connect is nothing
         # beside such a body, and no keep-alive race can cut it either.
-        conn = None if isinstance(body, DirectBody) else self._take(key)
+        conn = None if body is not None and isinstance(body, DirectBody) else self._take(key)
         if conn is not None:
             try:
                 return await conn.send(
@@ -1348,7 +1450,7 @@ class ConnectionPool:
         stack = self._idle.get(key)
         while stack:
             conn = stack.pop()
-            if conn.usable() and not conn.unheard():
+            if conn.reusable():
                 conn.reused = True
                 return conn
             conn.abort()  # closed by the target while idle, or it sent stray bytes
@@ -1426,7 +1528,7 @@ class ConnectionPool:
 
     def put(self, conn: _Connection) -> None:
         live = self._live
-        if self._closed or (live is not None and conn._key[:3] not in live):
+        if self._closed or (live is not None and conn.target not in live):
             conn.abort()
             return
         loop = conn._loop
