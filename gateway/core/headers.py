@@ -36,7 +36,7 @@ import os
 from collections.abc import Callable, Collection, Sequence
 from typing import Final
 
-from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping, istr
 
 from gateway.core.tracing import TraceContext
 
@@ -67,10 +67,25 @@ HOP_BY_HOP: Final = frozenset(
     }
 )
 
+# The same names as `istr`, in a tuple: a CIMultiDict lookup by an istr skips
+# folding the name's case, and a tuple iterates without a set's hashing.
+# Two lookups per name and request (the request's head and the response's).
+_HOP_BY_HOP_KEYS: Final = tuple(istr(name) for name in sorted(HOP_BY_HOP))
+# The fields every request or response sets or looks up, as istr (see above).
+_CONNECTION: Final = istr("Connection")
+_X_FORWARDED_FOR: Final = istr("X-Forwarded-For")
+_X_FORWARDED_PROTO: Final = istr("X-Forwarded-Proto")
+_X_FORWARDED_HOST: Final = istr("X-Forwarded-Host")
+_VIA: Final = istr("Via")
+_X_REQUEST_ID: Final = istr("X-Request-ID")
+_TRACEPARENT: Final = istr("traceparent")
+_TRACESTATE: Final = istr("tracestate")
+_HOST: Final = istr("Host")
+
 VIA: Final = "1.1 gateway"  # RFC 9110 §7.6.3: received-protocol received-by
 
 # What an untrusted peer may not claim about the client (see module docstring).
-_CLIENT_CLAIMS: Final = ("Forwarded", "X-Real-IP")
+_CLIENT_CLAIMS: Final = (istr("Forwarded"), istr("X-Real-IP"))
 
 # End-to-end fields a Connection option may not remove (see module docstring).
 _NOT_CONNECTION_OPTIONS: Final = frozenset({"content-length"})
@@ -98,11 +113,11 @@ def connection_tokens(headers: MultiMapping[str]) -> set[str]:
 
 def _end_to_end(headers: MultiMapping[str]) -> CIMultiDict[str]:
     """A copy keeping order and duplicates, minus hop-by-hop and Connection-named fields."""
-    named = connection_tokens(headers) if "Connection" in headers else None
+    named = connection_tokens(headers) if _CONNECTION in headers else None
     out = CIMultiDict(headers)  # C-level copy: order and repeated lines kept
-    for name in HOP_BY_HOP:
-        if name in out:
-            del out[name]  # deletes every line of that name
+    for hop in _HOP_BY_HOP_KEYS:
+        if hop in out:
+            del out[hop]  # deletes every line of that name
     if named:
         for name in named - _NOT_CONNECTION_OPTIONS:
             if name in out:
@@ -151,42 +166,42 @@ def upstream_request_headers(
     # The peer is appended even when untrusted: the chain is kept for the
     # target's information, and `client_ip` decides what to believe of it.
     if peer:
-        if "X-Forwarded-For" in out:
-            _append(out, "X-Forwarded-For", peer)
+        if _X_FORWARDED_FOR in out:
+            _append(out, _X_FORWARDED_FOR, peer)
         else:  # the usual first hop, without a call
-            out.add("X-Forwarded-For", peer)
+            out.add(_X_FORWARDED_FOR, peer)
 
     if peer_trusted:
         # A trusted proxy in front already said what the client used.
-        if "X-Forwarded-Proto" not in out:
-            out["X-Forwarded-Proto"] = scheme
-        if "X-Forwarded-Host" not in out and host:
-            out["X-Forwarded-Host"] = host
+        if _X_FORWARDED_PROTO not in out:
+            out[_X_FORWARDED_PROTO] = scheme
+        if _X_FORWARDED_HOST not in out and host:
+            out[_X_FORWARDED_HOST] = host
     else:
         # An untrusted peer could claim "https" or any host; overwrite with
         # what this hop saw (CONTRACT.md "Headers").
-        out["X-Forwarded-Proto"] = scheme
+        out[_X_FORWARDED_PROTO] = scheme
         if host:
-            out["X-Forwarded-Host"] = host
-        elif "X-Forwarded-Host" in out:
-            del out["X-Forwarded-Host"]
+            out[_X_FORWARDED_HOST] = host
+        elif _X_FORWARDED_HOST in out:
+            del out[_X_FORWARDED_HOST]
         for name in _CLIENT_CLAIMS:
             if name in out:
                 del out[name]
 
-    if "Via" in out:
-        _append(out, "Via", VIA)
+    if _VIA in out:
+        _append(out, _VIA, VIA)
     else:
-        out.add("Via", VIA)
-    out["X-Request-ID"] = request_id
+        out.add(_VIA, VIA)
+    out[_X_REQUEST_ID] = request_id
     if trace is not None:
-        out["traceparent"] = trace.traceparent
-        if not trace.continued and "tracestate" in out:
+        out[_TRACEPARENT] = trace.traceparent
+        if not trace.continued and _TRACESTATE in out:
             # The refused trace's vendor state (see gateway/core/tracing.py).
-            out.popall("tracestate")
+            out.popall(_TRACESTATE)
     # RFC 9110 §7.2: Host is the authority the client asked for; with
     # preserve_host off the target sees its own authority instead.
-    out["Host"] = (host or target_host) if preserve_host else target_host
+    out[_HOST] = (host or target_host) if preserve_host else target_host
     return out
 
 
@@ -195,13 +210,13 @@ def client_response_headers(
 ) -> CIMultiDict[str]:
     """The headers sent to the client for a target's response."""
     out = _end_to_end(upstream)
-    if "Via" in out:
-        _append(out, "Via", VIA)
+    if _VIA in out:
+        _append(out, _VIA, VIA)
     else:
-        out.add("Via", VIA)
+        out.add(_VIA, VIA)
     # The gateway's id wins over whatever the target echoed, so the client,
     # the access log and the target's request all carry the same one.
-    out["X-Request-ID"] = request_id
+    out[_X_REQUEST_ID] = request_id
     return out
 
 
