@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Final
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from gateway.core.breaker import CircuitBreaker
 from gateway.core.cors import is_preflight, merge_headers
@@ -76,6 +76,12 @@ CLIENT_CLOSED: Final = 499
 # What the log says of a request the gateway itself cut (drain, shutdown)
 # before its response began: the status a client asking now would get.
 SERVER_CUT: Final = 503
+# Fields read or set on every request, as istr: a CIMultiDict lookup by an
+# istr skips folding the name's case.
+_X_REQUEST_ID: Final = istr("X-Request-ID")
+_TRACEPARENT: Final = istr("traceparent")
+_HOST: Final = istr("Host")
+_EXPECT: Final = istr("Expect")
 # No headers to add (shared: most requests have no limit or CORS headers).
 _NO_HEADERS: Final[Sequence[tuple[str, str]]] = ()
 
@@ -130,12 +136,12 @@ class _Exchange(AccessEntry):
             peer_trusted = True
         else:
             client, peer_trusted = peer, False
-        incoming_id = headers.get("X-Request-ID")
+        incoming_id = headers.get(_X_REQUEST_ID)
         rid = new_request_id() if incoming_id is None else request_id(incoming_id, new_request_id)
         raw = request.raw_path
         super().__init__(rid, client, request.method, raw, started_at)
         # W3C trace context: continued or started here; its id is logged.
-        self.trace = trace_context(headers.getall("traceparent", None))
+        self.trace = trace_context(headers.getall(_TRACEPARENT, None))
         self.trace_id = self.trace.trace_id
         self.request = request
         self.snap = snap
@@ -144,10 +150,10 @@ class _Exchange(AccessEntry):
         if raw[0] == "/":  # origin-form, nearly every request: split_target's first case
             path, sep, query = raw.partition("?")
             self.raw_path, self.raw_query = path, (query if sep else None)
-            self.host = headers.get("Host")
+            self.host = headers.get(_HOST)
         else:
             authority, self.raw_path, self.raw_query = split_target(raw)
-            self.host = authority if authority is not None else headers.get("Host")
+            self.host = authority if authority is not None else headers.get(_HOST)
         self.scheme = "https" if request.secure else "http"
         self.runtime: RouteRuntime | None = None
         self.limit_headers = _NO_HEADERS
@@ -725,7 +731,7 @@ class ProxyHandler:
             target_host=target.host_header,
             trace=ex.trace,
         )
-        headers.popall("Expect", None)
+        headers.popall(_EXPECT, None)
         if ex.upgrade:
             upgrade.add_headers(headers)
         if ex.auth is not None:  # identity headers, strip_credentials, transforms
@@ -1091,7 +1097,7 @@ def _finish_headers(ex: _Exchange, headers: CIMultiDict[str]) -> None:
     them the browser hides the response, an error's Retry-After too, from the
     page). Via is a forwarding proxy's mark (RFC 9110 7.6.3): only relayed
     responses get it, from `client_response_headers`."""
-    headers["X-Request-ID"] = ex.request_id
+    headers[_X_REQUEST_ID] = ex.request_id
     if ex.cache is not None and ex.cache.status:
         headers["Cache-Status"] = ex.cache.status  # RFC 9211
     elif ex.runtime is not None and ex.runtime.cache_config is not None:
