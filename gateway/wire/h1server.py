@@ -183,6 +183,10 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
         self._handling: Request | None = None  # the request the handler has
         self._paused = 0
         self._read_size = READ_MIN  # see READ_MIN
+        # This thread's read buffer, and its first `_read_size` bytes (what
+        # get_buffer hands out on most reads): sliced once, not per read.
+        self._view = _READ_BUFFER.view
+        self._read_view = self._view[:READ_MIN]
         self._refused = False  # nothing more is parsed
         self._lost = False
         self._client_eof = False
@@ -270,7 +274,6 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
         return False
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        size = self._read_size
         current = self._current
         if current is not None and current is not self._handling and self._handling is not None:
             # A body pipelined behind the request being handled: nobody reads
@@ -278,12 +281,27 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
             # as the loop allows, so that a small one ends before its turn
             # (one answered unread, as OPTIONS *'s, then keeps the connection).
             room = current.content.room()
-            if room > size:
-                size = room
-        return _READ_BUFFER.view[:size]
+            if room > self._read_size:
+                return self._view[:room]
+        return self._read_view
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(_READ_BUFFER.view[:nbytes])
+        # Once per read: the common case (a request's bytes to parse) inline,
+        # without a call to data_received and _feed.
+        data = self._view[:nbytes]
+        if self._tunnel is not None or self._lingering or self._refused:
+            self.data_received(data)
+            return
+        self.last_rx = self._loop.time()
+        self._progress = False
+        try:
+            self._parser.feed_data(data)
+        except (httptools.HttpParserUpgrade, httptools.HttpParserError) as exc:
+            rest = self._parse_stopped(exc, data)
+            if rest is None:
+                return
+            data = self._feed(rest)
+        self._check_stalled(data)
 
     def data_received(self, data: bytes | memoryview) -> None:
         # `data` is a view of the one reused read buffer (buffer_updated):
@@ -299,40 +317,53 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
         if self._refused:
             return
         self.last_rx = self._loop.time()
-        self._feed(data)
-
-    def _feed(self, data: bytes | memoryview) -> None:
         self._progress = False
+        data = self._feed(data)
+        self._check_stalled(data)
+
+    def _feed(self, data: bytes | memoryview) -> bytes | memoryview:
+        """Parse `data`, past any Upgrade llhttp stops at; returns the last
+        piece fed (for `_check_stalled`), b"" when parsing stopped."""
         while data:
             try:
                 self._parser.feed_data(data)
-            except httptools.HttpParserUpgrade as upgrade:
-                # llhttp stops after an Upgrade (or CONNECT) request's head.
-                # The gateway switches no protocol: the request was queued as
-                # a plain one (a body with it is refused, CONNECT too), and
-                # what follows is parsed as the next request.
-                offset = upgrade.args[0] if upgrade.args else len(data)
-                self._parser = httptools.HttpRequestParser(self)
-                if self._refused:
-                    return
-                last = self._last
-                if last is not None and last.websocket:
-                    self._upgrade_pending(last, bytes(data[offset:]))  # a copy
-                    return
-                data = data[offset:]
+            except (httptools.HttpParserUpgrade, httptools.HttpParserError) as exc:
+                rest = self._parse_stopped(exc, data)
+                if rest is None:
+                    return b""
+                data = rest
                 continue
-            except httptools.HttpParserError as exc:
-                cause = exc.__context__
-                if isinstance(cause, _PipelineFull):
-                    self._refused = True  # parse nothing more; answer the queue
-                    self.last_batch = True
-                    self.in_head = False
-                    return
-                self._parse_failed(
-                    cause.error if isinstance(cause, Limit) else BadRequest("malformed request")
-                )
-                return
             break
+        return data
+
+    def _parse_stopped(self, exc: Exception, data: bytes | memoryview) -> bytes | memoryview | None:
+        """llhttp stopped in `data`: what is left to parse, or None to stop."""
+        if isinstance(exc, httptools.HttpParserUpgrade):
+            # llhttp stops after an Upgrade (or CONNECT) request's head.
+            # The gateway switches no protocol: the request was queued as
+            # a plain one (a body with it is refused, CONNECT too), and
+            # what follows is parsed as the next request.
+            offset = exc.args[0] if exc.args else len(data)
+            self._parser = httptools.HttpRequestParser(self)
+            if self._refused:
+                return None
+            last = self._last
+            if last is not None and last.websocket:
+                self._upgrade_pending(last, bytes(data[offset:]))  # a copy
+                return None
+            return data[offset:]
+        cause = exc.__context__
+        if isinstance(cause, _PipelineFull):
+            self._refused = True  # parse nothing more; answer the queue
+            self.last_batch = True
+            self.in_head = False
+            return None
+        self._parse_failed(
+            cause.error if isinstance(cause, Limit) else BadRequest("malformed request")
+        )
+        return None
+
+    def _check_stalled(self, data: bytes | memoryview) -> None:
         if self._progress:
             self._stalled_bytes = 0
             return
@@ -497,47 +528,46 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
     # -- the queue and the serving task ---------------------------------------------
 
     def _enqueue(self, item: Request | tuple[GatewayError, str]) -> None:
-        self._queue.append(item)
-        if len(self._queue) > _MAX_QUEUED:
+        queue = self._queue
+        queue.append(item)
+        if len(queue) > _MAX_QUEUED:
             self.pause_reading(PAUSE_QUEUE)
         if self._task is None:
             task = self._task = self._loop.create_task(self._serve())
             self._server.tasks.add(task)
             task.add_done_callback(self._server._task_done)
         else:
-            self._wake_queue()
+            waiter = self._queue_waiter  # _wake_queue, inline: once per request
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
 
     def _wake_queue(self) -> None:
         waiter = self._queue_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def _next(self) -> Request | tuple[GatewayError, str] | None:
-        while not self._queue:
-            if self._lost or self._client_eof or self._server.draining or self.last_batch:
-                return None
-            waiter = self._loop.create_future()
-            self._queue_waiter = waiter
-            try:
-                await waiter
-            finally:
-                self._queue_waiter = None
-        item = self._queue.popleft()
-        if len(self._queue) <= _MAX_QUEUED // 2:
-            self.resume_reading(PAUSE_QUEUE)
-        return item
-
     async def _serve(self) -> None:
+        queue = self._queue
         try:
             while True:
-                item = await self._next()
-                if item is None:
-                    break
+                # The next item; the wait for one inline (once per request).
+                while not queue:
+                    if self._lost or self._client_eof or self._server.draining or self.last_batch:
+                        return
+                    waiter = self._loop.create_future()
+                    self._queue_waiter = waiter
+                    try:
+                        await waiter
+                    finally:
+                        self._queue_waiter = None
+                item = queue.popleft()
+                if self._paused & PAUSE_QUEUE and len(queue) <= _MAX_QUEUED // 2:
+                    self.resume_reading(PAUSE_QUEUE)
                 if isinstance(item, tuple):
                     self._write_refusal(*item)
-                    break
+                    return
                 if not await self._handle(item):
-                    break
+                    return
         except asyncio.CancelledError:
             pass  # client gone or shutting down: nothing left to answer
         except Exception:
@@ -724,12 +754,17 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
 
     def read_more(self) -> None:
         """A body's (or tunnel's) reader was waiting for its data: it keeps up."""
-        self._read_size = min(self._read_size * 2, READ_MAX)
+        size = min(self._read_size * 2, READ_MAX)
+        if size != self._read_size:
+            self._read_size = size
+            self._read_view = self._view[:size]
 
     def read_less(self) -> None:
         """A body's (or tunnel's) reader is busy with what it read: it does
         not keep up, and the next read is READ_MIN."""
-        self._read_size = READ_MIN
+        if self._read_size != READ_MIN:
+            self._read_size = READ_MIN
+            self._read_view = self._view[:READ_MIN]
 
     def pause_reading(self, reason: int) -> None:
         was = self._paused
