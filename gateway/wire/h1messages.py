@@ -368,7 +368,7 @@ class ResponseWriter:
         conn = self._conn
         if (
             conn.closing_after_response
-            or not request.content.is_eof()
+            or (request.body_exists and not request.content.is_eof())
             or (conn.last_batch and not conn.queued())
         ):
             # Draining, answered before the body was read whole, or the last
@@ -516,7 +516,9 @@ class ResponseWriter:
             out += b"0\r\n\r\n"
         if out:
             self._send(out)
-        await self._conn.drain(self.send_timeout)
+        conn = self._conn
+        if conn.write_blocked():  # drain() returns at once otherwise: no coroutine
+            await conn.drain(self.send_timeout)
 
     def spliced(self, count: int) -> None:
         """`count` body bytes went to the client's socket behind our back."""

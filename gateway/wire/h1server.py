@@ -151,6 +151,11 @@ READ_MAX: Final = 32 * 1024
 _READ_BUFFER: Final = ThreadReadBuffer(BODY_HIGH)
 
 
+# llhttp's version text for the versions served, parsed once (others are
+# parsed per request, and refused by vet_head).
+_VERSIONS: Final = {"1.1": (1, 1), "1.0": (1, 0)}
+
+
 class _PipelineFull(Exception):
     """Raised from on_headers_complete: stop parsing, see MAX_PIPELINED."""
 
@@ -301,7 +306,10 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
             if rest is None:
                 return
             data = self._feed(rest)
-        self._check_stalled(data)
+        if self._progress:
+            self._stalled_bytes = 0
+        else:
+            self._check_stalled(data)
 
     def data_received(self, data: bytes | memoryview) -> None:
         # `data` is a view of the one reused read buffer (buffer_updated):
@@ -395,10 +403,11 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(name) > MAX_FIELD_SIZE or len(value) > MAX_FIELD_SIZE:
             raise Limit(HeadersTooLarge("header field too large"))
-        field = name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
+        name_text = name.decode("utf-8", "surrogateescape")
+        value_text = value.decode("utf-8", "surrogateescape")
         headers = self._headers
-        headers.append(field)
-        size = self._head_size = self._head_size + len(field[0]) + len(field[1]) + 4
+        headers.append((name_text, value_text))
+        size = self._head_size = self._head_size + len(name_text) + len(value_text) + 4
         # The caps inline (a call per field is measurable per request); the
         # reason, only when over them, from the one rule in vetting.py.
         if size > MAX_HEAD_BYTES or len(headers) > MAX_HEADERS:
@@ -412,8 +421,10 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
         parser = self._parser
         method = parser.get_method().decode("ascii", "replace")
         version_text = parser.get_http_version()
-        major, _, minor = version_text.partition(".")
-        version = (int(major), int(minor)) if major.isdigit() and minor.isdigit() else (0, 9)
+        version = _VERSIONS.get(version_text)
+        if version is None:
+            major, _, minor = version_text.partition(".")
+            version = (int(major), int(minor)) if major.isdigit() and minor.isdigit() else (0, 9)
         headers: CIMultiDict[str] = CIMultiDict(self._headers)
         raw_path = self._url.decode("utf-8", "surrogateescape")
         error = vet_head(method, raw_path, version, headers)
@@ -422,7 +433,8 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
         length_text = headers.get("Content-Length")
         content_length = int(length_text) if length_text is not None else None
         chunked = "Transfer-Encoding" in headers
-        if (chunked or content_length) and parser.should_upgrade():
+        upgrade = parser.should_upgrade()
+        if upgrade and (chunked or content_length):
             # llhttp ends an Upgrade request at its head, whatever framing it
             # announced; the gateway switches no protocol, so the body would
             # be parsed as the next request (smuggling). Refuse it.
@@ -437,7 +449,7 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
             content_length,
             chunked,
         )
-        if parser.should_upgrade() and method == "GET" and version >= (1, 1):
+        if upgrade and method == "GET" and version >= (1, 1):
             # RFC 6455 4.1: a WebSocket opening handshake. Other protocols
             # (h2c above all) are never switched to: their Upgrade is
             # stripped like any hop-by-hop header and the request served as
@@ -457,7 +469,7 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
     def on_message_complete(self) -> None:
         self._progress = True
         current = self._current
-        if current is not None:
+        if current is not None and current.body_exists:  # else: no Body to end
             current.content.feed_eof()
         self._current = None
         self._messages += 1
@@ -580,9 +592,10 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
     async def _handle(self, request: Request) -> bool:
         """Run the handler for one request; whether the connection goes on."""
         self._handling = request
-        request.content.handled()
+        body_exists = request.body_exists
+        if body_exists:
+            request.content.handled()
         writer = request.writer
-        task = asyncio.current_task()
         try:
             reply = await self._server.handler(request)
             if reply is not None:
@@ -591,6 +604,7 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
                 raise RuntimeError("the handler neither replied nor finished its response")
         except asyncio.CancelledError:
             error = self._body_error
+            task = asyncio.current_task()
             if error is None or task is None or task.cancelling() > 1:
                 raise  # the client is gone, or shutdown
             task.uncancel()
@@ -614,7 +628,7 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
                 # A pipelined head arrived meanwhile: its deadline counts from
                 # now, since the client was waiting for this response.
                 self.head_since = self._loop.time()
-        if not writer.keep_alive or self._lost or not request.content.is_eof():
+        if not writer.keep_alive or self._lost or (body_exists and not request.content.is_eof()):
             # Closing anyway, or answered before the body was read (e.g. 413):
             # the rest of that body is unframed for us now.
             self._close_after(request)
@@ -622,7 +636,8 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
         # A whole body the handler answered without reading (a preflight,
         # OPTIONS *) is done with. Left buffered, over _BODY_HIGH it would
         # keep the socket paused, and the next request would never be read.
-        request.content.discard()
+        if body_exists:
+            request.content.discard()
         self.idle_since = self._loop.time()
         return True
 
