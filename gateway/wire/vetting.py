@@ -41,6 +41,10 @@ HOST_SYNTAX: Final = re.compile(
     r"(?:\[[0-9A-Za-z:._~%!$&'()*+,;=-]+\]|[0-9A-Za-z._~%!$&'()*+,;=-]*)(?::[0-9]*)?",
     re.ASCII,
 )
+# The last Host value found valid: the same value again (every request of a
+# client, mostly) is compared, not matched. A memo of a pure check, one
+# string, never a different answer.
+_valid_host = ""
 
 
 def section_limit(fields: int, size: int) -> str | None:
@@ -82,14 +86,17 @@ def vet_head(
         return ConnectRefused(
             "CONNECT is not supported: this is a gateway, not a forward proxy", {"Allow": ""}
         )
+    global _valid_host
     hosts = headers.getall("Host", ())
     if len(hosts) > 1:
         return BadRequest("more than one Host header")
     if not hosts:
         if version == (1, 1):
             return BadRequest("HTTP/1.1 request without Host")  # RFC 9112 3.2
-    elif HOST_SYNTAX.fullmatch(hosts[0]) is None:
-        return BadRequest("invalid Host header")
+    elif hosts[0] != _valid_host:
+        if HOST_SYNTAX.fullmatch(hosts[0]) is None:
+            return BadRequest("invalid Host header")
+        _valid_host = hosts[0]
     coding = headers.get("Transfer-Encoding")
     if coding is not None:
         if version == (1, 0):
@@ -106,13 +113,13 @@ def vet_head(
             # dropping the header (hop-by-hop) would hand the target a coded
             # body as if plain: RFC 9112 6.1 says 501, as nginx does.
             return NotImplementedCoding(f"unsupported Transfer-Encoding {coding!r}")
+    if target[:1] == "/":  # origin-form, the common case: first
+        return None
     if target == "*":
         # RFC 9112 3.2.4: the asterisk-form belongs to OPTIONS alone (which
         # the proxy answers itself); llhttp takes it with any method.
         return None if method == "OPTIONS" else BadRequest('a "*" target is for OPTIONS only')
-    if not target.startswith("/"):
-        return _vet_absolute_form(target)
-    return None
+    return _vet_absolute_form(target)
 
 
 def _vet_absolute_form(target: str) -> GatewayError | None:
