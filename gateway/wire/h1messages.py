@@ -295,22 +295,19 @@ def json_reply(error: GatewayError, rid: str, close: bool = True) -> Reply:
     return Reply(error.status, json_body(error, rid), headers, close=close)
 
 
-class _DateCache:
-    """The Date header value, formatted once per second."""
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._text = ""
-
-    def __call__(self) -> str:
-        now = int(time.time())
-        if now != self._second:
-            self._second = now
-            self._text = formatdate(now, usegmt=True)
-        return self._text
+_date_second = -1
+_date_text = ""
 
 
-http_date: Final = _DateCache()
+def http_date() -> str:
+    """The Date header value, formatted once per second (a plain function:
+    cheaper to call than an instance's __call__)."""
+    global _date_second, _date_text
+    now = int(time.time())
+    if now != _date_second:
+        _date_text = formatdate(now, usegmt=True)
+        _date_second = now
+    return _date_text
 
 
 class ResponseWriter:
@@ -399,7 +396,11 @@ class ResponseWriter:
                 headers.popall("Connection", None)
         elif version < (1, 1):
             headers["Connection"] = "keep-alive"
-        head = encode_head(f"HTTP/{version[0]}.{version[1]} {status} {reason}", headers.items())
+        if version == (1, 1):
+            status_line = f"HTTP/1.1 {status} {reason}"
+        else:
+            status_line = f"HTTP/{version[0]}.{version[1]} {status} {reason}"
+        head = encode_head(status_line, headers.items())
         self.status = status
         if hold:
             self._held = head
