@@ -215,19 +215,21 @@ def encode_head(start_line: str, fields: Collection[tuple[str, str]]) -> bytes:
     """A message head: the start line, the field lines and the empty line.
 
     Field lines are joined by `map(": ".join)`, in C (half the cost of an
-    f-string per field). A CR or LF inside a name or value would split it
-    into a second field (smuggling): counting them, in C, is a cheap check
-    that only ours are there. Bytes that came in undecodable
-    ("surrogateescape") go out as they came.
+    f-string per field), in one join with the start line and the empty line
+    (no copies by concatenation). A CR or LF inside a name or value would
+    split it into a second field (smuggling): counting them, in C, is a
+    cheap check that only ours are there; counted in the encoded bytes,
+    where it is a byte search (UTF-8 encodes no other character with a CR
+    or LF byte). Bytes that came in undecodable ("surrogateescape") go out
+    as they came.
     """
-    if fields:
-        text = f"{start_line}\r\n" + "\r\n".join(map(": ".join, fields)) + "\r\n\r\n"
-    else:
-        text = f"{start_line}\r\n\r\n"
+    head = "\r\n".join((start_line, *map(": ".join, fields), "", "")).encode(
+        "utf-8", "surrogateescape"
+    )
     lines = len(fields) + 2
-    if text.count("\n") != lines or text.count("\r") != lines:
+    if head.count(b"\n") != lines or head.count(b"\r") != lines:
         raise ValueError("CR or LF inside a header field")
-    return text.encode("utf-8", "surrogateescape")
+    return head
 
 
 def request_id(incoming_value: str | None, new: Callable[[], str]) -> str:
