@@ -515,9 +515,13 @@ class ResponseWriter:
             out += b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data) if self._chunked else data
         elif self._chunked and not self._empty:
             out += b"0\r\n\r\n"
-        if out:
-            self._send(out)
         conn = self._conn
+        if out:
+            transport = conn.transport  # _send, inline: once per response
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("the client connection is closed")
+            self.output_size += len(out)
+            transport.write(out)
         if conn.write_blocked():  # drain() returns at once otherwise: no coroutine
             await conn.drain(self.send_timeout)
 

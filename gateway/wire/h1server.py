@@ -389,8 +389,10 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
         self.in_head = True
         if self._messages:
             # A later request's head is timed from its first byte; the first
-            # one's from the accept, as nginx's client_header_timeout.
-            self.head_since = self._loop.time()
+            # one's from the accept, as nginx's client_header_timeout. The
+            # read that holds that byte just set last_rx (every feed is
+            # from a read): no clock read of its own.
+            self.head_since = self.last_rx
         self._url = b""
         self._headers = []
         self._head_size = 0
@@ -458,7 +460,16 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
             request.websocket = any(token.strip() == "websocket" for token in tokens)
         self._current = request
         self._last = request
-        self._enqueue(request)
+        queue = self._queue
+        if self._task is None or len(queue) >= _MAX_QUEUED:
+            self._enqueue(request)
+            return
+        # _enqueue's common case inline (once per request): the serving task
+        # runs and the queue stays short.
+        queue.append(request)
+        waiter = self._queue_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def on_body(self, body: bytes) -> None:
         self._progress = True
