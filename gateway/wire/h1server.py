@@ -293,7 +293,7 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         # Once per read: the common case (a request's bytes to parse) inline,
         # without a call to data_received and _feed.
-        data = self._view[:nbytes]
+        data: bytes | memoryview = self._view[:nbytes]
         if self._tunnel is not None or self._lingering or self._refused:
             self.data_received(data)
             return
@@ -574,6 +574,11 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
             waiter.set_result(None)
 
     async def _serve(self) -> None:
+        """Answer the queue in order, one handler at a time.
+
+        The handler is awaited here, not in a coroutine of its own per
+        request: each of its resumptions would pass through that one too.
+        """
         queue = self._queue
         try:
             while True:
@@ -587,13 +592,38 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
                         await waiter
                     finally:
                         self._queue_waiter = None
-                item = queue.popleft()
+                request = queue.popleft()
                 if self._paused & PAUSE_QUEUE and len(queue) <= _MAX_QUEUED // 2:
                     self.resume_reading(PAUSE_QUEUE)
-                if isinstance(item, tuple):
-                    self._write_refusal(*item)
+                if isinstance(request, tuple):
+                    self._write_refusal(*request)
                     return
-                if not await self._handle(item):
+                # Run the handler for one request.
+                self._handling = request
+                if request.body_exists:
+                    request.content.handled()
+                writer = request.writer
+                try:
+                    reply = await self._server.handler(request)
+                    if reply is not None:
+                        writer.send_reply(reply)
+                    elif not writer.eof_sent:
+                        raise RuntimeError("the handler neither replied nor finished its response")
+                except asyncio.CancelledError:
+                    if not self._body_broke(request):
+                        raise  # the client is gone, or shutdown
+                    return
+                except (ConnectionError, RuntimeError) as exc:
+                    log.debug("response to %s not completed: %s", self.remote, exc)
+                    self._abort()
+                    return
+                finally:
+                    self._handling = None
+                    if self.in_head:
+                        # A pipelined head arrived meanwhile: its deadline counts
+                        # from now, since the client was waiting for this response.
+                        self.head_since = self._loop.time()
+                if not self._answered(request):
                     return
         except asyncio.CancelledError:
             pass  # client gone or shutting down: nothing left to answer
@@ -604,46 +634,35 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
             self._task = None
             self._finish()
 
-    async def _handle(self, request: Request) -> bool:
-        """Run the handler for one request; whether the connection goes on."""
-        self._handling = request
-        body_exists = request.body_exists
-        if body_exists:
-            request.content.handled()
+    def _body_broke(self, request: Request) -> bool:
+        """The handler was cancelled: if for its body turning malformed
+        (`_parse_failed`), answer that (400, or an abort if the response
+        began) and return True; False for any other cancel."""
+        error = self._body_error
+        task = asyncio.current_task()
+        if error is None or task is None or task.cancelling() > 1:
+            return False
+        task.uncancel()
+        self._body_error = None
         writer = request.writer
-        try:
-            reply = await self._server.handler(request)
-            if reply is not None:
-                writer.send_reply(reply)
-            elif not writer.eof_sent:
-                raise RuntimeError("the handler neither replied nor finished its response")
-        except asyncio.CancelledError:
-            error = self._body_error
-            task = asyncio.current_task()
-            if error is None or task is None or task.cancelling() > 1:
-                raise  # the client is gone, or shutdown
-            task.uncancel()
-            self._body_error = None
-            if writer.started:
-                # The response began: its status cannot change; the only
-                # honest signal is an aborted transfer (CONTRACT.md).
-                self._abort()
-                return False
-            rid = request_id(request.headers.get("X-Request-ID"), new_request_id)
-            writer.send_reply(json_reply(error, rid))
-            self._linger()  # the rest of the broken body may still be coming
-            return False
-        except (ConnectionError, RuntimeError) as exc:
-            log.debug("response to %s not completed: %s", self.remote, exc)
+        if writer.started:
+            # The response began: its status cannot change; the only
+            # honest signal is an aborted transfer (CONTRACT.md).
             self._abort()
-            return False
-        finally:
-            self._handling = None
-            if self.in_head:
-                # A pipelined head arrived meanwhile: its deadline counts from
-                # now, since the client was waiting for this response.
-                self.head_since = self._loop.time()
-        if not writer.keep_alive or self._lost or (body_exists and not request.content.is_eof()):
+            return True
+        rid = request_id(request.headers.get("X-Request-ID"), new_request_id)
+        writer.send_reply(json_reply(error, rid))
+        self._linger()  # the rest of the broken body may still be coming
+        return True
+
+    def _answered(self, request: Request) -> bool:
+        """A request's response is out: whether the connection goes on."""
+        body_exists = request.body_exists
+        if (
+            not request.writer.keep_alive
+            or self._lost
+            or (body_exists and not request.content.is_eof())
+        ):
             # Closing anyway, or answered before the body was read (e.g. 413):
             # the rest of that body is unframed for us now.
             self._close_after(request)
