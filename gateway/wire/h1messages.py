@@ -326,6 +326,7 @@ class ResponseWriter:
         "keep_alive",
         "output_size",
         "send_timeout",
+        "started",
         "status",
     )
 
@@ -341,14 +342,13 @@ class ResponseWriter:
         self.keep_alive = request.keep_alive
         self.output_size = 0
         self.status = 0
+        #: The head is framed (`status` set): an attribute, not a property
+        #: computed from `status`, since the handler asks once per request.
+        self.started = False
         #: How long the client may take none of the response before the
         #: connection is aborted (SendTimeout); None waits for ever. The
         #: handler sets it (`server.client_timeout`).
         self.send_timeout: float | None = None
-
-    @property
-    def started(self) -> bool:
-        return self.status != 0
 
     def start(
         self,
@@ -402,6 +402,7 @@ class ResponseWriter:
             status_line = f"HTTP/{version[0]}.{version[1]} {status} {reason}"
         head = encode_head(status_line, headers.items())
         self.status = status
+        self.started = status != 0
         if hold:
             self._held = head
         else:
@@ -536,6 +537,7 @@ class ResponseWriter:
         status_line = f"HTTP/{version[0]}.{version[1]} 101 Switching Protocols"
         head = encode_head(status_line, headers.items())
         self.status = 101
+        self.started = True
         self.keep_alive = False
         self.eof_sent = True
         self._send(head)

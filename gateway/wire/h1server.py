@@ -398,8 +398,8 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
         self._head_size = 0
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
-        if len(self._url) > MAX_REQUEST_LINE:
+        url = self._url = self._url + url
+        if len(url) > MAX_REQUEST_LINE:
             raise Limit(UriTooLong("request target too long"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
