@@ -433,12 +433,13 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
             version = (int(major), int(minor)) if major.isdigit() and minor.isdigit() else (0, 9)
         headers: CIMultiDict[str] = CIMultiDict(self._headers)
         raw_path = self._url.decode("utf-8", "surrogateescape")
-        error = vet_head(method, raw_path, version, headers)
+        coding = headers.get("Transfer-Encoding")
+        error = vet_head(method, raw_path, version, headers, coding)
         if error is not None:
             raise Limit(error)
         length_text = headers.get("Content-Length")
         content_length = int(length_text) if length_text is not None else None
-        chunked = "Transfer-Encoding" in headers
+        chunked = coding is not None
         upgrade = parser.should_upgrade()
         if upgrade and (chunked or content_length):
             # llhttp ends an Upgrade request at its head, whatever framing it

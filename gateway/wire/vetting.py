@@ -67,10 +67,13 @@ def vet_head(
     target: str,
     version: tuple[int, int],
     headers: CIMultiDict[str],
+    coding: str | None,
 ) -> GatewayError | None:
     """What llhttp parsed but the gateway refuses, or None to go ahead.
 
-    The section's size and field count were checked as the fields arrived
+    `coding` is the head's (first) Transfer-Encoding, None without one: the
+    caller looks it up once for both (it frames the body by it). The
+    section's size and field count were checked as the fields arrived
     (`section_limit`).
     """
     if version not in ((1, 0), (1, 1)):
@@ -97,7 +100,6 @@ def vet_head(
         if HOST_SYNTAX.fullmatch(hosts[0]) is None:
             return BadRequest("invalid Host header")
         _valid_host = hosts[0]
-    coding = headers.get("Transfer-Encoding")
     if coding is not None:
         if version == (1, 0):
             # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding MUST be
