@@ -215,21 +215,20 @@ def encode_head(start_line: str, fields: Collection[tuple[str, str]]) -> bytes:
     """A message head: the start line, the field lines and the empty line.
 
     Field lines are joined by `map(": ".join)`, in C (half the cost of an
-    f-string per field), in one join with the start line and the empty line
-    (no copies by concatenation). A CR or LF inside a name or value would
-    split it into a second field (smuggling): counting them, in C, is a
-    cheap check that only ours are there; counted in the encoded bytes,
-    where it is a byte search (UTF-8 encodes no other character with a CR
-    or LF byte). Bytes that came in undecodable ("surrogateescape") go out
-    as they came.
+    f-string per field). A CR or LF inside a name or value would split it
+    into a second field (smuggling): none may be anywhere in the lines
+    before they are joined with CRLF. Two `in` tests on the lines joined
+    without separators are memchr scans; counting CR and LF in the head
+    (the check before) went byte by byte, ~5k instructions per request
+    for its two heads. Bytes that came in undecodable ("surrogateescape")
+    go out as they came.
     """
-    head = "\r\n".join((start_line, *map(": ".join, fields), "", "")).encode(
-        "utf-8", "surrogateescape"
-    )
-    lines = len(fields) + 2
-    if head.count(b"\n") != lines or head.count(b"\r") != lines:
+    lines = [start_line, *map(": ".join, fields)]
+    text = "".join(lines)
+    if "\r" in text or "\n" in text:
         raise ValueError("CR or LF inside a header field")
-    return head
+    lines += ("", "")  # the CRLF that ends the last field, and the empty line
+    return "\r\n".join(lines).encode("utf-8", "surrogateescape")
 
 
 def request_id(incoming_value: str | None, new: Callable[[], str]) -> str:
