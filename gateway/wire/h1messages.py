@@ -18,10 +18,18 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import Final, Protocol
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from gateway.core.errors import GatewayError, json_body
 from gateway.core.headers import encode_head
+
+# Field names looked up in every request or response, as multidict `istr`s:
+# a lookup by one skips folding the name's case (half the cost of a str key).
+# Only for lookups; fields are set by their str names.
+CONTENT_LENGTH: Final = istr("Content-Length")
+TRANSFER_ENCODING: Final = istr("Transfer-Encoding")
+_DATE: Final = istr("Date")
+_CONNECTION: Final = istr("Connection")
 
 # RFC 9110 10.1.1: the interim answer to `Expect: 100-continue`.
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -377,23 +385,23 @@ class ResponseWriter:
         self._empty = empty
         if empty:
             if status == 204 or status < 200:
-                headers.popall("Content-Length", None)
-            headers.popall("Transfer-Encoding", None)
-        elif "Content-Length" in headers:
-            headers.popall("Transfer-Encoding", None)
+                headers.popall(CONTENT_LENGTH, None)
+            headers.popall(TRANSFER_ENCODING, None)
+        elif CONTENT_LENGTH in headers:
+            headers.popall(TRANSFER_ENCODING, None)
         elif version >= (1, 1):
             self._chunked = True
             headers["Transfer-Encoding"] = "chunked"
         else:
             self.keep_alive = False  # HTTP/1.0: the body ends with the connection
-        if "Date" not in headers:
+        if _DATE not in headers:
             # RFC 9110 6.6.1: a recipient with a clock adds Date when forwarding.
             headers["Date"] = http_date()
         if not self.keep_alive:
             if version >= (1, 1):
                 headers["Connection"] = "close"
             else:
-                headers.popall("Connection", None)
+                headers.popall(_CONNECTION, None)
         elif version < (1, 1):
             headers["Connection"] = "keep-alive"
         if version == (1, 1):
@@ -548,7 +556,7 @@ class ResponseWriter:
         if reply.close:
             self.keep_alive = False
         headers = reply.headers
-        if reply.body or "Content-Length" not in headers:
+        if reply.body or CONTENT_LENGTH not in headers:
             headers["Content-Length"] = str(len(reply.body))
         self.start(reply.status, reason_phrase(reply.status), headers, hold=True)
         self.eof_sent = True

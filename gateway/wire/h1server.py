@@ -54,10 +54,12 @@ from gateway.core.headers import encode_head, new_request_id, request_id
 from gateway.wire import heap
 from gateway.wire.h1messages import (
     BODY_HIGH,
+    CONTENT_LENGTH,
     PAUSE_BODY,
     PAUSE_HANDOVER,
     PAUSE_QUEUE,
     PAUSE_UPGRADE,
+    TRANSFER_ENCODING,
     Body,
     ClientTunnel,
     Reply,
@@ -433,11 +435,11 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
             version = (int(major), int(minor)) if major.isdigit() and minor.isdigit() else (0, 9)
         headers: CIMultiDict[str] = CIMultiDict(self._headers)
         raw_path = self._url.decode("utf-8", "surrogateescape")
-        coding = headers.get("Transfer-Encoding")
+        coding = headers.get(TRANSFER_ENCODING)
         error = vet_head(method, raw_path, version, headers, coding)
         if error is not None:
             raise Limit(error)
-        length_text = headers.get("Content-Length")
+        length_text = headers.get(CONTENT_LENGTH)
         content_length = int(length_text) if length_text is not None else None
         chunked = coding is not None
         upgrade = parser.should_upgrade()

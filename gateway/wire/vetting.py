@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from multidict import CIMultiDict
+from multidict import CIMultiDict, istr
 from yarl import URL
 
 from gateway.core.errors import (
@@ -41,6 +41,8 @@ HOST_SYNTAX: Final = re.compile(
     r"(?:\[[0-9A-Za-z:._~%!$&'()*+,;=-]+\]|[0-9A-Za-z._~%!$&'()*+,;=-]*)(?::[0-9]*)?",
     re.ASCII,
 )
+# Looked up per request: an `istr` skips folding the name's case each time.
+_HOST: Final = istr("Host")
 # The last Host value found valid: the same value again (every request of a
 # client, mostly) is compared, not matched. A memo of a pure check, one
 # string, never a different answer.
@@ -90,7 +92,7 @@ def vet_head(
             "CONNECT is not supported: this is a gateway, not a forward proxy", {"Allow": ""}
         )
     global _valid_host
-    hosts = headers.getall("Host", ())
+    hosts = headers.getall(_HOST, ())
     if len(hosts) > 1:
         return BadRequest("more than one Host header")
     if not hosts:
