@@ -173,6 +173,18 @@ class Limit(Exception):
 class Connection(WriteFlow, asyncio.BufferedProtocol):
     """One client connection: parse, queue, hand each request to the handler."""
 
+    # Slots: past 30 attributes CPython (3.11) stops sharing an instance
+    # dict's keys, and every attribute access goes through a dict lookup;
+    # this class has 39, read and written many times per request.
+    __slots__ = (
+        "_body_error", "_client_eof", "_current", "_handling", "_head_size", "_headers",
+        "_last", "_linger_left", "_linger_timer", "_lingering", "_loop", "_lost", "_messages",
+        "_parser", "_paused", "_peer_watch", "_progress", "_queue", "_queue_waiter",
+        "_read_size", "_read_view", "_refused", "_server", "_stalled_bytes", "_task",
+        "_tunnel", "_url", "_view", "closing_after_response", "cut", "head_since",
+        "idle_since", "in_head", "last_batch", "last_rx", "remote", "secure", "transport",
+    )  # fmt: skip
+
     def __init__(self, server: H1Server) -> None:
         super().__init__()
         self._server = server
