@@ -409,6 +409,27 @@ def test_encode_head_frames_fields_refuses_split_lines_and_keeps_raw_bytes() -> 
     assert encode_head("HTTP/1.1 200 OK", [("X-A", raw)]).endswith(b"X-A: caf\xe9\r\n\r\n")
 
 
+def test_encode_head_refuses_cr_or_lf_in_any_name_value_or_start_line() -> None:
+    # Wherever the CR or LF is: a name, a value (ASCII, Latin-1, wide, or
+    # astral text, which Python stores 1, 2 or 4 bytes a character), the
+    # first or last field, or the start line.
+    for text in ("\r", "\n", "\r\n", "caf\u00e9\n", "\u20ac\rx", "\U0001f600\n", "a" * 300 + "\r"):
+        for fields in (
+            [("X-A", text)],
+            [(f"X-{text}", "1")],
+            [("A", "1"), ("B", "2"), ("X-A", text)],
+            [("X-A", text), ("B", "2")],
+        ):
+            with pytest.raises(ValueError, match="CR or LF"):
+                encode_head("HTTP/1.1 200 OK", fields)
+        with pytest.raises(ValueError, match="CR or LF"):
+            encode_head(f"HTTP/1.1 200 {text}", [("A", "1")])
+    # Wide text without CR or LF goes out as UTF-8.
+    assert encode_head("HTTP/1.1 200 OK", [("X-A", "\u20ac\U0001f600")]) == (
+        "HTTP/1.1 200 OK\r\nX-A: \u20ac\U0001f600\r\n\r\n".encode()
+    )
+
+
 # --- client claims and underscore names (CONTRACT.md "Headers") --------------
 
 CLAIMS = [

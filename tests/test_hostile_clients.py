@@ -459,6 +459,14 @@ MALFORMED: list[tuple[str, bytes, int, str]] = [
         431,
         "header_fields_too_large",
     ),
+    # 64 KiB of bytes on the wire, though fewer characters once decoded
+    # (5 x 7,000 two-byte UTF-8 characters: 70,000 bytes, 35,000 characters).
+    (
+        "header-section-too-large-in-utf8-bytes",
+        GET + b"".join(b"X-%d: %s\r\n" % (i, "\u00e9".encode() * 7000) for i in range(5)) + b"\r\n",
+        431,
+        "header_fields_too_large",
+    ),
     (
         "target-too-long",
         b"GET /" + b"a" * 8200 + b" HTTP/1.1\r\nHost: x\r\n\r\n",

@@ -240,18 +240,19 @@ def encode_head(start_line: str, fields: Collection[tuple[str, str]]) -> bytes:
 
     Field lines are joined by `map(": ".join)`, in C (half the cost of an
     f-string per field). A CR or LF inside a name or value would split it
-    into a second field (smuggling): counting them, in C, is a cheap check
-    that only ours are there. Bytes that came in undecodable
-    ("surrogateescape") go out as they came.
+    into a second field (smuggling): none may be anywhere in the lines
+    before they are joined with CRLF. Two `in` tests on the lines joined
+    without separators are memchr scans; counting CR and LF in the head
+    (the check before) went byte by byte, ~5k instructions per request
+    for its two heads. Bytes that came in undecodable ("surrogateescape")
+    go out as they came.
     """
-    if fields:
-        text = f"{start_line}\r\n" + "\r\n".join(map(": ".join, fields)) + "\r\n\r\n"
-    else:
-        text = f"{start_line}\r\n\r\n"
-    lines = len(fields) + 2
-    if text.count("\n") != lines or text.count("\r") != lines:
+    lines = [start_line, *map(": ".join, fields)]
+    text = "".join(lines)
+    if "\r" in text or "\n" in text:
         raise ValueError("CR or LF inside a header field")
-    return text.encode("utf-8", "surrogateescape")
+    lines += ("", "")  # the CRLF that ends the last field, and the empty line
+    return "\r\n".join(lines).encode("utf-8", "surrogateescape")
 
 
 def request_id(incoming_value: str | None, new: Callable[[], str]) -> str:

@@ -18,10 +18,18 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import Final, Protocol
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from gateway.core.errors import GatewayError, json_body
 from gateway.core.headers import encode_head
+
+# Field names looked up in every request or response, as multidict `istr`s:
+# a lookup by one skips folding the name's case (half the cost of a str key).
+# Only for lookups; fields are set by their str names.
+CONTENT_LENGTH: Final = istr("Content-Length")
+TRANSFER_ENCODING: Final = istr("Transfer-Encoding")
+_DATE: Final = istr("Date")
+_CONNECTION: Final = istr("Connection")
 
 # RFC 9110 10.1.1: the interim answer to `Expect: 100-continue`.
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -295,22 +303,19 @@ def json_reply(error: GatewayError, rid: str, close: bool = True) -> Reply:
     return Reply(error.status, json_body(error, rid), headers, close=close)
 
 
-class _DateCache:
-    """The Date header value, formatted once per second."""
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._text = ""
-
-    def __call__(self) -> str:
-        now = int(time.time())
-        if now != self._second:
-            self._second = now
-            self._text = formatdate(now, usegmt=True)
-        return self._text
+_date_second = -1
+_date_text = ""
 
 
-http_date: Final = _DateCache()
+def http_date() -> str:
+    """The Date header value, formatted once per second (a plain function:
+    cheaper to call than an instance's __call__)."""
+    global _date_second, _date_text
+    now = int(time.time())
+    if now != _date_second:
+        _date_text = formatdate(now, usegmt=True)
+        _date_second = now
+    return _date_text
 
 
 class ResponseWriter:
@@ -329,6 +334,7 @@ class ResponseWriter:
         "keep_alive",
         "output_size",
         "send_timeout",
+        "started",
         "status",
     )
 
@@ -344,14 +350,13 @@ class ResponseWriter:
         self.keep_alive = request.keep_alive
         self.output_size = 0
         self.status = 0
+        #: The head is framed (`status` set): an attribute, not a property
+        #: computed from `status`, since the handler asks once per request.
+        self.started = False
         #: How long the client may take none of the response before the
         #: connection is aborted (SendTimeout); None waits for ever. The
         #: handler sets it (`server.client_timeout`).
         self.send_timeout: float | None = None
-
-    @property
-    def started(self) -> bool:
-        return self.status != 0
 
     def start(
         self,
@@ -368,7 +373,7 @@ class ResponseWriter:
         conn = self._conn
         if (
             conn.closing_after_response
-            or not request.content.is_eof()
+            or (request.body_exists and not request.content.is_eof())
             or (conn.last_batch and not conn.queued())
         ):
             # Draining, answered before the body was read whole, or the last
@@ -380,27 +385,32 @@ class ResponseWriter:
         self._empty = empty
         if empty:
             if status == 204 or status < 200:
-                headers.popall("Content-Length", None)
-            headers.popall("Transfer-Encoding", None)
-        elif "Content-Length" in headers:
-            headers.popall("Transfer-Encoding", None)
+                headers.popall(CONTENT_LENGTH, None)
+            headers.popall(TRANSFER_ENCODING, None)
+        elif CONTENT_LENGTH in headers:
+            headers.popall(TRANSFER_ENCODING, None)
         elif version >= (1, 1):
             self._chunked = True
             headers["Transfer-Encoding"] = "chunked"
         else:
             self.keep_alive = False  # HTTP/1.0: the body ends with the connection
-        if "Date" not in headers:
+        if _DATE not in headers:
             # RFC 9110 6.6.1: a recipient with a clock adds Date when forwarding.
             headers["Date"] = http_date()
         if not self.keep_alive:
             if version >= (1, 1):
                 headers["Connection"] = "close"
             else:
-                headers.popall("Connection", None)
+                headers.popall(_CONNECTION, None)
         elif version < (1, 1):
             headers["Connection"] = "keep-alive"
-        head = encode_head(f"HTTP/{version[0]}.{version[1]} {status} {reason}", headers.items())
+        if version == (1, 1):
+            status_line = f"HTTP/1.1 {status} {reason}"
+        else:
+            status_line = f"HTTP/{version[0]}.{version[1]} {status} {reason}"
+        head = encode_head(status_line, headers.items())
         self.status = status
+        self.started = status != 0
         if hold:
             self._held = head
         else:
@@ -514,9 +524,15 @@ class ResponseWriter:
             out += b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data) if self._chunked else data
         elif self._chunked and not self._empty:
             out += b"0\r\n\r\n"
+        conn = self._conn
         if out:
-            self._send(out)
-        await self._conn.drain(self.send_timeout)
+            transport = conn.transport  # _send, inline: once per response
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("the client connection is closed")
+            self.output_size += len(out)
+            transport.write(out)
+        if conn.write_blocked():  # drain() returns at once otherwise: no coroutine
+            await conn.drain(self.send_timeout)
 
     def spliced(self, count: int) -> None:
         """`count` body bytes went to the client's socket behind our back."""
@@ -529,6 +545,7 @@ class ResponseWriter:
         status_line = f"HTTP/{version[0]}.{version[1]} 101 Switching Protocols"
         head = encode_head(status_line, headers.items())
         self.status = 101
+        self.started = True
         self.keep_alive = False
         self.eof_sent = True
         self._send(head)
@@ -539,7 +556,7 @@ class ResponseWriter:
         if reply.close:
             self.keep_alive = False
         headers = reply.headers
-        if reply.body or "Content-Length" not in headers:
+        if reply.body or CONTENT_LENGTH not in headers:
             headers["Content-Length"] = str(len(reply.body))
         self.start(reply.status, reason_phrase(reply.status), headers, hold=True)
         self.eof_sent = True

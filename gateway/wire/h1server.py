@@ -54,10 +54,12 @@ from gateway.core.headers import encode_head, new_request_id, request_id
 from gateway.wire import heap
 from gateway.wire.h1messages import (
     BODY_HIGH,
+    CONTENT_LENGTH,
     PAUSE_BODY,
     PAUSE_HANDOVER,
     PAUSE_QUEUE,
     PAUSE_UPGRADE,
+    TRANSFER_ENCODING,
     Body,
     ClientTunnel,
     Reply,
@@ -151,6 +153,11 @@ READ_MAX: Final = 32 * 1024
 _READ_BUFFER: Final = ThreadReadBuffer(BODY_HIGH)
 
 
+# llhttp's version text for the versions served, parsed once (others are
+# parsed per request, and refused by vet_head).
+_VERSIONS: Final = {"1.1": (1, 1), "1.0": (1, 0)}
+
+
 class _PipelineFull(Exception):
     """Raised from on_headers_complete: stop parsing, see MAX_PIPELINED."""
 
@@ -165,6 +172,18 @@ class Limit(Exception):
 
 class Connection(WriteFlow, asyncio.BufferedProtocol):
     """One client connection: parse, queue, hand each request to the handler."""
+
+    # Slots: past 30 attributes CPython (3.11) stops sharing an instance
+    # dict's keys, and every attribute access goes through a dict lookup;
+    # this class has 39, read and written many times per request.
+    __slots__ = (
+        "_body_error", "_client_eof", "_current", "_handling", "_head_size", "_headers",
+        "_last", "_linger_left", "_linger_timer", "_lingering", "_loop", "_lost", "_messages",
+        "_parser", "_paused", "_peer_watch", "_progress", "_queue", "_queue_waiter",
+        "_read_size", "_read_view", "_refused", "_server", "_stalled_bytes", "_task",
+        "_tunnel", "_url", "_view", "closing_after_response", "cut", "head_since",
+        "idle_since", "in_head", "last_batch", "last_rx", "remote", "secure", "transport",
+    )  # fmt: skip
 
     def __init__(self, server: H1Server) -> None:
         super().__init__()
@@ -183,6 +202,10 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
         self._handling: Request | None = None  # the request the handler has
         self._paused = 0
         self._read_size = READ_MIN  # see READ_MIN
+        # This thread's read buffer, and its first `_read_size` bytes (what
+        # get_buffer hands out on most reads): sliced once, not per read.
+        self._view = _READ_BUFFER.view
+        self._read_view = self._view[:READ_MIN]
         self._refused = False  # nothing more is parsed
         self._lost = False
         self._client_eof = False
@@ -200,7 +223,7 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
         # the head being parsed
         self._url = b""
         self._headers: list[tuple[str, str]] = []
-        self._head_size = 0  # the fields' lengths, each with ": " and CRLF
+        self._head_size = 0  # the fields' bytes, each with ": " and CRLF
         self._stalled_bytes = 0  # fed since the last head, body or message end
         self._progress = False
         # slow-loris bookkeeping (see head_pending_for)
@@ -270,7 +293,6 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
         return False
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        size = self._read_size
         current = self._current
         if current is not None and current is not self._handling and self._handling is not None:
             # A body pipelined behind the request being handled: nobody reads
@@ -278,12 +300,30 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
             # as the loop allows, so that a small one ends before its turn
             # (one answered unread, as OPTIONS *'s, then keeps the connection).
             room = current.content.room()
-            if room > size:
-                size = room
-        return _READ_BUFFER.view[:size]
+            if room > self._read_size:
+                return self._view[:room]
+        return self._read_view
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(_READ_BUFFER.view[:nbytes])
+        # Once per read: the common case (a request's bytes to parse) inline,
+        # without a call to data_received and _feed.
+        data: bytes | memoryview = self._view[:nbytes]
+        if self._tunnel is not None or self._lingering or self._refused:
+            self.data_received(data)
+            return
+        self.last_rx = self._loop.time()
+        self._progress = False
+        try:
+            self._parser.feed_data(data)
+        except (httptools.HttpParserUpgrade, httptools.HttpParserError) as exc:
+            rest = self._parse_stopped(exc, data)
+            if rest is None:
+                return
+            data = self._feed(rest)
+        if self._progress:
+            self._stalled_bytes = 0
+        else:
+            self._check_stalled(data)
 
     def data_received(self, data: bytes | memoryview) -> None:
         # `data` is a view of the one reused read buffer (buffer_updated):
@@ -299,40 +339,53 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
         if self._refused:
             return
         self.last_rx = self._loop.time()
-        self._feed(data)
-
-    def _feed(self, data: bytes | memoryview) -> None:
         self._progress = False
+        data = self._feed(data)
+        self._check_stalled(data)
+
+    def _feed(self, data: bytes | memoryview) -> bytes | memoryview:
+        """Parse `data`, past any Upgrade llhttp stops at; returns the last
+        piece fed (for `_check_stalled`), b"" when parsing stopped."""
         while data:
             try:
                 self._parser.feed_data(data)
-            except httptools.HttpParserUpgrade as upgrade:
-                # llhttp stops after an Upgrade (or CONNECT) request's head.
-                # The gateway switches no protocol: the request was queued as
-                # a plain one (a body with it is refused, CONNECT too), and
-                # what follows is parsed as the next request.
-                offset = upgrade.args[0] if upgrade.args else len(data)
-                self._parser = httptools.HttpRequestParser(self)
-                if self._refused:
-                    return
-                last = self._last
-                if last is not None and last.websocket:
-                    self._upgrade_pending(last, bytes(data[offset:]))  # a copy
-                    return
-                data = data[offset:]
+            except (httptools.HttpParserUpgrade, httptools.HttpParserError) as exc:
+                rest = self._parse_stopped(exc, data)
+                if rest is None:
+                    return b""
+                data = rest
                 continue
-            except httptools.HttpParserError as exc:
-                cause = exc.__context__
-                if isinstance(cause, _PipelineFull):
-                    self._refused = True  # parse nothing more; answer the queue
-                    self.last_batch = True
-                    self.in_head = False
-                    return
-                self._parse_failed(
-                    cause.error if isinstance(cause, Limit) else BadRequest("malformed request")
-                )
-                return
             break
+        return data
+
+    def _parse_stopped(self, exc: Exception, data: bytes | memoryview) -> bytes | memoryview | None:
+        """llhttp stopped in `data`: what is left to parse, or None to stop."""
+        if isinstance(exc, httptools.HttpParserUpgrade):
+            # llhttp stops after an Upgrade (or CONNECT) request's head.
+            # The gateway switches no protocol: the request was queued as
+            # a plain one (a body with it is refused, CONNECT too), and
+            # what follows is parsed as the next request.
+            offset = exc.args[0] if exc.args else len(data)
+            self._parser = httptools.HttpRequestParser(self)
+            if self._refused:
+                return None
+            last = self._last
+            if last is not None and last.websocket:
+                self._upgrade_pending(last, bytes(data[offset:]))  # a copy
+                return None
+            return data[offset:]
+        cause = exc.__context__
+        if isinstance(cause, _PipelineFull):
+            self._refused = True  # parse nothing more; answer the queue
+            self.last_batch = True
+            self.in_head = False
+            return None
+        self._parse_failed(
+            cause.error if isinstance(cause, Limit) else BadRequest("malformed request")
+        )
+        return None
+
+    def _check_stalled(self, data: bytes | memoryview) -> None:
         if self._progress:
             self._stalled_bytes = 0
             return
@@ -350,24 +403,31 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
         self.in_head = True
         if self._messages:
             # A later request's head is timed from its first byte; the first
-            # one's from the accept, as nginx's client_header_timeout.
-            self.head_since = self._loop.time()
+            # one's from the accept, as nginx's client_header_timeout. The
+            # read that holds that byte just set last_rx (every feed is
+            # from a read): no clock read of its own.
+            self.head_since = self.last_rx
         self._url = b""
         self._headers = []
         self._head_size = 0
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
-        if len(self._url) > MAX_REQUEST_LINE:
+        url = self._url = self._url + url
+        if len(url) > MAX_REQUEST_LINE:
             raise Limit(UriTooLong("request target too long"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) > MAX_FIELD_SIZE or len(value) > MAX_FIELD_SIZE:
+        name_size = len(name)
+        value_size = len(value)
+        if name_size > MAX_FIELD_SIZE or value_size > MAX_FIELD_SIZE:
             raise Limit(HeadersTooLarge("header field too large"))
-        field = name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
         headers = self._headers
-        headers.append(field)
-        size = self._head_size = self._head_size + len(field[0]) + len(field[1]) + 4
+        headers.append(
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        )
+        # Bytes as they came, as vetting.section_limit says and h1client
+        # counts (a decoded non-ASCII value is shorter in characters).
+        size = self._head_size = self._head_size + name_size + value_size + 4
         # The caps inline (a call per field is measurable per request); the
         # reason, only when over them, from the one rule in vetting.py.
         if size > MAX_HEAD_BYTES or len(headers) > MAX_HEADERS:
@@ -381,17 +441,21 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
         parser = self._parser
         method = parser.get_method().decode("ascii", "replace")
         version_text = parser.get_http_version()
-        major, _, minor = version_text.partition(".")
-        version = (int(major), int(minor)) if major.isdigit() and minor.isdigit() else (0, 9)
+        version = _VERSIONS.get(version_text)
+        if version is None:
+            major, _, minor = version_text.partition(".")
+            version = (int(major), int(minor)) if major.isdigit() and minor.isdigit() else (0, 9)
         headers: CIMultiDict[str] = CIMultiDict(self._headers)
         raw_path = self._url.decode("utf-8", "surrogateescape")
-        error = vet_head(method, raw_path, version, headers)
+        coding = headers.get(TRANSFER_ENCODING)
+        error = vet_head(method, raw_path, version, headers, coding)
         if error is not None:
             raise Limit(error)
-        length_text = headers.get("Content-Length")
+        length_text = headers.get(CONTENT_LENGTH)
         content_length = int(length_text) if length_text is not None else None
-        chunked = "Transfer-Encoding" in headers
-        if (chunked or content_length) and parser.should_upgrade():
+        chunked = coding is not None
+        upgrade = parser.should_upgrade()
+        if upgrade and (chunked or content_length):
             # llhttp ends an Upgrade request at its head, whatever framing it
             # announced; the gateway switches no protocol, so the body would
             # be parsed as the next request (smuggling). Refuse it.
@@ -406,7 +470,7 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
             content_length,
             chunked,
         )
-        if parser.should_upgrade() and method == "GET" and version >= (1, 1):
+        if upgrade and method == "GET" and version >= (1, 1):
             # RFC 6455 4.1: a WebSocket opening handshake. Other protocols
             # (h2c above all) are never switched to: their Upgrade is
             # stripped like any hop-by-hop header and the request served as
@@ -415,7 +479,16 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
             request.websocket = any(token.strip() == "websocket" for token in tokens)
         self._current = request
         self._last = request
-        self._enqueue(request)
+        queue = self._queue
+        if self._task is None or len(queue) >= _MAX_QUEUED:
+            self._enqueue(request)
+            return
+        # _enqueue's common case inline (once per request): the serving task
+        # runs and the queue stays short.
+        queue.append(request)
+        waiter = self._queue_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def on_body(self, body: bytes) -> None:
         self._progress = True
@@ -426,7 +499,7 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
     def on_message_complete(self) -> None:
         self._progress = True
         current = self._current
-        if current is not None:
+        if current is not None and current.body_exists:  # else: no Body to end
             current.content.feed_eof()
         self._current = None
         self._messages += 1
@@ -497,47 +570,76 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
     # -- the queue and the serving task ---------------------------------------------
 
     def _enqueue(self, item: Request | tuple[GatewayError, str]) -> None:
-        self._queue.append(item)
-        if len(self._queue) > _MAX_QUEUED:
+        queue = self._queue
+        queue.append(item)
+        if len(queue) > _MAX_QUEUED:
             self.pause_reading(PAUSE_QUEUE)
         if self._task is None:
             task = self._task = self._loop.create_task(self._serve())
             self._server.tasks.add(task)
             task.add_done_callback(self._server._task_done)
         else:
-            self._wake_queue()
+            waiter = self._queue_waiter  # _wake_queue, inline: once per request
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
 
     def _wake_queue(self) -> None:
         waiter = self._queue_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def _next(self) -> Request | tuple[GatewayError, str] | None:
-        while not self._queue:
-            if self._lost or self._client_eof or self._server.draining or self.last_batch:
-                return None
-            waiter = self._loop.create_future()
-            self._queue_waiter = waiter
-            try:
-                await waiter
-            finally:
-                self._queue_waiter = None
-        item = self._queue.popleft()
-        if len(self._queue) <= _MAX_QUEUED // 2:
-            self.resume_reading(PAUSE_QUEUE)
-        return item
-
     async def _serve(self) -> None:
+        """Answer the queue in order, one handler at a time.
+
+        The handler is awaited here, not in a coroutine of its own per
+        request: each of its resumptions would pass through that one too.
+        """
+        queue = self._queue
         try:
             while True:
-                item = await self._next()
-                if item is None:
-                    break
-                if isinstance(item, tuple):
-                    self._write_refusal(*item)
-                    break
-                if not await self._handle(item):
-                    break
+                # The next item; the wait for one inline (once per request).
+                while not queue:
+                    if self._lost or self._client_eof or self._server.draining or self.last_batch:
+                        return
+                    waiter = self._loop.create_future()
+                    self._queue_waiter = waiter
+                    try:
+                        await waiter
+                    finally:
+                        self._queue_waiter = None
+                request = queue.popleft()
+                if self._paused & PAUSE_QUEUE and len(queue) <= _MAX_QUEUED // 2:
+                    self.resume_reading(PAUSE_QUEUE)
+                if isinstance(request, tuple):
+                    self._write_refusal(*request)
+                    return
+                # Run the handler for one request.
+                self._handling = request
+                if request.body_exists:
+                    request.content.handled()
+                writer = request.writer
+                try:
+                    reply = await self._server.handler(request)
+                    if reply is not None:
+                        writer.send_reply(reply)
+                    elif not writer.eof_sent:
+                        raise RuntimeError("the handler neither replied nor finished its response")
+                except asyncio.CancelledError:
+                    if not self._body_broke(request):
+                        raise  # the client is gone, or shutdown
+                    return
+                except (ConnectionError, RuntimeError) as exc:
+                    log.debug("response to %s not completed: %s", self.remote, exc)
+                    self._abort()
+                    return
+                finally:
+                    self._handling = None
+                    if self.in_head:
+                        # A pipelined head arrived meanwhile: its deadline counts
+                        # from now, since the client was waiting for this response.
+                        self.head_since = self._loop.time()
+                if not self._answered(request):
+                    return
         except asyncio.CancelledError:
             pass  # client gone or shutting down: nothing left to answer
         except Exception:
@@ -547,44 +649,35 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
             self._task = None
             self._finish()
 
-    async def _handle(self, request: Request) -> bool:
-        """Run the handler for one request; whether the connection goes on."""
-        self._handling = request
-        request.content.handled()
-        writer = request.writer
+    def _body_broke(self, request: Request) -> bool:
+        """The handler was cancelled: if for its body turning malformed
+        (`_parse_failed`), answer that (400, or an abort if the response
+        began) and return True; False for any other cancel."""
+        error = self._body_error
         task = asyncio.current_task()
-        try:
-            reply = await self._server.handler(request)
-            if reply is not None:
-                writer.send_reply(reply)
-            elif not writer.eof_sent:
-                raise RuntimeError("the handler neither replied nor finished its response")
-        except asyncio.CancelledError:
-            error = self._body_error
-            if error is None or task is None or task.cancelling() > 1:
-                raise  # the client is gone, or shutdown
-            task.uncancel()
-            self._body_error = None
-            if writer.started:
-                # The response began: its status cannot change; the only
-                # honest signal is an aborted transfer (CONTRACT.md).
-                self._abort()
-                return False
-            rid = request_id(request.headers.get("X-Request-ID"), new_request_id)
-            writer.send_reply(json_reply(error, rid))
-            self._linger()  # the rest of the broken body may still be coming
+        if error is None or task is None or task.cancelling() > 1:
             return False
-        except (ConnectionError, RuntimeError) as exc:
-            log.debug("response to %s not completed: %s", self.remote, exc)
+        task.uncancel()
+        self._body_error = None
+        writer = request.writer
+        if writer.started:
+            # The response began: its status cannot change; the only
+            # honest signal is an aborted transfer (CONTRACT.md).
             self._abort()
-            return False
-        finally:
-            self._handling = None
-            if self.in_head:
-                # A pipelined head arrived meanwhile: its deadline counts from
-                # now, since the client was waiting for this response.
-                self.head_since = self._loop.time()
-        if not writer.keep_alive or self._lost or not request.content.is_eof():
+            return True
+        rid = request_id(request.headers.get("X-Request-ID"), new_request_id)
+        writer.send_reply(json_reply(error, rid))
+        self._linger()  # the rest of the broken body may still be coming
+        return True
+
+    def _answered(self, request: Request) -> bool:
+        """A request's response is out: whether the connection goes on."""
+        body_exists = request.body_exists
+        if (
+            not request.writer.keep_alive
+            or self._lost
+            or (body_exists and not request.content.is_eof())
+        ):
             # Closing anyway, or answered before the body was read (e.g. 413):
             # the rest of that body is unframed for us now.
             self._close_after(request)
@@ -592,7 +685,8 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
         # A whole body the handler answered without reading (a preflight,
         # OPTIONS *) is done with. Left buffered, over _BODY_HIGH it would
         # keep the socket paused, and the next request would never be read.
-        request.content.discard()
+        if body_exists:
+            request.content.discard()
         self.idle_since = self._loop.time()
         return True
 
@@ -724,12 +818,17 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
 
     def read_more(self) -> None:
         """A body's (or tunnel's) reader was waiting for its data: it keeps up."""
-        self._read_size = min(self._read_size * 2, READ_MAX)
+        size = min(self._read_size * 2, READ_MAX)
+        if size != self._read_size:
+            self._read_size = size
+            self._read_view = self._view[:size]
 
     def read_less(self) -> None:
         """A body's (or tunnel's) reader is busy with what it read: it does
         not keep up, and the next read is READ_MIN."""
-        self._read_size = READ_MIN
+        if self._read_size != READ_MIN:
+            self._read_size = READ_MIN
+            self._read_view = self._view[:READ_MIN]
 
     def pause_reading(self, reason: int) -> None:
         was = self._paused

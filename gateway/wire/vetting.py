@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from multidict import CIMultiDict
+from multidict import CIMultiDict, istr
 from yarl import URL
 
 from gateway.core.errors import (
@@ -41,6 +41,12 @@ HOST_SYNTAX: Final = re.compile(
     r"(?:\[[0-9A-Za-z:._~%!$&'()*+,;=-]+\]|[0-9A-Za-z._~%!$&'()*+,;=-]*)(?::[0-9]*)?",
     re.ASCII,
 )
+# Looked up per request: an `istr` skips folding the name's case each time.
+_HOST: Final = istr("Host")
+# The last Host value found valid: the same value again (every request of a
+# client, mostly) is compared, not matched. A memo of a pure check, one
+# string, never a different answer.
+_valid_host = ""
 
 
 def section_limit(fields: int, size: int) -> str | None:
@@ -63,10 +69,13 @@ def vet_head(
     target: str,
     version: tuple[int, int],
     headers: CIMultiDict[str],
+    coding: str | None,
 ) -> GatewayError | None:
     """What llhttp parsed but the gateway refuses, or None to go ahead.
 
-    The section's size and field count were checked as the fields arrived
+    `coding` is the head's (first) Transfer-Encoding, None without one: the
+    caller looks it up once for both (it frames the body by it). The
+    section's size and field count were checked as the fields arrived
     (`section_limit`).
     """
     if version not in ((1, 0), (1, 1)):
@@ -82,15 +91,17 @@ def vet_head(
         return ConnectRefused(
             "CONNECT is not supported: this is a gateway, not a forward proxy", {"Allow": ""}
         )
-    hosts = headers.getall("Host", ())
+    global _valid_host
+    hosts = headers.getall(_HOST, ())
     if len(hosts) > 1:
         return BadRequest("more than one Host header")
     if not hosts:
         if version == (1, 1):
             return BadRequest("HTTP/1.1 request without Host")  # RFC 9112 3.2
-    elif HOST_SYNTAX.fullmatch(hosts[0]) is None:
-        return BadRequest("invalid Host header")
-    coding = headers.get("Transfer-Encoding")
+    elif hosts[0] != _valid_host:
+        if HOST_SYNTAX.fullmatch(hosts[0]) is None:
+            return BadRequest("invalid Host header")
+        _valid_host = hosts[0]
     if coding is not None:
         if version == (1, 0):
             # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding MUST be
@@ -106,13 +117,13 @@ def vet_head(
             # dropping the header (hop-by-hop) would hand the target a coded
             # body as if plain: RFC 9112 6.1 says 501, as nginx does.
             return NotImplementedCoding(f"unsupported Transfer-Encoding {coding!r}")
+    if target[:1] == "/":  # origin-form, the common case: first
+        return None
     if target == "*":
         # RFC 9112 3.2.4: the asterisk-form belongs to OPTIONS alone (which
         # the proxy answers itself); llhttp takes it with any method.
         return None if method == "OPTIONS" else BadRequest('a "*" target is for OPTIONS only')
-    if not target.startswith("/"):
-        return _vet_absolute_form(target)
-    return None
+    return _vet_absolute_form(target)
 
 
 def _vet_absolute_form(target: str) -> GatewayError | None:

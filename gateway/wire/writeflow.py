@@ -52,7 +52,10 @@ class WriteFlow(asyncio.BaseProtocol):
 
     A BaseProtocol, not a Protocol: uvloop reads into a protocol's own buffer
     (`get_buffer`, h1client's) only when it is no `asyncio.Protocol`.
+    Slotted, so that a subclass may be (h1server's Connection).
     """
+
+    __slots__ = ("_drain_waiter", "_write_paused")
 
     def __init__(self) -> None:
         self._write_paused = False
