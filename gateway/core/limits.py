@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Final, Protocol
 
 from cachetools import TTLCache
+from multidict import istr
 
 __all__ = [
     "DEFAULT_MAX_KEYS",
@@ -154,7 +155,7 @@ class BucketStore:
         # re-inserting restarts it, so a busy bucket never expires half empty.
         # Only needed when the bucket would now outlive its deadline; most
         # takes (a bucket far from empty) skip the costly re-insert.
-        if bucket.full_at > bucket.stored_until:
+        if bucket._full_at > bucket.stored_until:  # (the property's call saved)
             buckets[key] = bucket
             bucket.stored_until = now + self._ttl
         return True, bucket
@@ -259,25 +260,35 @@ def rate_limit_headers(
     name, policy, limit = _fixed_parts(route, burst, bucket.rate)
     # tokens() and seconds_until_full() inline: this runs on every response
     # of a limited route.
-    debt = bucket.full_at - now
+    debt = bucket._full_at - now
     if debt > 0.0:
         left = burst - debt * bucket.rate
         remaining = str(math.floor(left + _EPSILON)) if left > 0.0 else "0"
         reset = str(max(0, math.ceil(debt - _EPSILON)))
     else:
         remaining, reset = str(burst), "0"
-    headers = [
-        ("RateLimit-Policy", policy),
-        ("RateLimit", f"{name};r={remaining};t={reset}"),
-        ("X-RateLimit-Limit", limit),
-        ("X-RateLimit-Remaining", remaining),
-        ("X-RateLimit-Reset", reset),
+    headers: list[tuple[str, str]] = [
+        (_RATELIMIT_POLICY, policy),
+        (_RATELIMIT, f"{name};r={remaining};t={reset}"),
+        (_X_RATELIMIT_LIMIT, limit),
+        (_X_RATELIMIT_REMAINING, remaining),
+        (_X_RATELIMIT_RESET, reset),
     ]
     if not allowed:
         retry_after = str(max(1, _ceil(bucket.seconds_until_token(now))))
-        headers[4] = ("X-RateLimit-Reset", retry_after)
-        headers.append(("Retry-After", retry_after))
+        headers[4] = (_X_RATELIMIT_RESET, retry_after)
+        headers.append((_RETRY_AFTER, retry_after))
     return headers
+
+
+# The names as istr: the handler sets them on every response of a limited
+# route, and a CIMultiDict folds an istr's case once, not per set.
+_RATELIMIT_POLICY: Final = istr("RateLimit-Policy")
+_RATELIMIT: Final = istr("RateLimit")
+_X_RATELIMIT_LIMIT: Final = istr("X-RateLimit-Limit")
+_X_RATELIMIT_REMAINING: Final = istr("X-RateLimit-Remaining")
+_X_RATELIMIT_RESET: Final = istr("X-RateLimit-Reset")
+_RETRY_AFTER: Final = istr("Retry-After")
 
 
 @functools.lru_cache(maxsize=1024)

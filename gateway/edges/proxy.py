@@ -507,9 +507,12 @@ class ProxyHandler:
         headers: Sequence[tuple[str, str]] = _NO_HEADERS
         buckets = route.buckets
         if buckets is not None:
-            allowed, bucket = buckets.take(self._key(ex, route))
+            # The usual key (the client's address) without `_bucket_key`'s calls.
+            key = ex.client if route.limit_by_client else self._key(ex, route)
+            allowed, bucket = buckets.take(key)
             headers = self._limited(route, bucket, allowed)
-        self._size_check(ex, route, headers)
+        if ex.request.content_length is not None:
+            self._size_check(ex, route, headers)
         return headers
 
     async def _admit_shared(self, ex: _Exchange) -> Sequence[tuple[str, str]]:

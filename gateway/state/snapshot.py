@@ -88,6 +88,7 @@ class RouteRuntime:
         "count",
         "duration",
         "ip_rules",
+        "limit_by_client",
         "limit_by_consumer",
         "limit_by_route",
         "limit_header",
@@ -123,6 +124,7 @@ class RouteRuntime:
             self.limit_header = rate_limit.key.removeprefix("header:")
         self.limit_by_route = rate_limit is not None and rate_limit.key == "route"
         self.limit_by_consumer = rate_limit is not None and rate_limit.key == "consumer"
+        self.limit_by_client = rate_limit is not None and rate_limit.key == "client_ip"
         access = config.access
         self.ip_rules: IpRules | None = None
         if access is not None and (access.allow_ips or access.deny_ips):
