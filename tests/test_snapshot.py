@@ -264,3 +264,53 @@ async def test_a_route_that_only_moved_in_the_file_keeps_its_runtime_buckets_and
         )
     finally:
         await runtime.close()
+
+
+# Each route carries one field the auth step reads (edges/auth.py): none of
+# them may be `plain`, or the proxy would skip the step for it.
+_AUTH_STEP_ROUTES: dict[str, str] = {
+    "policy": 'auth = "p"',
+    "stripping": 'auth = "p"\nstrip_credentials = true',
+    "allow": '[routes.access]\nallow_ips = ["10.0.0.0/8"]',
+    "deny": '[routes.access]\ndeny_ips = ["10.0.0.0/8"]',
+    "rewrite": '[routes.rewrite]\npattern = "^/(.*)$"\nreplace = "/v1/\\\\1"',
+    "request-transform": '[routes.request_headers]\nset = { X-Route = "{route}" }',
+    "response-transform": '[routes.response_headers]\nremove = ["Server"]',
+}
+# Fields of other steps (CORS, rate limit, cache, retries) leave a route plain.
+_PLAIN_ROUTES: dict[str, str] = {
+    "bare": "",
+    "limited": 'rate_limit = { rate = 1, burst = 2, key = "client_ip" }',
+    "cors": '[routes.cors]\nallow_origins = ["https://app.test"]',
+    "cached": "[routes.cache]\nttl = 5.0",
+    "retrying": "retries = 2",
+}
+
+
+def _auth_step_config() -> str:
+    routes = []
+    for index, (name, extra) in enumerate({**_AUTH_STEP_ROUTES, **_PLAIN_ROUTES}.items()):
+        routes.append(
+            f'[[routes]]\nname = "{name}"\npath = "/{index}"\nupstream = "app"\n{extra}\n'
+        )
+    return (
+        '[server]\nlisten = ["127.0.0.1:0"]\n'
+        '[auth.p]\ntype = "jwt"\nalgorithms = ["HS256"]\nsecret_env = "GW_PLAIN_TEST_SECRET"\n'
+        "[cache]\n"
+        '[upstreams.app]\ntargets = ["http://127.0.0.1:10"]\n'
+        '[[routes]]\nname = "moved"\npath = "/moved"\nredirect = "https://{host}{path}"\n'
+        + "\n".join(routes)
+    )
+
+
+async def test_only_routes_without_anything_for_the_auth_step_are_plain(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("GW_PLAIN_TEST_SECRET", "s" * 32)
+    runtime = Runtime(Metrics())
+    try:
+        snap = runtime.build(parse(_auth_step_config()))
+        not_plain = {name for name, route in snap.routes.items() if not route.plain}
+        assert not_plain == {*_AUTH_STEP_ROUTES, "moved"}
+    finally:
+        await runtime.close()

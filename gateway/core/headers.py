@@ -67,9 +67,9 @@ HOP_BY_HOP: Final = frozenset(
     }
 )
 
-# The same names as `istr`, in a tuple: a CIMultiDict lookup by an istr skips
-# folding the name's case, and a tuple iterates without a set's hashing.
-# Two lookups per name and request (the request's head and the response's).
+# The same names as `istr`: a CIMultiDict lookup by an istr skips folding
+# the name's case. Two lookups per name and request (the request's head and
+# the response's).
 _HOP_BY_HOP_KEYS: Final = tuple(istr(name) for name in sorted(HOP_BY_HOP))
 # The fields every request or response sets or looks up, as istr (see above).
 _CONNECTION: Final = istr("Connection")

@@ -236,6 +236,16 @@ def shared_bucket(rate: float, burst: int, debt: float, now: float) -> TokenBuck
     return bucket
 
 
+# The names as istr: the handler sets them on every response of a limited
+# route, and a CIMultiDict folds an istr's case once, not per set.
+_RATELIMIT_POLICY: Final = istr("RateLimit-Policy")
+_RATELIMIT: Final = istr("RateLimit")
+_X_RATELIMIT_LIMIT: Final = istr("X-RateLimit-Limit")
+_X_RATELIMIT_REMAINING: Final = istr("X-RateLimit-Remaining")
+_X_RATELIMIT_RESET: Final = istr("X-RateLimit-Reset")
+_RETRY_AFTER: Final = istr("Retry-After")
+
+
 def rate_limit_headers(
     route: str, bucket: TokenBucket, now: float, allowed: bool
 ) -> list[tuple[str, str]]:
@@ -279,16 +289,6 @@ def rate_limit_headers(
         headers[4] = (_X_RATELIMIT_RESET, retry_after)
         headers.append((_RETRY_AFTER, retry_after))
     return headers
-
-
-# The names as istr: the handler sets them on every response of a limited
-# route, and a CIMultiDict folds an istr's case once, not per set.
-_RATELIMIT_POLICY: Final = istr("RateLimit-Policy")
-_RATELIMIT: Final = istr("RateLimit")
-_X_RATELIMIT_LIMIT: Final = istr("X-RateLimit-Limit")
-_X_RATELIMIT_REMAINING: Final = istr("X-RateLimit-Remaining")
-_X_RATELIMIT_RESET: Final = istr("X-RateLimit-Reset")
-_RETRY_AFTER: Final = istr("Retry-After")
 
 
 @functools.lru_cache(maxsize=1024)

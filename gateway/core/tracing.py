@@ -106,7 +106,8 @@ def trace_context(values: list[str] | None) -> TraceContext:
         parsed = parse_traceparent(values[0])
         if parsed is not None:
             return TraceContext(parsed[0], new_span_id(), parsed[1], True)
-    # A new trace: most requests. `_new_ids` inline (a call per request saved).
+    # A new trace: most requests. `_new_ids` inline, a call per request saved
+    # (the two draw and split alike: change them together).
     both = f"{_bits(192):048x}"
     trace_id, span_id = both[:32], both[32:]
     if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:

@@ -214,7 +214,12 @@ class AuthStep:
         host: str | None,
         raw_path: str,
     ) -> RequestAuth:
-        """`check` for a route without `auth` (most): IP access (403) only."""
+        """`check` for a route without `auth` (most): IP access (403) only.
+
+        Not called at all for a `RouteRuntime.plain` route (the proxy skips
+        the step): a route field read here, in `_context`, `request_headers`
+        or `response_headers` must make `plain` False (tests/test_snapshot.py).
+        """
         self.check_ip(route, client)
         return self._context(snap, route, client, rid, host, raw_path, None, False)
 

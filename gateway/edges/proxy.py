@@ -577,8 +577,8 @@ class ProxyHandler:
                 target = self._pick(ex)
                 if target is None:
                     continue  # lost the half-open trial to another request
-                # One request in flight on the target (least-connections, the
-                # gauge); what `with target:` does, without two calls.
+                # One request in flight on the target (least-connections and
+                # the in-flight gauge read it), for the attempt and its relay.
                 target.in_flight += 1
                 try:
                     upstream = await self._try(ex, target)

@@ -143,13 +143,6 @@ class Target:
             scheme=self.scheme, host=self._build_host, port=self.port, path=path_qs, encoded=True
         )
 
-    def __enter__(self) -> None:
-        """`with target:` holds one request in flight (least-connections, the gauge)."""
-        self.in_flight += 1
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.in_flight -= 1
-
 
 class PanicState:
     """Whether an upstream is in panic; outlives snapshots like the targets.

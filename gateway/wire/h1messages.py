@@ -25,7 +25,7 @@ from gateway.core.headers import encode_head
 
 # Field names looked up in every request or response, as multidict `istr`s:
 # a lookup by one skips folding the name's case (half the cost of a str key).
-# Only for lookups; fields are set by their str names.
+# Setting a field by one stores the same name as its str spelling would.
 CONTENT_LENGTH: Final = istr("Content-Length")
 TRANSFER_ENCODING: Final = istr("Transfer-Encoding")
 _DATE: Final = istr("Date")
@@ -410,7 +410,7 @@ class ResponseWriter:
             status_line = f"HTTP/{version[0]}.{version[1]} {status} {reason}"
         head = encode_head(status_line, headers.items())
         self.status = status
-        self.started = status != 0
+        self.started = True
         if hold:
             self._held = head
         else:

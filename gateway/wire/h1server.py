@@ -268,7 +268,8 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
         if self._tunnel is not None:
             self._tunnel.set_exception(lost)
         for item in self._queue:
-            if isinstance(item, Request):
+            # Not the body-less requests' shared empty body: it must stay clean.
+            if isinstance(item, Request) and item.body_exists:
                 item.content.set_exception(lost)
         self._queue.clear()
         if self._handling is not None:
@@ -579,9 +580,7 @@ class Connection(WriteFlow, asyncio.BufferedProtocol):
             self._server.tasks.add(task)
             task.add_done_callback(self._server._task_done)
         else:
-            waiter = self._queue_waiter  # _wake_queue, inline: once per request
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+            self._wake_queue()
 
     def _wake_queue(self) -> None:
         waiter = self._queue_waiter

@@ -45,7 +45,8 @@ HOST_SYNTAX: Final = re.compile(
 _HOST: Final = istr("Host")
 # The last Host value found valid: the same value again (every request of a
 # client, mostly) is compared, not matched. A memo of a pure check, one
-# string, never a different answer.
+# string, never a different answer. It starts as "", which HOST_SYNTAX
+# accepts too.
 _valid_host = ""
 
 
