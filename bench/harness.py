@@ -794,23 +794,27 @@ def start_gateway(
     quiet: bool = False,
     source: Path = REPO_DIR,
     toml: Callable[[int, int], str] | None = None,
+    wrap: Sequence[str] = (),
+    ready_timeout: float = 30.0,
 ) -> GatewayRun:
     """A gateway process on a generated routes.toml, importing `gateway` from `source`.
 
     `toml(port, admin_port)` writes the config instead of `gateway_toml` (then
-    `upstream_port` and `access_log` are the caller's business)."""
+    `upstream_port` and `access_log` are the caller's business). `wrap` goes
+    in front of the Python command (e.g. valgrind, which also needs a longer
+    `ready_timeout` for the start-up)."""
     port, admin_port = free_port(), free_port()
     config = tmp / f"routes-{label}.toml"
     if toml is None:
         config.write_text(gateway_toml(port, admin_port, upstream_port, access_log))
     else:
         config.write_text(toml(port, admin_port))
-    argv = [*pin_prefix(pin), sys.executable, "-m", "gateway", "run", "-c", str(config)]
+    argv = [*pin_prefix(pin), *wrap, sys.executable, "-m", "gateway", "run", "-c", str(config)]
     argv += ["--loop", loop]
     # quiet: the access-log cost run sends stderr (the log) to /dev/null.
     log_path = None if quiet else tmp / f"gateway-{label}.log"
     env = child_env(source)
     proc = procs.start(f"gateway-{label}", argv, log_path=log_path, env=env, cwd=source)
-    wait_ready(proc, admin_port, "/readyz", timeout=30.0)
+    wait_ready(proc, admin_port, "/readyz", timeout=ready_timeout)
     wait_ready(proc, port, "/", timeout=10.0)
     return GatewayRun(proc, port, admin_port)

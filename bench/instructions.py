@@ -33,15 +33,7 @@ import time
 from pathlib import Path
 from typing import Final
 
-from harness import (
-    HOST,
-    Processes,
-    child_env,
-    free_port,
-    gateway_toml,
-    start_upstream,
-    wait_ready,
-)
+from harness import HOST, Processes, start_gateway, start_upstream
 
 WARM_UP: Final = 300
 _TOTALS: Final = re.compile(rb"^totals:\s*(\d+)", re.M)
@@ -57,34 +49,23 @@ def count(
     path: str,
 ) -> float:
     """User-space instructions per request of a gateway importing `source`."""
-    port, admin_port = free_port(), free_port()
-    config = tmp / f"routes-{label}.toml"
-    config.write_text(gateway_toml(port, admin_port, upstream_port, "off"))
     out = tmp / f"callgrind-{label}.out"
-    argv = [
-        "valgrind",
-        "--tool=callgrind",
-        "--instr-atstart=no",
-        f"--callgrind-out-file={out}",
-        sys.executable,
-        "-m",
-        "gateway",
-        "run",
-        "-c",
-        str(config),
-        "--loop",
-        "uvloop",
-    ]
-    proc = procs.start(
-        f"gateway-{label}",
-        argv,
-        log_path=tmp / f"gateway-{label}.log",
-        env=child_env(source),
-        cwd=source,
+    callgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no"]
+    gateway = start_gateway(
+        procs,
+        tmp,
+        upstream_port,
+        label=label,
+        loop="uvloop",
+        access_log="off",
+        pin=False,
+        source=source,
+        wrap=[*callgrind, f"--callgrind-out-file={out}"],
+        ready_timeout=300.0,
     )
+    proc = gateway.proc
     try:
-        wait_ready(proc, admin_port, "/readyz", timeout=300.0)
-        conn = http.client.HTTPConnection(HOST, port, timeout=60.0)
+        conn = http.client.HTTPConnection(HOST, gateway.port, timeout=60.0)
 
         def send(n: int) -> None:
             for _ in range(n):
